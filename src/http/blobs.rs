@@ -1,0 +1,113 @@
+//! Blob GET/HEAD (with Range, ETag, If-None-Match) and DELETE. Serving a cached blob is the
+//! hot path: two cache lookups, one `open`, then the file streams out in mapped windows.
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{StatusCode, header};
+
+use super::body::ResponseBody;
+use super::response::{Resp, empty, set};
+use super::{etag_matches, parse_digest};
+use crate::App;
+use crate::oci::range::{RangeOutcome, interpret_range};
+use crate::oci::{ErrorCode, RegistryError, RepoName};
+use crate::store::BlobChunks;
+
+pub async fn get(
+    app: &Arc<App>,
+    repo: &RepoName,
+    digest: &str,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let digest = parse_digest(digest)?;
+    let Some(size) = app.store.blob_size(repo, &digest)? else {
+        // Manifests are content too: some clients fetch them through the blobs endpoint.
+        if let Some(m) = app.store.manifest(repo, &digest)? {
+            let mut r = super::manifests::manifest_response(&m, head);
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("max-age=31536000"),
+            );
+            return Ok(r);
+        }
+        return Err(RegistryError::blob_unknown(&digest));
+    };
+    let digest_str = digest.to_string();
+    let etag = format!("\"{digest_str}\"");
+    if etag_matches(parts, &digest_str) {
+        let mut r = empty(StatusCode::NOT_MODIFIED);
+        r.headers_mut().remove(header::CONTENT_LENGTH);
+        set(&mut r, header::ETAG, &etag);
+        set(
+            &mut r,
+            "docker-content-digest".parse().expect("static"),
+            &digest_str,
+        );
+        return Ok(r);
+    }
+    let range = parts
+        .headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range.map(|h| interpret_range(h, size)) {
+        None | Some(RangeOutcome::Full) => (StatusCode::OK, 0, size),
+        Some(RangeOutcome::Partial { start, end }) => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+        Some(RangeOutcome::Unsatisfiable) => {
+            let err = RegistryError::new(
+                ErrorCode::RangeInvalid,
+                format!("requested range not satisfiable for a blob of {size} bytes"),
+            );
+            let mut r = super::response::error_response(&err, head);
+            set(&mut r, header::CONTENT_RANGE, format!("bytes */{size}"));
+            return Ok(r);
+        }
+    };
+    let body = if head {
+        ResponseBody::Empty
+    } else {
+        let file = app.store.open_blob(&digest)?;
+        ResponseBody::Blob(
+            BlobChunks::new(file, start, end).map_err(crate::store::StoreError::from)?,
+            app.metrics.bytes_sent.clone(),
+        )
+    };
+    let mut r = http::Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, http::HeaderValue::from(end - start));
+    h.insert(
+        header::ACCEPT_RANGES,
+        http::HeaderValue::from_static("bytes"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("max-age=31536000"),
+    );
+    set(&mut r, header::ETAG, &etag);
+    set(
+        &mut r,
+        "docker-content-digest".parse().expect("static"),
+        &digest_str,
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    Ok(r)
+}
+
+pub async fn delete(app: &Arc<App>, repo: &RepoName, digest: &str) -> Result<Resp, RegistryError> {
+    let digest = parse_digest(digest)?;
+    let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
+    super::blocking(move || app2.store.delete_blob(&repo2, &d2)).await?;
+    Ok(empty(StatusCode::ACCEPTED))
+}

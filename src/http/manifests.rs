@@ -1,0 +1,203 @@
+//! Manifest GET/HEAD (with Accept negotiation), PUT (byte-exact, validated, multi-tag) and
+//! DELETE (by digest: the manifest and its tags; by tag: the tag).
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{HeaderName, StatusCode, header};
+
+use super::body::{RequestBody, ResponseBody, drain, read_limited};
+use super::response::{Resp, append, empty, set};
+use super::{etag_matches, query_all};
+use crate::App;
+use crate::oci::manifest::ParsedManifest;
+use crate::oci::media::{AcceptList, Negotiated, negotiate};
+use crate::oci::name::ReferenceError;
+use crate::oci::{ErrorCode, Reference, RegistryError, RepoName, Tag};
+use crate::store::{StoreError, StoredManifest};
+
+/// Most tags one `PUT ...?tag=` may set (the spec asks for at least 10).
+const MAX_TAGS_PER_PUT: usize = 100;
+
+fn docker_content_digest() -> HeaderName {
+    HeaderName::from_static("docker-content-digest")
+}
+
+pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
+    s.parse().map_err(|e| match e {
+        ReferenceError::Tag(t) => RegistryError::new(ErrorCode::TagInvalid, t.to_string()),
+        ReferenceError::Digest(d) => RegistryError::digest_invalid(d.to_string()),
+    })
+}
+
+/// The stored bytes with their exact media type.
+pub fn manifest_response(m: &StoredManifest, head: bool) -> Resp {
+    let body = if head {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::Full(Some(m.bytes.clone()))
+    };
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(
+        header::CONTENT_LENGTH,
+        http::HeaderValue::from(m.bytes.len()),
+    );
+    let digest = m.digest.to_string();
+    set(&mut r, header::CONTENT_TYPE, &m.media_type);
+    set(&mut r, docker_content_digest(), &digest);
+    set(&mut r, header::ETAG, format!("\"{digest}\""));
+    r
+}
+
+pub async fn get(
+    app: &Arc<App>,
+    repo: &RepoName,
+    reference: &str,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let reference = parse_reference(reference)?;
+    let unknown = || RegistryError::manifest_unknown(&format!("{repo}:{reference}"));
+    let digest = app.store.resolve(repo, &reference)?.ok_or_else(unknown)?;
+    let m = app.store.manifest(repo, &digest)?.ok_or_else(unknown)?;
+    let accept = AcceptList::from_headers(
+        parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let by_tag = matches!(reference, Reference::Tag(_));
+    let m = match negotiate(&accept, &m.media_type, by_tag) {
+        Negotiated::Serve => m,
+        Negotiated::NotAcceptable => {
+            return Err(RegistryError::new(
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "manifest {reference} is {}, which the Accept header does not include",
+                    m.media_type
+                ),
+            ));
+        }
+        Negotiated::PlatformChild => {
+            let parsed = ParsedManifest::parse(&m.bytes, &m.media_type)
+                .map_err(|e| RegistryError::internal(e.to_string()))?;
+            let child = parsed.platform_child("linux", "amd64").ok_or_else(|| {
+                RegistryError::new(ErrorCode::ManifestUnknown, format!("{reference} is a manifest list with no linux/amd64 image, and the Accept header does not include manifest lists"))
+            })?;
+            let child = app
+                .store
+                .manifest(repo, &child.digest)?
+                .ok_or_else(unknown)?;
+            if !accept.accepts(&child.media_type) {
+                return Err(RegistryError::manifest_invalid(format!(
+                    "the linux/amd64 image of {reference} is {}, which the Accept header does not include",
+                    child.media_type
+                )));
+            }
+            child
+        }
+    };
+    if etag_matches(parts, &m.digest.to_string()) {
+        let mut r = empty(StatusCode::NOT_MODIFIED);
+        r.headers_mut().remove(header::CONTENT_LENGTH);
+        set(&mut r, docker_content_digest(), m.digest.to_string());
+        return Ok(r);
+    }
+    Ok(manifest_response(&m, head))
+}
+
+pub async fn put(
+    app: &Arc<App>,
+    repo: &RepoName,
+    reference: &str,
+    parts: &Parts,
+    mut body: RequestBody,
+) -> Result<Resp, RegistryError> {
+    let reference = parse_reference(reference)?;
+    let query_tags = query_all(parts, "tag");
+    if query_tags.len() > MAX_TAGS_PER_PUT {
+        return Err(RegistryError::new(
+            ErrorCode::TagInvalid,
+            format!("at most {MAX_TAGS_PER_PUT} tags per request"),
+        )
+        .with_status(414));
+    }
+    let extra_tags = query_tags
+        .iter()
+        .map(|t| {
+            t.parse::<Tag>()
+                .map_err(|e| RegistryError::new(ErrorCode::TagInvalid, e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let limit = app.store.options().max_manifest_size;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || RegistryError::from(StoreError::ManifestTooLarge { limit });
+    // Oversized: answer 413, after draining a bounded amount so the client can read it.
+    let drain_cap = limit.saturating_mul(4);
+    if declared.is_some_and(|n| n > limit) {
+        if declared.is_some_and(|n| n <= drain_cap) {
+            drain(&mut body, drain_cap).await;
+        }
+        return Err(too_large());
+    }
+    let bytes = match read_limited(&mut body, limit).await {
+        Ok(bytes) => bytes,
+        Err(None) => {
+            drain(&mut body, drain_cap).await;
+            return Err(too_large());
+        }
+        Err(Some(e)) => return Err(StoreError::Body(e).into()),
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (app2, repo2, ref2, tags2) = (
+        app.clone(),
+        repo.clone(),
+        reference.clone(),
+        extra_tags.clone(),
+    );
+    let put = super::blocking(move || {
+        app2.store
+            .put_manifest(&repo2, &ref2, bytes, &content_type, &tags2)
+    })
+    .await?;
+    let mut r = empty(StatusCode::CREATED);
+    let digest = put.digest.to_string();
+    set(
+        &mut r,
+        header::LOCATION,
+        format!("/v2/{repo}/manifests/{digest}"),
+    );
+    set(&mut r, docker_content_digest(), &digest);
+    if let Some(s) = &put.subject {
+        set(
+            &mut r,
+            HeaderName::from_static("oci-subject"),
+            s.to_string(),
+        );
+    }
+    for t in &extra_tags {
+        append(&mut r, HeaderName::from_static("oci-tag"), t.as_str());
+    }
+    Ok(r)
+}
+
+pub async fn delete(
+    app: &Arc<App>,
+    repo: &RepoName,
+    reference: &str,
+) -> Result<Resp, RegistryError> {
+    let reference = parse_reference(reference)?;
+    let (app2, repo2) = (app.clone(), repo.clone());
+    super::blocking(move || app2.store.delete_manifest(&repo2, &reference)).await?;
+    Ok(empty(StatusCode::ACCEPTED))
+}

@@ -1,0 +1,222 @@
+//! The HTTP side: routing a request to its handler after the access check, and the one log
+//! line and metrics update every request gets. Handlers turn protocol input into store calls;
+//! they never touch RocksDB or files directly. `server` owns sockets and shutdown.
+
+pub mod blobs;
+pub mod body;
+pub mod manifests;
+pub mod referrers;
+pub mod response;
+pub mod router;
+pub mod server;
+pub mod tags;
+pub mod uploads;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::App;
+use crate::auth::Action;
+use crate::oci::digest::DigestError;
+use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
+use body::RequestBody;
+use response::{Resp, error_response, json};
+use router::Route;
+
+/// Runs blocking store work (synced writes) off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(RegistryError::internal(format!("storage task failed: {e}"))),
+    }
+}
+
+pub fn parse_repo(name: &str) -> Result<RepoName, RegistryError> {
+    name.parse().map_err(|e: crate::oci::name::NameError| {
+        RegistryError::new(ErrorCode::NameInvalid, e.to_string())
+    })
+}
+
+pub fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse()
+        .map_err(|e: DigestError| RegistryError::digest_invalid(e.to_string()))
+}
+
+/// The first value of a query parameter.
+pub fn query_one(parts: &Parts, key: &str) -> Option<String> {
+    let q = parts.uri.query()?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Every value of a repeated query parameter.
+pub fn query_all(parts: &Parts, key: &str) -> Vec<String> {
+    let Some(q) = parts.uri.query() else {
+        return Vec::new();
+    };
+    form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// `If-None-Match` naming this digest (quoted or not, or `*`).
+pub fn etag_matches(parts: &Parts, digest: &str) -> bool {
+    parts
+        .headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+                .any(|t| t == digest || t == "*")
+        })
+}
+
+fn action_for(method: &Method) -> Action {
+    match *method {
+        Method::GET | Method::HEAD => Action::Pull,
+        Method::DELETE => Action::Delete,
+        _ => Action::Push,
+    }
+}
+
+/// Serves one request: route, authorize, handle, then log and count it.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = RequestBody::new(body, app.metrics.bytes_received.clone());
+    let route = router::parse(parts.uri.path());
+    let head = parts.method == Method::HEAD;
+    let mut resp = match dispatch(&app, &route, &parts, body, peer).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code == ErrorCode::Unknown {
+                tracing::error!(error = %e, method = %parts.method, path = parts.uri.path(), "request failed");
+            }
+            error_response(&e, head)
+        }
+    };
+    resp.headers_mut().insert(
+        HeaderName::from_static("docker-distribution-api-version"),
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = resp.status();
+    let label = route.label();
+    app.metrics
+        .requests
+        .with_label_values(&[parts.method.as_str(), label, status.as_str()])
+        .inc();
+    let elapsed = started.elapsed();
+    app.metrics
+        .duration
+        .with_label_values(&[label])
+        .observe(elapsed.as_secs_f64());
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    tracing::info!(
+        method = %parts.method,
+        route = label,
+        repo = route.name().unwrap_or("-"),
+        status = status.as_u16(),
+        bytes,
+        us = elapsed.as_micros() as u64,
+        peer = %peer,
+        "request"
+    );
+    resp
+}
+
+use http::HeaderName;
+
+async fn dispatch(
+    app: &Arc<App>,
+    route: &Route<'_>,
+    parts: &Parts,
+    body: RequestBody,
+    peer: SocketAddr,
+) -> Result<Resp, RegistryError> {
+    let method = &parts.method;
+    let head = *method == Method::HEAD;
+    let get = *method == Method::GET || head;
+    let repo = match route.name() {
+        Some(name) => {
+            let repo = parse_repo(name)?;
+            app.auth.authorize(&repo, action_for(method), peer.ip())?;
+            Some(repo)
+        }
+        None => None,
+    };
+    let repo = || {
+        repo.as_ref()
+            .ok_or_else(|| RegistryError::internal("route without a repository"))
+    };
+    match route {
+        Route::Base if get => Ok(json(StatusCode::OK, "{}".into())),
+        Route::Catalog if get => tags::catalog(app, parts, peer.ip()).await,
+        Route::Health if get => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        Route::Metrics if get => {
+            let (bytes, blobs) = app.store.usage();
+            app.metrics.stored_bytes.set(bytes as i64);
+            app.metrics.stored_blobs.set(blobs as i64);
+            app.metrics
+                .uploads_active
+                .set(app.store.uploads_active() as i64);
+            let mut r = json(StatusCode::OK, app.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(r)
+        }
+        Route::Manifest { reference, .. } => match *method {
+            Method::GET | Method::HEAD => {
+                manifests::get(app, repo()?, reference, parts, head).await
+            }
+            Method::PUT => manifests::put(app, repo()?, reference, parts, body).await,
+            Method::DELETE => manifests::delete(app, repo()?, reference).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::Blob { digest, .. } => match *method {
+            Method::GET | Method::HEAD => blobs::get(app, repo()?, digest, parts, head).await,
+            Method::DELETE => blobs::delete(app, repo()?, digest).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::UploadStart { .. } if *method == Method::POST => {
+            uploads::start(app, repo()?, parts, peer.ip(), body).await
+        }
+        Route::Upload { id, .. } => match *method {
+            Method::GET => uploads::status(app, repo()?, id).await,
+            Method::PATCH => uploads::patch(app, repo()?, id, parts, body).await,
+            Method::PUT => uploads::put(app, repo()?, id, parts, body).await,
+            Method::DELETE => uploads::cancel(app, repo()?, id).await,
+            _ => Err(not_allowed(method)),
+        },
+        Route::Tags { .. } if get => tags::list(app, repo()?, parts).await,
+        Route::Referrers { digest, .. } if get => {
+            referrers::list(app, repo()?, digest, parts).await
+        }
+        Route::NotFound => Err(RegistryError::new(
+            ErrorCode::NotFound,
+            format!("no such endpoint: {}", parts.uri.path()),
+        )),
+        _ => Err(not_allowed(method)),
+    }
+}
+
+fn not_allowed(method: &Method) -> RegistryError {
+    RegistryError::unsupported(format!("method {method} is not supported on this endpoint"))
+}

@@ -1,0 +1,103 @@
+//! Building responses: registry error bodies, JSON documents, and the headers every response
+//! carries. Store errors become registry errors here, in one place.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::ResponseBody;
+use crate::oci::{ErrorCode, RegistryError};
+use crate::store::StoreError;
+
+pub type Resp = Response<ResponseBody>;
+
+pub fn error_response(err: &RegistryError, head_only: bool) -> Resp {
+    let body = err.to_json();
+    let mut r = Response::builder()
+        .status(StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if err.code == ErrorCode::Unauthorized {
+        r = r.header(header::WWW_AUTHENTICATE, r#"Basic realm="transship""#);
+    }
+    let body = if head_only {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::full(body)
+    };
+    r.body(body)
+        .unwrap_or_else(|_| Response::new(ResponseBody::Empty))
+}
+
+pub fn json(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(ResponseBody::full(body.clone()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    r
+}
+
+pub fn empty(status: StatusCode) -> Resp {
+    let mut r = Response::new(ResponseBody::Empty);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    r
+}
+
+/// Adds a header whose value came from validated data (names, digests, numbers). A value that
+/// is somehow not a valid header is dropped rather than crashing the request.
+pub fn set(r: &mut Resp, name: header::HeaderName, value: impl AsRef<str>) {
+    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+        r.headers_mut().insert(name, v);
+    }
+}
+
+pub fn append(r: &mut Resp, name: header::HeaderName, value: impl AsRef<str>) {
+    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+        r.headers_mut().append(name, v);
+    }
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::BlobUnknown(d) => RegistryError::blob_unknown(&d),
+            StoreError::ManifestUnknown(r) => RegistryError::manifest_unknown(&r),
+            StoreError::NameUnknown(n) => RegistryError::name_unknown(&n),
+            StoreError::UploadUnknown => RegistryError::upload_unknown(),
+            e @ StoreError::RangeInvalid { .. } => {
+                RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
+            }
+            StoreError::SizeInvalid(m) => RegistryError::new(ErrorCode::SizeInvalid, m),
+            e @ StoreError::DigestMismatch { .. } => RegistryError::digest_invalid(e.to_string()),
+            StoreError::ManifestInvalid(m) => RegistryError::manifest_invalid(m),
+            e @ StoreError::ManifestTooLarge { .. } => {
+                RegistryError::new(ErrorCode::ManifestTooLarge, e.to_string())
+            }
+            StoreError::ManifestBlobUnknown(ds) => {
+                let detail = serde_json::json!(
+                    ds.iter()
+                        .map(|d| serde_json::json!({"digest": d.to_string()}))
+                        .collect::<Vec<_>>()
+                );
+                RegistryError::new(
+                    ErrorCode::ManifestBlobUnknown,
+                    StoreError::ManifestBlobUnknown(ds).to_string(),
+                )
+                .with_detail_json(detail.to_string())
+            }
+            StoreError::Body(e) => RegistryError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("error reading the request body: {e}"),
+            )
+            .with_status(400),
+            e @ (StoreError::Io(_) | StoreError::Index(_)) => {
+                tracing::error!(error = %e, "storage error");
+                RegistryError::internal("internal storage error; see the server log")
+            }
+        }
+    }
+}

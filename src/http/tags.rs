@@ -1,0 +1,77 @@
+//! Tag listing and the catalog: sorted (ASCII) pages with `n`/`last` and an RFC 5988 `Link`
+//! to the next page. Both share the paging rules: `n=0` is an empty page without `Link`;
+//! a missing `n` is capped at `MAX_PAGE` with a `Link` when more remain.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{StatusCode, header};
+
+use super::query_one;
+use super::response::{Resp, json, set};
+use crate::App;
+use crate::oci::{ErrorCode, RegistryError, RepoName};
+use crate::store::Page;
+
+/// The largest page served, whatever `n` asks for.
+pub const MAX_PAGE: usize = 10_000;
+
+/// `(n, last)` from the query.
+fn paging(parts: &Parts) -> Result<(usize, Option<String>), RegistryError> {
+    let n = match query_one(parts, "n") {
+        None => MAX_PAGE,
+        Some(s) => s
+            .parse::<usize>()
+            .map_err(|_| {
+                RegistryError::new(
+                    ErrorCode::PaginationNumberInvalid,
+                    format!("invalid page size n={s:?}"),
+                )
+            })?
+            .min(MAX_PAGE),
+    };
+    Ok((n, query_one(parts, "last")))
+}
+
+fn with_link(mut r: Resp, path: &str, page: &Page, n: usize) -> Resp {
+    if page.more
+        && let Some(last) = page.items.last()
+    {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("last", last)
+            .append_pair("n", &n.to_string())
+            .finish();
+        set(&mut r, header::LINK, format!("<{path}?{q}>; rel=\"next\""));
+    }
+    r
+}
+
+pub async fn list(app: &Arc<App>, repo: &RepoName, parts: &Parts) -> Result<Resp, RegistryError> {
+    let (n, last) = paging(parts)?;
+    let page = app
+        .store
+        .list_tags(repo, last.as_deref(), n)?
+        .ok_or_else(|| RegistryError::name_unknown(repo))?;
+    let body = serde_json::json!({"name": repo.as_str(), "tags": page.items}).to_string();
+    Ok(with_link(
+        json(StatusCode::OK, body),
+        &format!("/v2/{repo}/tags/list"),
+        &page,
+        n,
+    ))
+}
+
+pub async fn catalog(app: &Arc<App>, parts: &Parts, peer: IpAddr) -> Result<Resp, RegistryError> {
+    let (n, last) = paging(parts)?;
+    let page = app
+        .store
+        .catalog(last.as_deref(), n, |name| app.auth.may_list(name, peer))?;
+    let body = serde_json::json!({"repositories": page.items}).to_string();
+    Ok(with_link(
+        json(StatusCode::OK, body),
+        "/v2/_catalog",
+        &page,
+        n,
+    ))
+}

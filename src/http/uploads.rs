@@ -1,0 +1,219 @@
+//! Blob uploads: POST (session, single-POST monolithic `?digest=`, or `?mount=&from=`), PATCH
+//! (chunked with `Content-Range`, or streamed with no length as `docker push` sends), PUT
+//! `?digest=` (optional final chunk), GET status and DELETE. Every 202 carries `Location`,
+//! `Range: 0-<last>` (`0-0` when empty) and `Docker-Upload-UUID`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{HeaderName, StatusCode, header};
+
+use super::body::RequestBody;
+use super::response::{Resp, empty, set};
+use super::{parse_digest, query_one};
+use crate::App;
+use crate::auth::Action;
+use crate::oci::range::parse_content_range;
+use crate::oci::{Algorithm, Digest, ErrorCode, RegistryError, RepoName};
+use crate::store::StoreError;
+use crate::store::uploads::{ChunkSpec, parse_upload_id};
+
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn chunk_spec(parts: &Parts) -> Result<ChunkSpec, RegistryError> {
+    let range = match parts.headers.get(header::CONTENT_RANGE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(parse_content_range)
+                .ok_or_else(|| {
+                    RegistryError::new(
+                        ErrorCode::RangeInvalid,
+                        "invalid Content-Range: expected <start>-<end>, inclusive, no unit",
+                    )
+                })?,
+        ),
+    };
+    Ok(ChunkSpec {
+        range,
+        content_length: content_length(parts),
+    })
+}
+
+/// 202 with the session's location and progress.
+fn session_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) -> Resp {
+    let mut r = empty(status);
+    set(
+        &mut r,
+        header::LOCATION,
+        format!("/v2/{repo}/blobs/uploads/{id}"),
+    );
+    set(
+        &mut r,
+        header::RANGE,
+        format!("0-{}", size.saturating_sub(1)),
+    );
+    set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
+    r
+}
+
+fn blob_created(repo: &RepoName, digest: &Digest) -> Resp {
+    let mut r = empty(StatusCode::CREATED);
+    set(
+        &mut r,
+        header::LOCATION,
+        format!("/v2/{repo}/blobs/{digest}"),
+    );
+    set(
+        &mut r,
+        HeaderName::from_static("docker-content-digest"),
+        digest.to_string(),
+    );
+    r
+}
+
+fn upload_id(id: &str) -> Result<&str, RegistryError> {
+    parse_upload_id(id).ok_or_else(RegistryError::upload_unknown)
+}
+
+/// An out-of-order chunk: 416, and the session's real progress so the client can resume.
+fn with_progress(e: StoreError, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
+    if let StoreError::RangeInvalid { size } = e {
+        let err: RegistryError = e.into();
+        let mut r = super::response::error_response(&err, false);
+        set(
+            &mut r,
+            header::LOCATION,
+            format!("/v2/{repo}/blobs/uploads/{id}"),
+        );
+        set(
+            &mut r,
+            header::RANGE,
+            format!("0-{}", size.saturating_sub(1)),
+        );
+        set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
+        return Ok(r);
+    }
+    Err(e.into())
+}
+
+pub async fn start(
+    app: &Arc<App>,
+    repo: &RepoName,
+    parts: &Parts,
+    peer: IpAddr,
+    mut body: RequestBody,
+) -> Result<Resp, RegistryError> {
+    if let Some(mount) = query_one(parts, "mount") {
+        let digest = parse_digest(&mount)?;
+        // Mount only from a repository the caller may pull; otherwise fall back to an upload
+        // session, which reveals nothing about the other repository.
+        let from = query_one(parts, "from").and_then(|f| f.parse::<RepoName>().ok());
+        if let Some(from) = from.filter(|f| app.auth.authorize(f, Action::Pull, peer).is_ok()) {
+            let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
+            if super::blocking(move || app2.store.mount_blob(&repo2, &from, &d2))
+                .await?
+                .is_some()
+            {
+                return Ok(blob_created(repo, &digest));
+            }
+        }
+    }
+    if let Some(d) = query_one(parts, "digest") {
+        // Single-POST monolithic upload.
+        let digest = parse_digest(&d)?;
+        let id = app.store.start_upload(repo, digest.algorithm())?;
+        let spec = ChunkSpec {
+            range: None,
+            content_length: content_length(parts),
+        };
+        let result = app
+            .store
+            .finish_upload(repo, &id, &digest, spec, &mut body)
+            .await;
+        if result.is_err() {
+            let _ = app.store.cancel_upload(repo, &id).await;
+        }
+        result?;
+        return Ok(blob_created(repo, &digest));
+    }
+    let algorithm = match query_one(parts, "digest-algorithm") {
+        None => Algorithm::Sha256,
+        Some(a) => Algorithm::parse(&a).ok_or_else(|| {
+            RegistryError::digest_invalid(format!(
+                "unsupported digest-algorithm {a:?}: use sha256 or sha512"
+            ))
+        })?,
+    };
+    let id = app.store.start_upload(repo, algorithm)?;
+    let mut size = 0;
+    if content_length(parts).is_some_and(|n| n > 0) {
+        // A body on a plain POST is the first chunk.
+        let spec = ChunkSpec {
+            range: None,
+            content_length: content_length(parts),
+        };
+        size = app.store.append_upload(repo, &id, spec, &mut body).await?;
+    }
+    Ok(session_response(StatusCode::ACCEPTED, repo, &id, size))
+}
+
+pub async fn status(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
+    let id = upload_id(id)?;
+    let size = app.store.upload_size(repo, id).await?;
+    Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
+}
+
+pub async fn patch(
+    app: &Arc<App>,
+    repo: &RepoName,
+    id: &str,
+    parts: &Parts,
+    mut body: RequestBody,
+) -> Result<Resp, RegistryError> {
+    let id = upload_id(id)?;
+    let spec = chunk_spec(parts)?;
+    match app.store.append_upload(repo, id, spec, &mut body).await {
+        Ok(size) => Ok(session_response(StatusCode::ACCEPTED, repo, id, size)),
+        Err(e) => with_progress(e, repo, id),
+    }
+}
+
+pub async fn put(
+    app: &Arc<App>,
+    repo: &RepoName,
+    id: &str,
+    parts: &Parts,
+    mut body: RequestBody,
+) -> Result<Resp, RegistryError> {
+    let id = upload_id(id)?;
+    let digest = query_one(parts, "digest").ok_or_else(|| {
+        RegistryError::digest_invalid(
+            "the digest query parameter is required to complete an upload",
+        )
+    })?;
+    let digest = parse_digest(&digest)?;
+    let spec = chunk_spec(parts)?;
+    match app
+        .store
+        .finish_upload(repo, id, &digest, spec, &mut body)
+        .await
+    {
+        Ok(_) => Ok(blob_created(repo, &digest)),
+        Err(e) => with_progress(e, repo, id),
+    }
+}
+
+pub async fn cancel(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
+    let id = upload_id(id)?;
+    app.store.cancel_upload(repo, id).await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}

@@ -1,0 +1,99 @@
+//! transship: a container registry appliance — a pull-through cache and a private OCI
+//! registry on one storage engine. `App::build` wires the parts; nothing else lives here.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod oci;
+pub mod store;
+
+use std::sync::Arc;
+
+use auth::Authorizer;
+use config::Config;
+use metrics::Metrics;
+use store::{Store, StoreError, StoreOptions};
+
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub auth: Authorizer,
+}
+
+impl App {
+    pub fn build(config: Config) -> Result<Arc<Self>, StoreError> {
+        let store = Store::open(&config.server.data_dir, store_options(&config))?;
+        Ok(Arc::new(Self {
+            auth: Authorizer::new(&config),
+            store,
+            metrics: Metrics::new(),
+            config,
+        }))
+    }
+
+    /// Starts the periodic upload reaper and garbage collector.
+    pub fn spawn_maintenance(self: &Arc<Self>) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(
+                app.config
+                    .uploads
+                    .reap_interval
+                    .0
+                    .max(std::time::Duration::from_secs(1)),
+            );
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || {
+                    a.store.reap_uploads(a.config.uploads.abandon_after.0)
+                })
+                .await
+                {
+                    Ok(Ok(n)) if n > 0 => {
+                        app.metrics.uploads_reaped.inc_by(n as u64);
+                        tracing::info!(reaped = n, "removed abandoned uploads");
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "upload reaper failed"),
+                    _ => {}
+                }
+            }
+        });
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(
+                app.config
+                    .gc
+                    .interval
+                    .0
+                    .max(std::time::Duration::from_secs(1)),
+            );
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || a.store.collect_garbage()).await {
+                    Ok(Ok(report)) => {
+                        app.metrics.gc_runs.inc();
+                        app.metrics.gc_bytes_freed.inc_by(report.bytes_freed);
+                        tracing::info!(%report, "garbage collection");
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
+                    Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
+                }
+            }
+        });
+    }
+}
+
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        manifest_cache_bytes: config.storage.manifest_cache.0,
+        max_manifest_size: config.storage.max_manifest_size.0,
+        gc_grace: config.gc.grace_period.0,
+        upload_abandon_after: config.uploads.abandon_after.0,
+    }
+}
