@@ -129,6 +129,21 @@ fn manifest_validation_errors() {
         (r.status, r.error_code()),
         (404, "MANIFEST_UNKNOWN".to_string())
     );
+    // A tag that cannot exist is unknown on reads (400 only where it would be written).
+    for method in ["GET", "HEAD", "DELETE"] {
+        let r = h.send(
+            method,
+            "/v2/local/v/manifests/.INVALID_MANIFEST_NAME",
+            &[],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 404, "{method}");
+    }
+    let r = h.get("/v2/local/v/manifests/sha256:123");
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "DIGEST_INVALID".to_string())
+    );
 }
 
 #[test]

@@ -23,6 +23,15 @@ fn docker_content_digest() -> HeaderName {
     HeaderName::from_static("docker-content-digest")
 }
 
+/// Parses a reference for a read or delete: a malformed tag names nothing that can exist, so
+/// it is unknown (404, as conformance v1.1.1 expects); a malformed digest stays a 400.
+fn parse_reference_to_read(s: &str) -> Result<Reference, RegistryError> {
+    parse_reference(s).map_err(|e| match e.code {
+        ErrorCode::TagInvalid => RegistryError::manifest_unknown(&format!("{s} ({})", e.message)),
+        _ => e,
+    })
+}
+
 pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
     s.parse().map_err(|e| match e {
         ReferenceError::Tag(t) => RegistryError::new(ErrorCode::TagInvalid, t.to_string()),
@@ -56,7 +65,7 @@ pub async fn get(
     parts: &Parts,
     head: bool,
 ) -> Result<Resp, RegistryError> {
-    let reference = parse_reference(reference)?;
+    let reference = parse_reference_to_read(reference)?;
     let unknown = || RegistryError::manifest_unknown(&format!("{repo}:{reference}"));
     let digest = app.store.resolve(repo, &reference)?.ok_or_else(unknown)?;
     let m = app.store.manifest(repo, &digest)?.ok_or_else(unknown)?;
@@ -196,7 +205,7 @@ pub async fn delete(
     repo: &RepoName,
     reference: &str,
 ) -> Result<Resp, RegistryError> {
-    let reference = parse_reference(reference)?;
+    let reference = parse_reference_to_read(reference)?;
     let (app2, repo2) = (app.clone(), repo.clone());
     super::blocking(move || app2.store.delete_manifest(&repo2, &reference)).await?;
     Ok(empty(StatusCode::ACCEPTED))
