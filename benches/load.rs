@@ -1,0 +1,433 @@
+//! Side-by-side load benchmark: transship vs CNCF distribution (Debian `docker-registry`) vs
+//! nginx serving the same bytes as static files with sendfile — all on loopback, in one run,
+//! reported as ratios. Run with `./scripts/bench` (installs wrk, nginx, docker-registry).
+//!
+//! Cases (issue "storage engine" targets in brackets):
+//! - large hot blob (256 MiB) GET throughput, 1 and 8 clients          [>= 0.9x nginx]
+//! - small blob (4 KiB) GET req/s, 32 connections                       [>= 0.5x nginx]
+//! - manifest GET by tag req/s, 64 connections                          [>= 0.5x nginx]
+//! - monolithic push of 256 MiB, wall time                              [>= 2.5x distribution]
+//! - transship peak RSS over the whole run                              [<= 100 MiB]
+//!
+//! `BENCH_SECONDS` sets the duration of each wrk run (default 8). wrk runs on the same two
+//! cores as the servers, the same for every peer, so the ratios compare like with like.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const LARGE: usize = 256 << 20;
+const SMALL: usize = 4 << 10;
+const REPO: &str = "local/bench";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn sha256(data: &[u8]) -> String {
+    transship::oci::Digest::sha256_of(data).to_string()
+}
+
+/// A server process that is killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out.try_clone().expect("clone")))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {name}: {e} (run ./scripts/bench, which installs it)")
+            });
+        Self { child }
+    }
+
+    /// Peak resident set size (VmHWM) in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_ready(port: u16, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Registry {
+    name: &'static str,
+    base: String,
+}
+
+/// Minimal blocking client for pushing content.
+struct Pusher {
+    rt: tokio::runtime::Runtime,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Pusher {
+    fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self {
+            rt,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        url: &str,
+        ct: Option<&str>,
+        body: Bytes,
+    ) -> (u16, http::HeaderMap) {
+        let mut req = http::Request::builder().method(method).uri(url);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let req = req.body(Full::new(body)).expect("request");
+        self.rt.block_on(async {
+            let resp = self.client.request(req).await.expect("request");
+            let (parts, body) = resp.into_parts();
+            let _ = body.collect().await;
+            (parts.status.as_u16(), parts.headers)
+        })
+    }
+
+    /// POST + monolithic PUT; returns the wall time of the whole push.
+    fn push_blob(&self, base: &str, data: Bytes) -> Duration {
+        let digest = sha256(&data);
+        let started = Instant::now();
+        let (status, headers) = self.send(
+            "POST",
+            &format!("{base}/v2/{REPO}/blobs/uploads/"),
+            None,
+            Bytes::new(),
+        );
+        assert_eq!(status, 202, "POST upload to {base}");
+        let loc = headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .expect("location")
+            .to_string();
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{base}{loc}")
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let (status, _) = self.send(
+            "PUT",
+            &format!("{loc}{sep}digest={digest}"),
+            Some("application/octet-stream"),
+            data,
+        );
+        assert_eq!(status, 201, "PUT upload to {base}");
+        started.elapsed()
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct WrkResult {
+    requests_per_sec: f64,
+    bytes_per_sec: f64,
+}
+
+fn parse_size(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num.parse().unwrap_or(0.0);
+    n * match unit {
+        "KB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    }
+}
+
+fn wrk(url: &str, connections: u32, seconds: u64, headers: &[&str]) -> WrkResult {
+    let threads = connections.min(2);
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        &threads.to_string(),
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--timeout",
+        "30s",
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("wrk (run ./scripts/bench, which installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_string)
+    };
+    let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
+    assert!(!non2xx, "wrk saw errors against {url}:\n{text}");
+    WrkResult {
+        requests_per_sec: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
+        bytes_per_sec: field("Transfer/sec:")
+            .map(|v| parse_size(&v))
+            .unwrap_or(0.0),
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    println!("preparing data in {}", d.display());
+    let large = Bytes::from(random_bytes(LARGE, 1));
+    let small = Bytes::from(random_bytes(SMALL, 2));
+    let config_blob = Bytes::from_static(br#"{"architecture":"amd64","os":"linux"}"#);
+    let (large_d, small_d, config_d) = (sha256(&large), sha256(&small), sha256(&config_blob));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_d}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{small_d}","size":{SMALL}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{large_d}","size":{LARGE}}}]}}"#,
+        config_blob.len()
+    );
+
+    // transship: the release binary on its embedded defaults, data in the temp dir.
+    let ts_port = free_port();
+    let transship = Proc::spawn(
+        "transship",
+        Command::new(env!("CARGO_BIN_EXE_transship"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{ts_port}"),
+                "--data-dir",
+            ])
+            .arg(d.join("transship-data")),
+        &d.join("transship.log"),
+    );
+    wait_ready(ts_port, "transship");
+
+    // distribution 2.8.2.
+    let dist_port = free_port();
+    let dist_cfg = d.join("distribution.yml");
+    std::fs::write(
+        &dist_cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{dist_port}\n",
+            d.join("distribution-data").display()
+        ),
+    )
+    .expect("distribution config");
+    let distribution = Proc::spawn(
+        "docker-registry",
+        Command::new("docker-registry").arg("serve").arg(&dist_cfg),
+        &d.join("distribution.log"),
+    );
+    wait_ready(dist_port, "distribution");
+
+    // nginx serving the same bytes at the same paths, with sendfile.
+    let nginx_port = free_port();
+    let www = d.join("www");
+    let blobs_dir = www.join("v2").join(REPO).join("blobs");
+    let manifests_dir = www.join("v2").join(REPO).join("manifests");
+    std::fs::create_dir_all(&blobs_dir).expect("www");
+    std::fs::create_dir_all(&manifests_dir).expect("www");
+    std::fs::write(blobs_dir.join(&large_d), &large).expect("large");
+    std::fs::write(blobs_dir.join(&small_d), &small).expect("small");
+    std::fs::write(manifests_dir.join("latest"), &manifest).expect("manifest");
+    let nginx_conf = d.join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        format!(
+            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {d}/nginx-access.log;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n  default_type application/octet-stream;\n  client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n  uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    root {www};\n    location /v2/{REPO}/manifests/ {{ default_type {OCI_MANIFEST}; }}\n  }}\n}}\n",
+            d = d.display(),
+            www = www.display()
+        ),
+    )
+    .expect("nginx config");
+    let nginx = Proc::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&nginx_conf)
+            .arg("-p")
+            .arg(d),
+        &d.join("nginx.log"),
+    );
+    wait_ready(nginx_port, "nginx");
+
+    let registries = [
+        Registry {
+            name: "transship",
+            base: format!("http://127.0.0.1:{ts_port}"),
+        },
+        Registry {
+            name: "distribution",
+            base: format!("http://127.0.0.1:{dist_port}"),
+        },
+    ];
+
+    // Pushes: 3 fresh 256 MiB blobs each, median wall time; then the content the GETs read.
+    let pusher = Pusher::new();
+    let mut push_times = Vec::new();
+    for r in &registries {
+        let mut times: Vec<Duration> = (0..3)
+            .map(|i| pusher.push_blob(&r.base, Bytes::from(random_bytes(LARGE, 100 + i))))
+            .collect();
+        times.sort();
+        push_times.push(times[1]);
+        for blob in [&large, &small, &config_blob] {
+            pusher.push_blob(&r.base, blob.clone());
+        }
+        let (status, _) = pusher.send(
+            "PUT",
+            &format!("{}/v2/{REPO}/manifests/latest", r.base),
+            Some(OCI_MANIFEST),
+            Bytes::from(manifest.clone()),
+        );
+        assert_eq!(status, 201, "manifest push to {}", r.name);
+    }
+    drop(pusher);
+
+    let bases = [
+        registries[0].base.clone(),
+        registries[1].base.clone(),
+        format!("http://127.0.0.1:{nginx_port}"),
+    ];
+    let accept = format!("Accept: {OCI_MANIFEST}");
+    type Case<'a> = (&'a str, String, u32, Vec<&'a str>, bool);
+    let cases: Vec<Case> = vec![
+        (
+            "large blob GET, 1 client (MiB/s)",
+            format!("/v2/{REPO}/blobs/{large_d}"),
+            1,
+            vec![],
+            true,
+        ),
+        (
+            "large blob GET, 8 clients (MiB/s)",
+            format!("/v2/{REPO}/blobs/{large_d}"),
+            8,
+            vec![],
+            true,
+        ),
+        (
+            "4 KiB blob GET, 32 conns (req/s)",
+            format!("/v2/{REPO}/blobs/{small_d}"),
+            32,
+            vec![],
+            false,
+        ),
+        (
+            "manifest GET by tag, 64 conns (req/s)",
+            format!("/v2/{REPO}/manifests/latest"),
+            64,
+            vec![accept.as_str()],
+            false,
+        ),
+    ];
+    println!(
+        "\n{:<40} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "case", "transship", "distrib.", "nginx", "ts/nginx", "ts/dist"
+    );
+    for (label, path, conns, headers, throughput) in &cases {
+        let vals: Vec<f64> = bases
+            .iter()
+            .map(|b| {
+                let r = wrk(&format!("{b}{path}"), *conns, seconds, headers);
+                if *throughput {
+                    r.bytes_per_sec / (1024.0 * 1024.0)
+                } else {
+                    r.requests_per_sec
+                }
+            })
+            .collect();
+        println!(
+            "{label:<40} {:>12.0} {:>12.0} {:>12.0} {:>9.2}x {:>9.2}x",
+            vals[0],
+            vals[1],
+            vals[2],
+            vals[0] / vals[2],
+            vals[0] / vals[1]
+        );
+    }
+    let (ts, dist) = (push_times[0].as_secs_f64(), push_times[1].as_secs_f64());
+    println!(
+        "{:<40} {:>11.2}s {:>11.2}s {:>12} {:>10} {:>9.2}x",
+        "256 MiB monolithic push (median of 3)",
+        ts,
+        dist,
+        "-",
+        "-",
+        dist / ts
+    );
+    println!(
+        "\ntransship peak RSS over the whole run: {:.1} MiB",
+        transship.peak_rss_mib()
+    );
+    println!(
+        "distribution peak RSS: {:.1} MiB",
+        distribution.peak_rss_mib()
+    );
+    drop(nginx);
+}
