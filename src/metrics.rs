@@ -57,12 +57,12 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "transship_http_request_duration_seconds",
-                        "Time to produce response headers, by route",
+                        "Time to produce response headers, by route and status",
                     )
                     .buckets(vec![
                         0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
                     ]),
-                    &["route"],
+                    &["route", "status"],
                 )
                 .expect("valid metric"),
             ),

@@ -182,3 +182,76 @@ fn fsck_finds_corruption_and_repair_quarantines_it() {
         "a corrupt blob is never served after repair"
     );
 }
+
+/// GC running continuously with no grace period while clients push: a push may be refused
+/// (its layers were collected before its manifest arrived), but a manifest the registry
+/// acknowledged never loses a blob.
+#[test]
+fn gc_racing_pushes_never_breaks_an_acknowledged_manifest() {
+    let s = TestServer::start_with(no_grace);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let (app, stop) = (s.app.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut removed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                removed += app.store.collect_garbage().expect("gc").blobs_removed;
+            }
+            removed
+        })
+    };
+    let base = s.url("");
+    let pushers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let h = Http::new(&base);
+                let mut acked = Vec::new();
+                for i in 0..25u64 {
+                    let repo = format!("local/race/w{w}");
+                    let layer = random_bytes(2000 + i as usize, w * 100 + i);
+                    let config = format!(r#"{{"w":{w},"i":{i}}}"#);
+                    let l = h.push_blob(&repo, &layer);
+                    let c = h.push_blob(&repo, config.as_bytes());
+                    let m = image_manifest((&c, config.len()), &[(&l, layer.len())]);
+                    let r = h.push_manifest(
+                        &repo,
+                        &format!("t{i}"),
+                        "application/vnd.oci.image.manifest.v1+json",
+                        m.as_bytes(),
+                    );
+                    match r.status {
+                        201 => acked.push((repo, l, layer, c)),
+                        400 => assert_eq!(r.error_code(), "MANIFEST_BLOB_UNKNOWN"),
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let acked: Vec<_> = pushers
+        .into_iter()
+        .flat_map(|p| p.join().unwrap())
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let removed = gc.join().unwrap();
+    let h = Http::for_server(&s);
+    for (repo, l, layer, c) in &acked {
+        assert_eq!(
+            h.get(&format!("/v2/{repo}/blobs/{l}")).body,
+            *layer,
+            "acknowledged layer lost"
+        );
+        assert_eq!(
+            h.head(&format!("/v2/{repo}/blobs/{c}")).status,
+            200,
+            "acknowledged config lost"
+        );
+    }
+    assert!(s.app.store.fsck(false).unwrap().is_clean());
+    eprintln!(
+        "{} manifests acknowledged, {removed} blobs collected concurrently",
+        acked.len()
+    );
+}

@@ -119,7 +119,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     let elapsed = started.elapsed();
     app.metrics
         .duration
-        .with_label_values(&[label])
+        .with_label_values(&[label, status.as_str()])
         .observe(elapsed.as_secs_f64());
     let bytes = resp
         .headers()

@@ -6,7 +6,7 @@
 //! shared. Also removes orphan files (bytes on disk with no index record, left by a crash
 //! between rename and index write) and stale ingest files, both after the grace period.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use super::index::{self, CF_BLOB_REFS, CF_BLOBS, CF_LINKS, prefix};
@@ -140,16 +140,13 @@ impl Store {
             }
         }
 
-        // 5. Ingest files that belong to no live session.
-        let live: HashSet<String> = self.live_upload_ids();
+        // 5. Ingest files that belong to no live session (left by a crash).
         for entry in std::fs::read_dir(self.blobs.ingest_dir())? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if live.contains(&name) {
-                continue;
-            }
-            if entry.metadata().is_ok_and(|m| older_than(&m, cutoff)) {
-                std::fs::remove_file(entry.path())?;
+            if entry.metadata().is_ok_and(|m| older_than(&m, cutoff))
+                && self.remove_unowned_ingest(&name, &entry.path())?
+            {
                 report.ingest_files_removed += 1;
             }
         }

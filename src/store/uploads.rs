@@ -126,6 +126,10 @@ impl Store {
     ) -> Result<String, StoreError> {
         let id = uuid::Uuid::new_v4().to_string();
         let path = self.blobs.ingest_path(&id);
+        // The session map is locked from the file's creation until the session is in it, so GC
+        // (which deletes ingest files no session owns, under the same lock) never sees the
+        // file without its owner.
+        let mut sessions = self.uploads.map();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -156,9 +160,7 @@ impl Store {
             hasher: Some(Digester::new(algorithm)),
             last_active: now,
         };
-        self.uploads
-            .map()
-            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        sessions.insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
         Ok(id)
     }
 
@@ -365,9 +367,22 @@ impl Store {
         Ok(reaped)
     }
 
-    /// Ids of live sessions (GC leaves their ingest files alone).
-    pub(crate) fn live_upload_ids(&self) -> std::collections::HashSet<String> {
-        self.uploads.map().keys().cloned().collect()
+    /// Removes `path` from `ingest/` unless a live session owns it. The check and the removal
+    /// happen under the session-map lock, which `start_upload` holds while creating its file.
+    pub(crate) fn remove_unowned_ingest(
+        &self,
+        id: &str,
+        path: &std::path::Path,
+    ) -> std::io::Result<bool> {
+        let sessions = self.uploads.map();
+        if sessions.contains_key(id) {
+            return Ok(false);
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
