@@ -48,20 +48,21 @@ fn chunk_spec(parts: &Parts) -> Result<ChunkSpec, RegistryError> {
     })
 }
 
-/// 202 with the session's location and progress.
-fn session_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) -> Resp {
-    let mut r = empty(status);
+/// `Location`, `Range: 0-<last>` (`0-0` when empty) and `Docker-Upload-UUID` of a session.
+fn add_session_headers(r: &mut Resp, repo: &RepoName, id: &str, size: u64) {
     set(
-        &mut r,
+        r,
         header::LOCATION,
         format!("/v2/{repo}/blobs/uploads/{id}"),
     );
-    set(
-        &mut r,
-        header::RANGE,
-        format!("0-{}", size.saturating_sub(1)),
-    );
-    set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
+    set(r, header::RANGE, format!("0-{}", size.saturating_sub(1)));
+    set(r, HeaderName::from_static("docker-upload-uuid"), id);
+}
+
+/// 202/204 with the session's location and progress.
+fn session_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) -> Resp {
+    let mut r = empty(status);
+    add_session_headers(&mut r, repo, id, size);
     r
 }
 
@@ -89,17 +90,7 @@ fn with_progress(e: StoreError, repo: &RepoName, id: &str) -> Result<Resp, Regis
     if let StoreError::RangeInvalid { size } = e {
         let err: RegistryError = e.into();
         let mut r = super::response::error_response(&err, false);
-        set(
-            &mut r,
-            header::LOCATION,
-            format!("/v2/{repo}/blobs/uploads/{id}"),
-        );
-        set(
-            &mut r,
-            header::RANGE,
-            format!("0-{}", size.saturating_sub(1)),
-        );
-        set(&mut r, HeaderName::from_static("docker-upload-uuid"), id);
+        add_session_headers(&mut r, repo, id, size);
         return Ok(r);
     }
     Err(e.into())

@@ -313,6 +313,29 @@ impl Store {
         }
     }
 
+    /// Adds to `batch`: the blob record (with `linked_at = now`, which restarts its GC grace
+    /// period), `repo`'s link to it, and the repository if it is new.
+    fn link_blob(
+        &self,
+        batch: &mut index::IndexBatch<'_>,
+        digest_key: &str,
+        size: u64,
+        repo: &RepoName,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        batch.put(
+            CF_BLOBS,
+            digest_key.as_bytes(),
+            &index::encode_u64s(&[size, now]),
+        );
+        batch.put(
+            CF_LINKS,
+            &key(&[repo.as_str(), digest_key]),
+            &index::encode_u64s(&[now]),
+        );
+        self.note_repo(batch, repo, now)
+    }
+
     /// Moves a verified, fsynced ingest file into the CAS and links it to `repo`, in one synced
     /// batch (which also ends the upload session `upload_id`, if any).
     pub fn commit_blob(
@@ -329,17 +352,7 @@ impl Store {
         self.blobs.commit_ingest(ingest, digest)?;
         let now = unix_now();
         let mut batch = self.index.batch();
-        batch.put(
-            CF_BLOBS,
-            digest_key.as_bytes(),
-            &index::encode_u64s(&[size, now]),
-        );
-        batch.put(
-            CF_LINKS,
-            &key(&[repo.as_str(), &digest_key]),
-            &index::encode_u64s(&[now]),
-        );
-        self.note_repo(&mut batch, repo, now)?;
+        self.link_blob(&mut batch, &digest_key, size, repo, now)?;
         if let Some(id) = upload_id {
             batch.delete(index::CF_UPLOADS, id.as_bytes());
         }
@@ -372,17 +385,7 @@ impl Store {
         };
         let now = unix_now();
         let mut batch = self.index.batch();
-        batch.put(
-            CF_BLOBS,
-            digest_key.as_bytes(),
-            &index::encode_u64s(&[size, now]),
-        );
-        batch.put(
-            CF_LINKS,
-            &key(&[repo.as_str(), &digest_key]),
-            &index::encode_u64s(&[now]),
-        );
-        self.note_repo(&mut batch, repo, now)?;
+        self.link_blob(&mut batch, &digest_key, size, repo, now)?;
         self.index.write_synced(batch)?;
         Ok(Some(size))
     }

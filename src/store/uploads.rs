@@ -164,28 +164,29 @@ impl Store {
         Ok(id)
     }
 
-    fn session(
+    /// The session `id`, locked. An id used in another repository is unknown: a session's
+    /// state is never revealed to, or changed from, another repository.
+    async fn locked_session(
         &self,
         repo: &RepoName,
         id: &str,
-    ) -> Result<Arc<tokio::sync::Mutex<UploadSession>>, StoreError> {
-        // Callers re-check the repository once they hold the session lock: an id used in
-        // another repository is answered as unknown, never with that session's state.
-        let _ = repo;
-        self.uploads
+    ) -> Result<tokio::sync::OwnedMutexGuard<UploadSession>, StoreError> {
+        let session = self
+            .uploads
             .map()
             .get(id)
             .cloned()
-            .ok_or(StoreError::UploadUnknown)
+            .ok_or(StoreError::UploadUnknown)?;
+        let guard = session.lock_owned().await;
+        if guard.repo != *repo {
+            return Err(StoreError::UploadUnknown);
+        }
+        Ok(guard)
     }
 
     /// Bytes received so far (GET on the upload URL).
     pub async fn upload_size(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
-        let s = self.session(repo, id)?;
-        let g = s.lock().await;
-        if g.repo != *repo {
-            return Err(StoreError::UploadUnknown);
-        }
+        let g = self.locked_session(repo, id).await?;
         Ok(g.size)
     }
 
@@ -200,11 +201,7 @@ impl Store {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
     {
-        let s = self.session(repo, id)?;
-        let mut g = s.lock().await;
-        if g.repo != *repo {
-            return Err(StoreError::UploadUnknown);
-        }
+        let mut g = self.locked_session(repo, id).await?;
         self.append_locked(&mut g, spec, body).await?;
         Ok(g.size)
     }
@@ -298,11 +295,7 @@ impl Store {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
     {
-        let s = self.session(repo, id)?;
-        let mut g = s.lock().await;
-        if g.repo != *repo {
-            return Err(StoreError::UploadUnknown);
-        }
+        let mut g = self.locked_session(repo, id).await?;
         self.append_locked(&mut g, spec, body).await?;
         self.ensure_ready(&mut g)?;
         let actual = match &g.hasher {
@@ -326,11 +319,7 @@ impl Store {
 
     /// Cancels a session and removes its bytes.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
-        let s = self.session(repo, id)?;
-        let g = s.lock().await;
-        if g.repo != *repo {
-            return Err(StoreError::UploadUnknown);
-        }
+        let g = self.locked_session(repo, id).await?;
         self.drop_session(&g.id)
     }
 
