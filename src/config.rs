@@ -147,6 +147,44 @@ pub struct UpstreamConfig {
     pub stale_if_error: HumanDuration,
     #[serde(default)]
     pub offline: bool,
+    /// How long an upstream 404 is remembered before asking again.
+    #[serde(default = "default_not_found_ttl")]
+    pub not_found_ttl: HumanDuration,
+    /// Upstream account (e.g. a Docker Hub user, for its higher pull limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the password (first line), instead of `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates to trust for this upstream (added to the webpki roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    /// `(username, password)` if credentials are configured; reads `password_file`.
+    pub fn credentials(&self) -> Result<Option<(String, String)>, String> {
+        let Some(user) = &self.username else {
+            return Ok(None);
+        };
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), None) => p.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            _ => return Err("set exactly one of password and password_file with username".into()),
+        };
+        Ok(Some((user.clone(), password)))
+    }
+}
+
+fn default_not_found_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn default_tag_ttl() -> HumanDuration {
@@ -245,6 +283,19 @@ impl Config {
                     "line {}: project {:?} lies inside upstream namespace {:?}",
                     at(&p.name),
                     p.name.get_ref().as_str(),
+                    u.name.get_ref().as_str()
+                ));
+            }
+        }
+        for u in &self.upstreams {
+            let both = u.password.is_some() && u.password_file.is_some();
+            let orphan =
+                u.username.is_none() && (u.password.is_some() || u.password_file.is_some());
+            let missing = u.username.is_some() && u.password.is_none() && u.password_file.is_none();
+            if both || orphan || missing {
+                return Err(format!(
+                    "line {}: upstream {:?}: give username with exactly one of password and password_file",
+                    at(&u.name),
                     u.name.get_ref().as_str()
                 ));
             }

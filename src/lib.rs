@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod proxy;
 pub mod store;
 
 use std::sync::Arc;
@@ -13,21 +14,35 @@ use std::sync::Arc;
 use auth::Authorizer;
 use config::Config;
 use metrics::Metrics;
+use proxy::Proxy;
+use proxy::upstream::UpstreamError;
 use store::{Store, StoreError, StoreOptions};
 
 pub struct App {
     pub config: Config,
     pub store: Store,
+    pub proxy: Proxy,
     pub metrics: Metrics,
     pub auth: Authorizer,
 }
 
+/// Why the app could not be assembled from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
 impl App {
-    pub fn build(config: Config) -> Result<Arc<Self>, StoreError> {
+    pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
         let store = Store::open(&config.server.data_dir, store_options(&config))?;
+        let proxy = Proxy::new(&config)?;
         Ok(Arc::new(Self {
             auth: Authorizer::new(&config),
             store,
+            proxy,
             metrics: Metrics::new(),
             config,
         }))

@@ -3,8 +3,8 @@
 //! when `/metrics` is scraped, not on the request path.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -19,6 +19,14 @@ pub struct Metrics {
     pub gc_runs: IntCounter,
     pub gc_bytes_freed: IntCounter,
     pub uploads_reaped: IntCounter,
+    pub cache_requests: IntCounterVec,
+    pub cache_bytes: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
+    pub upstream_ratelimit_limit: IntGaugeVec,
+    pub upstream_ratelimit_remaining: IntGaugeVec,
+    pub digest_mismatches: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -91,6 +99,59 @@ impl Metrics {
             uploads_reaped: counter(
                 "transship_uploads_reaped_total",
                 "Abandoned upload sessions removed",
+            ),
+            cache_requests: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("transship_cache_requests_total", "Pull-through requests by upstream, kind (manifest, blob) and result (HIT, MISS, STALE, COALESCED)"),
+                    &["upstream", "kind", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            cache_bytes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("transship_cache_served_bytes_total", "Pull-through body bytes announced to clients, by upstream, kind and result"),
+                    &["upstream", "kind", "result"],
+                )
+                .expect("valid metric"),
+            ),
+            upstream_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("transship_upstream_request_duration_seconds", "Time until upstream response headers, by upstream")
+                        .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                    &["upstream"],
+                )
+                .expect("valid metric"),
+            ),
+            upstream_errors: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("transship_upstream_errors_total", "Upstream failures by upstream and status (or timeout, connect, protocol)"),
+                    &["upstream", "status"],
+                )
+                .expect("valid metric"),
+            ),
+            upstream_bytes: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_upstream_fetched_bytes_total", "Blob bytes fetched from upstreams"), &["upstream"])
+                    .expect("valid metric"),
+            ),
+            upstream_ratelimit_limit: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("transship_upstream_ratelimit_limit", "The upstream's last ratelimit-limit header"), &["upstream"])
+                    .expect("valid metric"),
+            ),
+            upstream_ratelimit_remaining: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("transship_upstream_ratelimit_remaining", "The upstream's last ratelimit-remaining header"), &["upstream"])
+                    .expect("valid metric"),
+            ),
+            digest_mismatches: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_upstream_digest_mismatches_total", "Upstream blobs or manifests that failed verification (never cached)"), &["upstream"])
+                    .expect("valid metric"),
             ),
             registry: r,
         }

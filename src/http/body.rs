@@ -17,6 +17,12 @@ pub enum ResponseBody {
     Empty,
     Full(Option<Bytes>),
     Blob(BlobChunks, IntCounter),
+    /// A body produced as it arrives (a reader following a cache fill); `remaining` is exact.
+    Stream {
+        stream: Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+        remaining: u64,
+        sent: IntCounter,
+    },
 }
 
 impl ResponseBody {
@@ -38,6 +44,20 @@ impl Body for ResponseBody {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             // Page-cache reads: mapping a window is a syscall, not a wait, so it runs inline
             // instead of hopping to a blocking thread per chunk.
+            Self::Stream {
+                stream,
+                remaining,
+                sent,
+            } => match stream.as_mut().poll_next(_cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(b))) => {
+                    *remaining = remaining.saturating_sub(b.len() as u64);
+                    sent.inc_by(b.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+            },
             Self::Blob(chunks, sent) => Poll::Ready(match chunks.next_chunk() {
                 Ok(Some(b)) => {
                     sent.inc_by(b.len() as u64);
@@ -54,6 +74,7 @@ impl Body for ResponseBody {
             Self::Empty => true,
             Self::Full(b) => b.is_none(),
             Self::Blob(chunks, _) => chunks.remaining() == 0,
+            Self::Stream { remaining, .. } => *remaining == 0,
         }
     }
 
@@ -62,6 +83,7 @@ impl Body for ResponseBody {
             Self::Empty => SizeHint::with_exact(0),
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Blob(chunks, _) => SizeHint::with_exact(chunks.remaining()),
+            Self::Stream { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
 }

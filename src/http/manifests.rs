@@ -25,7 +25,7 @@ fn docker_content_digest() -> HeaderName {
 
 /// Parses a reference for a read or delete: a malformed tag names nothing that can exist, so
 /// it is unknown (404, as conformance v1.1.1 expects); a malformed digest stays a 400.
-fn parse_reference_to_read(s: &str) -> Result<Reference, RegistryError> {
+pub fn parse_reference_to_read(s: &str) -> Result<Reference, RegistryError> {
     parse_reference(s).map_err(|e| match e.code {
         ErrorCode::TagInvalid => RegistryError::manifest_unknown(&format!("{s} ({})", e.message)),
         _ => e,

@@ -5,6 +5,7 @@
 pub mod blobs;
 pub mod body;
 pub mod manifests;
+pub mod mirror;
 pub mod referrers;
 pub mod response;
 pub mod router;
@@ -160,6 +161,11 @@ async fn dispatch(
         }
         None => None,
     };
+    if let Some(r) = &repo
+        && matches!(app.auth.namespace(r), crate::auth::Namespace::Mirror)
+    {
+        return dispatch_mirror(app, route, parts, r, head).await;
+    }
     let repo = || {
         repo.as_ref()
             .ok_or_else(|| RegistryError::internal("route without a repository"))
@@ -214,6 +220,30 @@ async fn dispatch(
             format!("no such endpoint: {}", parts.uri.path()),
         )),
         _ => Err(not_allowed(method)),
+    }
+}
+
+/// Routes a request for a mirrored repository (read-only; pushes were refused by `authorize`).
+async fn dispatch_mirror(
+    app: &Arc<App>,
+    route: &Route<'_>,
+    parts: &Parts,
+    repo: &RepoName,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let get = parts.method == Method::GET || head;
+    if !get {
+        return Err(not_allowed(&parts.method));
+    }
+    let mirror = mirror::route(app, repo, parts)?;
+    match route {
+        Route::Manifest { reference, .. } => {
+            mirror::get_manifest(app, &mirror, reference, parts, head).await
+        }
+        Route::Blob { digest, .. } => mirror::get_blob(app, &mirror, digest, parts, head).await,
+        Route::Tags { .. } => tags::list(app, &mirror.local, parts).await,
+        Route::Referrers { digest, .. } => referrers::list(app, &mirror.local, digest, parts).await,
+        _ => Err(not_allowed(&parts.method)),
     }
 }
 

@@ -11,6 +11,8 @@
 //! - `referrers` repo \0 subject \0 referrer    → descriptor JSON
 //! - `blob_refs` blob \0 repo \0 manifest       → ()   (reverse references, for GC)
 //! - `repos`     repo                           → created u64 BE
+//! - `tag_checks` repo \0 tag                   → checked_at u64 BE (mirror tags: last upstream check)
+//! - `tag_history` repo \0 tag \0 time u64 BE   → digest (every observed mirror resolution)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `meta`      key                            → value (schema version)
 
@@ -30,8 +32,10 @@ pub const CF_BLOB_REFS: &str = "blob_refs";
 pub const CF_REPOS: &str = "repos";
 pub const CF_UPLOADS: &str = "uploads";
 pub const CF_META: &str = "meta";
+pub const CF_TAG_CHECKS: &str = "tag_checks";
+pub const CF_TAG_HISTORY: &str = "tag_history";
 
-const ALL_CFS: [&str; 9] = [
+const ALL_CFS: [&str; 11] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -41,6 +45,8 @@ const ALL_CFS: [&str; 9] = [
     CF_REPOS,
     CF_UPLOADS,
     CF_META,
+    CF_TAG_CHECKS,
+    CF_TAG_HISTORY,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.

@@ -16,6 +16,7 @@ pub mod blobs;
 pub mod fsck;
 pub mod gc;
 pub mod index;
+pub mod mirror;
 pub mod uploads;
 
 use std::hash::{Hash, Hasher};

@@ -1,0 +1,288 @@
+//! Handlers for mirrored repositories (names outside every project): manifests and blobs come
+//! from the cache or, on a miss, from the upstream through `proxy`; responses say how they
+//! were answered (`X-Cache`) and from which upstream (`OCI-Namespace`). Mirror namespaces are
+//! read-only; tags and referrers list what is cached.
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+
+use super::body::ResponseBody;
+use super::manifests::{manifest_response, parse_reference_to_read};
+use super::response::{Resp, set};
+use super::{parse_digest, query_one};
+use crate::App;
+use crate::oci::manifest::ParsedManifest;
+use crate::oci::media::{AcceptList, Negotiated, negotiate};
+use crate::oci::range::{RangeOutcome, interpret_range};
+use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
+use crate::proxy::fill::{self, FillError};
+use crate::proxy::freshness::{self, oci_namespace};
+use crate::proxy::{CacheOutcome, MirrorRoute};
+
+/// Resolves the mirror route of `repo` (honouring `?ns=`).
+pub fn route(app: &App, repo: &RepoName, parts: &Parts) -> Result<MirrorRoute, RegistryError> {
+    let ns = query_one(parts, "ns");
+    app.proxy
+        .resolve(repo, ns.as_deref())
+        .map_err(|e| RegistryError::new(ErrorCode::NameUnknown, e.to_string()))
+}
+
+fn mark(app: &App, r: &mut Resp, route: &MirrorRoute, kind: &str, outcome: CacheOutcome) {
+    let upstream = app.proxy.upstream_name(route.upstream);
+    r.headers_mut().insert(
+        HeaderName::from_static("x-cache"),
+        HeaderValue::from_static(outcome.as_str()),
+    );
+    set(r, oci_namespace(), upstream);
+    app.metrics
+        .cache_requests
+        .with_label_values(&[upstream, kind, outcome.as_str()])
+        .inc();
+    let len = r
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    app.metrics
+        .cache_bytes
+        .with_label_values(&[upstream, kind, outcome.as_str()])
+        .inc_by(len);
+}
+
+pub async fn get_manifest(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    reference: &str,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let reference = parse_reference_to_read(reference)?;
+    let served = freshness::manifest(app, route, &reference).await?;
+    let accept = AcceptList::from_headers(
+        parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let by_tag = matches!(reference, Reference::Tag(_));
+    let (m, outcome) = match negotiate(&accept, &served.manifest.media_type, by_tag) {
+        Negotiated::Serve => (served.manifest, served.outcome),
+        Negotiated::NotAcceptable => {
+            return Err(RegistryError::new(
+                ErrorCode::ManifestUnknown,
+                format!(
+                    "manifest {reference} is {}, which the Accept header does not include",
+                    served.manifest.media_type
+                ),
+            ));
+        }
+        Negotiated::PlatformChild => {
+            let parsed = ParsedManifest::parse(&served.manifest.bytes, &served.manifest.media_type)
+                .map_err(|e| RegistryError::internal(e.to_string()))?;
+            let child = parsed.platform_child("linux", "amd64").ok_or_else(|| {
+                RegistryError::new(
+                    ErrorCode::ManifestUnknown,
+                    format!("{reference} is a manifest list with no linux/amd64 image"),
+                )
+            })?;
+            let child =
+                freshness::manifest(app, route, &Reference::Digest(child.digest.clone())).await?;
+            (child.manifest, child.outcome)
+        }
+    };
+    let mut r = manifest_response(&m, head);
+    mark(app, &mut r, route, "manifest", outcome);
+    Ok(r)
+}
+
+fn fill_error(e: FillError, digest: &Digest, app: &App, route: &MirrorRoute) -> RegistryError {
+    match e {
+        FillError::Status(
+            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN,
+        ) => RegistryError::blob_unknown(digest),
+        e => RegistryError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "cannot fetch {digest} from upstream {}: {e}",
+                app.proxy.upstream_name(route.upstream)
+            ),
+        ),
+    }
+}
+
+pub async fn get_blob(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    digest: &str,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let digest = parse_digest(digest)?;
+    if app.store.blob_size(&route.local, &digest)?.is_some() {
+        return serve_local(app, route, &digest, parts, head).await;
+    }
+    let config = app.proxy.config(route.upstream);
+    if config.offline {
+        return Err(RegistryError::blob_unknown(&digest));
+    }
+    let client = app.proxy.client(route.upstream).clone();
+    // Stored for another repository: link it here once the upstream confirms this repository
+    // has it (a repository only sees blobs its upstream has).
+    if app.store.has_blob_anywhere(&digest)? && app.proxy.fills.in_flight_for(&digest).is_none() {
+        let resp = client
+            .send(
+                Method::HEAD,
+                &format!("/v2/{}/blobs/{digest}", route.remote),
+                route.remote.as_str(),
+                &[],
+            )
+            .await
+            .map_err(|e| RegistryError::new(ErrorCode::Unavailable, e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            return Err(fill_error(
+                FillError::Status(resp.status()),
+                &digest,
+                app,
+                route,
+            ));
+        }
+        let (app2, repo, d2) = (app.clone(), route.local.clone(), digest.clone());
+        if super::blocking(move || app2.store.link_stored_blob(&repo, &d2))
+            .await?
+            .is_some()
+        {
+            return serve_local(app, route, &digest, parts, head).await;
+        }
+    }
+    if head && app.proxy.fills.in_flight_for(&digest).is_none() {
+        return head_upstream(app, route, &digest).await;
+    }
+    let (fill, started) = app.proxy.fills.join_or_start(app, route, &digest);
+    let outcome = if started {
+        CacheOutcome::Miss
+    } else {
+        CacheOutcome::Coalesced
+    };
+    let mut rx = fill.subscribe();
+    let size = fill::wait_for_size(&mut rx)
+        .await
+        .map_err(|e| fill_error(e, &digest, app, route))?;
+    let range = parts
+        .headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range.map(|h| interpret_range(h, size)) {
+        None | Some(RangeOutcome::Full) => (StatusCode::OK, 0, size),
+        Some(RangeOutcome::Partial { start, end }) => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+        Some(RangeOutcome::Unsatisfiable) => {
+            let err = RegistryError::new(
+                ErrorCode::RangeInvalid,
+                format!("requested range not satisfiable for a blob of {size} bytes"),
+            );
+            let mut r = super::response::error_response(&err, head);
+            set(&mut r, header::CONTENT_RANGE, format!("bytes */{size}"));
+            return Ok(r);
+        }
+    };
+    let body = if head {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::Stream {
+            stream: Box::pin(fill::follow(app.clone(), fill.clone(), rx, start, end)),
+            remaining: end - start,
+            sent: app.metrics.bytes_sent.clone(),
+        }
+    };
+    let mut r = http::Response::new(body);
+    *r.status_mut() = status;
+    blob_headers(&mut r, &digest, end - start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    mark(app, &mut r, route, "blob", outcome);
+    Ok(r)
+}
+
+/// A cached blob, served like any stored blob (Range, ETag, mapped windows).
+async fn serve_local(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    digest: &Digest,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
+    let mut r = super::blobs::get(app, &route.local, &digest.to_string(), parts, head).await?;
+    mark(app, &mut r, route, "blob", CacheOutcome::Hit);
+    Ok(r)
+}
+
+fn blob_headers(r: &mut Resp, digest: &Digest, len: u64) {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    set(r, header::ETAG, format!("\"{digest}\""));
+    set(
+        r,
+        HeaderName::from_static("docker-content-digest"),
+        digest.to_string(),
+    );
+}
+
+/// HEAD of an uncached blob: ask the upstream with HEAD; nothing is downloaded.
+async fn head_upstream(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    digest: &Digest,
+) -> Result<Resp, RegistryError> {
+    let client = app.proxy.client(route.upstream);
+    let started = std::time::Instant::now();
+    let resp = client
+        .send(
+            Method::HEAD,
+            &format!("/v2/{}/blobs/{digest}", route.remote),
+            route.remote.as_str(),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            app.proxy.observe_failure(&app.metrics, client, &e);
+            RegistryError::new(ErrorCode::Unavailable, e.to_string())
+        })?;
+    app.proxy.observe_upstream(
+        &app.metrics,
+        client,
+        resp.status(),
+        resp.headers(),
+        started.elapsed(),
+    );
+    if resp.status() != StatusCode::OK {
+        return Err(fill_error(
+            FillError::Status(resp.status()),
+            digest,
+            app,
+            route,
+        ));
+    }
+    let len = fill::content_length(resp.headers()).ok_or_else(|| {
+        RegistryError::new(
+            ErrorCode::Unavailable,
+            "upstream answered HEAD without Content-Length",
+        )
+    })?;
+    let mut r = http::Response::new(ResponseBody::Empty);
+    blob_headers(&mut r, digest, len);
+    mark(app, &mut r, route, "blob", CacheOutcome::Miss);
+    Ok(r)
+}

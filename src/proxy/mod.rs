@@ -1,0 +1,157 @@
+//! The pull-through side: which upstream serves a name (`route`), talking to it (`upstream`),
+//! keeping tags fresh without wasting the upstream's rate limit (`freshness`), and one
+//! download per blob however many clients wait for it (`fill`). Handlers ask `Proxy` for
+//! content; it never touches RocksDB directly (the `Store` does) and never forwards a client's
+//! credentials.
+
+pub mod fill;
+pub mod freshness;
+pub mod route;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
+
+use crate::config::{Config, UpstreamConfig};
+use crate::metrics::Metrics;
+pub use route::MirrorRoute;
+use route::{RouteError, Router};
+use upstream::{UpstreamClient, UpstreamError, rate_limit_value};
+
+/// How a cached request was answered (the `X-Cache` header and the metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Stale,
+    Coalesced,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "HIT",
+            Self::Miss => "MISS",
+            Self::Stale => "STALE",
+            Self::Coalesced => "COALESCED",
+        }
+    }
+}
+
+pub struct Proxy {
+    router: Router,
+    configs: Vec<UpstreamConfig>,
+    clients: Vec<Arc<UpstreamClient>>,
+    /// Per upstream: `local repo \0 reference` answered 404 upstream recently.
+    not_found: Vec<moka::sync::Cache<String, ()>>,
+    pub fills: fill::Fills,
+}
+
+impl Proxy {
+    pub fn new(config: &Config) -> Result<Self, UpstreamError> {
+        let clients = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamClient::new(u).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let not_found = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(u.not_found_ttl.0.max(Duration::from_millis(1)))
+                    .build()
+            })
+            .collect();
+        Ok(Self {
+            router: Router::new(config),
+            configs: config.upstreams.clone(),
+            clients,
+            not_found,
+            fills: fill::Fills::default(),
+        })
+    }
+
+    pub fn resolve(
+        &self,
+        name: &crate::oci::RepoName,
+        ns: Option<&str>,
+    ) -> Result<MirrorRoute, RouteError> {
+        self.router.resolve(name, ns)
+    }
+
+    pub fn client(&self, upstream: usize) -> &Arc<UpstreamClient> {
+        &self.clients[upstream]
+    }
+
+    pub fn config(&self, upstream: usize) -> &UpstreamConfig {
+        &self.configs[upstream]
+    }
+
+    pub fn upstream_name(&self, upstream: usize) -> &str {
+        self.router.upstream_name(upstream)
+    }
+
+    pub fn remember_not_found(&self, route: &MirrorRoute, reference: &str) {
+        self.not_found[route.upstream].insert(format!("{}\0{reference}", route.local), ());
+    }
+
+    pub fn recently_not_found(&self, route: &MirrorRoute, reference: &str) -> bool {
+        self.not_found[route.upstream].contains_key(&format!("{}\0{reference}", route.local))
+    }
+
+    /// Records an upstream response in the metrics: latency, errors, rate-limit headers.
+    pub fn observe_upstream(
+        &self,
+        metrics: &Metrics,
+        client: &UpstreamClient,
+        status: StatusCode,
+        headers: &HeaderMap,
+        elapsed: Duration,
+    ) {
+        let name = client.name.as_str();
+        metrics
+            .upstream_duration
+            .with_label_values(&[name])
+            .observe(elapsed.as_secs_f64());
+        if !status.is_success() && status != StatusCode::NOT_MODIFIED {
+            metrics
+                .upstream_errors
+                .with_label_values(&[name, status.as_str()])
+                .inc();
+        }
+        if let Some(v) = rate_limit_value(headers, "ratelimit-limit") {
+            metrics
+                .upstream_ratelimit_limit
+                .with_label_values(&[name])
+                .set(v);
+        }
+        if let Some(v) = rate_limit_value(headers, "ratelimit-remaining") {
+            metrics
+                .upstream_ratelimit_remaining
+                .with_label_values(&[name])
+                .set(v);
+        }
+    }
+
+    /// Counts an upstream request that failed before any response.
+    pub fn observe_failure(
+        &self,
+        metrics: &Metrics,
+        client: &UpstreamClient,
+        error: &UpstreamError,
+    ) {
+        let kind = match error {
+            UpstreamError::Timeout(..) => "timeout",
+            UpstreamError::Connect(..) => "connect",
+            _ => "protocol",
+        };
+        metrics
+            .upstream_errors
+            .with_label_values(&[&client.name, kind])
+            .inc();
+    }
+}
