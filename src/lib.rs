@@ -104,6 +104,15 @@ impl App {
     }
 }
 
+impl App {
+    /// `fsck` knowing which repositories are the pull-through cache's.
+    pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
+        self.store.fsck_with(repair, &|repo| {
+            matches!(self.auth.namespace(repo), auth::Namespace::Mirror)
+        })
+    }
+}
+
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         manifest_cache_bytes: config.storage.manifest_cache.0,

@@ -127,7 +127,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fsck { config, repair } => {
             let config = config.load()?;
             let store = open_store_offline(&config)?;
-            let report = store.fsck(repair)?;
+            let auth = transship::auth::Authorizer::new(&config);
+            let report = store.fsck_with(repair, &|repo| {
+                matches!(auth.namespace(repo), transship::auth::Namespace::Mirror)
+            })?;
             for p in &report.problems {
                 println!("problem: {p}");
             }

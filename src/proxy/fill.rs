@@ -193,6 +193,7 @@ async fn run(
     let mut written = 0u64;
     let mut body = resp.into_body();
     let mut resumes = 0;
+    let mut kick = crate::store::WritebackKick::from(0);
     loop {
         let frame = tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await;
         match frame {
@@ -210,6 +211,7 @@ async fn run(
                     .map_err(|e| FillError::Store(e.to_string()))?;
                 hasher.update(&data);
                 written += data.len() as u64;
+                kick.after_write(&file, written);
                 app.metrics
                     .upstream_bytes
                     .with_label_values(&[&client.name])
@@ -348,7 +350,9 @@ impl Follower {
         }
         loop {
             let avail = match &*self.rx.borrow_and_update() {
-                FillState::Streaming { written, .. } => *written,
+                // The last byte is held back until the blob is verified and committed: no
+                // client ever receives a complete body that failed verification.
+                FillState::Streaming { written, size } => (*written).min(size.saturating_sub(1)),
                 FillState::Done { size } => *size,
                 FillState::Connecting => 0,
                 FillState::Failed(e) => {

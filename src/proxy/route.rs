@@ -90,7 +90,14 @@ impl Router {
             let i = self
                 .by_host(ns)
                 .ok_or_else(|| RouteError::UnknownNamespace(ns.chars().take(100).collect()))?;
-            (i, name.as_str().to_string())
+            // A client that sends both `?ns=` and the upstream as a path prefix means it once.
+            let first = name.components().next().unwrap_or("");
+            match self.by_host(first) {
+                Some(j) if j == i && name.as_str().len() > first.len() => {
+                    (i, name.as_str()[first.len() + 1..].to_string())
+                }
+                _ => (i, name.as_str().to_string()),
+            }
         } else {
             let first = name.components().next().unwrap_or("");
             match self.by_host(first) {
@@ -172,6 +179,11 @@ mod tests {
         assert_eq!(rt.resolve(&r("docker.io/alpine"), None).unwrap(), want);
         assert_eq!(
             rt.resolve(&r("index.docker.io/library/alpine"), None)
+                .unwrap(),
+            want
+        );
+        assert_eq!(
+            rt.resolve(&r("docker.io/library/alpine"), Some("docker.io"))
                 .unwrap(),
             want
         );

@@ -12,7 +12,7 @@
 //! - `blob_refs` blob \0 repo \0 manifest       → ()   (reverse references, for GC)
 //! - `repos`     repo                           → created u64 BE
 //! - `tag_checks` repo \0 tag                   → checked_at u64 BE (mirror tags: last upstream check)
-//! - `tag_history` repo \0 tag \0 time u64 BE   → digest (every observed mirror resolution)
+//! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `meta`      key                            → value (schema version)
 

@@ -15,6 +15,13 @@ use super::{Store, StoreError, StoredManifest, unix_now};
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::{Digest, RepoName, Tag};
 
+/// Microseconds since the epoch: history keys stay distinct for resolutions a second apart.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 impl Store {
     /// Stores a manifest fetched from upstream (already verified against `digest`) in the
     /// cache repository `repo`, optionally pointing `tag` at it, in one synced batch.
@@ -52,7 +59,7 @@ impl Store {
             batch.put(CF_TAG_CHECKS, k, &index::encode_u64s(&[now]));
             let mut h = key(&[repo.as_str(), t.as_str()]);
             h.push(0);
-            h.extend_from_slice(&now.to_be_bytes());
+            h.extend_from_slice(&unix_micros().to_be_bytes());
             batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
         }
         let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
@@ -112,7 +119,7 @@ impl Store {
         Ok(())
     }
 
-    /// The observed resolutions of a mirror tag, oldest first: `(unix seconds, digest)`.
+    /// The observed resolutions of a mirror tag, oldest first: `(unix microseconds, digest)`.
     pub fn tag_history(
         &self,
         repo: &RepoName,

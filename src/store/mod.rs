@@ -36,7 +36,7 @@ use index::{
     IndexError, key, prefix,
 };
 
-pub use blobs::{BlobChunks, READ_WINDOW};
+pub use blobs::{BlobChunks, READ_WINDOW, WritebackKick};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use super::blobs::WritebackKick;
 use super::index::{CF_UPLOADS, IndexError};
 use super::{Store, StoreError, unix_now};
 use crate::oci::{Algorithm, Digest, Digester, RepoName};
@@ -413,35 +414,6 @@ pub fn parse_upload_id(id: &str) -> Option<&str> {
     is_upload_id(id).then_some(id)
 }
 
-/// Bytes written between writeback kicks (see `WritebackKick`).
-const WRITEBACK_STEP: u64 = 8 << 20;
-
-/// Starts the kernel's writeback of the bytes written so far without waiting for it, so the
-/// fsync at commit only waits for the tail of a large upload instead of all of it.
-struct WritebackKick {
-    flushed_to: u64,
-}
-
-impl WritebackKick {
-    fn after_write(&mut self, file: &File, written_to: u64) {
-        if written_to - self.flushed_to < WRITEBACK_STEP {
-            return;
-        }
-        use std::os::fd::AsRawFd;
-        let len = (written_to - self.flushed_to) as libc::off64_t;
-        // SAFETY: a plain syscall on an open fd; failure only means no early writeback.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                self.flushed_to as libc::off64_t,
-                len,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-        self.flushed_to = written_to;
-    }
-}
-
 async fn write_body<S>(
     s: &mut UploadSession,
     expected: Option<u64>,
@@ -453,7 +425,7 @@ where
     let file = s.file.as_mut().ok_or(StoreError::UploadUnknown)?;
     file.seek(SeekFrom::Start(s.size))?;
     let hasher = s.hasher.as_mut().ok_or(StoreError::UploadUnknown)?;
-    let mut kick = WritebackKick { flushed_to: s.size };
+    let mut kick = WritebackKick::from(s.size);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &*file);
     let mut received = 0u64;
     while let Some(chunk) = body.next().await {

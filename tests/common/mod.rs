@@ -17,13 +17,21 @@ use hyper_util::rt::TokioExecutor;
 use transship::App;
 use transship::config::Config;
 
+pub mod upstream;
+
 pub const EMPTY_SHA256: &str =
     "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// A config for tests: the embedded default with a temp data dir and an ephemeral port, plus
 /// `extra` TOML appended (sections not in the default, e.g. more `[[project]]`s).
 pub fn test_config(data_dir: &Path, extra: &str) -> Config {
+    // Upstreams point at a closed loopback port unless a test sets one: no test may ever
+    // reach a real public registry.
     let text = transship::config::EMBEDDED_DEFAULT
+        .replace(
+            "url = \"https://registry-1.docker.io\"",
+            "url = \"http://127.0.0.1:9\"",
+        )
         .replace("listen = \"127.0.0.1:5000\"", "listen = \"127.0.0.1:0\"")
         .replace(
             "data_dir = \"./transship-data\"",
