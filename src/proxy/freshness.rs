@@ -31,8 +31,9 @@ pub struct Served {
 /// Why an upstream lookup failed.
 #[derive(Debug)]
 enum Miss {
-    /// The upstream does not have it (404, or 401/403 for a repository that does not exist).
-    NotFound,
+    /// The upstream does not have it: 404 (`repository: false`), or 401/403 after the token
+    /// dance, which is how Docker Hub answers for a repository that does not exist.
+    NotFound { repository: bool },
     /// Worth serving stale content for: rate limit, server error, timeout, unreachable.
     Unavailable(String),
     /// The upstream answered with something that is not the manifest asked for.
@@ -42,9 +43,8 @@ enum Miss {
 impl Miss {
     fn from_status(status: StatusCode, headers: &http::HeaderMap) -> Self {
         match status {
-            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                Self::NotFound
-            }
+            StatusCode::NOT_FOUND => Self::NotFound { repository: false },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Self::NotFound { repository: true },
             StatusCode::TOO_MANY_REQUESTS => {
                 let after = headers
                     .get(header::RETRY_AFTER)
@@ -69,11 +69,18 @@ fn unavailable(app: &App, route: &MirrorRoute, why: &str) -> RegistryError {
     )
 }
 
-fn not_found(route: &MirrorRoute, reference: &Reference) -> RegistryError {
-    RegistryError::manifest_unknown(&format!(
-        "{}:{reference} (not found upstream)",
-        route.remote
-    ))
+fn not_found(route: &MirrorRoute, reference: &Reference, repository: bool) -> RegistryError {
+    if repository {
+        RegistryError::name_unknown(&format!(
+            "{} (upstream does not know the repository)",
+            route.remote
+        ))
+    } else {
+        RegistryError::manifest_unknown(&format!(
+            "{}:{reference} (not found upstream)",
+            route.remote
+        ))
+    }
 }
 
 /// The manifest for `reference` in the mirrored repository, from cache or upstream.
@@ -92,16 +99,16 @@ pub async fn manifest(
                 });
             }
             if config.offline || app.proxy.recently_not_found(route, &d.to_string()) {
-                return Err(not_found(route, reference));
+                return Err(not_found(route, reference, false));
             }
             match fetch(app, route, &d.to_string(), Some(d), None).await {
                 Ok(m) => Ok(Served {
                     manifest: m,
                     outcome: CacheOutcome::Miss,
                 }),
-                Err(Miss::NotFound) => {
+                Err(Miss::NotFound { repository }) => {
                     app.proxy.remember_not_found(route, &d.to_string());
-                    Err(not_found(route, reference))
+                    Err(not_found(route, reference, repository))
                 }
                 Err(Miss::Unavailable(why)) => Err(unavailable(app, route, &why)),
                 Err(Miss::Invalid(why)) => Err(RegistryError::new(ErrorCode::Unavailable, why)),
@@ -132,7 +139,7 @@ async fn tag_manifest(
             });
         }
     } else if config.offline || app.proxy.recently_not_found(route, tag.as_str()) {
-        return Err(not_found(route, reference));
+        return Err(not_found(route, reference, false));
     }
 
     let stale_or = |why: String| -> Result<Served, RegistryError> {
@@ -192,7 +199,7 @@ async fn tag_manifest(
                     manifest: m,
                     outcome: CacheOutcome::Miss,
                 }),
-                Err(Miss::NotFound) => Err(not_found(route, reference)),
+                Err(Miss::NotFound { repository }) => Err(not_found(route, reference, repository)),
                 Err(Miss::Unavailable(why) | Miss::Invalid(why)) => stale_or(why),
             }
         }
@@ -202,10 +209,14 @@ async fn tag_manifest(
                 manifest: m,
                 outcome: CacheOutcome::Miss,
             }),
-            Err(Miss::NotFound) => tag_gone(app, route, tag, reference).await,
+            Err(Miss::NotFound { repository }) => {
+                tag_gone(app, route, tag, reference, repository).await
+            }
             Err(Miss::Unavailable(why) | Miss::Invalid(why)) => stale_or(why),
         },
-        Err(Miss::NotFound) => tag_gone(app, route, tag, reference).await,
+        Err(Miss::NotFound { repository }) => {
+            tag_gone(app, route, tag, reference, repository).await
+        }
         Err(Miss::Unavailable(why) | Miss::Invalid(why)) => stale_or(why),
     }
 }
@@ -216,11 +227,12 @@ async fn tag_gone(
     route: &MirrorRoute,
     tag: &Tag,
     reference: &Reference,
+    repository: bool,
 ) -> Result<Served, RegistryError> {
     let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
     crate::http::blocking(move || app2.store.forget_cached_tag(&repo, &t)).await?;
     app.proxy.remember_not_found(route, tag.as_str());
-    Err(not_found(route, reference))
+    Err(not_found(route, reference, repository))
 }
 
 /// HEAD the tag upstream: its digest, `None` if the answer carries none.
