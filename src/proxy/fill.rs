@@ -70,6 +70,8 @@ const RESUMES: usize = 3;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest piece a reader takes from the spool at once.
 const READ_PIECE: u64 = 1 << 20;
+/// Smallest piece a caught-up reader sends after its first (unless the blob is complete).
+const BATCH: u64 = 256 << 10;
 
 impl Fills {
     pub fn in_flight(&self) -> usize {
@@ -326,6 +328,7 @@ pub fn follow(
         pos,
         end,
         finished: false,
+        sent_any: false,
     };
     futures_util::stream::unfold(follower, |mut f| async move {
         let item = f.next().await?;
@@ -341,6 +344,7 @@ struct Follower {
     pos: u64,
     end: u64,
     finished: bool,
+    sent_any: bool,
 }
 
 impl Follower {
@@ -360,7 +364,18 @@ impl Follower {
                     return Some(Err(std::io::Error::other(e.to_string())));
                 }
             };
-            if self.pos < avail {
+            // The first piece goes out at once (time to first byte); after that a reader that
+            // has caught up waits for a worthwhile batch instead of one upstream frame each.
+            let done = matches!(*self.rx.borrow(), FillState::Done { .. });
+            let wanted = if self.sent_any {
+                BATCH.min(self.end - self.pos)
+            } else {
+                1
+            };
+            if self.pos < avail
+                && (done || avail.min(self.end) - self.pos >= wanted || avail >= self.end)
+            {
+                self.sent_any = true;
                 return Some(self.read(avail));
             }
             // The Fill (and so the sender) lives as long as this reader, so this only
