@@ -1904,7 +1904,6 @@ fn podman_pulls_one_platform_of_an_index_through_a_registry_mirror_entry() {
 }
 
 #[test]
-#[ignore = "bug: concurrent cold requests for one manifest each fetch it from the upstream (no single-flight for manifests; each GET counts against Docker Hub's pull limit)"]
 fn concurrent_skopeo_pulls_of_a_cold_image_fetch_each_manifest_once() {
     if !have(&["skopeo"]) {
         return;

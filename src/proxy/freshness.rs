@@ -6,8 +6,12 @@
 //! it is within `stale_if_error`, else a clean 503. Upstream bytes are verified against the
 //! digest before they are stored; they are stored byte-exact with their media type.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, header};
@@ -23,9 +27,20 @@ use crate::store::{StoredManifest, unix_now};
 /// Largest manifest accepted from an upstream (containerd's limit, a little over 4 MiB).
 pub const MAX_UPSTREAM_MANIFEST: usize = 4 * 1048 * 1048;
 
+#[derive(Clone)]
 pub struct Served {
     pub manifest: Arc<StoredManifest>,
     pub outcome: CacheOutcome,
+}
+
+type SharedLookup = Shared<BoxFuture<'static, Result<Served, RegistryError>>>;
+
+/// Manifest lookups that need the upstream, one per repository and reference at a time:
+/// concurrent pulls of a cold image cost one HEAD/GET upstream (on Docker Hub a manifest GET
+/// is a pull), not one per client.
+#[derive(Default)]
+pub struct Lookups {
+    inflight: Mutex<HashMap<String, SharedLookup>>,
 }
 
 /// Why an upstream lookup failed.
@@ -85,6 +100,86 @@ fn not_found(route: &MirrorRoute, reference: &Reference, repository: bool) -> Re
 
 /// The manifest for `reference` in the mirrored repository, from cache or upstream.
 pub async fn manifest(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    reference: &Reference,
+) -> Result<Served, RegistryError> {
+    // The hot path: cached and fresh, no upstream, no coalescing bookkeeping.
+    if let Some(served) = cached_and_fresh(app, route, reference)? {
+        return Ok(served);
+    }
+    let key = format!("{}\0{reference}", route.local);
+    let (lookup, joined) = {
+        let mut inflight = app
+            .proxy
+            .lookups
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match inflight.get(&key) {
+            Some(l) => (l.clone(), true),
+            None => {
+                let (app2, route2, ref2, key2) =
+                    (app.clone(), route.clone(), reference.clone(), key.clone());
+                let lookup = async move {
+                    let result = lookup(&app2, &route2, &ref2).await;
+                    app2.proxy
+                        .lookups
+                        .inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key2);
+                    result
+                }
+                .boxed()
+                .shared();
+                inflight.insert(key, lookup.clone());
+                (lookup, false)
+            }
+        }
+    };
+    let served = lookup.await?;
+    Ok(if joined && served.outcome == CacheOutcome::Miss {
+        Served {
+            outcome: CacheOutcome::Coalesced,
+            ..served
+        }
+    } else {
+        served
+    })
+}
+
+/// The cached manifest if it can be served without asking the upstream.
+fn cached_and_fresh(
+    app: &App,
+    route: &MirrorRoute,
+    reference: &Reference,
+) -> Result<Option<Served>, RegistryError> {
+    let config = app.proxy.config(route.upstream);
+    let hit = |manifest| {
+        Some(Served {
+            manifest,
+            outcome: CacheOutcome::Hit,
+        })
+    };
+    match reference {
+        Reference::Digest(d) => Ok(app.store.manifest(&route.local, d)?.and_then(hit)),
+        Reference::Tag(tag) => {
+            let Some((digest, checked)) = app.store.cached_tag(&route.local, tag)? else {
+                return Ok(None);
+            };
+            let fresh =
+                config.offline || unix_now().saturating_sub(checked) < config.tag_ttl.0.as_secs();
+            if !fresh {
+                return Ok(None);
+            }
+            Ok(app.store.manifest(&route.local, &digest)?.and_then(hit))
+        }
+    }
+}
+
+/// The full lookup: cache, then upstream (run once per repository and reference at a time).
+async fn lookup(
     app: &Arc<App>,
     route: &MirrorRoute,
     reference: &Reference,

@@ -47,6 +47,7 @@ pub struct Proxy {
     /// Per upstream: `local repo \0 reference` answered 404 upstream recently.
     not_found: Vec<moka::sync::Cache<String, ()>>,
     pub fills: fill::Fills,
+    pub lookups: freshness::Lookups,
 }
 
 impl Proxy {
@@ -72,6 +73,7 @@ impl Proxy {
             clients,
             not_found,
             fills: fill::Fills::default(),
+            lookups: freshness::Lookups::default(),
         })
     }
 
