@@ -89,6 +89,25 @@ fn pulls_through_once_then_serves_every_spelling_from_cache() {
     let r = h.get(&blob);
     assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
     assert!(r.body == img.layer);
+    // Right after the fill, a request may still follow the spool while the blob is made
+    // durable (COALESCED); either way it never reaches the upstream again.
+    let r = h.get(&blob);
+    assert!(
+        matches!(r.header("x-cache"), Some("HIT" | "COALESCED")),
+        "{:?}",
+        r.header("x-cache")
+    );
+    assert!(r.body == img.layer);
+    let local: transship::oci::RepoName = "docker.io/library/alpine".parse().unwrap();
+    let digest: transship::oci::Digest = img.layer_digest.parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.app.store.blob_size(&local, &digest).unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never committed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let r = h.get(&blob);
     assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
     assert!(r.body == img.layer);

@@ -3,8 +3,10 @@
 //! task writes to `ingest/fill-<uuid>` while hashing; readers follow the growing file from
 //! byte 0 or their Range as bytes land, so headers go out as soon as the upstream answers. The
 //! fill continues when clients disconnect, resumes a dropped upstream body with a Range
-//! request, and commits only after digest and size are verified. On a mismatch nothing is
-//! committed and every reader's stream is aborted, so their own digest checks fail too.
+//! request, and commits only after digest and size are verified. No reader receives the last
+//! byte before the whole blob is verified, so a corrupt upstream body never looks complete: on
+//! a mismatch nothing is committed and every reader's stream is aborted. The fsync and commit
+//! come after the readers' last byte; requests arriving meanwhile still follow the spool.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,8 +30,18 @@ use crate::oci::{Digest, Digester};
 #[derive(Debug, Clone)]
 pub enum FillState {
     Connecting,
-    Streaming { size: u64, written: u64 },
-    Done { size: u64 },
+    Streaming {
+        size: u64,
+        written: u64,
+    },
+    /// Every byte arrived and hashes to the digest: readers may finish. The blob is being
+    /// made durable and committed; late joiners keep reading the spool meanwhile.
+    Verified {
+        size: u64,
+    },
+    Done {
+        size: u64,
+    },
     Failed(FillError),
 }
 
@@ -195,7 +207,6 @@ async fn run(
     let mut written = 0u64;
     let mut body = resp.into_body();
     let mut resumes = 0;
-    let mut kick = crate::store::WritebackKick::from(0);
     loop {
         let frame = tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await;
         match frame {
@@ -213,7 +224,6 @@ async fn run(
                     .map_err(|e| FillError::Store(e.to_string()))?;
                 hasher.update(&data);
                 written += data.len() as u64;
-                kick.after_write(&file, written);
                 app.metrics
                     .upstream_bytes
                     .with_label_values(&[&client.name])
@@ -270,6 +280,8 @@ async fn run(
             actual: actual.to_string(),
         });
     }
+    // Readers get their last byte now; durability is the cache's business, not theirs.
+    fill.state.send_replace(FillState::Verified { size });
     file.sync_data()
         .map_err(|e| FillError::Store(e.to_string()))?;
     drop(file);
@@ -302,7 +314,11 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 pub async fn wait_for_size(rx: &mut watch::Receiver<FillState>) -> Result<u64, FillError> {
     loop {
         match &*rx.borrow_and_update() {
-            FillState::Streaming { size, .. } | FillState::Done { size } => return Ok(*size),
+            FillState::Streaming { size, .. }
+            | FillState::Verified { size }
+            | FillState::Done { size } => {
+                return Ok(*size);
+            }
             FillState::Failed(e) => return Err(e.clone()),
             FillState::Connecting => {}
         }
@@ -354,10 +370,10 @@ impl Follower {
         }
         loop {
             let avail = match &*self.rx.borrow_and_update() {
-                // The last byte is held back until the blob is verified and committed: no
-                // client ever receives a complete body that failed verification.
+                // The last byte is held back until the blob is verified: no client ever
+                // receives a complete body that failed verification.
                 FillState::Streaming { written, size } => (*written).min(size.saturating_sub(1)),
-                FillState::Done { size } => *size,
+                FillState::Verified { size } | FillState::Done { size } => *size,
                 FillState::Connecting => 0,
                 FillState::Failed(e) => {
                     self.finished = true;
@@ -366,7 +382,10 @@ impl Follower {
             };
             // The first piece goes out at once (time to first byte); after that a reader that
             // has caught up waits for a worthwhile batch instead of one upstream frame each.
-            let done = matches!(*self.rx.borrow(), FillState::Done { .. });
+            let done = matches!(
+                *self.rx.borrow(),
+                FillState::Verified { .. } | FillState::Done { .. }
+            );
             let wanted = if self.sent_any {
                 BATCH.min(self.end - self.pos)
             } else {
