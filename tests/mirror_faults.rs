@@ -1,0 +1,1833 @@
+//! The pull-through cache against a fault-injecting upstream: `Injector`, a small hyper server
+//! in this file that answers each path the way a test scripts it (`Behavior`) and records every
+//! request that reaches it (method, path, query, `Authorization`, `Range`), so tests assert
+//! exactly what transship sent upstream. Covered:
+//! - Bearer token dance: one token per scope, reused; configured credentials go to the token
+//!   realm only; anonymous tokens carry none; a Basic challenge uses the configured account;
+//!   the client's own `Authorization` header never reaches the upstream.
+//! - A redirect to another host (a CDN that refuses any `Authorization`): followed without the
+//!   token, the blob arrives intact and is cached. An endless redirect loop ends in a clean
+//!   503 after a bounded number of requests.
+//! - Blob bodies cut off mid-way: resumed with `Range: bytes=N-` (once and repeatedly), given up
+//!   after three resumes, and failed (never silently short) when the upstream ignores Range;
+//!   nothing is cached from a failed fill and a later request fetches again. Resumes of a
+//!   body from a CDN go through the registry's redirect again. A client that hangs up does
+//!   not stop the fill.
+//! - Blobs that do not match their digest (a flipped byte, a wrong `Docker-Content-Digest`): no
+//!   client gets a complete body, nothing is committed, the mismatch is counted, correct bytes
+//!   are cached afterwards. Coalesced readers share one upstream GET and one outcome.
+//! - 429 (with rate-limit headers) and 5xx on manifests: a cached tag is served STALE, else a
+//!   clean 503 UNAVAILABLE; 429/500 are not retried, a transient 503 is.
+//! - Manifests that are not what was asked for: an HTML error page with 200, a wrong digest, a
+//!   body over the 4,393,216-byte limit (and one exactly at it, accepted).
+//! - 401 insufficient_scope after the token dance: 404 to the client, no `WWW-Authenticate`
+//!   relayed.
+
+mod common;
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Semaphore, watch};
+use transship::config::{HumanDuration, UpstreamConfig};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The only token the injector accepts.
+const TOKEN: &str = "injected-token-7f3a";
+/// What clients send to transship (`user:pass`); it must never reach the upstream.
+const CLIENT_BASIC: &str = "Basic dXNlcjpwYXNz";
+/// transship's limit for upstream manifests.
+const MAX_MANIFEST: usize = 4 * 1048 * 1048;
+const UPSTREAM: &str = "docker.io";
+
+type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+// ---------------------------------------------------------------------------------------------
+// The fault injector
+// ---------------------------------------------------------------------------------------------
+
+/// One request as it reached the injector.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    authorization: Option<String>,
+    range: Option<String>,
+}
+
+/// How `/v2/` requests are authenticated.
+#[derive(Debug, Clone, Default)]
+enum Auth {
+    #[default]
+    Open,
+    /// `Bearer` tokens from `/token`, which wants these Basic credentials if given. Repositories
+    /// in `deny` answer 401 `insufficient_scope` even with a valid token.
+    Bearer {
+        credentials: Option<(String, String)>,
+        deny: Vec<String>,
+    },
+    /// A `Basic` challenge; only these credentials pass.
+    Basic { user: String, pass: String },
+}
+
+/// A gate a response body waits at until the test opens it.
+#[derive(Clone)]
+struct Gate(Arc<Semaphore>);
+
+impl Gate {
+    fn new() -> Self {
+        Self(Arc::new(Semaphore::new(0)))
+    }
+    fn open(&self) {
+        self.0.close();
+    }
+    async fn wait(&self) {
+        let _ = self.0.acquire().await;
+    }
+}
+
+/// How the injector answers one path.
+#[derive(Clone)]
+enum Behavior {
+    /// 200 with `body` (HEAD: headers only); `Range: bytes=N-` gets 206 with the rest.
+    Serve {
+        body: Bytes,
+        content_type: &'static str,
+        digest: Option<String>,
+    },
+    /// Announces the whole (remaining) body but sends at most `cut` bytes per response, then
+    /// drops the connection. A Range request gets 206 from its offset if `ranges`, else 200
+    /// from byte 0 (an upstream that ignores Range).
+    Truncate {
+        body: Bytes,
+        cut: usize,
+        ranges: bool,
+    },
+    /// 200; sends the first `at` bytes, then the rest once `gate` opens.
+    Held { body: Bytes, at: usize, gate: Gate },
+    /// This status, headers and body.
+    Status {
+        status: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: &'static str,
+    },
+    /// 307 to this location.
+    Redirect(String),
+    /// HEAD and GET answered differently.
+    ByMethod {
+        head: Box<Behavior>,
+        get: Box<Behavior>,
+    },
+    /// One behavior per request, in order; the last one repeats.
+    Sequence(Vec<Behavior>),
+}
+
+impl Behavior {
+    fn blob(body: impl Into<Bytes>) -> Self {
+        Self::Serve {
+            body: body.into(),
+            content_type: "application/octet-stream",
+            digest: None,
+        }
+    }
+
+    /// An OCI manifest, announced with its true digest.
+    fn manifest(body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        Self::Serve {
+            digest: Some(sha256(&body)),
+            body,
+            content_type: OCI_MANIFEST,
+        }
+    }
+
+    fn status(status: u16) -> Self {
+        Self::Status {
+            status,
+            headers: vec![("content-type", "application/json")],
+            body: r#"{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}"#,
+        }
+    }
+
+    /// The behavior for the next request (advances a `Sequence`).
+    fn take(&mut self) -> Behavior {
+        match self {
+            Self::Sequence(v) if v.len() > 1 => v.remove(0),
+            Self::Sequence(v) => v[0].clone(),
+            other => other.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    base: String,
+    auth: Auth,
+    refuse_authorization: bool,
+    routes: HashMap<String, Behavior>,
+    seen: Vec<Seen>,
+}
+
+/// The fault-injecting upstream: its own thread and runtime on 127.0.0.1:0, stopped on drop.
+struct Injector {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Injector {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind injector");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("injector address");
+        let state = Arc::new(Mutex::new(State {
+            base: format!("http://{addr}"),
+            ..State::default()
+        }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("injector runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                tokio::pin!(stopped);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        accepted = listener.accept() => {
+                            if let Ok((tcp, _)) = accepted {
+                                tokio::spawn(connection(tcp, st.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+            // Dropping the runtime drops every open connection.
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, path: &str, behavior: Behavior) {
+        self.lock().routes.insert(path.to_string(), behavior);
+    }
+
+    fn set_auth(&self, auth: Auth) {
+        self.lock().auth = auth;
+    }
+
+    /// Answer 403 to any request that carries `Authorization` (like a CDN with signed URLs).
+    fn refuse_authorization(&self) {
+        self.lock().refuse_authorization = true;
+    }
+
+    /// An image's manifest by tag and by digest, and its blobs, under `repo`.
+    fn serve_image(&self, repo: &str, tag: &str, img: &Image) {
+        self.set(
+            &manifest_path(repo, tag),
+            Behavior::manifest(img.manifest.clone()),
+        );
+        self.set(
+            &manifest_path(repo, &img.digest),
+            Behavior::manifest(img.manifest.clone()),
+        );
+        self.set(
+            &blob_path(repo, &img.config_digest),
+            Behavior::blob(img.config.clone()),
+        );
+        self.set(
+            &blob_path(repo, &img.layer_digest),
+            Behavior::blob(img.layer.clone()),
+        );
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.lock().seen.clone()
+    }
+
+    /// Requests for `path`, in order.
+    fn requests(&self, path: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.path == path).collect()
+    }
+
+    fn count(&self, method: &str, path: &str) -> usize {
+        self.requests(path)
+            .iter()
+            .filter(|s| s.method == method)
+            .count()
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A connection's socket, announcing every completed flush: hyper flushes only once its
+/// write buffer is empty, so a body that waits for the next flush knows its bytes are out.
+struct FlushSignal {
+    inner: tokio::net::TcpStream,
+    flushed: watch::Sender<u64>,
+}
+
+impl AsyncRead for FlushSignal {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FlushSignal {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = ready!(Pin::new(&mut this.inner).poll_flush(cx));
+        this.flushed.send_modify(|n| *n += 1);
+        Poll::Ready(result)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+async fn connection(tcp: tokio::net::TcpStream, state: Arc<Mutex<State>>) {
+    let (tx, rx) = watch::channel(0u64);
+    let io = TokioIo::new(FlushSignal {
+        inner: tcp,
+        flushed: tx,
+    });
+    let service = hyper::service::service_fn(move |req| handle(state.clone(), req, rx.clone()));
+    // Errors are the point of some behaviors (a dropped body); the connection just ends.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+    flushed: watch::Receiver<u64>,
+) -> Result<Response<Body>, Infallible> {
+    let header = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let seen = Seen {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: req.uri().query().unwrap_or_default().to_string(),
+        authorization: header(header::AUTHORIZATION),
+        range: header(header::RANGE),
+    };
+    let (auth, refuse_authorization, behavior, base) = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.seen.push(seen.clone());
+        let behavior = st.routes.get_mut(&seen.path).map(Behavior::take);
+        (
+            st.auth.clone(),
+            st.refuse_authorization,
+            behavior,
+            st.base.clone(),
+        )
+    };
+    if refuse_authorization && seen.authorization.is_some() {
+        return Ok(full(403, &[], "Authorization is not accepted here"));
+    }
+    if seen.path == "/token" {
+        return Ok(token(&auth, &seen));
+    }
+    if let Some(denied) = challenge(&auth, &seen, &base) {
+        return Ok(denied);
+    }
+    let head = seen.method == "HEAD";
+    Ok(match behavior {
+        Some(b) => respond(b, head, seen.range.as_deref(), flushed),
+        None => full(
+            404,
+            &[("content-type", "application/json")],
+            r#"{"errors":[{"code":"NOT_FOUND","message":"not scripted"}]}"#,
+        ),
+    })
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    format!("Basic {enc}")
+}
+
+/// The repository of a `/v2/<repo>/(manifests|blobs)/...` path.
+fn repo_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    let end = rest
+        .rfind("/manifests/")
+        .or_else(|| rest.rfind("/blobs/"))?;
+    Some(&rest[..end])
+}
+
+/// The 401 a `/v2/` request gets, if it is not authorized.
+fn challenge(auth: &Auth, seen: &Seen, base: &str) -> Option<Response<Body>> {
+    let repo = repo_of(&seen.path)?;
+    let unauthorized = |challenge: String| {
+        let mut r = full(
+            401,
+            &[("content-type", "application/json")],
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            challenge.parse().expect("challenge header"),
+        );
+        r
+    };
+    match auth {
+        Auth::Open => None,
+        Auth::Basic { user, pass } => (seen.authorization.as_deref()
+            != Some(basic(user, pass).as_str()))
+        .then(|| unauthorized(r#"Basic realm="injector""#.to_string())),
+        Auth::Bearer { deny, .. } => {
+            let valid = seen.authorization.as_deref() == Some(format!("Bearer {TOKEN}").as_str());
+            if valid && !deny.iter().any(|d| d == repo) {
+                return None;
+            }
+            let mut c = format!(
+                r#"Bearer realm="{base}/token",service="test",scope="repository:{repo}:pull""#
+            );
+            if valid {
+                c.push_str(r#",error="insufficient_scope""#);
+            }
+            Some(unauthorized(c))
+        }
+    }
+}
+
+/// The token endpoint.
+fn token(auth: &Auth, seen: &Seen) -> Response<Body> {
+    let Auth::Bearer { credentials, .. } = auth else {
+        return full(404, &[], "no token endpoint");
+    };
+    if let Some((user, pass)) = credentials
+        && seen.authorization.as_deref() != Some(basic(user, pass).as_str())
+    {
+        return full(401, &[], r#"{"details":"incorrect username or password"}"#);
+    }
+    full(
+        200,
+        &[("content-type", "application/json")],
+        format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+    )
+}
+
+fn full(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::from_u16(status).expect("status");
+    for (k, v) in headers {
+        r.headers_mut().append(
+            header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            v.parse().expect("header value"),
+        );
+    }
+    r
+}
+
+/// What a streamed body does next.
+enum Step {
+    Data(Bytes),
+    /// Wait until everything sent so far is out on the socket.
+    AwaitFlush,
+    AwaitGate(Gate),
+    /// Fail the body: hyper drops the connection.
+    Abort,
+}
+
+fn stepped(steps: Vec<Step>, flushed: watch::Receiver<u64>) -> Body {
+    let stream = futures_util::stream::unfold(
+        (VecDeque::from(steps), flushed),
+        |(mut steps, mut flushed)| async move {
+            loop {
+                let item = match steps.pop_front()? {
+                    Step::Data(b) => Ok(Frame::data(b)),
+                    Step::Abort => Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "injected: connection dropped mid-body",
+                    )),
+                    Step::AwaitFlush => {
+                        // Polled only after the previous chunk was queued: the next flush is
+                        // the one that writes it.
+                        flushed.borrow_and_update();
+                        let _ = flushed.changed().await;
+                        continue;
+                    }
+                    Step::AwaitGate(g) => {
+                        g.wait().await;
+                        continue;
+                    }
+                };
+                return Some((item, (steps, flushed)));
+            }
+        },
+    );
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// The offset of a `bytes=N-` range.
+fn range_start(range: Option<&str>) -> Option<usize> {
+    range?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+/// A response whose body is `body[start..]` (206 if `start > 0`), produced by `steps`.
+fn streamed(
+    body: &Bytes,
+    start: usize,
+    extra: &[(&str, &str)],
+    steps: Vec<Step>,
+    flushed: watch::Receiver<u64>,
+) -> Response<Body> {
+    let len = body.len();
+    let mut r = Response::new(stepped(steps, flushed));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, (len - start).into());
+    if start > 0 {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        r.headers_mut().insert(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", len - 1)
+                .parse()
+                .expect("content-range"),
+        );
+    }
+    for (k, v) in extra {
+        r.headers_mut().insert(
+            header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            v.parse().expect("header value"),
+        );
+    }
+    r
+}
+
+fn respond(
+    behavior: Behavior,
+    head: bool,
+    range: Option<&str>,
+    flushed: watch::Receiver<u64>,
+) -> Response<Body> {
+    match behavior {
+        Behavior::Serve {
+            body,
+            content_type,
+            digest,
+        } => {
+            let start = range_start(range).filter(|&s| s < body.len()).unwrap_or(0);
+            let mut extra = vec![("content-type", content_type)];
+            if let Some(d) = &digest {
+                extra.push(("docker-content-digest", d.as_str()));
+            }
+            let steps = if head {
+                vec![]
+            } else {
+                vec![Step::Data(body.slice(start..))]
+            };
+            streamed(&body, start, &extra, steps, flushed)
+        }
+        Behavior::Truncate { body, cut, ranges } => {
+            let start = if ranges {
+                range_start(range).filter(|&s| s < body.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            let end = (start + cut).min(body.len());
+            let mut steps = vec![Step::Data(body.slice(start..end))];
+            if end < body.len() {
+                steps.extend([Step::AwaitFlush, Step::Abort]);
+            }
+            let extra = [("content-type", "application/octet-stream")];
+            streamed(&body, start, &extra, steps, flushed)
+        }
+        Behavior::Held { body, at, gate } => {
+            let steps = vec![
+                Step::Data(body.slice(..at)),
+                Step::AwaitGate(gate),
+                Step::Data(body.slice(at..)),
+            ];
+            let extra = [("content-type", "application/octet-stream")];
+            streamed(&body, 0, &extra, steps, flushed)
+        }
+        Behavior::Status {
+            status,
+            headers,
+            body,
+        } => full(status, &headers, body),
+        Behavior::Redirect(location) => full(307, &[("location", location.as_str())], ""),
+        Behavior::ByMethod { head: h, get } => {
+            respond(if head { *h } else { *get }, head, range, flushed)
+        }
+        Behavior::Sequence(_) => unreachable!("Behavior::take resolves sequences"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test helpers
+// ---------------------------------------------------------------------------------------------
+
+/// An image: config and one layer, and its OCI manifest.
+struct Image {
+    manifest: Bytes,
+    digest: String,
+    config: Bytes,
+    config_digest: String,
+    layer: Bytes,
+    layer_digest: String,
+}
+
+fn image(seed: u64, layer_len: usize) -> Image {
+    let config = Bytes::from(format!(
+        r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#
+    ));
+    let layer = Bytes::from(random_bytes(layer_len, seed));
+    let (config_digest, layer_digest) = (sha256(&config), sha256(&layer));
+    let manifest = image_manifest(
+        (&config_digest, config.len()),
+        &[(&layer_digest, layer.len())],
+    );
+    Image {
+        digest: sha256(manifest.as_bytes()),
+        manifest: Bytes::from(manifest),
+        config,
+        config_digest,
+        layer,
+        layer_digest,
+    }
+}
+
+/// A valid OCI manifest of exactly `len` bytes (padded with an annotation).
+fn padded_manifest(len: usize) -> Bytes {
+    let base = image_manifest((&sha256(b"{}"), 2), &[]);
+    let head = format!(r#"{},"annotations":{{"pad":""#, &base[..base.len() - 1]);
+    let tail = r#""}}"#;
+    let pad = len - head.len() - tail.len();
+    let m = format!("{head}{}{tail}", "x".repeat(pad));
+    assert_eq!(m.len(), len);
+    Bytes::from(m)
+}
+
+fn manifest_path(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
+}
+
+fn blob_path(repo: &str, digest: &str) -> String {
+    format!("/v2/{repo}/blobs/{digest}")
+}
+
+/// transship mirroring `up` as the default upstream (docker.io), tag_ttl 1h unless adjusted.
+fn mirror(up: &Injector, adjust: impl FnOnce(&mut UpstreamConfig)) -> TestServer {
+    let url = up.url();
+    TestServer::start_with(move |mut c| {
+        let u = &mut c.upstreams[0];
+        u.url = url;
+        u.tag_ttl = HumanDuration(Duration::from_secs(3600));
+        adjust(u);
+        c
+    })
+}
+
+fn tag_ttl_zero(u: &mut UpstreamConfig) {
+    u.tag_ttl = HumanDuration(Duration::ZERO);
+}
+
+fn get_manifest(h: &Http, repo: &str, reference: &str) -> Resp {
+    h.send(
+        "GET",
+        &manifest_path(repo, reference),
+        &[("accept", OCI_MANIFEST)],
+        Bytes::new(),
+    )
+}
+
+/// A GET whose body may break off: headers, and the body or why reading it failed. Status 0:
+/// the connection closed before any response headers.
+struct Pulled {
+    status: u16,
+    headers: HeaderMap,
+    body: Result<Bytes, String>,
+}
+
+impl Pulled {
+    fn x_cache(&self) -> Option<&str> {
+        self.headers.get("x-cache").and_then(|v| v.to_str().ok())
+    }
+}
+
+fn pull(url: &str) -> Pulled {
+    pull_signalling(url, None)
+}
+
+/// `pull`, telling `headers` when the response headers have arrived.
+fn pull_signalling(url: &str, headers: Option<std::sync::mpsc::Sender<()>>) -> Pulled {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = Request::get(url).body(Full::default()).expect("request");
+        let resp = match client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Pulled {
+                    status: 0,
+                    headers: HeaderMap::new(),
+                    body: Err(format!("no response headers: {e:?}")),
+                };
+            }
+        };
+        if let Some(tx) = headers {
+            let _ = tx.send(());
+        }
+        let (parts, body) = resp.into_parts();
+        Pulled {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| format!("{e:?}")),
+        }
+    })
+}
+
+/// A GET that hangs up as soon as the response headers arrive; returns the status.
+fn hang_up_after_headers(url: &str) -> u16 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = Request::get(url).body(Full::default()).expect("request");
+        let resp = client.request(req).await.expect("response headers");
+        resp.status().as_u16()
+    })
+}
+
+/// A failed fill reached the client as a failure, never as a complete 200: the stream broke
+/// off (mid-body, or before any headers if the fill failed just as the response started), or,
+/// when the fill failed before the response started, a 503 registry error.
+fn assert_broken(p: &Pulled, what: &str) {
+    match &p.body {
+        Err(_) => assert!(
+            p.status == 0 || p.status == 200,
+            "{what}: status {}",
+            p.status
+        ),
+        Ok(b) => assert!(
+            p.status == 503 && String::from_utf8_lossy(b).contains("UNAVAILABLE"),
+            "{what}: the client received a complete response of {} bytes with status {}",
+            b.len(),
+            p.status
+        ),
+    }
+}
+
+fn assert_unavailable(r: &Resp, what: &str) {
+    assert_eq!(
+        (r.status, r.error_code()),
+        (503, "UNAVAILABLE".to_string()),
+        "{what}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+fn repo_name(repo: &str) -> transship::oci::RepoName {
+    format!("{UPSTREAM}/{repo}").parse().expect("repo name")
+}
+
+/// The size of a blob cached for `repo`, if any.
+fn cached_blob(s: &TestServer, repo: &str, digest: &str) -> Option<u64> {
+    s.app
+        .store
+        .blob_size(&repo_name(repo), &digest.parse().expect("digest"))
+        .expect("blob_size")
+}
+
+fn cached_tag(s: &TestServer, repo: &str, tag: &str) -> Option<String> {
+    s.app
+        .store
+        .cached_tag(&repo_name(repo), &tag.parse().expect("tag"))
+        .expect("cached_tag")
+        .map(|(d, _)| d.to_string())
+}
+
+fn cached_manifest(s: &TestServer, repo: &str, digest: &str) -> bool {
+    s.app
+        .store
+        .manifest(&repo_name(repo), &digest.parse().expect("digest"))
+        .expect("manifest")
+        .is_some()
+}
+
+/// Nothing of `digest` is on disk: no committed blob file, no fill spool left behind.
+fn assert_nothing_stored(s: &TestServer, repo: &str, digest: &str) {
+    let hex = digest.trim_start_matches("sha256:");
+    let files = blob_files(s.data_dir());
+    assert!(
+        !files
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == hex)),
+        "{digest} was committed: {files:?}"
+    );
+    assert_eq!(cached_blob(s, repo, digest), None, "{digest} is indexed");
+    let spools: Vec<_> = std::fs::read_dir(s.data_dir().join("ingest"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("fill-"))
+        .collect();
+    assert!(spools.is_empty(), "fill spools left behind: {spools:?}");
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until no fill is in flight (a failed fill leaves the table just after its readers
+/// learn of the failure).
+fn wait_fills_done(s: &TestServer) {
+    wait_until("no fill is in flight", || {
+        s.app.proxy.fills.in_flight() == 0
+    });
+}
+
+/// The value of one series (`name{labels}`) on `/metrics`.
+fn metric(h: &Http, series: &str) -> Option<f64> {
+    let text = String::from_utf8(h.get("/metrics").body.to_vec()).expect("metrics text");
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+const MISMATCHES: &str = r#"transship_upstream_digest_mismatches_total{upstream="docker.io"}"#;
+
+fn query_pairs(q: &str) -> HashMap<String, String> {
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bearer_token_is_fetched_once_per_scope_and_credentials_go_only_to_the_realm() {
+    let up = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: Some(("robot".into(), "s3cret".into())),
+        deny: vec![],
+    });
+    let x = image(1, 20_000);
+    let y = image(2, 10_000);
+    up.serve_image("library/x", "v1", &x);
+    up.serve_image("library/y", "v1", &y);
+    let s = mirror(&up, |u| {
+        u.username = Some("robot".into());
+        u.password = Some("s3cret".into());
+    });
+    let h = Http::for_server(&s);
+    let client = [("authorization", CLIENT_BASIC), ("accept", OCI_MANIFEST)];
+
+    let r = h.send(
+        "GET",
+        &manifest_path("library/x", "v1"),
+        &client,
+        Bytes::new(),
+    );
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(r.body, x.manifest);
+    for (digest, body) in [(&x.config_digest, &x.config), (&x.layer_digest, &x.layer)] {
+        let r = h.send(
+            "GET",
+            &blob_path("library/x", digest),
+            &client,
+            Bytes::new(),
+        );
+        assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+        assert_eq!(&r.body, body);
+    }
+
+    let tokens = up.requests("/token");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "one token for the scope, reused for HEAD, GET and both blobs: {:#?}",
+        up.seen()
+    );
+    assert_eq!(
+        tokens[0].authorization.as_deref(),
+        Some(basic("robot", "s3cret").as_str()),
+        "the configured account authenticates at the realm"
+    );
+    let q = query_pairs(&tokens[0].query);
+    assert_eq!(
+        q.get("scope").map(String::as_str),
+        Some("repository:library/x:pull")
+    );
+    assert_eq!(q.get("service").map(String::as_str), Some("test"));
+
+    // Another repository is another scope: one more token.
+    let r = h.send(
+        "GET",
+        &manifest_path("library/y", "v1"),
+        &client,
+        Bytes::new(),
+    );
+    assert_eq!((r.status, &r.body), (200, &y.manifest));
+    let tokens = up.requests("/token");
+    assert_eq!(tokens.len(), 2);
+    assert_eq!(
+        query_pairs(&tokens[1].query)
+            .get("scope")
+            .map(String::as_str),
+        Some("repository:library/y:pull")
+    );
+
+    let bearer = format!("Bearer {TOKEN}");
+    let seen = up.seen();
+    for req in seen.iter().filter(|r| r.path != "/token") {
+        assert!(
+            req.authorization.is_none() || req.authorization.as_deref() == Some(&bearer),
+            "only the token may go to /v2/: {req:?}"
+        );
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.authorization.as_deref() == Some(CLIENT_BASIC)),
+        "the client's Authorization reached the upstream: {seen:#?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|r| r.path.starts_with("/v2/") && r.authorization.is_none())
+            .count(),
+        2,
+        "one challenge per scope, then the cached token: {seen:#?}"
+    );
+}
+
+#[test]
+fn anonymous_tokens_are_requested_without_credentials() {
+    let up = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    let x = image(3, 5_000);
+    up.serve_image("library/x", "v1", &x);
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+    let client = [("authorization", CLIENT_BASIC), ("accept", OCI_MANIFEST)];
+    for _ in 0..2 {
+        let r = h.send(
+            "GET",
+            &blob_path("library/x", &x.layer_digest),
+            &client,
+            Bytes::new(),
+        );
+        assert_eq!((r.status, &r.body), (200, &x.layer));
+    }
+    let r = h.send(
+        "GET",
+        &manifest_path("library/x", "v1"),
+        &client,
+        Bytes::new(),
+    );
+    assert_eq!((r.status, &r.body), (200, &x.manifest));
+    let tokens = up.requests("/token");
+    assert_eq!(tokens.len(), 1, "{:#?}", up.seen());
+    assert_eq!(tokens[0].authorization, None, "anonymous token request");
+    let bearer = format!("Bearer {TOKEN}");
+    for req in up.seen().iter().filter(|r| r.path != "/token") {
+        assert!(
+            req.authorization.is_none() || req.authorization.as_deref() == Some(&bearer),
+            "{req:?}"
+        );
+    }
+}
+
+#[test]
+fn basic_challenge_is_answered_with_the_configured_account_only() {
+    let up = Injector::start();
+    up.set_auth(Auth::Basic {
+        user: "robot".into(),
+        pass: "s3cret".into(),
+    });
+    let x = image(4, 5_000);
+    up.serve_image("library/x", "v1", &x);
+    let s = mirror(&up, |u| {
+        u.username = Some("robot".into());
+        u.password = Some("s3cret".into());
+    });
+    let h = Http::for_server(&s);
+    let client = [("authorization", CLIENT_BASIC), ("accept", OCI_MANIFEST)];
+    let r = h.send(
+        "GET",
+        &manifest_path("library/x", "v1"),
+        &client,
+        Bytes::new(),
+    );
+    assert_eq!((r.status, &r.body), (200, &x.manifest));
+    let r = h.send(
+        "GET",
+        &blob_path("library/x", &x.layer_digest),
+        &client,
+        Bytes::new(),
+    );
+    assert_eq!((r.status, &r.body), (200, &x.layer));
+    let account = basic("robot", "s3cret");
+    let seen = up.seen();
+    assert!(
+        seen.iter()
+            .any(|r| r.authorization.as_deref() == Some(&account))
+    );
+    for req in &seen {
+        assert!(
+            req.authorization.is_none() || req.authorization.as_deref() == Some(&account),
+            "{req:?}"
+        );
+    }
+    assert!(up.requests("/token").is_empty());
+}
+
+#[test]
+fn insufficient_scope_for_a_missing_repository_is_a_404_without_the_challenge() {
+    let up = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec!["library/ghost".into()],
+    });
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    let r = get_manifest(&h, "library/ghost", "v1");
+    assert_eq!(r.status, 404, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(
+        ["MANIFEST_UNKNOWN", "NAME_UNKNOWN"].contains(&r.error_code().as_str()),
+        "{}",
+        r.error_code()
+    );
+    assert_eq!(
+        r.header("www-authenticate"),
+        None,
+        "the upstream's challenge is relayed"
+    );
+    let d = sha256(b"ghost layer");
+    let r = h.get(&blob_path("library/ghost", &d));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (404, "BLOB_UNKNOWN".to_string())
+    );
+    assert_eq!(r.header("www-authenticate"), None);
+    let r = h.head(&blob_path("library/ghost", &d));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("www-authenticate"), None);
+
+    // The token dance happened, and ended: one try without and one with the token.
+    let heads = up.requests(&manifest_path("library/ghost", "v1"));
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert_eq!(heads[0].authorization, None);
+    assert_eq!(
+        heads[1].authorization.as_deref(),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert!(up.requests("/token").len() <= 3, "{:#?}", up.seen());
+    assert!(blob_files(s.data_dir()).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redirects
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn redirect_to_another_host_drops_the_token_and_the_blob_is_cached() {
+    let up = Injector::start();
+    let cdn = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    cdn.refuse_authorization();
+    let blob = Bytes::from(random_bytes(150_000, 5));
+    let d = sha256(&blob);
+    let hex = d.trim_start_matches("sha256:");
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Redirect(format!("{}/cdn/{hex}?sig=s1&expires=9", cdn.url())),
+    );
+    cdn.set(&format!("/cdn/{hex}"), Behavior::blob(blob.clone()));
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    let r = h.send(
+        "GET",
+        &path,
+        &[("authorization", CLIENT_BASIC)],
+        Bytes::new(),
+    );
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("MISS")),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.body == blob, "the blob arrived altered");
+    assert_eq!(
+        up.requests(&path)
+            .last()
+            .and_then(|r| r.authorization.clone()),
+        Some(format!("Bearer {TOKEN}")),
+        "the registry itself got the token"
+    );
+    let at_cdn = cdn.seen();
+    assert_eq!(at_cdn.len(), 1, "{at_cdn:#?}");
+    assert_eq!(at_cdn[0].authorization, None, "the token leaked to the CDN");
+    assert_eq!(at_cdn[0].query, "sig=s1&expires=9");
+
+    wait_fills_done(&s);
+    let before = (up.seen().len(), cdn.seen().len());
+    let r = h.get(&path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == blob);
+    assert_eq!((up.seen().len(), cdn.seen().len()), before);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+#[test]
+fn dropped_cdn_body_is_resumed_through_the_registry_redirect() {
+    let up = Injector::start();
+    let cdn = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    cdn.refuse_authorization();
+    let blob = Bytes::from(random_bytes(250_000, 18));
+    let d = sha256(&blob);
+    let hex = d.trim_start_matches("sha256:");
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Redirect(format!("{}/cdn/{hex}?sig=s2", cdn.url())),
+    );
+    let at_cdn = format!("/cdn/{hex}");
+    cdn.set(
+        &at_cdn,
+        Behavior::Truncate {
+            body: blob.clone(),
+            cut: 100_000,
+            ranges: true,
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let p = pull(&s.url(&path));
+    assert_eq!((p.status, p.x_cache()), (200, Some("MISS")));
+    assert!(p.body.is_ok_and(|b| b == blob));
+    let cdn_seen = cdn.requests(&at_cdn);
+    let ranges: Vec<Option<String>> = cdn_seen.iter().map(|r| r.range.clone()).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            None,
+            Some("bytes=100000-".to_string()),
+            Some("bytes=200000-".to_string())
+        ],
+        "the Range of a resume follows the redirect"
+    );
+    assert!(cdn_seen.iter().all(|r| r.authorization.is_none()));
+    let bearer = format!("Bearer {TOKEN}");
+    let at_registry = up.requests(&path);
+    assert_eq!(
+        at_registry
+            .iter()
+            .filter(|r| r.authorization.as_deref() == Some(&bearer))
+            .count(),
+        3,
+        "each resume asks the registry again, with the cached token: {at_registry:#?}"
+    );
+    assert_eq!(up.requests("/token").len(), 1);
+    wait_fills_done(&s);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+#[test]
+fn endless_redirects_end_in_a_clean_error() {
+    let up = Injector::start();
+    let d = sha256(b"never served");
+    let blob = blob_path("library/x", &d);
+    let tag = manifest_path("library/x", "loop");
+    up.set(&blob, Behavior::Redirect(format!("{}{blob}", up.url())));
+    up.set(&tag, Behavior::Redirect(tag.clone()));
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    assert_unavailable(&h.get(&blob), "blob behind a redirect loop");
+    assert_eq!(
+        up.count("GET", &blob),
+        6,
+        "the first request and 5 redirects"
+    );
+    assert_unavailable(
+        &get_manifest(&h, "library/x", "loop"),
+        "tag behind a redirect loop",
+    );
+    assert_eq!(up.count("HEAD", &tag), 6);
+    assert_eq!(up.count("GET", &tag), 0);
+    assert_nothing_stored(&s, "library/x", &d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken blob bodies
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn dropped_body_is_resumed_with_range_requests() {
+    let up = Injector::start();
+    let blob = Bytes::from(random_bytes(300_000, 6));
+    let d = sha256(&blob);
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Truncate {
+            body: blob.clone(),
+            cut: 120_000,
+            ranges: true,
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let p = pull(&s.url(&path));
+    assert_eq!((p.status, p.x_cache()), (200, Some("MISS")));
+    assert!(
+        p.body.as_ref().is_ok_and(|b| *b == blob),
+        "body: {:?}",
+        p.body.as_ref().map(|b| b.len())
+    );
+    let ranges: Vec<Option<String>> = up.requests(&path).into_iter().map(|r| r.range).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            None,
+            Some("bytes=120000-".to_string()),
+            Some("bytes=240000-".to_string())
+        ]
+    );
+
+    wait_fills_done(&s);
+    let h = Http::for_server(&s);
+    let r = h.get(&path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == blob);
+    assert_eq!(up.requests(&path).len(), 3);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+#[test]
+fn dropped_body_gives_up_after_three_resumes_and_caches_nothing() {
+    let up = Injector::start();
+    let blob = Bytes::from(random_bytes(500_000, 7));
+    let d = sha256(&blob);
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Truncate {
+            body: blob.clone(),
+            cut: 100_000,
+            ranges: true,
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let p = pull(&s.url(&path));
+    assert_broken(&p, "a fill that gave up");
+    let ranges: Vec<Option<String>> = up.requests(&path).into_iter().map(|r| r.range).collect();
+    assert_eq!(
+        ranges,
+        vec![
+            None,
+            Some("bytes=100000-".to_string()),
+            Some("bytes=200000-".to_string()),
+            Some("bytes=300000-".to_string()),
+        ]
+    );
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+
+    // A healthy upstream later: the next request fetches again.
+    up.set(&path, Behavior::blob(blob.clone()));
+    let p = pull(&s.url(&path));
+    assert_eq!((p.status, p.x_cache()), (200, Some("MISS")));
+    assert!(p.body.is_ok_and(|b| b == blob));
+    assert_eq!(up.requests(&path).len(), 5);
+}
+
+#[test]
+fn upstream_without_range_support_fails_the_stream_and_caches_nothing() {
+    let up = Injector::start();
+    let blob = Bytes::from(random_bytes(200_000, 8));
+    let d = sha256(&blob);
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Truncate {
+            body: blob.clone(),
+            cut: 80_000,
+            ranges: false,
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let p = pull(&s.url(&path));
+    assert_broken(&p, "an upstream that answered the resume with 200");
+    let ranges: Vec<Option<String>> = up.requests(&path).into_iter().map(|r| r.range).collect();
+    assert_eq!(ranges, vec![None, Some("bytes=80000-".to_string())]);
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+
+    up.set(&path, Behavior::blob(blob.clone()));
+    let p = pull(&s.url(&path));
+    assert_eq!((p.status, p.x_cache()), (200, Some("MISS")));
+    assert!(p.body.is_ok_and(|b| b == blob));
+    assert_eq!(up.requests(&path).len(), 3, "a later request fetched again");
+    wait_fills_done(&s);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blobs that fail verification
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn flipped_byte_is_never_delivered_complete_nor_cached() {
+    let up = Injector::start();
+    let good = Bytes::from(random_bytes(200_000, 9));
+    let d = sha256(&good);
+    let mut bad = good.to_vec();
+    bad[123_456] ^= 0x01;
+    let path = blob_path("library/x", &d);
+    up.set(&path, Behavior::blob(bad));
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    let p = pull(&s.url(&path));
+    assert_broken(&p, "a blob with a flipped byte");
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+    assert_eq!(metric(&h, MISMATCHES), Some(1.0));
+
+    // The upstream is fixed: the next pull is byte-exact and cached.
+    up.set(&path, Behavior::blob(good.clone()));
+    let p = pull(&s.url(&path));
+    assert_eq!((p.status, p.x_cache()), (200, Some("MISS")));
+    assert!(p.body.is_ok_and(|b| b == good));
+    wait_fills_done(&s);
+    let r = h.get(&path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == good);
+    assert_eq!(up.requests(&path).len(), 2);
+    assert_eq!(metric(&h, MISMATCHES), Some(1.0));
+}
+
+#[test]
+fn blob_announced_with_another_digest_is_refused_before_streaming() {
+    let up = Injector::start();
+    let body = Bytes::from(random_bytes(50_000, 10));
+    let d = sha256(&body);
+    let path = blob_path("library/x", &d);
+    up.set(
+        &path,
+        Behavior::Serve {
+            body: body.clone(),
+            content_type: "application/octet-stream",
+            digest: Some(sha256(b"something else")),
+        },
+    );
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+    assert_unavailable(&h.get(&path), "a blob announced under another digest");
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+    assert_eq!(metric(&h, MISMATCHES), Some(1.0));
+}
+
+/// Two clients GET `path` while the upstream holds the body at its gate: the first starts the
+/// fill, the second joins it; once both have their response headers, the gate opens.
+fn two_readers(s: &TestServer, path: &str, gate: &Gate) -> [Pulled; 2] {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = |tx: std::sync::mpsc::Sender<()>| {
+        let url = s.url(path);
+        std::thread::spawn(move || pull_signalling(&url, Some(tx)))
+    };
+    let first = reader(tx.clone());
+    wait_until("the first reader's fill is in flight", || {
+        s.app.proxy.fills.in_flight() == 1
+    });
+    let second = reader(tx);
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("both readers get response headers while the upstream holds the body");
+    }
+    gate.open();
+    [
+        first.join().expect("first reader"),
+        second.join().expect("second reader"),
+    ]
+}
+
+#[test]
+fn coalesced_readers_share_one_upstream_download() {
+    let up = Injector::start();
+    let blob = Bytes::from(random_bytes(200_000, 11));
+    let d = sha256(&blob);
+    let path = blob_path("library/x", &d);
+    let gate = Gate::new();
+    up.set(
+        &path,
+        Behavior::Held {
+            body: blob.clone(),
+            at: 50_000,
+            gate: gate.clone(),
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let [a, b] = two_readers(&s, &path, &gate);
+    assert_eq!((a.status, a.x_cache()), (200, Some("MISS")));
+    assert_eq!((b.status, b.x_cache()), (200, Some("COALESCED")));
+    assert!(a.body.is_ok_and(|x| x == blob));
+    assert!(b.body.is_ok_and(|x| x == blob));
+    assert_eq!(up.requests(&path).len(), 1);
+    wait_fills_done(&s);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+#[test]
+fn coalesced_readers_of_a_corrupt_blob_all_fail() {
+    let up = Injector::start();
+    let good = random_bytes(200_000, 12);
+    let d = sha256(&good);
+    let mut bad = good.clone();
+    bad[199_000] ^= 0x80;
+    let path = blob_path("library/x", &d);
+    let gate = Gate::new();
+    up.set(
+        &path,
+        Behavior::Held {
+            body: Bytes::from(bad),
+            at: 50_000,
+            gate: gate.clone(),
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    let [a, b] = two_readers(&s, &path, &gate);
+    assert_eq!(
+        (a.status, b.status),
+        (200, 200),
+        "both responses started before verification"
+    );
+    assert_broken(&a, "the reader that started the fill");
+    assert_broken(&b, "the reader that joined the fill");
+    assert_eq!(up.requests(&path).len(), 1);
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+    assert_eq!(metric(&Http::for_server(&s), MISMATCHES), Some(1.0));
+}
+
+#[test]
+fn fill_continues_when_the_client_hangs_up() {
+    let up = Injector::start();
+    let blob = Bytes::from(random_bytes(200_000, 19));
+    let d = sha256(&blob);
+    let path = blob_path("library/x", &d);
+    let gate = Gate::new();
+    up.set(
+        &path,
+        Behavior::Held {
+            body: blob.clone(),
+            at: 10_000,
+            gate: gate.clone(),
+        },
+    );
+    let s = mirror(&up, |_| {});
+
+    assert_eq!(hang_up_after_headers(&s.url(&path)), 200);
+    gate.open();
+    wait_until("the abandoned fill is committed", || {
+        cached_blob(&s, "library/x", &d).is_some()
+    });
+    wait_fills_done(&s);
+    let r = Http::for_server(&s).get(&path);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("HIT")));
+    assert!(r.body == blob);
+    assert_eq!(up.requests(&path).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate limits and server errors
+// ---------------------------------------------------------------------------------------------
+
+fn rate_limited() -> Behavior {
+    Behavior::Status {
+        status: 429,
+        headers: vec![
+            ("content-type", "application/json"),
+            ("retry-after", "30"),
+            ("ratelimit-limit", "100;w=21600"),
+            ("ratelimit-remaining", "0;w=21600"),
+        ],
+        body: r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit."}]}"#,
+    }
+}
+
+/// A cached tag (tag_ttl 0, so every request revalidates) while `failure` answers: served
+/// STALE; an uncached tag and an uncached blob: 503. Returns the server for more checks.
+fn outage(up: &Injector, failure: Behavior) -> TestServer {
+    let img = image(13, 2_000);
+    up.serve_image("library/x", "v1", &img);
+    let s = mirror(up, tag_ttl_zero);
+    let h = Http::for_server(&s);
+    let r = get_manifest(&h, "library/x", "v1");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+
+    let uncached = sha256(b"uncached layer");
+    for path in [
+        manifest_path("library/x", "v1"),
+        manifest_path("library/x", "v2"),
+        blob_path("library/x", &uncached),
+    ] {
+        up.set(&path, failure.clone());
+    }
+    let r = get_manifest(&h, "library/x", "v1");
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("STALE")),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.body, img.manifest);
+    assert_eq!(r.header("docker-content-digest"), Some(img.digest.as_str()));
+    assert_unavailable(&get_manifest(&h, "library/x", "v2"), "uncached tag");
+    assert_unavailable(&h.get(&blob_path("library/x", &uncached)), "uncached blob");
+    assert_eq!(
+        (
+            up.count("HEAD", &manifest_path("library/x", "v2")),
+            up.count("GET", &manifest_path("library/x", "v2")),
+            up.count("GET", &blob_path("library/x", &uncached)),
+        ),
+        (1, 0, 1),
+        "not retried"
+    );
+    assert_nothing_stored(&s, "library/x", &uncached);
+    assert_eq!(cached_tag(&s, "library/x", "v2"), None);
+    s
+}
+
+#[test]
+fn rate_limit_serves_stale_tags_or_503_and_exports_the_limits() {
+    let up = Injector::start();
+    let s = outage(&up, rate_limited());
+    let h = Http::for_server(&s);
+    assert_eq!(
+        metric(
+            &h,
+            r#"transship_upstream_ratelimit_remaining{upstream="docker.io"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &h,
+            r#"transship_upstream_ratelimit_limit{upstream="docker.io"}"#
+        ),
+        Some(100.0)
+    );
+}
+
+#[test]
+fn server_errors_serve_stale_tags_or_503() {
+    let up = Injector::start();
+    let s = outage(&up, Behavior::status(500));
+    let h = Http::for_server(&s);
+    assert!(
+        metric(
+            &h,
+            r#"transship_upstream_errors_total{status="500",upstream="docker.io"}"#
+        )
+        .is_some_and(|n| n >= 3.0)
+    );
+}
+
+#[test]
+fn transient_503s_are_retried() {
+    let up = Injector::start();
+    let img = image(14, 30_000);
+    up.serve_image("library/x", "v1", &img);
+    let tag = manifest_path("library/x", "v1");
+    let layer = blob_path("library/x", &img.layer_digest);
+    up.set(
+        &tag,
+        Behavior::Sequence(vec![
+            Behavior::status(503),
+            Behavior::manifest(img.manifest.clone()),
+        ]),
+    );
+    up.set(
+        &layer,
+        Behavior::Sequence(vec![
+            Behavior::status(503),
+            Behavior::blob(img.layer.clone()),
+        ]),
+    );
+    let persistent = manifest_path("library/x", "down");
+    up.set(&persistent, Behavior::status(503));
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    let r = get_manifest(&h, "library/x", "v1");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(r.body, img.manifest);
+    assert_eq!(up.count("HEAD", &tag), 2);
+    let r = h.get(&layer);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert!(r.body == img.layer);
+    assert_eq!(up.count("GET", &layer), 2);
+
+    assert_unavailable(&get_manifest(&h, "library/x", "down"), "a persistent 503");
+    assert_eq!(up.count("HEAD", &persistent), 3, "1 try + 2 retries");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests that are not what was asked for
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn html_error_page_is_never_taken_for_a_manifest() {
+    let up = Injector::start();
+    let html = Behavior::Serve {
+        body: Bytes::from_static(
+            b"<!DOCTYPE html><html><body><h1>Service Unavailable</h1></body></html>",
+        ),
+        content_type: "text/html; charset=utf-8",
+        digest: None,
+    };
+    let tag = manifest_path("library/x", "v1");
+    up.set(&tag, html.clone());
+    let s = mirror(&up, tag_ttl_zero);
+    let h = Http::for_server(&s);
+
+    let r = get_manifest(&h, "library/x", "v1");
+    assert!(
+        (500..600).contains(&r.status),
+        "{} {:?}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.error_code(), "UNAVAILABLE");
+    assert_eq!(cached_tag(&s, "library/x", "v1"), None);
+    let r = get_manifest(&h, "library/x", "v1");
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        up.count("GET", &tag),
+        2,
+        "nothing was cached, not even a 404"
+    );
+
+    // A cached tag whose upstream turns into an HTML page is served stale.
+    let img = image(15, 1_000);
+    up.serve_image("library/x", "v2", &img);
+    assert_eq!(
+        get_manifest(&h, "library/x", "v2").header("x-cache"),
+        Some("MISS")
+    );
+    up.set(&manifest_path("library/x", "v2"), html);
+    let r = get_manifest(&h, "library/x", "v2");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("STALE")));
+    assert_eq!(r.body, img.manifest);
+    assert_eq!(cached_tag(&s, "library/x", "v2"), Some(img.digest.clone()));
+}
+
+#[test]
+fn manifest_with_a_wrong_digest_is_rejected_and_not_cached() {
+    let up = Injector::start();
+    let img = image(16, 1_000);
+    let other = image(17, 1_000);
+    // By tag: HEAD carries no digest, the GET announces another one.
+    let tag = manifest_path("library/x", "v1");
+    up.set(
+        &tag,
+        Behavior::ByMethod {
+            head: Box::new(Behavior::Serve {
+                body: img.manifest.clone(),
+                content_type: OCI_MANIFEST,
+                digest: None,
+            }),
+            get: Box::new(Behavior::Serve {
+                body: img.manifest.clone(),
+                content_type: OCI_MANIFEST,
+                digest: Some(other.digest.clone()),
+            }),
+        },
+    );
+    // By digest: the bytes of another manifest.
+    up.set(
+        &manifest_path("library/x", &other.digest),
+        Behavior::Serve {
+            body: img.manifest.clone(),
+            content_type: OCI_MANIFEST,
+            digest: Some(other.digest.clone()),
+        },
+    );
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    assert_unavailable(
+        &get_manifest(&h, "library/x", "v1"),
+        "a manifest announced under another digest",
+    );
+    assert_eq!(up.count("GET", &tag), 1);
+    assert_eq!(metric(&h, MISMATCHES), Some(1.0));
+    assert_unavailable(
+        &get_manifest(&h, "library/x", &other.digest),
+        "the wrong manifest for a digest",
+    );
+    assert_eq!(metric(&h, MISMATCHES), Some(2.0));
+    assert_eq!(cached_tag(&s, "library/x", "v1"), None);
+    assert!(!cached_manifest(&s, "library/x", &img.digest));
+    assert!(!cached_manifest(&s, "library/x", &other.digest));
+
+    // Once the upstream is right, the same tag is fetched (nothing bad was remembered).
+    up.serve_image("library/x", "v1", &img);
+    let r = get_manifest(&h, "library/x", "v1");
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(r.body, img.manifest);
+}
+
+#[test]
+fn manifest_over_the_size_limit_is_rejected_and_one_at_it_is_not() {
+    let up = Injector::start();
+    let at = padded_manifest(MAX_MANIFEST);
+    let over = padded_manifest(MAX_MANIFEST + 1);
+    let (at_digest, over_digest) = (sha256(&at), sha256(&over));
+    for (tag, m, d) in [("at", &at, &at_digest), ("over", &over, &over_digest)] {
+        up.set(
+            &manifest_path("library/x", tag),
+            Behavior::manifest(m.clone()),
+        );
+        up.set(
+            &manifest_path("library/x", d),
+            Behavior::manifest(m.clone()),
+        );
+    }
+    let s = mirror(&up, |_| {});
+    let h = Http::for_server(&s);
+
+    assert_unavailable(
+        &get_manifest(&h, "library/x", "over"),
+        "a manifest one byte over the limit",
+    );
+    assert_eq!(
+        up.count("GET", &manifest_path("library/x", &over_digest)),
+        1
+    );
+    assert!(!cached_manifest(&s, "library/x", &over_digest));
+    assert_eq!(cached_tag(&s, "library/x", "over"), None);
+
+    let r = get_manifest(&h, "library/x", "at");
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("MISS")),
+        "{:?}",
+        String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
+    );
+    assert!(r.body == at);
+    assert!(cached_manifest(&s, "library/x", &at_digest));
+}
