@@ -84,6 +84,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_PIECE: u64 = 1 << 20;
 /// Smallest piece a caught-up reader sends after its first (unless the blob is complete).
 const BATCH: u64 = 256 << 10;
+/// Longest a reader holds back bytes it has while waiting for a full batch.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
 
 impl Fills {
     pub fn in_flight(&self) -> usize {
@@ -110,7 +112,11 @@ impl Fills {
         digest: &Digest,
     ) -> (Arc<Fill>, bool) {
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = map.get(digest) {
+        // A fill that already failed is on its way out of the map: start afresh, don't inherit
+        // its error.
+        if let Some(f) = map.get(digest)
+            && !matches!(*f.state.borrow(), FillState::Failed(_))
+        {
             return (f.clone(), false);
         }
         let id = format!("fill-{}", uuid::Uuid::new_v4());
@@ -397,9 +403,22 @@ impl Follower {
                 self.sent_any = true;
                 return Some(self.read(avail));
             }
+            // Bytes are waiting but not yet a batch: wait a little for more, then send what
+            // there is, so a stalled upstream never starves a reader of bytes already here.
+            let changed = if self.pos < avail {
+                match tokio::time::timeout(BATCH_WAIT, self.rx.changed()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.sent_any = true;
+                        return Some(self.read(avail));
+                    }
+                }
+            } else {
+                self.rx.changed().await
+            };
             // The Fill (and so the sender) lives as long as this reader, so this only
             // errs if the fill task vanished without a final state.
-            if self.rx.changed().await.is_err() {
+            if changed.is_err() {
                 self.finished = true;
                 return Some(Err(std::io::Error::other(
                     "fill ended before the blob was complete",
