@@ -9,9 +9,8 @@
 //!
 //! Run with `./scripts/bench` (installs docker-registry and wrk).
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,62 +22,9 @@ use hyper_util::rt::TokioExecutor;
 const LARGE: usize = 256 << 20;
 const REPO: &str = "library/big";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod common;
 
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path, port: u16) -> Self {
-        let out = std::fs::File::create(log).expect("log");
-        let child = cmd
-            .stdout(Stdio::from(out.try_clone().expect("clone")))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("spawn (run ./scripts/bench)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server on {port} did not start");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Self(child)
-    }
-
-    fn peak_rss_mib(&self) -> f64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|k| k.parse::<f64>().ok())
-            .map_or(f64::NAN, |k| k / 1024.0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Proc, free_port, random_bytes};
 
 fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
     std::fs::create_dir_all(dir).expect("dir");
@@ -92,9 +38,10 @@ fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
     )
     .expect("config");
     Proc::spawn(
+        "docker-registry",
         Command::new("docker-registry").arg("serve").arg(&cfg),
         &dir.join("log"),
-        port,
+        Some(port),
     )
 }
 
@@ -116,12 +63,13 @@ fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
         );
     std::fs::write(&cfg, text).expect("config");
     Proc::spawn(
+        "transship",
         Command::new(env!("CARGO_BIN_EXE_transship"))
             .args(["serve", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "warn"),
         &dir.join("log"),
-        port,
+        Some(port),
     )
 }
 

@@ -12,9 +12,8 @@
 //! `BENCH_SECONDS` sets the duration of each wrk run (default 8). wrk runs on the same two
 //! cores as the servers, the same for every peer, so the ratios compare like with like.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,78 +26,9 @@ const SMALL: usize = 4 << 10;
 const REPO: &str = "local/bench";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod common;
 
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha256(data: &[u8]) -> String {
-    transship::oci::Digest::sha256_of(data).to_string()
-}
-
-/// A server process that is killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Self {
-        let out = std::fs::File::create(log).expect("log file");
-        let child = cmd
-            .stdout(Stdio::from(out.try_clone().expect("clone")))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {name}: {e} (run ./scripts/bench, which installs it)")
-            });
-        Self { child }
-    }
-
-    /// Peak resident set size (VmHWM) in MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_ready(port: u16, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not start on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{Proc, free_port, random_bytes, sha256};
 
 struct Registry {
     name: &'static str,
@@ -298,8 +228,8 @@ fn main() {
             ])
             .arg(d.join("transship-data")),
         &d.join("transship.log"),
+        Some(ts_port),
     );
-    wait_ready(ts_port, "transship");
 
     // distribution 2.8.2.
     let dist_port = free_port();
@@ -316,8 +246,8 @@ fn main() {
         "docker-registry",
         Command::new("docker-registry").arg("serve").arg(&dist_cfg),
         &d.join("distribution.log"),
+        Some(dist_port),
     );
-    wait_ready(dist_port, "distribution");
 
     // nginx serving the same bytes at the same paths, with sendfile.
     let nginx_port = free_port();
@@ -347,8 +277,8 @@ fn main() {
             .arg("-p")
             .arg(d),
         &d.join("nginx.log"),
+        Some(nginx_port),
     );
-    wait_ready(nginx_port, "nginx");
 
     let registries = [
         Registry {

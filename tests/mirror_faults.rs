@@ -1569,8 +1569,9 @@ fn rate_limited() -> Behavior {
 }
 
 /// A cached tag (tag_ttl 0, so every request revalidates) while `failure` answers: served
-/// STALE; an uncached tag and an uncached blob: 503. Returns the server for more checks.
-fn outage(up: &Injector, failure: Behavior) -> TestServer {
+/// STALE; an uncached tag and an uncached blob: 503. After a 429 (`rate_limit`), transship
+/// honours Retry-After: the uncached tag is not even asked for. Returns the server.
+fn outage(up: &Injector, failure: Behavior, rate_limit: bool) -> TestServer {
     let img = image(13, 2_000);
     up.serve_image("library/x", "v1", &img);
     let s = mirror(up, tag_ttl_zero);
@@ -1603,8 +1604,8 @@ fn outage(up: &Injector, failure: Behavior) -> TestServer {
             up.count("GET", &manifest_path("library/x", "v2")),
             up.count("GET", &blob_path("library/x", &uncached)),
         ),
-        (1, 0, 1),
-        "not retried"
+        (usize::from(!rate_limit), 0, 1),
+        "not retried, and not asked at all while rate limited"
     );
     assert_nothing_stored(&s, "library/x", &uncached);
     assert_eq!(cached_tag(&s, "library/x", "v2"), None);
@@ -1614,7 +1615,7 @@ fn outage(up: &Injector, failure: Behavior) -> TestServer {
 #[test]
 fn rate_limit_serves_stale_tags_or_503_and_exports_the_limits() {
     let up = Injector::start();
-    let s = outage(&up, rate_limited());
+    let s = outage(&up, rate_limited(), true);
     let h = Http::for_server(&s);
     assert_eq!(
         metric(
@@ -1635,7 +1636,7 @@ fn rate_limit_serves_stale_tags_or_503_and_exports_the_limits() {
 #[test]
 fn server_errors_serve_stale_tags_or_503() {
     let up = Injector::start();
-    let s = outage(&up, Behavior::status(500));
+    let s = outage(&up, Behavior::status(500), false);
     let h = Http::for_server(&s);
     assert!(
         metric(

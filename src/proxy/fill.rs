@@ -81,7 +81,7 @@ const RESUMES: usize = 3;
 /// Longest wait for the next piece of an upstream body before it counts as dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest piece a reader takes from the spool at once.
-const READ_PIECE: u64 = 1 << 20;
+const READ_PIECE: u64 = 512 << 10;
 /// Smallest piece a caught-up reader sends after its first (unless the blob is complete).
 const BATCH: u64 = 256 << 10;
 /// Longest a reader holds back bytes it has while waiting for a full batch.

@@ -333,6 +333,13 @@ async fn tag_gone(
 /// HEAD the tag upstream: its digest, `None` if the answer carries none.
 async fn head(app: &Arc<App>, route: &MirrorRoute, tag: &Tag) -> Result<Option<Digest>, Miss> {
     let client = app.proxy.client(route.upstream);
+    // Honour the upstream's Retry-After: asking again now would only prolong the limit.
+    if let Some(wait) = client.rate_limited_for() {
+        return Err(Miss::Unavailable(format!(
+            "upstream rate limit: it asked us to wait {}s more (Retry-After)",
+            wait.as_secs() + 1
+        )));
+    }
     let path = format!("/v2/{}/manifests/{tag}", route.remote);
     let started = Instant::now();
     let resp = client
@@ -373,6 +380,13 @@ async fn fetch(
     tag: Option<&Tag>,
 ) -> Result<Arc<StoredManifest>, Miss> {
     let client = app.proxy.client(route.upstream);
+    // Honour the upstream's Retry-After: asking again now would only prolong the limit.
+    if let Some(wait) = client.rate_limited_for() {
+        return Err(Miss::Unavailable(format!(
+            "upstream rate limit: it asked us to wait {}s more (Retry-After)",
+            wait.as_secs() + 1
+        )));
+    }
     let path = format!("/v2/{}/manifests/{reference}", route.remote);
     let started = Instant::now();
     let resp = client

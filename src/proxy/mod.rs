@@ -114,6 +114,7 @@ impl Proxy {
         headers: &HeaderMap,
         elapsed: Duration,
     ) {
+        client.note_status(status, headers);
         let name = client.name.as_str();
         metrics
             .upstream_duration

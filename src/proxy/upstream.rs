@@ -100,6 +100,8 @@ pub struct UpstreamClient {
     client: HttpsClient,
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// After a 429: no manifest lookups until then (`Retry-After`).
+    backoff_until: Mutex<Option<Instant>>,
 }
 
 impl UpstreamClient {
@@ -143,7 +145,32 @@ impl UpstreamClient {
             client,
             credentials,
             tokens: Mutex::default(),
+            backoff_until: Mutex::default(),
         })
+    }
+
+    /// Remembers a rate limit: a 429 means "not before `Retry-After`" (seconds; 60 if absent
+    /// or a date; at most an hour).
+    pub fn note_status(&self, status: StatusCode, headers: &HeaderMap) {
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            return;
+        }
+        let secs = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60)
+            .min(3600);
+        *self.backoff_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + Duration::from_secs(secs));
+    }
+
+    /// How much longer the upstream asked us to wait, if it did.
+    pub fn rate_limited_for(&self) -> Option<Duration> {
+        let until = (*self.backoff_until.lock().unwrap_or_else(|p| p.into_inner()))?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 
     fn basic_header(&self) -> Option<HeaderValue> {

@@ -1,0 +1,95 @@
+//! What the benchmarks share: free ports, deterministic data, and server processes that are
+//! stopped cleanly (SIGTERM, so nginx stops its workers; SIGKILL after two seconds) with their
+//! peak RSS readable.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Deterministic pseudo-random bytes (xorshift): incompressible test data.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    transship::oci::Digest::sha256_of(data).to_string()
+}
+
+/// A server process, logging to a file, stopped when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `cmd` and, if `port` is given, waits until it accepts connections.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path, port: Option<u16>) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out.try_clone().expect("clone")))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {name}: {e} (run ./scripts/bench, which installs it)")
+            });
+        let proc = Self { child };
+        if let Some(port) = port {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} did not start on port {port}"
+                );
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        proc
+    }
+
+    /// Peak resident set size (VmHWM) in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child this benchmark started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
