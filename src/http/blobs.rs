@@ -11,7 +11,7 @@ use super::response::{Resp, empty, set};
 use super::{etag_matches, parse_digest};
 use crate::App;
 use crate::oci::range::{RangeOutcome, interpret_range};
-use crate::oci::{ErrorCode, RegistryError, RepoName};
+use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 use crate::store::BlobChunks;
 
 pub async fn get(
@@ -47,22 +47,9 @@ pub async fn get(
         );
         return Ok(r);
     }
-    let range = parts
-        .headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok());
-    let (status, start, end) = match range.map(|h| interpret_range(h, size)) {
-        None | Some(RangeOutcome::Full) => (StatusCode::OK, 0, size),
-        Some(RangeOutcome::Partial { start, end }) => (StatusCode::PARTIAL_CONTENT, start, end + 1),
-        Some(RangeOutcome::Unsatisfiable) => {
-            let err = RegistryError::new(
-                ErrorCode::RangeInvalid,
-                format!("requested range not satisfiable for a blob of {size} bytes"),
-            );
-            let mut r = super::response::error_response(&err, head);
-            set(&mut r, header::CONTENT_RANGE, format!("bytes */{size}"));
-            return Ok(r);
-        }
+    let (status, start, end) = match plan_range(parts, size, head) {
+        Ok(plan) => plan,
+        Err(unsatisfiable) => return Ok(*unsatisfiable),
     };
     let body = if head {
         ResponseBody::Empty
@@ -75,6 +62,45 @@ pub async fn get(
     };
     let mut r = http::Response::new(body);
     *r.status_mut() = status;
+    blob_headers(&mut r, &digest, start, end, size);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("max-age=31536000"),
+    );
+    Ok(r)
+}
+
+/// What a blob GET answers for its `Range` header: `(status, start, end)` with `end`
+/// exclusive, or the ready 416 response (with `Content-Range: bytes */<size>`).
+pub fn plan_range(
+    parts: &Parts,
+    size: u64,
+    head: bool,
+) -> Result<(StatusCode, u64, u64), Box<Resp>> {
+    let range = parts
+        .headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    match range.map(|h| interpret_range(h, size)) {
+        None | Some(RangeOutcome::Full) => Ok((StatusCode::OK, 0, size)),
+        Some(RangeOutcome::Partial { start, end }) => {
+            Ok((StatusCode::PARTIAL_CONTENT, start, end + 1))
+        }
+        Some(RangeOutcome::Unsatisfiable) => {
+            let err = RegistryError::new(
+                ErrorCode::RangeInvalid,
+                format!("requested range not satisfiable for a blob of {size} bytes"),
+            );
+            let mut r = super::response::error_response(&err, head);
+            set(&mut r, header::CONTENT_RANGE, format!("bytes */{size}"));
+            Err(Box::new(r))
+        }
+    }
+}
+
+/// The headers of a blob body (bytes `start..end` of `size`): type, length, ranges, ETag,
+/// digest, and `Content-Range` for a partial body.
+pub fn blob_headers(r: &mut Resp, digest: &Digest, start: u64, end: u64, size: u64) {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -85,24 +111,19 @@ pub async fn get(
         header::ACCEPT_RANGES,
         http::HeaderValue::from_static("bytes"),
     );
-    h.insert(
-        header::CACHE_CONTROL,
-        http::HeaderValue::from_static("max-age=31536000"),
-    );
-    set(&mut r, header::ETAG, &etag);
+    set(r, header::ETAG, format!("\"{digest}\""));
     set(
-        &mut r,
-        "docker-content-digest".parse().expect("static"),
-        &digest_str,
+        r,
+        http::HeaderName::from_static("docker-content-digest"),
+        digest.to_string(),
     );
-    if status == StatusCode::PARTIAL_CONTENT {
+    if end - start != size {
         set(
-            &mut r,
+            r,
             header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
+            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
         );
     }
-    Ok(r)
 }
 
 pub async fn delete(app: &Arc<App>, repo: &RepoName, digest: &str) -> Result<Resp, RegistryError> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 
+use super::blobs::blob_headers;
 use super::body::ResponseBody;
 use super::manifests::{manifest_response, parse_reference_to_read};
 use super::response::{Resp, set};
@@ -15,7 +16,6 @@ use super::{parse_digest, query_one};
 use crate::App;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{AcceptList, Negotiated, negotiate};
-use crate::oci::range::{RangeOutcome, interpret_range};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
 use crate::proxy::fill::{self, FillError};
 use crate::proxy::freshness::{self, oci_namespace};
@@ -129,27 +129,10 @@ pub async fn get_blob(
     if config.offline {
         return Err(RegistryError::blob_unknown(&digest));
     }
-    let client = app.proxy.client(route.upstream).clone();
     // Stored for another repository: link it here once the upstream confirms this repository
     // has it (a repository only sees blobs its upstream has).
     if app.store.has_blob_anywhere(&digest)? && app.proxy.fills.in_flight_for(&digest).is_none() {
-        let resp = client
-            .send(
-                Method::HEAD,
-                &format!("/v2/{}/blobs/{digest}", route.remote),
-                route.remote.as_str(),
-                &[],
-            )
-            .await
-            .map_err(|e| RegistryError::new(ErrorCode::Unavailable, e.to_string()))?;
-        if resp.status() != StatusCode::OK {
-            return Err(fill_error(
-                FillError::Status(resp.status()),
-                &digest,
-                app,
-                route,
-            ));
-        }
+        upstream_blob_head(app, route, &digest).await?;
         let (app2, repo, d2) = (app.clone(), route.local.clone(), digest.clone());
         if super::blocking(move || app2.store.link_stored_blob(&repo, &d2))
             .await?
@@ -171,22 +154,9 @@ pub async fn get_blob(
     let size = fill::wait_for_size(&mut rx)
         .await
         .map_err(|e| fill_error(e, &digest, app, route))?;
-    let range = parts
-        .headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok());
-    let (status, start, end) = match range.map(|h| interpret_range(h, size)) {
-        None | Some(RangeOutcome::Full) => (StatusCode::OK, 0, size),
-        Some(RangeOutcome::Partial { start, end }) => (StatusCode::PARTIAL_CONTENT, start, end + 1),
-        Some(RangeOutcome::Unsatisfiable) => {
-            let err = RegistryError::new(
-                ErrorCode::RangeInvalid,
-                format!("requested range not satisfiable for a blob of {size} bytes"),
-            );
-            let mut r = super::response::error_response(&err, head);
-            set(&mut r, header::CONTENT_RANGE, format!("bytes */{size}"));
-            return Ok(r);
-        }
+    let (status, start, end) = match super::blobs::plan_range(parts, size, head) {
+        Ok(plan) => plan,
+        Err(unsatisfiable) => return Ok(*unsatisfiable),
     };
     let body = if head {
         ResponseBody::Empty
@@ -199,14 +169,7 @@ pub async fn get_blob(
     };
     let mut r = http::Response::new(body);
     *r.status_mut() = status;
-    blob_headers(&mut r, &digest, end - start);
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            &mut r,
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{size}", end - 1),
-        );
-    }
+    blob_headers(&mut r, &digest, start, end, size);
     mark(app, &mut r, route, "blob", outcome);
     Ok(r)
 }
@@ -224,49 +187,23 @@ async fn serve_local(
     Ok(r)
 }
 
-fn blob_headers(r: &mut Resp, digest: &Digest, len: u64) {
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    set(r, header::ETAG, format!("\"{digest}\""));
-    set(
-        r,
-        HeaderName::from_static("docker-content-digest"),
-        digest.to_string(),
-    );
-}
-
-/// HEAD of an uncached blob: ask the upstream with HEAD; nothing is downloaded.
-async fn head_upstream(
+/// HEAD of the blob upstream: the response if the upstream has it, else the registry error.
+async fn upstream_blob_head(
     app: &Arc<App>,
     route: &MirrorRoute,
     digest: &Digest,
-) -> Result<Resp, RegistryError> {
-    let client = app.proxy.client(route.upstream);
-    let started = std::time::Instant::now();
-    let resp = client
-        .send(
+) -> Result<http::Response<hyper::body::Incoming>, RegistryError> {
+    let resp = app
+        .proxy
+        .ask(
+            &app.metrics,
+            route,
             Method::HEAD,
-            &format!("/v2/{}/blobs/{digest}", route.remote),
-            route.remote.as_str(),
+            &format!("/blobs/{digest}"),
             &[],
         )
         .await
-        .map_err(|e| {
-            app.proxy.observe_failure(&app.metrics, client, &e);
-            RegistryError::new(ErrorCode::Unavailable, e.to_string())
-        })?;
-    app.proxy.observe_upstream(
-        &app.metrics,
-        client,
-        resp.status(),
-        resp.headers(),
-        started.elapsed(),
-    );
+        .map_err(|e| RegistryError::new(ErrorCode::Unavailable, e.to_string()))?;
     if resp.status() != StatusCode::OK {
         return Err(fill_error(
             FillError::Status(resp.status()),
@@ -275,6 +212,16 @@ async fn head_upstream(
             route,
         ));
     }
+    Ok(resp)
+}
+
+/// HEAD of an uncached blob: ask the upstream with HEAD; nothing is downloaded.
+async fn head_upstream(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    digest: &Digest,
+) -> Result<Resp, RegistryError> {
+    let resp = upstream_blob_head(app, route, digest).await?;
     let len = fill::content_length(resp.headers()).ok_or_else(|| {
         RegistryError::new(
             ErrorCode::Unavailable,
@@ -282,7 +229,7 @@ async fn head_upstream(
         )
     })?;
     let mut r = http::Response::new(ResponseBody::Empty);
-    blob_headers(&mut r, digest, len);
+    blob_headers(&mut r, digest, 0, len, len);
     mark(app, &mut r, route, "blob", CacheOutcome::Miss);
     Ok(r)
 }

@@ -171,19 +171,12 @@ async fn run(
     id: &str,
 ) -> Result<u64, FillError> {
     app.store.claim_ingest(id);
-    let path = format!("/v2/{}/blobs/{}", route.remote, fill.digest);
-    let started = std::time::Instant::now();
-    let resp = client
-        .send(Method::GET, &path, route.remote.as_str(), &[])
+    let suffix = format!("/blobs/{}", fill.digest);
+    let resp = app
+        .proxy
+        .ask(&app.metrics, route, Method::GET, &suffix, &[])
         .await
         .map_err(|e| FillError::Upstream(e.to_string()))?;
-    app.proxy.observe_upstream(
-        &app.metrics,
-        client,
-        resp.status(),
-        resp.headers(),
-        started.elapsed(),
-    );
     if resp.status() != StatusCode::OK {
         return Err(FillError::Status(resp.status()));
     }
@@ -253,11 +246,13 @@ async fn run(
                 resumes += 1;
                 tracing::info!(digest = %fill.digest, written, size, %reason, "resuming upstream blob download");
                 let range = format!("bytes={written}-");
-                let resp = client
-                    .send(
+                let resp = app
+                    .proxy
+                    .ask(
+                        &app.metrics,
+                        route,
                         Method::GET,
-                        &path,
-                        route.remote.as_str(),
+                        &suffix,
                         &[(header::RANGE, range.as_str())],
                     )
                     .await

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -330,40 +329,40 @@ async fn tag_gone(
     Err(not_found(route, reference, repository))
 }
 
-/// HEAD the tag upstream: its digest, `None` if the answer carries none.
-async fn head(app: &Arc<App>, route: &MirrorRoute, tag: &Tag) -> Result<Option<Digest>, Miss> {
-    let client = app.proxy.client(route.upstream);
-    // Honour the upstream's Retry-After: asking again now would only prolong the limit.
-    if let Some(wait) = client.rate_limited_for() {
+/// Asks the upstream for a manifest (all four manifest types accepted), unless it asked us to
+/// wait (`Retry-After`). Anything but 200 is a `Miss`.
+async fn ask_manifest(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    method: Method,
+    reference: &str,
+) -> Result<http::Response<hyper::body::Incoming>, Miss> {
+    if let Some(wait) = app.proxy.client(route.upstream).rate_limited_for() {
         return Err(Miss::Unavailable(format!(
             "upstream rate limit: it asked us to wait {}s more (Retry-After)",
             wait.as_secs() + 1
         )));
     }
-    let path = format!("/v2/{}/manifests/{tag}", route.remote);
-    let started = Instant::now();
-    let resp = client
-        .send(
-            Method::HEAD,
-            &path,
-            route.remote.as_str(),
+    let resp = app
+        .proxy
+        .ask(
+            &app.metrics,
+            route,
+            method,
+            &format!("/manifests/{reference}"),
             &[(header::ACCEPT, ALL_MANIFEST_TYPES)],
         )
         .await
-        .map_err(|e| {
-            app.proxy.observe_failure(&app.metrics, client, &e);
-            Miss::Unavailable(e.to_string())
-        })?;
-    app.proxy.observe_upstream(
-        &app.metrics,
-        client,
-        resp.status(),
-        resp.headers(),
-        started.elapsed(),
-    );
+        .map_err(|e| Miss::Unavailable(e.to_string()))?;
     if resp.status() != StatusCode::OK {
         return Err(Miss::from_status(resp.status(), resp.headers()));
     }
+    Ok(resp)
+}
+
+/// HEAD the tag upstream: its digest, `None` if the answer carries none.
+async fn head(app: &Arc<App>, route: &MirrorRoute, tag: &Tag) -> Result<Option<Digest>, Miss> {
+    let resp = ask_manifest(app, route, Method::HEAD, tag.as_str()).await?;
     Ok(resp
         .headers()
         .get("docker-content-digest")
@@ -379,38 +378,7 @@ async fn fetch(
     expected: Option<&Digest>,
     tag: Option<&Tag>,
 ) -> Result<Arc<StoredManifest>, Miss> {
-    let client = app.proxy.client(route.upstream);
-    // Honour the upstream's Retry-After: asking again now would only prolong the limit.
-    if let Some(wait) = client.rate_limited_for() {
-        return Err(Miss::Unavailable(format!(
-            "upstream rate limit: it asked us to wait {}s more (Retry-After)",
-            wait.as_secs() + 1
-        )));
-    }
-    let path = format!("/v2/{}/manifests/{reference}", route.remote);
-    let started = Instant::now();
-    let resp = client
-        .send(
-            Method::GET,
-            &path,
-            route.remote.as_str(),
-            &[(header::ACCEPT, ALL_MANIFEST_TYPES)],
-        )
-        .await
-        .map_err(|e| {
-            app.proxy.observe_failure(&app.metrics, client, &e);
-            Miss::Unavailable(e.to_string())
-        })?;
-    app.proxy.observe_upstream(
-        &app.metrics,
-        client,
-        resp.status(),
-        resp.headers(),
-        started.elapsed(),
-    );
-    if resp.status() != StatusCode::OK {
-        return Err(Miss::from_status(resp.status(), resp.headers()));
-    }
+    let resp = ask_manifest(app, route, Method::GET, reference).await?;
     let (parts, body) = resp.into_parts();
     let bytes: Bytes = tokio::time::timeout(
         super::upstream::HEADER_TIMEOUT,
@@ -457,7 +425,7 @@ async fn fetch(
     if mismatch {
         app.metrics
             .digest_mismatches
-            .with_label_values(&[&client.name])
+            .with_label_values(&[app.proxy.upstream_name(route.upstream)])
             .inc();
         return Err(Miss::Invalid(format!(
             "upstream manifest for {reference} does not match its digest; not cached"

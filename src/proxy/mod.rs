@@ -105,6 +105,40 @@ impl Proxy {
         self.not_found[route.upstream].contains_key(&format!("{}\0{reference}", route.local))
     }
 
+    /// Sends `method /v2/<remote repository><suffix>` to the route's upstream, recording the
+    /// outcome (latency, errors, rate-limit headers) in the metrics.
+    pub async fn ask(
+        &self,
+        metrics: &Metrics,
+        route: &MirrorRoute,
+        method: http::Method,
+        suffix: &str,
+        headers: &[(http::HeaderName, &str)],
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        let client = self.client(route.upstream);
+        let path = format!("/v2/{}{suffix}", route.remote);
+        let started = std::time::Instant::now();
+        match client
+            .send(method, &path, route.remote.as_str(), headers)
+            .await
+        {
+            Ok(resp) => {
+                self.observe_upstream(
+                    metrics,
+                    client,
+                    resp.status(),
+                    resp.headers(),
+                    started.elapsed(),
+                );
+                Ok(resp)
+            }
+            Err(e) => {
+                self.observe_failure(metrics, client, &e);
+                Err(e)
+            }
+        }
+    }
+
     /// Records an upstream response in the metrics: latency, errors, rate-limit headers.
     pub fn observe_upstream(
         &self,
