@@ -9,436 +9,35 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::images::*;
 use common::*;
 use serde_json::{Value, json};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-/// The name every fixture layout gives its image (`org.opencontainers.image.ref.name`).
-const TAG: &str = "v1";
-
-// ---------------------------------------------------------------------------------------------
-// Running clients
-
-/// Whether `program` is an executable on PATH.
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            std::fs::metadata(dir.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
-}
-
-/// Reports a client that cannot run: a failure under CI (which installs every client), else
-/// a loud SKIP. Returns false so callers can `if !... { return; }`.
-fn skip(why: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}; CI is set, so every client test must run");
-    }
-    eprintln!("SKIP: {why}");
-    false
-}
+/// Names this suite in the CI failure for a missing client (see `skip`).
+const SUITE: &str = "client";
+/// Clients go wherever their own settings send them; each is given 127.0.0.1 addresses only.
+const EGRESS: Egress = Egress::Unrestricted;
+/// What this suite's fixture images hold.
+const LAYERS: LayerRecipe = LayerRecipe {
+    app_bin: 1_300_000,
+    data_bin: 70_001,
+    readme: "e2e image",
+};
 
 /// True when every program is on PATH; otherwise reports a skip.
 fn have(programs: &[&str]) -> bool {
-    let missing: Vec<&str> = programs.iter().copied().filter(|p| !on_path(p)).collect();
-    missing.is_empty()
-        || skip(&format!(
-            "not installed: {} (scripts/test installs it)",
-            missing.join(", ")
-        ))
+    programs_installed(SUITE, programs)
 }
 
-/// A client command line: captures stdout and stderr and panics with both when it fails.
-struct Tool {
-    cmd: Command,
-    line: String,
-}
-
-impl Tool {
-    fn new(program: impl AsRef<OsStr>) -> Self {
-        let mut cmd = Command::new(program.as_ref());
-        cmd.stdin(Stdio::null())
-            // Belt and braces: nothing may go through a proxy, all traffic is to loopback.
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost");
-        Self {
-            cmd,
-            line: program.as_ref().to_string_lossy().into_owned(),
-        }
-    }
-
-    fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.line.push(' ');
-        self.line.push_str(&arg.as_ref().to_string_lossy());
-        self.cmd.arg(arg);
-        self
-    }
-
-    fn args<S: AsRef<OsStr>>(self, args: impl IntoIterator<Item = S>) -> Self {
-        args.into_iter().fold(self, |tool, a| tool.arg(a))
-    }
-
-    fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
-        self.cmd.env(key, value);
-        self
-    }
-
-    fn dir(mut self, dir: &Path) -> Self {
-        self.cmd.current_dir(dir);
-        self
-    }
-
-    /// Runs to completion; returns stdout. Panics (with stdout and stderr) unless it succeeds.
-    fn run_bytes(mut self) -> Vec<u8> {
-        let out = self
-            .cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", self.line));
-        assert!(
-            out.status.success(),
-            "`{}` failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.line,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
-    /// `run_bytes`, as text.
-    fn run(self) -> String {
-        String::from_utf8_lossy(&self.run_bytes()).into_owned()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixture images: tar, gzip and OCI image layouts, built in memory
-
-/// A ustar archive of regular files (mode 0644, owner root, mtime 0).
-fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    fn octal(field: &mut [u8], value: u64) {
-        let digits = format!("{value:0width$o}", width = field.len() - 1);
-        field[..digits.len()].copy_from_slice(digits.as_bytes());
-    }
-    let mut out = Vec::new();
-    for (name, data) in files {
-        assert!(name.len() < 100, "tar name too long: {name}");
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], 0o644);
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], data.len() as u64);
-        octal(&mut h[136..148], 0);
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(512), 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
-/// A valid gzip stream of `data` in stored (uncompressed) deflate blocks: deterministic and
-/// dependency-free; random layer data would not compress anyway.
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
-    let mut chunks = data.chunks(0xffff).peekable();
-    if chunks.peek().is_none() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(chunk) = chunks.next() {
-        let len = chunk.len() as u16;
-        out.push(u8::from(chunks.peek().is_none()));
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out.extend_from_slice(&crc32(data).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
-}
-
-/// One platform image of a fixture.
-struct Image {
-    manifest: Vec<u8>,
-    digest: String,
-    config_digest: String,
-    /// Uncompressed layer tars; their digests are the config's `diff_ids`.
-    layer_tars: Vec<Vec<u8>>,
-    /// Digests of the gzip layer blobs, in manifest order.
-    layer_digests: Vec<String>,
-}
-
-/// An OCI image layout, in memory: one image or an index of several, named `TAG`.
-struct Layout {
-    /// What `TAG` names: (media type, digest, bytes).
-    top: (&'static str, String, Vec<u8>),
-    images: Vec<Image>,
-    /// Manifests (image manifests and the index) by digest.
-    manifests: BTreeMap<String, Vec<u8>>,
-    /// Configs and layers by digest.
-    blobs: BTreeMap<String, Vec<u8>>,
-}
-
-impl Layout {
-    /// A single-platform image (linux/amd64) with two layers.
-    fn single(seed: u64) -> Self {
-        let mut l = Self::empty();
-        let image = l.add_image(seed, "amd64");
-        l.top = (OCI_MANIFEST, image.digest.clone(), image.manifest.clone());
-        l.images.push(image);
-        l
-    }
-
-    /// An OCI index over linux/amd64 and linux/arm64 images, two layers each.
-    fn multi_arch(seed: u64) -> Self {
-        let mut l = Self::empty();
-        let mut entries = Vec::new();
-        for (i, arch) in ["amd64", "arm64"].into_iter().enumerate() {
-            let image = l.add_image(seed + 10 * i as u64, arch);
-            entries.push(json!({
-                "mediaType": OCI_MANIFEST,
-                "digest": image.digest,
-                "size": image.manifest.len(),
-                "platform": {"architecture": arch, "os": "linux"},
-            }));
-            l.images.push(image);
-        }
-        let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
-            .to_string()
-            .into_bytes();
-        let digest = sha256(&index);
-        l.manifests.insert(digest.clone(), index.clone());
-        l.top = (OCI_INDEX, digest, index);
-        l
-    }
-
-    fn empty() -> Self {
-        Self {
-            top: ("", String::new(), Vec::new()),
-            images: Vec::new(),
-            manifests: BTreeMap::new(),
-            blobs: BTreeMap::new(),
-        }
-    }
-
-    fn add_blob(&mut self, bytes: Vec<u8>) -> String {
-        let digest = sha256(&bytes);
-        self.blobs.insert(digest.clone(), bytes);
-        digest
-    }
-
-    fn add_image(&mut self, seed: u64, arch: &str) -> Image {
-        // One layer of over a megabyte and one small one.
-        let layer_tars = vec![
-            tar(&[
-                ("app.bin", &random_bytes(1_300_000 + seed as usize, seed)),
-                (
-                    "README",
-                    format!("e2e image {seed} for {arch}\n").as_bytes(),
-                ),
-            ]),
-            tar(&[("data.bin", &random_bytes(70_001, seed + 1))]),
-        ];
-        let diff_ids: Vec<String> = layer_tars.iter().map(|t| sha256(t)).collect();
-        let layers: Vec<Value> = layer_tars
-            .iter()
-            .map(|t| {
-                let gz = gzip(t);
-                let size = gz.len();
-                json!({"mediaType": OCI_LAYER_GZIP, "digest": self.add_blob(gz), "size": size})
-            })
-            .collect();
-        let layer_digests = layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect();
-        let config = json!({
-            "architecture": arch,
-            "os": "linux",
-            "config": {"Cmd": ["/app.bin"], "Env": [format!("E2E_SEED={seed}")]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        })
-        .to_string()
-        .into_bytes();
-        let config_size = config.len();
-        let config_digest = self.add_blob(config);
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-            "layers": layers,
-        })
-        .to_string()
-        .into_bytes();
-        let digest = sha256(&manifest);
-        self.manifests.insert(digest.clone(), manifest.clone());
-        Image {
-            manifest,
-            digest,
-            config_digest,
-            layer_tars,
-            layer_digests,
-        }
-    }
-
-    /// Every file of the layout (path relative to its root, contents).
-    fn files(&self) -> Vec<(String, Vec<u8>)> {
-        let index = json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": self.top.0,
-                "digest": self.top.1,
-                "size": self.top.2.len(),
-                "annotations": {"org.opencontainers.image.ref.name": TAG},
-            }],
-        });
-        let mut files = vec![
-            (
-                "oci-layout".to_string(),
-                br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-            ),
-            ("index.json".to_string(), index.to_string().into_bytes()),
-        ];
-        for (digest, bytes) in self.manifests.iter().chain(&self.blobs) {
-            files.push((blob_path(digest), bytes.clone()));
-        }
-        files
-    }
-
-    /// Writes the layout to `dir` (created).
-    fn write(&self, dir: &Path) -> PathBuf {
-        for (name, bytes) in self.files() {
-            let path = dir.join(name);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, bytes).unwrap();
-        }
-        dir.to_path_buf()
-    }
-
-    /// The layout as an OCI archive (a tar of its files).
-    fn archive(&self) -> Vec<u8> {
-        let files = self.files();
-        let entries: Vec<(&str, &[u8])> = files
-            .iter()
-            .map(|(n, b)| (n.as_str(), b.as_slice()))
-            .collect();
-        tar(&entries)
-    }
-
-    /// Every digest of the layout: manifests and blobs.
-    fn all(&self) -> BTreeMap<String, Vec<u8>> {
-        let mut all = self.blobs.clone();
-        all.extend(self.manifests.clone());
-        all
-    }
-}
-
-fn blob_path(digest: &str) -> String {
-    format!("blobs/{}", digest.replacen(':', "/", 1))
+/// The `docker://` reference of `repo:TAG` on the test server.
+fn docker_ref(s: &TestServer, repo: &str) -> String {
+    format!("docker://{}/{repo}:{TAG}", s.addr)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Assertions
-
-/// Byte equality without dumping megabytes when it fails.
-fn assert_bytes(what: &str, actual: &[u8], expected: &[u8]) {
-    assert!(
-        actual == expected,
-        "{what}: got {} bytes ({}), expected {} bytes ({})",
-        actual.len(),
-        sha256(actual),
-        expected.len(),
-        sha256(expected)
-    );
-}
-
-/// Every file under `dir/blobs`, by digest (checking each hashes to its name).
-fn oci_dir_blobs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for alg in std::fs::read_dir(dir.join("blobs")).expect("blobs/") {
-        let alg = alg.unwrap();
-        for f in std::fs::read_dir(alg.path()).unwrap() {
-            let f = f.unwrap();
-            let digest = format!(
-                "{}:{}",
-                alg.file_name().to_string_lossy(),
-                f.file_name().to_string_lossy()
-            );
-            let bytes = std::fs::read(f.path()).unwrap();
-            assert_eq!(sha256(&bytes), digest, "{} is corrupt", f.path().display());
-            out.insert(digest, bytes);
-        }
-    }
-    out
-}
-
-/// The descriptor `index.json` of an OCI layout gives for `name`.
-fn oci_dir_ref(dir: &Path, name: &str) -> Value {
-    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap())
-        .expect("index.json is JSON");
-    index["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == name)
-        .unwrap_or_else(|| panic!("no {name:?} in {index}"))
-        .clone()
-}
-
-/// An OCI layout pulled back by a client holds exactly the pushed image: `TAG` names the same
-/// manifest digest, and every blob is present and byte-identical.
-fn assert_same_layout(pulled: &Path, layout: &Layout) {
-    let desc = oci_dir_ref(pulled, TAG);
-    assert_eq!(
-        desc["digest"],
-        layout.top.1.as_str(),
-        "{TAG} in pulled index.json"
-    );
-    assert_eq!(desc["mediaType"], layout.top.0);
-    let got = oci_dir_blobs(pulled);
-    let expected = layout.all();
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>(),
-        "digests in the pulled layout"
-    );
-    for (digest, bytes) in &expected {
-        assert_bytes(&format!("pulled {digest}"), &got[digest], bytes);
-    }
-}
 
 /// The registry serves `manifest` under `reference` byte-exact, with its type and digest.
 fn assert_manifest(h: &Http, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) {
@@ -493,224 +92,6 @@ fn assert_fsck_clean(s: &TestServer) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Client sandboxes
-
-/// Private configuration for the containers/image clients (skopeo, podman): only the test
-/// server is known (as an insecure, plain-HTTP registry), no search registries, no mirrors, no
-/// credentials, an accept-anything signature policy and private storage.
-struct Sandbox {
-    dir: tempfile::TempDir,
-    registry: String,
-}
-
-impl Sandbox {
-    fn new(s: &TestServer) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let registry = s.addr.to_string();
-        let p = dir.path();
-        for d in ["registries.d", "tmp", "storage", "run", "podman-tmp"] {
-            std::fs::create_dir(p.join(d)).unwrap();
-        }
-        let files = [
-            (
-                "registries.conf",
-                format!(
-                    "unqualified-search-registries = []\n\n[[registry]]\nlocation = \"{registry}\"\ninsecure = true\n"
-                ),
-            ),
-            (
-                "policy.json",
-                r#"{"default":[{"type":"insecureAcceptAnything"}]}"#.to_string(),
-            ),
-            ("auth.json", "{}".to_string()),
-            (
-                "storage.conf",
-                format!(
-                    "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                    p.join("storage").display(),
-                    p.join("run").display()
-                ),
-            ),
-            (
-                "containers.conf",
-                format!(
-                    "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\ntmp_dir = \"{}\"\n",
-                    p.join("podman-tmp/events.log").display(),
-                    p.join("podman-tmp").display()
-                ),
-            ),
-        ];
-        for (name, text) in files {
-            std::fs::write(p.join(name), text).unwrap();
-        }
-        Self { dir, registry }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `docker://` reference on the test server.
-    fn docker_ref(&self, repo: &str) -> String {
-        format!("docker://{}/{repo}:{TAG}", self.registry)
-    }
-
-    fn with_env(&self, tool: Tool) -> Tool {
-        tool.env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
-            .env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
-            .env("TMPDIR", self.path("tmp"))
-            // Rootless runs keep their blob-info cache here instead of the user's.
-            .env("XDG_DATA_HOME", self.path("tmp"))
-    }
-
-    fn skopeo(&self) -> Tool {
-        self.with_env(Tool::new("skopeo"))
-            .arg("--policy")
-            .arg(self.path("policy.json"))
-            .arg("--registries.d")
-            .arg(self.path("registries.d"))
-    }
-
-    fn podman(&self) -> Tool {
-        self.with_env(Tool::new("podman"))
-            .arg("--root")
-            .arg(self.path("storage"))
-            .arg("--runroot")
-            .arg(self.path("run"))
-            .arg("--tmpdir")
-            .arg(self.path("podman-tmp"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--events-backend",
-                "file",
-                "--cgroup-manager",
-                "cgroupfs",
-            ])
-    }
-}
-
-/// A private containerd daemon (its own root, state and socket in a temp dir), stopped by PID
-/// when dropped — also when the test fails.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    #[allow(clippy::zombie_processes)] // reaped by Drop
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-]
-
-[grpc]
-  address = "{sock}"
-
-[ttrpc]
-  address = "{sock}.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-"#,
-            root = p.join("root").display(),
-            state = p.join("state").display(),
-            sock = p.join("containerd.sock").display(),
-        );
-        std::fs::write(p.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(p.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let mut daemon = Self { child, dir };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    /// Waits until the daemon answers `ctr version` (or panics with its log if it exits or
-    /// never does).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("containerd exited ({status}):\n{}", self.log());
-            }
-            let ok = self.dir.path().join("containerd.sock").exists()
-                && Command::new("ctr")
-                    .arg("--address")
-                    .arg(self.dir.path().join("containerd.sock"))
-                    .arg("version")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `ctr` against this daemon, in namespace `e2e`.
-    fn ctr(&self) -> Tool {
-        Tool::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(["--namespace", "e2e"])
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // SIGTERM for a clean shutdown; SIGKILL if it does not go.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The tests
 
 #[test]
@@ -720,11 +101,11 @@ fn skopeo_round_trips_an_oci_image_byte_exact() {
     }
     let s = TestServer::start();
     let h = Http::for_server(&s);
-    let sb = Sandbox::new(&s);
-    let layout = Layout::single(1);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
+    let layout = Layout::single(1, &OCI, &LAYERS);
     let src = layout.write(&sb.path("src"));
     let repo = "local/e2e/oci";
-    let remote = sb.docker_ref(repo);
+    let remote = docker_ref(&s, repo);
 
     sb.skopeo()
         .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
@@ -758,13 +139,13 @@ fn skopeo_round_trips_an_oci_image_byte_exact() {
             "--dest-tls-verify=false",
         ])
         .arg(&remote)
-        .arg(sb.docker_ref(copy))
+        .arg(docker_ref(&s, copy))
         .run();
     assert_registry_holds(&h, copy, &layout);
     let tags: Value = serde_json::from_str(
         &sb.skopeo()
             .args(["list-tags", "--tls-verify=false"])
-            .arg(format!("docker://{}/{copy}", sb.registry))
+            .arg(format!("docker://{}/{copy}", s.addr))
             .run(),
     )
     .expect("skopeo list-tags JSON");
@@ -773,7 +154,7 @@ fn skopeo_round_trips_an_oci_image_byte_exact() {
     // skopeo delete removes the copy's manifest (by digest) and nothing of the original.
     sb.skopeo()
         .args(["delete", "--tls-verify=false"])
-        .arg(sb.docker_ref(copy))
+        .arg(docker_ref(&s, copy))
         .run();
     for reference in [TAG, layout.top.1.as_str()] {
         let r = h.get(&format!("/v2/{copy}/manifests/{reference}"));
@@ -792,12 +173,12 @@ fn skopeo_pushes_docker_schema2_and_pulls_it_back() {
     }
     let s = TestServer::start();
     let h = Http::for_server(&s);
-    let sb = Sandbox::new(&s);
-    let layout = Layout::single(2);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
+    let layout = Layout::single(2, &OCI, &LAYERS);
     let image = &layout.images[0];
     let src = layout.write(&sb.path("src"));
     let repo = "local/e2e/schema2";
-    let remote = sb.docker_ref(repo);
+    let remote = docker_ref(&s, repo);
 
     sb.skopeo()
         .args(["copy", "--format", "v2s2", "--dest-tls-verify=false"])
@@ -876,11 +257,11 @@ fn skopeo_all_round_trips_a_multi_arch_index() {
     }
     let s = TestServer::start();
     let h = Http::for_server(&s);
-    let sb = Sandbox::new(&s);
-    let layout = Layout::multi_arch(3);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
+    let layout = Layout::multi_arch(3, &OCI, &LAYERS);
     let src = layout.write(&sb.path("src"));
     let repo = "local/e2e/multi";
-    let remote = sb.docker_ref(repo);
+    let remote = docker_ref(&s, repo);
 
     sb.skopeo()
         .args([
@@ -933,13 +314,13 @@ fn podman_pushes_and_pulls_an_image() {
     }
     let s = TestServer::start();
     let h = Http::for_server(&s);
-    let sb = Sandbox::new(&s);
-    let layout = Layout::single(4);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
+    let layout = Layout::single(4, &OCI, &LAYERS);
     let image = &layout.images[0];
     let archive = sb.path("image.tar");
     std::fs::write(&archive, layout.archive()).unwrap();
     let repo = "local/e2e/podman";
-    let name = format!("{}/{repo}:{TAG}", sb.registry);
+    let name = format!("{}/{repo}:{TAG}", s.addr);
 
     // Into podman's (private, vfs) storage from an OCI archive; its ID is the config digest.
     sb.podman().args(["load", "--input"]).arg(&archive).run();
@@ -1029,18 +410,14 @@ fn podman_pushes_and_pulls_an_image() {
 
 #[test]
 fn containerd_ctr_pushes_and_pulls_an_image() {
-    if !have(&["containerd", "ctr"]) {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && !skip("containerd needs root") {
+    if !containerd_usable(SUITE) {
         return;
     }
     let s = TestServer::start();
     let h = Http::for_server(&s);
-    let layout = Layout::single(5);
+    let layout = Layout::single(5, &OCI, &LAYERS);
     let image = &layout.images[0];
-    let daemon = Containerd::start();
+    let daemon = Containerd::start(EGRESS);
     let archive = daemon.dir.path().join("image.tar");
     std::fs::write(&archive, layout.archive()).unwrap();
     let repo = "local/e2e/ctr";
@@ -1150,7 +527,10 @@ fn oras_py_pushes_an_artifact_and_a_referrer() {
         .output()
         .expect("python3");
     if !probe.status.success()
-        && !skip("python module oras (oras-py) not installed (scripts/test installs it)")
+        && !skip(
+            SUITE,
+            "python module oras (oras-py) not installed (scripts/test installs it)",
+        )
     {
         return;
     }
@@ -1166,7 +546,7 @@ fn oras_py_pushes_an_artifact_and_a_referrer() {
     std::fs::write(work.path().join("e2e_oras.py"), ORAS_SCRIPT).unwrap();
     let repo = "local/e2e/art";
 
-    let out = Tool::new("python3")
+    let out = Tool::new("python3", EGRESS)
         .arg("e2e_oras.py")
         .arg(s.addr.to_string())
         .dir(work.path())

@@ -13,418 +13,39 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
+use common::images::*;
 use common::upstream::{self, Distribution};
 use common::*;
 use serde_json::{Value, json};
 use transship::config::HumanDuration;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-/// The tag every fixture is seeded under (and the name its OCI layout gives it).
-const TAG: &str = "v1";
 /// The second upstream's name (the first is the default, `docker.io`).
 const SECOND: &str = "ghcr.io";
 
-// ---------------------------------------------------------------------------------------------
-// Running clients
-
-/// Whether `program` is an executable on PATH.
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            std::fs::metadata(dir.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
-}
-
-/// Reports a test that cannot run: a failure under CI (which installs every client), else a
-/// loud SKIP. Returns false so callers can `if !... { return; }`.
-fn skip(why: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{why}; CI is set, so every mirror client test must run");
-    }
-    eprintln!("SKIP: {why}");
-    false
-}
+/// Names this suite in the CI failure for a missing client (see `skip`).
+const SUITE: &str = "mirror client";
+/// Loopback goes direct; anything else goes to a proxy on a closed loopback port and fails at
+/// once: no client can fall back to a public registry.
+const EGRESS: Egress = Egress::LoopbackOnly;
+/// What this suite's fixture images hold.
+const LAYERS: LayerRecipe = LayerRecipe {
+    app_bin: 1_200_000,
+    data_bin: 50_001,
+    readme: "mirror e2e image",
+};
 
 /// True when the upstream and every program are installed; otherwise reports a skip.
 fn have(programs: &[&str]) -> bool {
-    if !upstream::available() {
-        return false;
-    }
-    let missing: Vec<&str> = programs.iter().copied().filter(|p| !on_path(p)).collect();
-    missing.is_empty()
-        || skip(&format!(
-            "not installed: {} (scripts/test installs it)",
-            missing.join(", ")
-        ))
+    upstream::available() && programs_installed(SUITE, programs)
 }
 
-/// containerd needs root (its snapshotter mounts and chowns).
+/// True when the upstream and containerd are installed and we are root; otherwise reports a
+/// skip.
 fn have_containerd() -> bool {
-    if !have(&["containerd", "ctr"]) {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root || skip("containerd needs root")
-}
-
-/// A client command line: captures stdout and stderr and panics with both when it fails.
-struct Tool {
-    cmd: Command,
-    line: String,
-}
-
-impl Tool {
-    fn new(program: impl AsRef<OsStr>) -> Self {
-        let mut cmd = Command::new(program.as_ref());
-        cmd.stdin(Stdio::null())
-            // Loopback goes direct; anything else goes to a proxy on a closed loopback port
-            // and fails at once: no client can fall back to a public registry.
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("no_proxy", "127.0.0.1,localhost")
-            .env("HTTP_PROXY", "http://127.0.0.1:9")
-            .env("HTTPS_PROXY", "http://127.0.0.1:9")
-            .env("http_proxy", "http://127.0.0.1:9")
-            .env("https_proxy", "http://127.0.0.1:9");
-        Self {
-            cmd,
-            line: program.as_ref().to_string_lossy().into_owned(),
-        }
-    }
-
-    fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.line.push(' ');
-        self.line.push_str(&arg.as_ref().to_string_lossy());
-        self.cmd.arg(arg);
-        self
-    }
-
-    fn args<S: AsRef<OsStr>>(self, args: impl IntoIterator<Item = S>) -> Self {
-        args.into_iter().fold(self, |tool, a| tool.arg(a))
-    }
-
-    fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
-        self.cmd.env(key, value);
-        self
-    }
-
-    /// Runs to completion; returns (stdout, stderr). Panics with both unless it succeeds.
-    fn output(mut self) -> (Vec<u8>, String) {
-        let out = self
-            .cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", self.line));
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "`{}` failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{stderr}",
-            self.line,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-        );
-        (out.stdout, stderr)
-    }
-
-    fn run_bytes(self) -> Vec<u8> {
-        self.output().0
-    }
-
-    fn run(self) -> String {
-        String::from_utf8_lossy(&self.run_bytes()).into_owned()
-    }
-
-    /// Runs to completion; returns stderr. Panics unless it fails.
-    fn fails(mut self) -> String {
-        let out = self
-            .cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", self.line));
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            !out.status.success(),
-            "`{}` succeeded but should have failed\n--- stderr ---\n{stderr}",
-            self.line
-        );
-        stderr
-    }
-
-    /// Runs and returns what it logged on stderr (clients' debug logs name every request).
-    fn run_log(self) -> String {
-        self.output().1
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fixture images: real tar layers, gzip-wrapped, with correct diff_ids; OCI or Docker schema2
-
-/// A ustar archive of regular files (mode 0644, owner root, mtime 0).
-fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    fn octal(field: &mut [u8], value: u64) {
-        let digits = format!("{value:0width$o}", width = field.len() - 1);
-        field[..digits.len()].copy_from_slice(digits.as_bytes());
-    }
-    let mut out = Vec::new();
-    for (name, data) in files {
-        assert!(name.len() < 100, "tar name too long: {name}");
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        octal(&mut h[100..108], 0o644);
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], data.len() as u64);
-        octal(&mut h[136..148], 0);
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
-        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&h);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(512), 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
-/// A valid gzip stream of `data` in stored (uncompressed) deflate blocks.
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
-    let mut chunks = data.chunks(0xffff).peekable();
-    if chunks.peek().is_none() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(chunk) = chunks.next() {
-        let len = chunk.len() as u16;
-        out.push(u8::from(chunks.peek().is_none()));
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out.extend_from_slice(&crc32(data).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out
-}
-
-/// The media types of one manifest format.
-struct Format {
-    manifest: &'static str,
-    index: &'static str,
-    config: &'static str,
-    layer: &'static str,
-}
-
-const OCI: Format = Format {
-    manifest: OCI_MANIFEST,
-    index: OCI_INDEX,
-    config: OCI_CONFIG,
-    layer: OCI_LAYER_GZIP,
-};
-
-const DOCKER: Format = Format {
-    manifest: DOCKER_MANIFEST,
-    index: DOCKER_LIST,
-    config: DOCKER_CONFIG,
-    layer: DOCKER_LAYER_GZIP,
-};
-
-/// One platform image of a fixture.
-struct Image {
-    manifest: Vec<u8>,
-    digest: String,
-    config_digest: String,
-    /// Uncompressed layer tars; their digests are the config's `diff_ids`.
-    layer_tars: Vec<Vec<u8>>,
-    /// Digests of the gzip layer blobs, in manifest order.
-    layer_digests: Vec<String>,
-}
-
-/// An image (or an index of images) in memory.
-struct Layout {
-    format: &'static Format,
-    /// What `TAG` names: (media type, digest, bytes).
-    top: (&'static str, String, Vec<u8>),
-    images: Vec<Image>,
-    /// Manifests (image manifests and the index) by digest.
-    manifests: BTreeMap<String, Vec<u8>>,
-    /// Configs and layers by digest.
-    blobs: BTreeMap<String, Vec<u8>>,
-}
-
-impl Layout {
-    /// A single-platform image (linux/amd64) with two layers.
-    fn single(seed: u64, format: &'static Format) -> Self {
-        let mut l = Self::empty(format);
-        let image = l.add_image(seed, "amd64");
-        l.top = (
-            format.manifest,
-            image.digest.clone(),
-            image.manifest.clone(),
-        );
-        l.images.push(image);
-        l
-    }
-
-    /// An index (OCI index or Docker manifest list) over linux/amd64 and linux/arm64.
-    fn multi_arch(seed: u64, format: &'static Format) -> Self {
-        let mut l = Self::empty(format);
-        let mut entries = Vec::new();
-        for (i, arch) in ["amd64", "arm64"].into_iter().enumerate() {
-            let image = l.add_image(seed + 10 * i as u64, arch);
-            entries.push(json!({
-                "mediaType": format.manifest,
-                "digest": image.digest,
-                "size": image.manifest.len(),
-                "platform": {"architecture": arch, "os": "linux"},
-            }));
-            l.images.push(image);
-        }
-        let index = json!({"schemaVersion": 2, "mediaType": format.index, "manifests": entries})
-            .to_string()
-            .into_bytes();
-        let digest = sha256(&index);
-        l.manifests.insert(digest.clone(), index.clone());
-        l.top = (format.index, digest, index);
-        l
-    }
-
-    fn empty(format: &'static Format) -> Self {
-        Self {
-            format,
-            top: ("", String::new(), Vec::new()),
-            images: Vec::new(),
-            manifests: BTreeMap::new(),
-            blobs: BTreeMap::new(),
-        }
-    }
-
-    fn add_blob(&mut self, bytes: Vec<u8>) -> String {
-        let digest = sha256(&bytes);
-        self.blobs.insert(digest.clone(), bytes);
-        digest
-    }
-
-    fn add_image(&mut self, seed: u64, arch: &str) -> Image {
-        // One layer of over a megabyte and one small one.
-        let layer_tars = vec![
-            tar(&[
-                ("app.bin", &random_bytes(1_200_000 + seed as usize, seed)),
-                (
-                    "README",
-                    format!("mirror e2e image {seed} for {arch}\n").as_bytes(),
-                ),
-            ]),
-            tar(&[("data.bin", &random_bytes(50_001, seed + 1))]),
-        ];
-        let diff_ids: Vec<String> = layer_tars.iter().map(|t| sha256(t)).collect();
-        let layer_type = self.format.layer;
-        let layers: Vec<Value> = layer_tars
-            .iter()
-            .map(|t| {
-                let gz = gzip(t);
-                let size = gz.len();
-                json!({"mediaType": layer_type, "digest": self.add_blob(gz), "size": size})
-            })
-            .collect();
-        let layer_digests = layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect();
-        let config = json!({
-            "architecture": arch,
-            "os": "linux",
-            "config": {"Cmd": ["/app.bin"], "Env": [format!("E2E_SEED={seed}")]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        })
-        .to_string()
-        .into_bytes();
-        let config_size = config.len();
-        let config_digest = self.add_blob(config);
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": self.format.manifest,
-            "config": {"mediaType": self.format.config, "digest": config_digest, "size": config_size},
-            "layers": layers,
-        })
-        .to_string()
-        .into_bytes();
-        let digest = sha256(&manifest);
-        self.manifests.insert(digest.clone(), manifest.clone());
-        Image {
-            manifest,
-            digest,
-            config_digest,
-            layer_tars,
-            layer_digests,
-        }
-    }
-
-    /// Writes it as an OCI image layout to `dir` (created), naming the top `TAG`.
-    fn write(&self, dir: &Path) -> PathBuf {
-        let index = json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": self.top.0,
-                "digest": self.top.1,
-                "size": self.top.2.len(),
-                "annotations": {"org.opencontainers.image.ref.name": TAG},
-            }],
-        });
-        let mut files = vec![
-            (
-                "oci-layout".to_string(),
-                br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-            ),
-            ("index.json".to_string(), index.to_string().into_bytes()),
-        ];
-        for (digest, bytes) in self.manifests.iter().chain(&self.blobs) {
-            files.push((
-                format!("blobs/{}", digest.replacen(':', "/", 1)),
-                bytes.clone(),
-            ));
-        }
-        for (name, bytes) in files {
-            let path = dir.join(name);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, bytes).unwrap();
-        }
-        dir.to_path_buf()
-    }
-
-    /// Every digest: manifests and blobs.
-    fn all(&self) -> BTreeMap<String, Vec<u8>> {
-        let mut all = self.blobs.clone();
-        all.extend(self.manifests.clone());
-        all
-    }
+    upstream::available() && containerd_usable(SUITE)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -584,351 +205,6 @@ fn assert_fsck_clean(s: &TestServer) {
     assert!(report.blobs_checked > 0 && report.manifests_checked > 0);
 }
 
-/// Byte equality without dumping megabytes when it fails.
-fn assert_bytes(what: &str, actual: &[u8], expected: &[u8]) {
-    assert!(
-        actual == expected,
-        "{what}: got {} bytes ({}), expected {} bytes ({})",
-        actual.len(),
-        sha256(actual),
-        expected.len(),
-        sha256(expected)
-    );
-}
-
-/// Every file under `dir/blobs` of an OCI layout, by digest (checking each hashes to its name).
-fn oci_dir_blobs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for alg in std::fs::read_dir(dir.join("blobs")).expect("blobs/") {
-        let alg = alg.unwrap();
-        for f in std::fs::read_dir(alg.path()).unwrap() {
-            let f = f.unwrap();
-            let digest = format!(
-                "{}:{}",
-                alg.file_name().to_string_lossy(),
-                f.file_name().to_string_lossy()
-            );
-            let bytes = std::fs::read(f.path()).unwrap();
-            assert_eq!(sha256(&bytes), digest, "{} is corrupt", f.path().display());
-            out.insert(digest, bytes);
-        }
-    }
-    out
-}
-
-/// An OCI layout pulled by a client holds exactly `layout`: `TAG` names the same top manifest,
-/// and every manifest and blob is present and byte-identical.
-fn assert_same_layout(pulled: &Path, layout: &Layout) {
-    let index: Value = serde_json::from_slice(&std::fs::read(pulled.join("index.json")).unwrap())
-        .expect("index.json is JSON");
-    let desc = index["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == TAG)
-        .unwrap_or_else(|| panic!("no {TAG:?} in {index}"));
-    assert_eq!(desc["digest"], layout.top.1.as_str(), "{TAG} in index.json");
-    assert_eq!(desc["mediaType"], layout.top.0);
-    let got = oci_dir_blobs(pulled);
-    let expected = layout.all();
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        expected.keys().collect::<Vec<_>>(),
-        "digests in the pulled layout"
-    );
-    for (digest, bytes) in &expected {
-        assert_bytes(&format!("pulled {digest}"), &got[digest], bytes);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Client sandboxes
-
-/// Private configuration for skopeo and podman: the given `registries.conf` (loopback only, no
-/// search registries), an accept-anything signature policy, no credentials, private storage.
-struct Sandbox {
-    dir: tempfile::TempDir,
-}
-
-impl Sandbox {
-    fn new(registries_conf: &str) -> Self {
-        assert!(
-            registries_conf.contains("unqualified-search-registries = []"),
-            "{registries_conf}"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path();
-        for d in ["registries.d", "tmp", "storage", "run", "podman-tmp"] {
-            std::fs::create_dir(p.join(d)).unwrap();
-        }
-        let files = [
-            ("registries.conf", registries_conf.to_string()),
-            (
-                "policy.json",
-                r#"{"default":[{"type":"insecureAcceptAnything"}]}"#.to_string(),
-            ),
-            ("auth.json", "{}".to_string()),
-            (
-                "storage.conf",
-                format!(
-                    "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                    p.join("storage").display(),
-                    p.join("run").display()
-                ),
-            ),
-            (
-                "containers.conf",
-                format!(
-                    "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\ntmp_dir = \"{}\"\n",
-                    p.join("podman-tmp/events.log").display(),
-                    p.join("podman-tmp").display()
-                ),
-            ),
-        ];
-        for (name, text) in files {
-            std::fs::write(p.join(name), text).unwrap();
-        }
-        Self { dir }
-    }
-
-    /// Only the given plain-HTTP registries, by address.
-    fn insecure(registries: &[String]) -> Self {
-        let mut conf = "unqualified-search-registries = []\n".to_string();
-        for r in registries {
-            conf.push_str(&format!(
-                "\n[[registry]]\nlocation = \"{r}\"\ninsecure = true\n"
-            ));
-        }
-        Self::new(&conf)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn with_env(&self, tool: Tool) -> Tool {
-        tool.env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
-            .env("CONTAINERS_STORAGE_CONF", self.path("storage.conf"))
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("REGISTRY_AUTH_FILE", self.path("auth.json"))
-            .env("TMPDIR", self.path("tmp"))
-            .env("XDG_DATA_HOME", self.path("tmp"))
-    }
-
-    fn skopeo(&self) -> Tool {
-        self.with_env(Tool::new("skopeo"))
-            .arg("--policy")
-            .arg(self.path("policy.json"))
-            .arg("--registries.d")
-            .arg(self.path("registries.d"))
-    }
-
-    fn podman(&self) -> Tool {
-        self.with_env(Tool::new("podman"))
-            .arg("--root")
-            .arg(self.path("storage"))
-            .arg("--runroot")
-            .arg(self.path("run"))
-            .arg("--tmpdir")
-            .arg(self.path("podman-tmp"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--events-backend",
-                "file",
-                "--cgroup-manager",
-                "cgroupfs",
-            ])
-    }
-}
-
-/// A private containerd daemon (its own root, state and socket in a temp dir), stopped by PID
-/// when dropped — also when the test fails. Pulls with `ctr` resolve and fetch in the `ctr`
-/// process itself, configured by a hosts directory the test writes.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    #[allow(clippy::zombie_processes)] // reaped by Drop
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-]
-
-[grpc]
-  address = "{sock}"
-
-[ttrpc]
-  address = "{sock}.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-"#,
-            root = p.join("root").display(),
-            state = p.join("state").display(),
-            sock = p.join("containerd.sock").display(),
-        );
-        std::fs::write(p.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(p.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let mut daemon = Self { child, dir };
-        daemon.wait_ready();
-        daemon
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("containerd exited ({status}):\n{}", self.log());
-            }
-            let ok = self.dir.path().join("containerd.sock").exists()
-                && Command::new("ctr")
-                    .arg("--address")
-                    .arg(self.dir.path().join("containerd.sock"))
-                    .arg("version")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `ctr` against this daemon, in namespace `e2e`.
-    fn ctr(&self) -> Tool {
-        Tool::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(["--namespace", "e2e"])
-    }
-
-    /// A hosts directory sending every pull for `registry` to the mirror at `mirror`
-    /// (`host:port`): the mirror as a pull/resolve host and as the server, so there is no
-    /// public fallback at all.
-    fn hosts_dir(&self, registry: &str, mirror: &str) -> PathBuf {
-        let dir = self.dir.path().join("hosts");
-        std::fs::create_dir_all(dir.join(registry)).unwrap();
-        std::fs::write(
-            dir.join(registry).join("hosts.toml"),
-            format!(
-                "server = \"http://{mirror}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )
-        .unwrap();
-        dir
-    }
-
-    /// `ctr --debug images pull` of `reference` through `hosts`; returns the debug log, which
-    /// names every URL requested.
-    fn pull(&self, hosts: &Path, reference: &str, all_platforms: bool) -> String {
-        let mut tool = self
-            .ctr()
-            .args(["--debug", "images", "pull", "--plain-http", "--hosts-dir"])
-            .arg(hosts)
-            .args(["--snapshotter", "native"]);
-        if all_platforms {
-            tool = tool.arg("--all-platforms");
-        }
-        tool.arg(reference).run_log()
-    }
-
-    /// Removes the image and garbage-collects everything it held.
-    fn forget(&self, reference: &str) {
-        self.ctr().args(["images", "rm", "--sync", reference]).run();
-        assert_eq!(
-            self.ctr().args(["content", "ls", "--quiet"]).run().trim(),
-            "",
-            "content left after removing {reference}"
-        );
-    }
-
-    /// The content store holds exactly `expected`, byte for byte.
-    fn assert_content(&self, expected: &BTreeMap<String, Vec<u8>>) {
-        let mut content: Vec<String> = self
-            .ctr()
-            .args(["content", "ls", "--quiet"])
-            .run()
-            .lines()
-            .map(str::to_string)
-            .collect();
-        content.sort();
-        assert_eq!(content, expected.keys().cloned().collect::<Vec<_>>());
-        for (digest, bytes) in expected {
-            let got = self.ctr().args(["content", "get", digest]).run_bytes();
-            assert_bytes(&format!("containerd content {digest}"), &got, bytes);
-        }
-    }
-
-    /// The digest `ctr images ls` gives `reference`.
-    fn image_digest(&self, reference: &str) -> String {
-        let listed = self.ctr().args(["images", "ls"]).run();
-        let row = listed
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(reference))
-            .unwrap_or_else(|| panic!("{reference} not in\n{listed}"));
-        row.split_whitespace()
-            .find(|f| f.starts_with("sha256:"))
-            .unwrap_or_else(|| panic!("no digest in {row}"))
-            .to_string()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // SIGTERM for a clean shutdown; SIGKILL if it does not go.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One request as `ctr --debug` logged it ("do request"), with the answer it logged for the
 /// same URL ("fetch response received").
 #[derive(Debug, Clone)]
@@ -1064,13 +340,13 @@ fn containerd_pulls_through_the_mirror_once_and_then_from_cache() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::single(11, &OCI);
+    let layout = Layout::single(11, &OCI, &LAYERS);
     let image = &layout.images[0];
     seed(&up, "library/ctrimg", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
-    let daemon = Containerd::start();
+    let daemon = Containerd::start(EGRESS);
     let hosts = daemon.hosts_dir("docker.io", &s.addr.to_string());
     let reference = format!("docker.io/library/ctrimg:{TAG}");
     let base = format!("http://{}/v2/library/ctrimg/", s.addr);
@@ -1167,14 +443,14 @@ fn containerd_repull_revalidates_the_tag_with_one_head_and_survives_an_outage() 
         return;
     }
     let mut up = Distribution::start();
-    let layout = Layout::single(81, &OCI);
+    let layout = Layout::single(81, &OCI, &LAYERS);
     let image = &layout.images[0];
     seed(&up, "library/fresh", &layout);
     let seeded = upstream_requests(&up).len();
     // Tags are revalidated on every request.
     let s = mirror(&up, None, Duration::ZERO);
     let h = Http::for_server(&s);
-    let daemon = Containerd::start();
+    let daemon = Containerd::start(EGRESS);
     let hosts = daemon.hosts_dir("docker.io", &s.addr.to_string());
     let reference = format!("docker.io/library/fresh:{TAG}");
     let base = format!("http://{}/v2/library/fresh/", s.addr);
@@ -1231,8 +507,8 @@ fn containerd_ns_routes_to_the_second_upstream() {
     // The same repository name on both upstreams, holding different images.
     let first = Distribution::start();
     let second = Distribution::start();
-    let decoy = Layout::single(21, &OCI);
-    let layout = Layout::single(22, &OCI);
+    let decoy = Layout::single(21, &OCI, &LAYERS);
+    let layout = Layout::single(22, &OCI, &LAYERS);
     let image = &layout.images[0];
     seed(&first, "org/app", &decoy);
     seed(&second, "org/app", &layout);
@@ -1240,7 +516,7 @@ fn containerd_ns_routes_to_the_second_upstream() {
     let second_seeded = upstream_requests(&second).len();
     let s = mirror(&first, Some(&second), HOUR);
     let h = Http::for_server(&s);
-    let daemon = Containerd::start();
+    let daemon = Containerd::start(EGRESS);
     let hosts = daemon.hosts_dir(SECOND, &s.addr.to_string());
     let reference = format!("{SECOND}/org/app:{TAG}");
     let fetched = digests(&layout, &[&image.digest]);
@@ -1298,9 +574,9 @@ fn podman_pulls_through_a_registries_conf_location_with_a_path_prefix() {
     }
     let up = Distribution::start();
     let second = Distribution::start();
-    let layout = Layout::single(31, &OCI);
+    let layout = Layout::single(31, &OCI, &LAYERS);
     let image = &layout.images[0];
-    let tool = Layout::single(32, &OCI);
+    let tool = Layout::single(32, &OCI, &LAYERS);
     seed(&up, "library/podimg", &layout);
     seed(&second, "org/tool", &tool);
     let seeded = upstream_requests(&up).len();
@@ -1309,10 +585,13 @@ fn podman_pulls_through_a_registries_conf_location_with_a_path_prefix() {
     let h = Http::for_server(&s);
     // Each registry lives at transship under its name as a path prefix; nothing else is
     // known, so there is no public fallback.
-    let sb = Sandbox::new(&format!(
-        "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"{0}/docker.io\"\ninsecure = true\n\n[[registry]]\nprefix = \"{SECOND}\"\nlocation = \"{0}/{SECOND}\"\ninsecure = true\n",
-        s.addr
-    ));
+    let sb = Sandbox::new(
+        &format!(
+            "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"{0}/docker.io\"\ninsecure = true\n\n[[registry]]\nprefix = \"{SECOND}\"\nlocation = \"{0}/{SECOND}\"\ninsecure = true\n",
+            s.addr
+        ),
+        EGRESS,
+    );
     let name = format!("docker.io/library/podimg:{TAG}");
 
     let log = sb
@@ -1422,12 +701,12 @@ fn skopeo_copies_an_oci_image_through_the_mirror_byte_exact() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::single(41, &OCI);
+    let layout = Layout::single(41, &OCI, &LAYERS);
     seed(&up, "library/skoimg", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
-    let sb = Sandbox::insecure(&[s.addr.to_string()]);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
     let remote = format!("docker://{}/library/skoimg:{TAG}", s.addr);
 
     let out = sb.path("out");
@@ -1501,8 +780,8 @@ fn skopeo_copies_a_multi_arch_index_through_the_mirror_with_all() {
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
     let upstream_addr = format!("127.0.0.1:{}", up.port);
-    let sb = Sandbox::insecure(&[s.addr.to_string(), upstream_addr.clone()]);
-    let layout = Layout::multi_arch(51, &OCI);
+    let sb = Sandbox::insecure(&[s.addr.to_string(), upstream_addr.clone()], EGRESS);
+    let layout = Layout::multi_arch(51, &OCI, &LAYERS);
     let src = layout.write(&sb.path("src"));
 
     // Seeded with skopeo, as is.
@@ -1568,8 +847,8 @@ fn skopeo_pulls_a_docker_schema2_image_through_the_mirror() {
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
     let upstream_addr = format!("127.0.0.1:{}", up.port);
-    let sb = Sandbox::insecure(&[s.addr.to_string(), upstream_addr.clone()]);
-    let layout = Layout::single(61, &OCI);
+    let sb = Sandbox::insecure(&[s.addr.to_string(), upstream_addr.clone()], EGRESS);
+    let layout = Layout::single(61, &OCI, &LAYERS);
     let image = &layout.images[0];
     let src = layout.write(&sb.path("src"));
 
@@ -1643,12 +922,12 @@ fn containerd_pulls_a_docker_manifest_list_through_the_mirror() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::multi_arch(71, &DOCKER);
+    let layout = Layout::multi_arch(71, &DOCKER, &LAYERS);
     seed(&up, "library/dlist", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
-    let daemon = Containerd::start();
+    let daemon = Containerd::start(EGRESS);
     let hosts = daemon.hosts_dir("docker.io", &s.addr.to_string());
     let reference = format!("docker.io/library/dlist:{TAG}");
 
@@ -1722,13 +1001,13 @@ fn skopeo_downloads_a_layer_shared_by_two_repositories_once() {
     }
     // The same image in two upstream repositories (a base image under two names).
     let up = Distribution::start();
-    let layout = Layout::single(91, &OCI);
+    let layout = Layout::single(91, &OCI, &LAYERS);
     seed(&up, "library/base-a", &layout);
     seed(&up, "library/base-b", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
-    let sb = Sandbox::insecure(&[s.addr.to_string()]);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
     for (i, repo) in ["library/base-a", "library/base-b"].into_iter().enumerate() {
         let out = sb.path(&format!("out{i}"));
         sb.skopeo()
@@ -1781,12 +1060,12 @@ fn concurrent_skopeo_pulls_of_a_cold_image_download_each_blob_once() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::multi_arch(101, &OCI);
+    let layout = Layout::multi_arch(101, &OCI, &LAYERS);
     seed(&up, "library/rush", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
     let h = Http::for_server(&s);
-    let sb = Sandbox::insecure(&[s.addr.to_string()]);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
     let outs: Vec<PathBuf> = (0..3).map(|i| sb.path(&format!("out{i}"))).collect();
     let pulls: Vec<_> = outs
         .iter()
@@ -1836,7 +1115,7 @@ fn podman_pulls_one_platform_of_an_index_through_a_registry_mirror_entry() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::multi_arch(111, &OCI);
+    let layout = Layout::multi_arch(111, &OCI, &LAYERS);
     let amd64 = &layout.images[0];
     seed(&up, "library/mirrored", &layout);
     let seeded = upstream_requests(&up).len();
@@ -1845,10 +1124,13 @@ fn podman_pulls_one_platform_of_an_index_through_a_registry_mirror_entry() {
     // The usual production setup: docker.io keeps its own location, with transship as its
     // mirror. Here the "own location" is a closed loopback port, so a fallback past the
     // mirror would fail instead of reaching Docker Hub.
-    let sb = Sandbox::new(&format!(
-        "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{}/docker.io\"\ninsecure = true\n",
-        s.addr
-    ));
+    let sb = Sandbox::new(
+        &format!(
+            "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:9\"\ninsecure = true\n\n[[registry.mirror]]\nlocation = \"{}/docker.io\"\ninsecure = true\n",
+            s.addr
+        ),
+        EGRESS,
+    );
     let name = format!("docker.io/library/mirrored:{TAG}");
     let log = sb
         .podman()
@@ -1909,11 +1191,11 @@ fn concurrent_skopeo_pulls_of_a_cold_image_fetch_each_manifest_once() {
         return;
     }
     let up = Distribution::start();
-    let layout = Layout::multi_arch(121, &OCI);
+    let layout = Layout::multi_arch(121, &OCI, &LAYERS);
     seed(&up, "library/herd", &layout);
     let seeded = upstream_requests(&up).len();
     let s = mirror(&up, None, HOUR);
-    let sb = Sandbox::insecure(&[s.addr.to_string()]);
+    let sb = Sandbox::insecure(&[s.addr.to_string()], EGRESS);
     let pulls: Vec<_> = (0..4)
         .map(|i| {
             let tool = sb

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use transship::App;
 use transship::config::Config;
 
+pub mod images;
 pub mod upstream;
 
 pub const EMPTY_SHA256: &str =
