@@ -42,7 +42,7 @@ pub async fn get(
         set(&mut r, header::ETAG, &etag);
         set(
             &mut r,
-            "docker-content-digest".parse().expect("static"),
+            http::HeaderName::from_static("docker-content-digest"),
             &digest_str,
         );
         return Ok(r);

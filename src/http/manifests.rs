@@ -39,6 +39,17 @@ pub fn parse_reference(s: &str) -> Result<Reference, RegistryError> {
     })
 }
 
+/// Every `Accept` line of the request, merged (moby and podman send several).
+pub fn accept_list(parts: &Parts) -> AcceptList {
+    AcceptList::from_headers(
+        parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
 /// The stored bytes with their exact media type.
 pub fn manifest_response(m: &StoredManifest, head: bool) -> Resp {
     let body = if head {
@@ -69,13 +80,7 @@ pub async fn get(
     let unknown = || RegistryError::manifest_unknown(&format!("{repo}:{reference}"));
     let digest = app.store.resolve(repo, &reference)?.ok_or_else(unknown)?;
     let m = app.store.manifest(repo, &digest)?.ok_or_else(unknown)?;
-    let accept = AcceptList::from_headers(
-        parts
-            .headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = accept_list(parts);
     let by_tag = matches!(reference, Reference::Tag(_));
     let m = match negotiate(&accept, &m.media_type, by_tag) {
         Negotiated::Serve => m,

@@ -10,12 +10,12 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, header};
 
 use super::blobs::blob_headers;
 use super::body::ResponseBody;
-use super::manifests::{manifest_response, parse_reference_to_read};
+use super::manifests::{accept_list, manifest_response, parse_reference_to_read};
 use super::response::{Resp, set};
 use super::{parse_digest, query_one};
 use crate::App;
 use crate::oci::manifest::ParsedManifest;
-use crate::oci::media::{AcceptList, Negotiated, negotiate};
+use crate::oci::media::{Negotiated, negotiate};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
 use crate::proxy::fill::{self, FillError};
 use crate::proxy::freshness::{self, oci_namespace};
@@ -61,13 +61,7 @@ pub async fn get_manifest(
 ) -> Result<Resp, RegistryError> {
     let reference = parse_reference_to_read(reference)?;
     let served = freshness::manifest(app, route, &reference).await?;
-    let accept = AcceptList::from_headers(
-        parts
-            .headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok()),
-    );
+    let accept = accept_list(parts);
     let by_tag = matches!(reference, Reference::Tag(_));
     let (m, outcome) = match negotiate(&accept, &served.manifest.media_type, by_tag) {
         Negotiated::Serve => (served.manifest, served.outcome),
