@@ -43,6 +43,19 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Serve HTTPS with these files; without it the listener speaks plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// Certificate and key files (PEM) for HTTPS. Both are re-read on SIGHUP and when they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 fn default_shutdown_timeout() -> HumanDuration {

@@ -22,6 +22,8 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub proxy: Proxy,
+    /// HTTPS, when configured.
+    pub tls: Option<http::tls::Tls>,
     pub metrics: Metrics,
     pub auth: Authorizer,
 }
@@ -33,23 +35,42 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Tls(#[from] http::tls::TlsError),
 }
 
 impl App {
     pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
         let store = Store::open(&config.server.data_dir, store_options(&config))?;
         let proxy = Proxy::new(&config)?;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(http::tls::Tls::load)
+            .transpose()?;
         Ok(Arc::new(Self {
             auth: Authorizer::new(&config),
             store,
             proxy,
+            tls,
             metrics: Metrics::new(),
             config,
         }))
     }
 
-    /// Starts the periodic upload reaper and garbage collector.
+    /// Starts the periodic upload reaper, garbage collector and certificate watcher.
     pub fn spawn_maintenance(self: &Arc<Self>) {
+        if self.tls.is_some() {
+            let app = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    app.reload_tls_if_changed();
+                }
+            });
+        }
         let app = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(
@@ -110,6 +131,33 @@ impl App {
         self.store.fsck_with(repair, &|repo| {
             matches!(self.auth.namespace(repo), auth::Namespace::Mirror)
         })
+    }
+}
+
+impl App {
+    /// Re-reads the certificate and key (SIGHUP). Logs the outcome; a failure keeps the
+    /// current certificate.
+    pub fn reload_tls(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
+                }
+            }
+        }
+    }
+
+    fn reload_tls_if_changed(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload_if_changed() {
+                Ok(true) => tracing::info!("TLS certificate files changed; reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS files changed but do not load; keeping the current certificate")
+                }
+            }
+        }
     }
 }
 

@@ -184,7 +184,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(%listen, "listening beyond loopback: anonymous push is limited to each project's anonymous_from networks");
     }
     app.spawn_maintenance();
-    tracing::info!(%listen, data_dir = %app.config.server.data_dir.display(), "transship serving");
+    #[cfg(unix)]
+    {
+        // SIGHUP: re-read the TLS certificate and key.
+        let app = app.clone();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    app.reload_tls();
+                }
+            });
+        }
+    }
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%listen, scheme, data_dir = %app.config.server.data_dir.display(), "transship serving");
     transship::http::server::serve(app.clone(), listener, shutdown_signal()).await?;
     app.store.flush().context("flushing the index")?;
     tracing::info!("stopped");

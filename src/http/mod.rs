@@ -11,6 +11,7 @@ pub mod response;
 pub mod router;
 pub mod server;
 pub mod tags;
+pub mod tls;
 pub mod uploads;
 
 use std::net::SocketAddr;

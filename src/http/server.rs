@@ -1,5 +1,5 @@
-//! Listening sockets and connection lifecycle: HTTP/1.1 and h2c on one port (hyper-util's
-//! auto builder), header-read timeouts (slowloris), TCP_NODELAY, and graceful shutdown: stop
+//! Listening sockets and connection lifecycle: HTTP/1.1 and HTTP/2 on one port, over TLS when
+//! configured (hyper-util's auto builder; h2c for plain HTTP), header-read timeouts (slowloris), TCP_NODELAY, and graceful shutdown: stop
 //! accepting, let in-flight requests finish up to the configured timeout.
 
 use std::future::Future;
@@ -12,6 +12,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::App;
+
+/// Longest a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(
     app: Arc<App>,
@@ -47,14 +50,39 @@ pub async fn serve(
                 };
                 let _ = tcp.set_nodelay(true);
                 let app = app.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, std::convert::Infallible>(super::handle(app, req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let tls = app.tls.as_ref().map(|t| t.acceptor());
+                    let svc = {
+                        let app = app.clone();
+                        hyper::service::service_fn(move |req| {
+                            let app = app.clone();
+                            async move { Ok::<_, std::convert::Infallible>(super::handle(app, req, peer).await) }
+                        })
+                    };
+                    match tls {
+                        None => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned();
+                            let _ = watcher.watch(conn).await;
+                        }
+                        Some(acceptor) => {
+                            // The handshake is bounded like header reads: no slowloris here.
+                            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                            let _ = watcher.watch(conn).await;
+                        }
+                    }
                 });
             }
             () = &mut shutdown => break,
