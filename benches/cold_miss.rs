@@ -24,7 +24,7 @@ const REPO: &str = "library/big";
 
 mod common;
 
-use common::{Proc, free_port, random_bytes};
+use common::{Proc, free_port, random_bytes, upload_put_url};
 
 fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
     std::fs::create_dir_all(dir).expect("dir");
@@ -158,14 +158,9 @@ fn main() {
             .headers()
             .get("location")
             .and_then(|v| v.to_str().ok())
-            .expect("location")
-            .to_string();
-        let loc = if loc.starts_with("http") {
-            loc
-        } else {
-            format!("{upstream_url}{loc}")
-        };
-        let put = http::Request::put(format!("{loc}&digest={digest}"))
+            .expect("location");
+        let put_url = upload_put_url(&upstream_url, loc, &digest);
+        let put = http::Request::put(put_url)
             .body(Full::new(layer.clone()))
             .expect("req");
         assert_eq!(client.request(put).await.expect("PUT").status(), 201);

@@ -28,7 +28,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 mod common;
 
-use common::{Proc, free_port, random_bytes, sha256};
+use common::{Proc, free_port, random_bytes, sha256, upload_put_url};
 
 struct Registry {
     name: &'static str,
@@ -100,15 +100,8 @@ impl Pusher {
         let loc = headers
             .get("location")
             .and_then(|v| v.to_str().ok())
-            .expect("location")
-            .to_string();
-        let loc = if loc.starts_with("http") {
-            loc
-        } else {
-            format!("{base}{loc}")
-        };
-        let sep = if loc.contains('?') { '&' } else { '?' };
-        format!("{loc}{sep}digest={digest}")
+            .expect("location");
+        upload_put_url(base, loc, digest)
     }
 
     /// A monolithic push timed the way a user would see it: curl streaming the file (the same

@@ -107,6 +107,43 @@ fn send(
     })
 }
 
+/// A monolithic blob push (POST, then PUT with the whole body) over HTTPS; returns the digest.
+fn push_blob(
+    rt: &tokio::runtime::Runtime,
+    c: &HttpsClient,
+    base: &str,
+    repo: &str,
+    data: &[u8],
+) -> String {
+    let digest = sha256(data);
+    let r = send(
+        rt,
+        c,
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(r.status, 202);
+    let loc = r
+        .headers
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r = send(
+        rt,
+        c,
+        "PUT",
+        &format!("{base}{loc}?digest={digest}"),
+        data.to_vec(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 201);
+    digest
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -148,32 +185,7 @@ fn https_serves_http2_and_http1_and_round_trips_a_push() {
 
     // A monolithic push and a pull over HTTP/2.
     let data = random_bytes(3 << 20, 61);
-    let digest = sha256(&data);
-    let r = send(
-        &rt,
-        &h2,
-        "POST",
-        &format!("{base}/v2/local/tls/blobs/uploads/"),
-        vec![],
-    )
-    .unwrap();
-    assert_eq!(r.status, 202);
-    let loc = r
-        .headers
-        .get("location")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
-    let r = send(
-        &rt,
-        &h2,
-        "PUT",
-        &format!("{base}{loc}?digest={digest}"),
-        data.clone(),
-    )
-    .unwrap();
-    assert_eq!(r.status, 201);
+    let digest = push_blob(&rt, &h2, &base, "local/tls", &data);
     let r = send(
         &rt,
         &h2,
@@ -339,37 +351,7 @@ fn skopeo_trusts_the_registry_through_cert_dir() {
     let rt = rt();
     let c = client(&ca.pem, true);
     let base = format!("https://127.0.0.1:{}", s.addr.port());
-    let push = |data: &[u8]| {
-        let d = sha256(data);
-        let r = send(
-            &rt,
-            &c,
-            "POST",
-            &format!("{base}/v2/local/skopeo-tls/blobs/uploads/"),
-            vec![],
-        )
-        .unwrap();
-        let loc = r
-            .headers
-            .get("location")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        assert_eq!(
-            send(
-                &rt,
-                &c,
-                "PUT",
-                &format!("{base}{loc}?digest={d}"),
-                data.to_vec()
-            )
-            .unwrap()
-            .status,
-            201
-        );
-        d
-    };
+    let push = |data: &[u8]| push_blob(&rt, &c, &base, "local/skopeo-tls", data);
     let config = br#"{"architecture":"amd64","os":"linux"}"#;
     let layer = random_bytes(10_000, 62);
     let (cd, ld) = (push(config), push(&layer));

@@ -33,6 +33,18 @@ pub fn sha256(data: &[u8]) -> String {
     transship::oci::Digest::sha256_of(data).to_string()
 }
 
+/// The URL that completes an upload: the session `location` (absolute, or relative to
+/// `base`) with `digest` added to its query.
+pub fn upload_put_url(base: &str, location: &str, digest: &str) -> String {
+    let loc = if location.starts_with("http") {
+        location.to_string()
+    } else {
+        format!("{base}{location}")
+    };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}digest={digest}")
+}
+
 /// A server process, logging to a file, stopped when dropped.
 pub struct Proc {
     child: Child,
