@@ -32,6 +32,76 @@ pub struct Config {
     pub projects: Vec<ProjectConfig>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default, rename = "user", skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserConfig>,
+}
+
+/// The token service and login hardening.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `service` of challenges and the `aud` of tokens.
+    #[serde(default = "default_service")]
+    pub service: String,
+    /// The `iss` of tokens.
+    #[serde(default = "default_service")]
+    pub issuer: String,
+    /// The token endpoint URL put in challenges; default: built from each request's Host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realm: Option<String>,
+    /// Lifetime of the JWTs the token endpoint issues.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl: HumanDuration,
+    /// Lifetime of refresh tokens (`docker login` stores one as its identity token).
+    #[serde(default = "default_refresh_ttl")]
+    pub refresh_token_ttl: HumanDuration,
+    /// Failed logins from one address before further attempts are refused.
+    #[serde(default = "default_max_failed_logins")]
+    pub max_failed_logins: u32,
+    /// How long failures are remembered, and how long an address stays refused.
+    #[serde(default = "default_lockout")]
+    pub lockout: HumanDuration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            service: default_service(),
+            issuer: default_service(),
+            realm: None,
+            token_ttl: default_token_ttl(),
+            refresh_token_ttl: default_refresh_ttl(),
+            max_failed_logins: default_max_failed_logins(),
+            lockout: default_lockout(),
+        }
+    }
+}
+
+fn default_service() -> String {
+    "transship".into()
+}
+fn default_token_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_refresh_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(90 * 24 * 3600))
+}
+fn default_max_failed_logins() -> u32 {
+    10
+}
+fn default_lockout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+/// A user declared in the config (more can be added with `transship user add`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// An argon2id PHC string, as printed by `transship user hash`.
+    pub password_hash: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +206,24 @@ pub struct ProjectConfig {
     pub anonymous: AnonymousAccess,
     #[serde(default = "loopback_networks")]
     pub anonymous_from: Vec<IpNet>,
+    /// Users with each role (more can be added with `transship member add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub editors: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub viewers: Vec<String>,
+}
+
+/// Who may pull through an upstream's mirror namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorPull {
+    /// Anyone, with or without credentials.
+    #[default]
+    Anonymous,
+    /// Any authenticated user, key or token.
+    Authenticated,
 }
 
 fn loopback_networks() -> Vec<IpNet> {
@@ -160,6 +248,9 @@ pub struct UpstreamConfig {
     pub stale_if_error: HumanDuration,
     #[serde(default)]
     pub offline: bool,
+    /// Who may pull through this upstream.
+    #[serde(default)]
+    pub pull: MirrorPull,
     /// How long an upstream 404 is remembered before asking again.
     #[serde(default = "default_not_found_ttl")]
     pub not_found_ttl: HumanDuration,
@@ -313,10 +404,64 @@ impl Config {
                 ));
             }
         }
+        self.validate_auth()?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        for (i, u) in self.users.iter().enumerate() {
+            crate::auth::keys::validate_user_name(&u.name).map_err(|e| format!("user: {e}"))?;
+            if self.users[..i].iter().any(|v| v.name == u.name) {
+                return Err(format!("user {:?} is declared twice", u.name));
+            }
+            if !crate::auth::keys::is_valid_hash(&u.password_hash) {
+                return Err(format!(
+                    "user {:?}: password_hash is not an argon2id hash (make one with `transship user hash`)",
+                    u.name
+                ));
+            }
+        }
+        for p in &self.projects {
+            for user in p.owners.iter().chain(&p.editors).chain(&p.viewers) {
+                crate::auth::keys::validate_user_name(user)
+                    .map_err(|e| format!("project {:?}: {e}", p.name.get_ref().as_str()))?;
+            }
+        }
+        let a = &self.auth;
+        if let Some(realm) = &a.realm
+            && !(realm.starts_with("https://") || realm.starts_with("http://"))
+        {
+            return Err(format!(
+                "auth.realm {realm:?} must be an absolute http:// or https:// URL"
+            ));
+        }
+        let token_like = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        };
+        if !token_like(&a.service) || !token_like(&a.issuer) {
+            return Err(
+                "auth.service and auth.issuer must be non-empty, without spaces or quotes".into(),
+            );
+        }
+        if a.token_ttl.0 < Duration::from_secs(60) {
+            return Err(
+                "auth.token_ttl must be at least 60s (clients reject shorter tokens)".into(),
+            );
+        }
+        if a.max_failed_logins == 0 {
+            return Err("auth.max_failed_logins must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// True if the listener may be reached from other machines.
+    pub fn listens_beyond_loopback(&self) -> bool {
+        !self.server.listen.ip().is_loopback()
     }
 
     /// Renders the effective config as TOML (for `check-config`).

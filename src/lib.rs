@@ -1,6 +1,7 @@
 //! transship: a container registry appliance — a pull-through cache and a private OCI
 //! registry on one storage engine. `App::build` wires the parts; nothing else lives here.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod http;
@@ -37,6 +38,8 @@ pub enum BuildError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Tls(#[from] http::tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthBuildError),
 }
 
 impl App {
@@ -49,8 +52,9 @@ impl App {
             .as_ref()
             .map(http::tls::Tls::load)
             .transpose()?;
+        let auth = Authorizer::new(&config, &store)?;
         Ok(Arc::new(Self {
-            auth: Authorizer::new(&config),
+            auth,
             store,
             proxy,
             tls,
@@ -100,6 +104,23 @@ impl App {
         });
         let app = self.clone();
         tokio::spawn(async move {
+            // Expired tokens leave the index; forgotten login failures leave memory.
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+            loop {
+                tick.tick().await;
+                app.auth.throttle.prune();
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || a.auth.identities.prune_expired(&a.store))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned expired tokens"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "pruning expired tokens failed"),
+                    _ => {}
+                }
+            }
+        });
+        let app = self.clone();
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(
                 app.config
                     .gc
@@ -128,9 +149,8 @@ impl App {
 impl App {
     /// `fsck` knowing which repositories are the pull-through cache's.
     pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
-        self.store.fsck_with(repair, &|repo| {
-            matches!(self.auth.namespace(repo), auth::Namespace::Mirror)
-        })
+        self.store
+            .fsck_with(repair, &|repo| self.config.project(repo).is_none())
     }
 }
 

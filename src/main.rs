@@ -1,4 +1,5 @@
-//! The `transship` command line: serve, check-config, gc, fsck.
+//! The `transship` command line: serve, check-config, gc, fsck, and the user, key, token and
+//! member administration commands.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,7 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use transship::config::{Config, LogFormat};
+use transship::admin::{AdminRequest, AdminResponse};
+use transship::auth::keys::{Identities, Role, TokenKind};
+use transship::auth::token::rfc3339;
+use transship::config::{Config, HumanDuration, LogFormat};
 use transship::{App, store_options};
 
 /// A container registry appliance: a pull-through cache for Docker Hub and other registries,
@@ -42,6 +46,126 @@ enum Command {
         /// entries are removed); every fix is printed.
         #[arg(long)]
         repair: bool,
+    },
+    /// Manage users (stored in the index; `[[user]]` entries of the config are listed too).
+    /// These commands work whether or not the server is running.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage service-account keys: JSON key files for `docker login -u _json_key`.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Manage access tokens: passwords for `docker login -u oauth2accesstoken`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage project members and their roles (owner, editor, viewer).
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user, or set a stored user's password. The password is read from standard input
+    /// (one line; prompted for without echo on a terminal).
+    Add {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a stored user, with their memberships and tokens.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List users.
+    List(ConfigArgs),
+    /// Print the argon2id hash of a password read from standard input, for a `[[user]]`
+    /// `password_hash` in the config file.
+    Hash,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a service-account key for a project and write its JSON key file (mode 0600).
+    Create {
+        #[arg(long)]
+        project: String,
+        /// owner, editor or viewer.
+        #[arg(long)]
+        role: Role,
+        /// A label for listings.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Where to write the key file; `-` prints it. An existing file is not overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List keys (never their secrets).
+    List(ConfigArgs),
+    /// Revoke a key: its key file stops working at once, with the refresh tokens it obtained.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create an access token for a user and print it (shown once; only its hash is kept).
+    Create {
+        #[arg(long)]
+        user: String,
+        /// Lifetime: "30m", "1h", "7d".
+        #[arg(long, default_value = "1h")]
+        ttl: HumanDuration,
+        /// A label for listings.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List access and refresh tokens (never the tokens themselves).
+    List(ConfigArgs),
+    /// Revoke a token by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Give a user a role in a project (replacing a stored role they had).
+    Add {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        user: String,
+        /// owner, editor or viewer.
+        #[arg(long)]
+        role: Role,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Remove a stored membership (config-file roles stay).
+    Remove {
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// List a project's members.
+    List {
+        #[arg(long)]
+        project: String,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -124,13 +248,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
+        cmd @ (Command::User(_) | Command::Key(_) | Command::Token(_) | Command::Member(_)) => {
+            run_admin(cmd)
+        }
         Command::Fsck { config, repair } => {
             let config = config.load()?;
             let store = open_store_offline(&config)?;
-            let auth = transship::auth::Authorizer::new(&config);
-            let report = store.fsck_with(repair, &|repo| {
-                matches!(auth.namespace(repo), transship::auth::Namespace::Mirror)
-            })?;
+            let report = store.fsck_with(repair, &|repo| config.project(repo).is_none())?;
             for p in &report.problems {
                 println!("problem: {p}");
             }
@@ -155,6 +279,210 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
+    let (config, req) = match cmd {
+        Command::User(UserCommand::Hash) => {
+            let password = read_secret("Password: ")?;
+            println!("{}", transship::auth::keys::hash_password(&password));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::User(UserCommand::Add { name, config }) => {
+            let password = read_secret(&format!("Password for {name}: "))?;
+            (config, AdminRequest::UserSet { name, password })
+        }
+        Command::User(UserCommand::Remove { name, config }) => {
+            (config, AdminRequest::UserRemove { name })
+        }
+        Command::User(UserCommand::List(config)) => (config, AdminRequest::UserList),
+        Command::Key(KeyCommand::Create {
+            project,
+            role,
+            name,
+            out,
+            config,
+        }) => {
+            if out.as_os_str() != "-" && out.exists() {
+                anyhow::bail!("{} exists; choose another --out", out.display());
+            }
+            let answer = admin(
+                &config,
+                AdminRequest::KeyCreate {
+                    project,
+                    role,
+                    name,
+                },
+            )?;
+            let AdminResponse::Key { key } = answer else {
+                anyhow::bail!("unexpected answer from the server");
+            };
+            let json = serde_json::to_string_pretty(&key)? + "\n";
+            if out.as_os_str() == "-" {
+                print!("{json}");
+            } else {
+                transship::auth::jwt::write_private(&out, json.as_bytes())
+                    .with_context(|| format!("writing {}", out.display()))?;
+                eprintln!(
+                    "created key {} ({} in {}); key file: {}",
+                    key.private_key_id,
+                    key.role.as_str(),
+                    key.project_id,
+                    out.display()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Key(KeyCommand::List(config)) => (config, AdminRequest::KeyList),
+        Command::Key(KeyCommand::Revoke { id, config }) => (config, AdminRequest::KeyRevoke { id }),
+        Command::Token(TokenCommand::Create {
+            user,
+            ttl,
+            name,
+            config,
+        }) => (
+            config,
+            AdminRequest::TokenCreate {
+                user,
+                ttl_secs: ttl.0.as_secs(),
+                name,
+            },
+        ),
+        Command::Token(TokenCommand::List(config)) => (config, AdminRequest::TokenList),
+        Command::Token(TokenCommand::Revoke { id, config }) => {
+            (config, AdminRequest::TokenRevoke { id })
+        }
+        Command::Member(MemberCommand::Add {
+            project,
+            user,
+            role,
+            config,
+        }) => (
+            config,
+            AdminRequest::MemberSet {
+                project,
+                user,
+                role,
+            },
+        ),
+        Command::Member(MemberCommand::Remove {
+            project,
+            user,
+            config,
+        }) => (config, AdminRequest::MemberRemove { project, user }),
+        Command::Member(MemberCommand::List { project, config }) => {
+            (config, AdminRequest::MemberList { project })
+        }
+        _ => anyhow::bail!("not an administration command"),
+    };
+    match admin(&config, req)? {
+        AdminResponse::Done => eprintln!("done"),
+        AdminResponse::Users { users } => {
+            for u in users {
+                println!("{}\t{}", u.name, u.source);
+            }
+        }
+        AdminResponse::Keys { keys } => {
+            for k in keys {
+                println!(
+                    "{}\t{}\t{}\t{}\tcreated {}",
+                    k.id,
+                    k.project,
+                    k.role.as_str(),
+                    k.name,
+                    rfc3339(k.created)
+                );
+            }
+        }
+        AdminResponse::Token { id, token } => {
+            eprintln!("created token {id}; use it as the password of user oauth2accesstoken");
+            println!("{token}");
+        }
+        AdminResponse::Tokens { tokens } => {
+            for t in tokens {
+                let kind = match t.kind {
+                    TokenKind::Access => "access",
+                    TokenKind::Refresh => "refresh",
+                };
+                println!(
+                    "{}\t{kind}\t{}\t{}\texpires {}",
+                    t.id,
+                    t.subject,
+                    t.name,
+                    rfc3339(t.expires)
+                );
+            }
+        }
+        AdminResponse::Members { members } => {
+            for m in members {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    m.project,
+                    m.user,
+                    m.role.as_str(),
+                    m.source
+                );
+            }
+        }
+        AdminResponse::Key { .. } | AdminResponse::Error { .. } => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends an administration request to the running server, or applies it to the store
+/// directly when no server runs.
+fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let config = args.load()?;
+    let answer = match transship::admin::call(&config.server.data_dir, &req)
+        .context("talking to the running server")?
+    {
+        Some(answer) => answer,
+        None => {
+            let store = open_store_offline(&config)?;
+            let ids = Identities::load(&config, &store)?;
+            transship::admin::apply(&ids, &store, req)
+        }
+    };
+    if let AdminResponse::Error { message } = answer {
+        anyhow::bail!(message);
+    }
+    Ok(answer)
+}
+
+/// One line from standard input; on a terminal, prompted for with echo off.
+fn read_secret(prompt: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut saved = None;
+    if tty {
+        eprint!("{prompt}");
+        std::io::stderr().flush().ok();
+        // SAFETY: termios calls on fd 0 with a zeroed, then filled, struct.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) == 0 {
+                saved = Some(t);
+                t.c_lflag &= !libc::ECHO;
+                libc::tcsetattr(0, libc::TCSANOW, &t);
+            }
+        }
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(t) = saved {
+        // SAFETY: restores the attributes read above.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+        eprintln!();
+    }
+    read.context("reading the password from standard input")?;
+    let secret = line.trim_end_matches(['\r', '\n']).to_string();
+    if secret.is_empty() {
+        anyhow::bail!("no password given on standard input");
+    }
+    Ok(secret)
 }
 
 fn open_store_offline(config: &Config) -> anyhow::Result<transship::store::Store> {
@@ -183,7 +511,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if !listen.ip().is_loopback() {
         tracing::warn!(%listen, "listening beyond loopback: anonymous push is limited to each project's anonymous_from networks");
     }
+    if app.auth.pushes_locked() {
+        tracing::warn!(%listen, "no users are configured and transship listens beyond loopback: pushes are refused until one is created with `transship user add`");
+    }
     app.spawn_maintenance();
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transship::admin::serve_socket(app).await {
+                tracing::error!(error = %e, "admin socket stopped; `transship user|key|token|member` cannot reach this server");
+            }
+        });
+    }
     #[cfg(unix)]
     {
         // SIGHUP: re-read the TLS certificate and key.

@@ -12,6 +12,7 @@ pub mod router;
 pub mod server;
 pub mod tags;
 pub mod tls;
+pub mod token;
 pub mod uploads;
 
 use std::net::SocketAddr;
@@ -84,7 +85,7 @@ pub fn etag_matches(parts: &Parts, digest: &str) -> bool {
         })
 }
 
-fn action_for(method: &Method) -> Action {
+pub(crate) fn action_for(method: &Method) -> Action {
     match *method {
         Method::GET | Method::HEAD => Action::Pull,
         Method::DELETE => Action::Delete,
@@ -154,40 +155,47 @@ async fn dispatch(
     let method = &parts.method;
     let head = *method == Method::HEAD;
     let get = *method == Method::GET || head;
-    let repo = match route.name() {
-        Some(name) => {
-            let repo = parse_repo(name)?;
-            app.auth.authorize(&repo, action_for(method), peer.ip())?;
-            Some(repo)
+    match route {
+        Route::Token => return token::serve(app, parts, body, peer).await,
+        Route::Health if get => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        Route::Metrics if get => return Ok(metrics(app)),
+        _ => {}
+    }
+    let repo = route.name().map(parse_repo).transpose()?;
+    let ns = query_one(parts, "ns");
+    let lenient = repo
+        .as_ref()
+        .is_some_and(|r| app.auth.lenient_for(r, ns.as_deref()));
+    let deny = |d| token::denial_error(app, parts, d, token::scope_for(route, method));
+    let caller = app
+        .auth
+        .authenticate(parts.headers.get(header::AUTHORIZATION), peer.ip(), lenient)
+        .await
+        .map_err(deny)?;
+    if let Some(r) = &repo {
+        app.auth
+            .authorize(&caller, r, ns.as_deref(), action_for(method))
+            .map_err(deny)?;
+        if matches!(app.auth.namespace(r), crate::auth::Namespace::Mirror) {
+            return dispatch_mirror(app, route, parts, r, head).await;
         }
-        None => None,
-    };
-    if let Some(r) = &repo
-        && matches!(app.auth.namespace(r), crate::auth::Namespace::Mirror)
-    {
-        return dispatch_mirror(app, route, parts, r, head).await;
     }
     let repo = || {
         repo.as_ref()
             .ok_or_else(|| RegistryError::internal("route without a repository"))
     };
     match route {
-        Route::Base if get => Ok(json(StatusCode::OK, "{}".into())),
-        Route::Catalog if get => tags::catalog(app, parts, peer.ip()).await,
-        Route::Health if get => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
-        Route::Metrics if get => {
-            let (bytes, blobs) = app.store.usage();
-            app.metrics.stored_bytes.set(bytes as i64);
-            app.metrics.stored_blobs.set(blobs as i64);
-            app.metrics
-                .uploads_active
-                .set(app.store.uploads_active() as i64);
-            let mut r = json(StatusCode::OK, app.metrics.render());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            Ok(r)
+        Route::Base if get => {
+            // Once anyone can log in, an anonymous ping is challenged: Docker learns how to
+            // authenticate only from this answer (PROTOCOL.md §3.4, §6.1).
+            if !app.auth.identities.is_empty() {
+                app.auth.require_authenticated(&caller).map_err(deny)?;
+            }
+            Ok(json(StatusCode::OK, "{}".into()))
+        }
+        Route::Catalog if get => {
+            app.auth.authorize_catalog(&caller).map_err(deny)?;
+            tags::catalog(app, parts, &caller).await
         }
         Route::Manifest { reference, .. } => match *method {
             Method::GET | Method::HEAD => {
@@ -203,7 +211,7 @@ async fn dispatch(
             _ => Err(not_allowed(method)),
         },
         Route::UploadStart { .. } if *method == Method::POST => {
-            uploads::start(app, repo()?, parts, peer.ip(), body).await
+            uploads::start(app, repo()?, parts, &caller, body).await
         }
         Route::Upload { id, .. } => match *method {
             Method::GET => uploads::status(app, repo()?, id).await,
@@ -246,6 +254,22 @@ async fn dispatch_mirror(
         Route::Referrers { digest, .. } => referrers::list(app, &mirror.local, digest, parts).await,
         _ => Err(not_allowed(&parts.method)),
     }
+}
+
+/// The Prometheus text exposition, with the gauges that are sampled rather than counted.
+fn metrics(app: &App) -> Resp {
+    let (bytes, blobs) = app.store.usage();
+    app.metrics.stored_bytes.set(bytes as i64);
+    app.metrics.stored_blobs.set(blobs as i64);
+    app.metrics
+        .uploads_active
+        .set(app.store.uploads_active() as i64);
+    let mut r = json(StatusCode::OK, app.metrics.render());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
 }
 
 fn not_allowed(method: &Method) -> RegistryError {

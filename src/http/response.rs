@@ -15,8 +15,8 @@ pub fn error_response(err: &RegistryError, head_only: bool) -> Resp {
         .status(StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, body.len());
-    if err.code == ErrorCode::Unauthorized {
-        r = r.header(header::WWW_AUTHENTICATE, r#"Basic realm="transship""#);
+    for (name, value) in &err.headers {
+        r = r.header(*name, value.as_str());
     }
     let body = if head_only {
         ResponseBody::Empty

@@ -12,6 +12,8 @@ pub enum Route<'a> {
     Base,
     /// `GET /v2/_catalog`
     Catalog,
+    /// `GET|POST /v2/token`: the token endpoint (as on gcr.io)
+    Token,
     /// `GET /metrics`
     Metrics,
     /// `GET /healthz`
@@ -47,6 +49,7 @@ impl Route<'_> {
         match self {
             Route::Base => "base",
             Route::Catalog => "catalog",
+            Route::Token => "token",
             Route::Metrics => "metrics",
             Route::Health => "health",
             Route::Manifest { .. } => "manifest",
@@ -107,6 +110,7 @@ pub fn parse(raw_path: &str) -> Route<'_> {
     match raw_path {
         "/v2" | "/v2/" => return Route::Base,
         "/v2/_catalog" => return Route::Catalog,
+        "/v2/token" => return Route::Token,
         "/metrics" => return Route::Metrics,
         "/healthz" => return Route::Health,
         _ => {}
@@ -146,6 +150,7 @@ fn owned(r: Route<'_>) -> Route<'static> {
         },
         Route::Base => Route::Base,
         Route::Catalog => Route::Catalog,
+        Route::Token => Route::Token,
         Route::Metrics => Route::Metrics,
         Route::Health => Route::Health,
         Route::NotFound => Route::NotFound,

@@ -2,7 +2,6 @@
 //! to the next page. Both share the paging rules: `n=0` is an empty page without `Link`;
 //! a missing `n` is capped at `MAX_PAGE` with a `Link` when more remain.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -11,6 +10,7 @@ use http::{StatusCode, header};
 use super::query_one;
 use super::response::{Resp, json, set};
 use crate::App;
+use crate::auth::Caller;
 use crate::oci::{ErrorCode, RegistryError, RepoName};
 use crate::store::Page;
 
@@ -62,11 +62,15 @@ pub async fn list(app: &Arc<App>, repo: &RepoName, parts: &Parts) -> Result<Resp
     ))
 }
 
-pub async fn catalog(app: &Arc<App>, parts: &Parts, peer: IpAddr) -> Result<Resp, RegistryError> {
+pub async fn catalog(
+    app: &Arc<App>,
+    parts: &Parts,
+    caller: &Caller,
+) -> Result<Resp, RegistryError> {
     let (n, last) = paging(parts)?;
     let page = app
         .store
-        .catalog(last.as_deref(), n, |name| app.auth.may_list(name, peer))?;
+        .catalog(last.as_deref(), n, |name| app.auth.may_list(caller, name))?;
     let body = serde_json::json!({"repositories": page.items}).to_string();
     Ok(with_link(
         json(StatusCode::OK, body),

@@ -3,7 +3,6 @@
 //! `?digest=` (optional final chunk), GET status and DELETE. Every 202 carries `Location`,
 //! `Range: 0-<last>` (`0-0` when empty) and `Docker-Upload-UUID`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -13,7 +12,7 @@ use super::body::RequestBody;
 use super::response::{Resp, empty, set};
 use super::{parse_digest, query_one};
 use crate::App;
-use crate::auth::Action;
+use crate::auth::{Action, Caller};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, ErrorCode, RegistryError, RepoName};
 use crate::store::StoreError;
@@ -100,15 +99,18 @@ pub async fn start(
     app: &Arc<App>,
     repo: &RepoName,
     parts: &Parts,
-    peer: IpAddr,
+    caller: &Caller,
     mut body: RequestBody,
 ) -> Result<Resp, RegistryError> {
     if let Some(mount) = query_one(parts, "mount") {
         let digest = parse_digest(&mount)?;
-        // Mount only from a repository the caller may pull; otherwise fall back to an upload
-        // session, which reveals nothing about the other repository.
+        // Mount only from a repository the caller may pull (push on this one was checked
+        // already); otherwise fall back to an upload session, which reveals nothing about the
+        // other repository.
         let from = query_one(parts, "from").and_then(|f| f.parse::<RepoName>().ok());
-        if let Some(from) = from.filter(|f| app.auth.authorize(f, Action::Pull, peer).is_ok()) {
+        if let Some(from) =
+            from.filter(|f| app.auth.authorize(caller, f, None, Action::Pull).is_ok())
+        {
             let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
             if super::blocking(move || app2.store.mount_blob(&repo2, &from, &d2))
                 .await?

@@ -94,6 +94,8 @@ pub struct RegistryError {
     pub detail: Option<String>,
     /// Overrides the code's default status (e.g. 416 for an out-of-order chunk).
     pub status: Option<u16>,
+    /// Response headers the error needs (`WWW-Authenticate`, `Retry-After`).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl RegistryError {
@@ -103,7 +105,21 @@ impl RegistryError {
             message: message.into(),
             detail: None,
             status: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a response header (name in lower case).
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn with_status(mut self, status: u16) -> Self {

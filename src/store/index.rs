@@ -14,6 +14,7 @@
 //! - `tag_checks` repo \0 tag                   → checked_at u64 BE (mirror tags: last upstream check)
 //! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
 //! - `uploads`   upload id                      → UploadRecord JSON
+//! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
 //! - `meta`      key                            → value (schema version)
 
 use std::path::Path;
@@ -34,8 +35,9 @@ pub const CF_UPLOADS: &str = "uploads";
 pub const CF_META: &str = "meta";
 pub const CF_TAG_CHECKS: &str = "tag_checks";
 pub const CF_TAG_HISTORY: &str = "tag_history";
+pub const CF_AUTH: &str = "auth";
 
-const ALL_CFS: [&str; 11] = [
+const ALL_CFS: [&str; 12] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -47,6 +49,7 @@ const ALL_CFS: [&str; 11] = [
     CF_META,
     CF_TAG_CHECKS,
     CF_TAG_HISTORY,
+    CF_AUTH,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.

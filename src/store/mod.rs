@@ -12,6 +12,7 @@
 //! - `gc_lock`: commits and manifest pushes hold it shared; GC holds it exclusively while it
 //!   re-checks and deletes, so a blob is never collected under a push that references it.
 
+pub mod auth_records;
 pub mod blobs;
 pub mod fsck;
 pub mod gc;

@@ -1,0 +1,245 @@
+//! Administration of identities (users, service-account keys, access tokens, project members)
+//! for the `transship user|key|token|member` commands. One request type, applied either by the
+//! running server, which listens for it on `<data_dir>/admin.sock` (a Unix socket only its
+//! owner may open: file permissions are the authentication), or, when no server runs, directly
+//! on the store. Either way the change goes through `Identities`, so a running server never
+//! serves from a stale copy. The wire format is one JSON request line and one JSON answer line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::App;
+use crate::auth::keys::{
+    AdminError, Identities, KeyFile, KeyInfo, MemberInfo, Role, Subject, TokenInfo, TokenKind,
+    UserInfo,
+};
+use crate::store::Store;
+
+pub const SOCKET: &str = "admin.sock";
+
+/// The longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    UserSet {
+        name: String,
+        password: String,
+    },
+    UserRemove {
+        name: String,
+    },
+    UserList,
+    KeyCreate {
+        project: String,
+        role: Role,
+        name: String,
+    },
+    KeyList,
+    KeyRevoke {
+        id: String,
+    },
+    TokenCreate {
+        user: String,
+        ttl_secs: u64,
+        name: String,
+    },
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
+    MemberSet {
+        project: String,
+        user: String,
+        role: Role,
+    },
+    MemberRemove {
+        project: String,
+        user: String,
+    },
+    MemberList {
+        project: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Done,
+    Users { users: Vec<UserInfo> },
+    Key { key: KeyFile },
+    Keys { keys: Vec<KeyInfo> },
+    Token { id: String, token: String },
+    Tokens { tokens: Vec<TokenInfo> },
+    Members { members: Vec<MemberInfo> },
+    Error { message: String },
+}
+
+/// Applies one request.
+pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminResponse {
+    let done = |r: Result<(), AdminError>| r.map(|()| AdminResponse::Done);
+    let result = match req {
+        AdminRequest::UserSet { name, password } => done(ids.set_user(store, &name, &password)),
+        AdminRequest::UserRemove { name } => done(ids.remove_user(store, &name)),
+        AdminRequest::UserList => Ok(AdminResponse::Users { users: ids.users() }),
+        AdminRequest::KeyCreate {
+            project,
+            role,
+            name,
+        } => ids
+            .create_key(store, &project, role, &name)
+            .map(|key| AdminResponse::Key { key }),
+        AdminRequest::KeyList => Ok(AdminResponse::Keys { keys: ids.keys() }),
+        AdminRequest::KeyRevoke { id } => done(ids.revoke_key(store, &id)),
+        AdminRequest::TokenCreate {
+            user,
+            ttl_secs,
+            name,
+        } => ids
+            .create_token(
+                store,
+                &Subject::User(user),
+                TokenKind::Access,
+                Duration::from_secs(ttl_secs),
+                &name,
+            )
+            .map(|(id, token)| AdminResponse::Token { id, token }),
+        AdminRequest::TokenList => Ok(AdminResponse::Tokens {
+            tokens: ids.tokens(),
+        }),
+        AdminRequest::TokenRevoke { id } => done(ids.revoke_token(store, &id)),
+        AdminRequest::MemberSet {
+            project,
+            user,
+            role,
+        } => done(ids.set_member(store, &project, &user, role)),
+        AdminRequest::MemberRemove { project, user } => {
+            done(ids.remove_member(store, &project, &user))
+        }
+        AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
+            members: ids.members(&project),
+        }),
+    };
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
+}
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET)
+}
+
+/// Listens on the admin socket until the process ends. The socket is created with mode 0600
+/// (umask-independent: it is bound inside a private temporary directory, then renamed).
+pub async fn serve_socket(app: Arc<App>) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = &app.config.server.data_dir;
+    let path = socket_path(dir);
+    let private = dir.join(format!(".admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join(SOCKET);
+    let listener = tokio::net::UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staged, &path)?;
+    let _ = std::fs::remove_dir(&private);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(app, stream).await {
+                tracing::warn!(error = %e, "admin socket request failed");
+            }
+        });
+    }
+}
+
+async fn serve_one(app: Arc<App>, stream: tokio::net::UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE))
+        .read_line(&mut line)
+        .await?;
+    let answer = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(req) => {
+            let op = describe(&req);
+            let a = app.clone();
+            let answer =
+                tokio::task::spawn_blocking(move || apply(&a.auth.identities, &a.store, req))
+                    .await
+                    .unwrap_or_else(|e| AdminResponse::Error {
+                        message: format!("admin task failed: {e}"),
+                    });
+            match &answer {
+                AdminResponse::Error { message } => {
+                    tracing::info!(target: "audit", op, error = %message, "audit: admin request refused")
+                }
+                _ => tracing::info!(target: "audit", op, "audit: admin request applied"),
+            }
+            answer
+        }
+        Err(e) => AdminResponse::Error {
+            message: format!("malformed admin request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+/// A loggable description: never the password or token.
+fn describe(req: &AdminRequest) -> String {
+    match req {
+        AdminRequest::UserSet { name, .. } => format!("user set {name}"),
+        AdminRequest::UserRemove { name } => format!("user remove {name}"),
+        AdminRequest::KeyCreate { project, role, .. } => {
+            format!("key create {project} {}", role.as_str())
+        }
+        AdminRequest::KeyRevoke { id } => format!("key revoke {id}"),
+        AdminRequest::TokenCreate { user, .. } => format!("token create {user}"),
+        AdminRequest::TokenRevoke { id } => format!("token revoke {id}"),
+        AdminRequest::MemberSet {
+            project,
+            user,
+            role,
+        } => format!("member set {project} {user} {}", role.as_str()),
+        AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
+        AdminRequest::UserList
+        | AdminRequest::KeyList
+        | AdminRequest::TokenList
+        | AdminRequest::MemberList { .. } => "list".into(),
+    }
+}
+
+/// Sends a request to a running server. `Ok(None)` if none is listening on `data_dir`.
+pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
+    let path = socket_path(data_dir);
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(|e| std::io::Error::other(format!("malformed answer from the server: {e}")))
+}
