@@ -133,6 +133,15 @@ impl Tool {
         self
     }
 
+    /// Feeds the file at `path` to standard input (for `--password-stdin`).
+    pub fn stdin_file(mut self, path: &Path) -> Self {
+        let file = std::fs::File::open(path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        self.line.push_str(&format!(" <{}", path.display()));
+        self.cmd.stdin(file);
+        self
+    }
+
     /// Runs to completion; returns (stdout, stderr). Panics with both unless it succeeds.
     pub fn output(mut self) -> (Vec<u8>, String) {
         let out = self

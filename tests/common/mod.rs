@@ -18,6 +18,7 @@ use transship::App;
 use transship::config::Config;
 
 pub mod images;
+pub mod tls;
 pub mod upstream;
 
 pub const EMPTY_SHA256: &str =
@@ -248,6 +249,8 @@ pub struct Http {
     rt: tokio::runtime::Runtime,
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
+    /// An `Authorization` value sent with every request that does not set its own.
+    auth: Option<String>,
 }
 
 impl Http {
@@ -261,7 +264,14 @@ impl Http {
             rt,
             client,
             base: base.trim_end_matches('/').to_string(),
+            auth: None,
         }
+    }
+
+    /// The same client, sending `authorization` (a full header value) on every request.
+    pub fn with_auth(mut self, authorization: &str) -> Self {
+        self.auth = Some(authorization.to_string());
+        self
     }
 
     pub fn for_server(s: &TestServer) -> Self {
@@ -283,6 +293,13 @@ impl Http {
         let mut req = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
+        }
+        if let Some(auth) = &self.auth
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            req = req.header("authorization", auth);
         }
         let req = req.body(Full::new(body.into())).expect("request");
         self.rt.block_on(async {

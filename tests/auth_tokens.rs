@@ -1,0 +1,566 @@
+//! The token service and its hardening, black box: the `docker login` flow (no scope, refresh
+//! token, OAuth2 POST grants), scope intersection, hostile tokens signed or forged by the test,
+//! brute-force throttling, malformed credentials and scopes, and the push lock of an exposed
+//! listener with no users. Each rejection is checked to carry the registry error JSON and to
+//! have changed nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use transship::auth::basic_header;
+use transship::auth::jwt::{Claims, KEY_FILE};
+use transship::auth::keys::{Role, hash_password};
+use transship::auth::scope::Access;
+
+const PASSWORD: &str = "correct horse battery";
+
+fn server() -> TestServer {
+    let users: String = ["olivia", "victor"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[user]]\nname = \"{n}\"\npassword_hash = \"{}\"\n",
+                hash_password(PASSWORD)
+            )
+        })
+        .collect();
+    let extra = format!(
+        "[auth]\nmax_failed_logins = 3\nlockout = \"2s\"\n{users}\n[[project]]\nname = \"team\"\nowners = [\"olivia\"]\nviewers = [\"victor\"]\n\
+         [[project]]\nname = \"open\"\nanonymous = \"pull\"\nanonymous_from = [\"0.0.0.0/0\", \"::/0\"]\nowners = [\"olivia\"]\n"
+    );
+    TestServer::start_with(|c| test_config(&c.server.data_dir, &extra))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The challenge parameters of a 401.
+fn challenge(r: &Resp) -> (String, String) {
+    let c = r.header("www-authenticate").expect("challenge").to_string();
+    let param = |k: &str| {
+        c.split(&format!("{k}=\""))
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    (param("realm"), param("error"))
+}
+
+#[test]
+fn docker_login_flow_refresh_tokens_and_oauth_post() {
+    let s = server();
+    let http = Http::for_server(&s);
+    // 1. The ping challenges, with an absolute realm on this server.
+    let r = http.get("/v2/");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.error_code(), "UNAUTHORIZED");
+    let (realm, _) = challenge(&r);
+    assert_eq!(realm, s.url("/v2/token"));
+    // 2. What docker login sends: no scope, offline_token, Basic credentials.
+    let r = http.send(
+        "GET",
+        &format!("{realm}?account=olivia&client_id=docker&offline_token=true&service=transship"),
+        &[("authorization", &basic_header("olivia", PASSWORD))],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let v = r.json();
+    let token = v["token"].as_str().unwrap().to_string();
+    assert_eq!(v["access_token"], v["token"]);
+    assert_eq!(v["expires_in"], 300);
+    assert_eq!(v["scope"], "");
+    assert!(v["issued_at"].as_str().unwrap().ends_with('Z'));
+    let refresh = v["refresh_token"]
+        .as_str()
+        .expect("refresh token")
+        .to_string();
+    // 3. An access-less token still authenticates the ping.
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        http.send("GET", "/v2/", &[("authorization", &bearer)], Bytes::new())
+            .status,
+        200
+    );
+    // ...but grants nothing else.
+    let r = http.send(
+        "GET",
+        "/v2/team/app/tags/list",
+        &[("authorization", &bearer)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 401);
+    assert_eq!(challenge(&r).1, "insufficient_scope");
+    // 4. Later pushes: OAuth2 POST with the refresh token as identity token.
+    let form = format!(
+        "grant_type=refresh_token&refresh_token={}&client_id=docker&service=transship&scope={}",
+        enc(&refresh),
+        enc("repository:team/app:pull,push")
+    );
+    let r = http.send(
+        "POST",
+        "/v2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form,
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["scope"], "repository:team/app:pull,push");
+    assert_eq!(v["refresh_token"].as_str(), Some(refresh.as_str()));
+    let pusher =
+        Http::for_server(&s).with_auth(&format!("Bearer {}", v["access_token"].as_str().unwrap()));
+    push_image(&pusher, "team/app", "v1", 1);
+    // The password grant, and a viewer asking for more than they may have: a narrower token,
+    // never an error.
+    let form = format!(
+        "grant_type=password&username=victor&password={}&client_id=x&service=transship&scope={}",
+        enc(PASSWORD),
+        enc("repository:team/app:pull,push,delete repository:team/other:push")
+    );
+    let r = http.send(
+        "POST",
+        "/v2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["scope"], "repository:team/app:pull");
+    assert!(
+        r.json().get("refresh_token").is_none(),
+        "no access_type=offline, no refresh token"
+    );
+    // Bad grants.
+    for (form, status) in [
+        (
+            "grant_type=refresh_token&refresh_token=tsr_0000000000000000_nope&service=transship",
+            401,
+        ),
+        (
+            "grant_type=password&username=olivia&password=wrong-password&service=transship",
+            401,
+        ),
+        ("grant_type=client_credentials&service=transship", 400),
+        ("grant_type=password&username=olivia", 400),
+        (
+            "grant_type=password&username=olivia&password=x&service=elsewhere",
+            400,
+        ),
+    ] {
+        let r = http.send(
+            "POST",
+            "/v2/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form,
+        );
+        assert_eq!(
+            r.status,
+            status,
+            "{form}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!r.error_code().is_empty(), "{form}: error body");
+    }
+    // Removing the user revokes their refresh tokens.
+    let app = &s.app;
+    app.auth
+        .identities
+        .set_user(&app.store, "temp", "temporary-pass")
+        .unwrap();
+    let r = http.send(
+        "GET",
+        "/v2/token?offline_token=true&service=transship",
+        &[("authorization", &basic_header("temp", "temporary-pass"))],
+        Bytes::new(),
+    );
+    let refresh = r.json()["refresh_token"].as_str().unwrap().to_string();
+    app.auth.identities.remove_user(&app.store, "temp").unwrap();
+    let form = format!(
+        "grant_type=refresh_token&refresh_token={}&service=transship",
+        enc(&refresh)
+    );
+    let r = http.send(
+        "POST",
+        "/v2/token",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form,
+    );
+    assert_eq!(r.status, 401);
+}
+
+/// Signs `claims` with the server's own key (read from its data dir), under `header`.
+fn sign(s: &TestServer, header: &Header, claims: &Claims) -> String {
+    let pem = std::fs::read(s.data_dir().join(KEY_FILE)).unwrap();
+    jsonwebtoken::encode(header, claims, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap()
+}
+
+fn claims(access: Vec<Access>) -> Claims {
+    let t = now();
+    Claims {
+        iss: "transship".into(),
+        sub: "olivia".into(),
+        aud: "transship".into(),
+        exp: t + 300,
+        nbf: t - 5,
+        iat: t,
+        jti: "test".into(),
+        access,
+    }
+}
+
+#[test]
+fn hostile_tokens_are_rejected_and_change_nothing() {
+    let s = server();
+    let http = Http::for_server(&s);
+    let kid = s.app.auth.signer.kid().to_string();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.clone());
+    let all = || {
+        vec![Access::new(
+            "repository",
+            "team/app",
+            &["pull", "push", "delete"],
+        )]
+    };
+    // A genuine token works: the forgeries below differ from it in one thing each.
+    let good = sign(&s, &header, &claims(all()));
+    let r = http.send(
+        "POST",
+        "/v2/team/app/blobs/uploads/",
+        &[("authorization", &format!("Bearer {good}"))],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "the control token must work");
+
+    let other_key = {
+        let dir = tempfile::tempdir().unwrap();
+        transship::auth::jwt::TokenSigner::open(dir.path(), "transship", "transship").unwrap();
+        std::fs::read(dir.path().join(KEY_FILE)).unwrap()
+    };
+    let mut forged = Vec::new();
+    let mut c = claims(all());
+    c.exp = now() - 3600;
+    c.nbf = now() - 7200;
+    forged.push(("expired", sign(&s, &header, &c)));
+    let mut c = claims(all());
+    c.nbf = now() + 3600;
+    c.exp = now() + 7200;
+    forged.push(("not yet valid", sign(&s, &header, &c)));
+    let mut c = claims(all());
+    c.aud = "someone-else".into();
+    forged.push(("wrong audience", sign(&s, &header, &c)));
+    let mut c = claims(all());
+    c.iss = "evil".into();
+    forged.push(("wrong issuer", sign(&s, &header, &c)));
+    let mut h = header.clone();
+    h.kid = Some("unknown".into());
+    forged.push(("unknown kid", sign(&s, &h, &claims(all()))));
+    forged.push((
+        "another key under our kid",
+        jsonwebtoken::encode(
+            &header,
+            &claims(all()),
+            &EncodingKey::from_ec_pem(&other_key).unwrap(),
+        )
+        .unwrap(),
+    ));
+    // Tampered payload: a viewer's token edited to grant push.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut c = claims(all());
+    c.sub = "mallory".into();
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap());
+    forged.push((
+        "tampered payload",
+        format!("{}.{payload}.{}", parts[0], parts[2]),
+    ));
+    let none_header =
+        URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{kid}"}}"#));
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(all())).unwrap());
+    forged.push(("alg none", format!("{none_header}.{body}.")));
+    // Algorithm confusion: HS256 keyed with something public.
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some(kid.clone());
+    forged.push((
+        "HS256 with a guessable secret",
+        jsonwebtoken::encode(
+            &h,
+            &claims(all()),
+            &EncodingKey::from_secret(kid.as_bytes()),
+        )
+        .unwrap(),
+    ));
+    forged.push(("garbage", "not-a-jwt".into()));
+    forged.push(("empty", String::new()));
+
+    for (what, token) in &forged {
+        for (method, path) in [
+            ("GET", "/v2/team/app/tags/list"),
+            ("POST", "/v2/team/app/blobs/uploads/"),
+            ("GET", "/v2/"),
+        ] {
+            let r = http.send(
+                method,
+                path,
+                &[("authorization", &format!("Bearer {token}"))],
+                Bytes::new(),
+            );
+            assert_eq!(
+                r.status,
+                401,
+                "{what}: {method} {path}: {:?}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(r.error_code(), "UNAUTHORIZED", "{what}");
+            assert_eq!(challenge(&r).1, "invalid_token", "{what}");
+        }
+    }
+
+    // Valid tokens used beyond their grant: another repository, or push with a pull token.
+    let pull_only = sign(
+        &s,
+        &header,
+        &claims(vec![Access::new("repository", "team/app", &["pull"])]),
+    );
+    let other_repo = sign(
+        &s,
+        &header,
+        &claims(vec![Access::new("repository", "team/a", &["pull", "push"])]),
+    );
+    for (what, token, path) in [
+        (
+            "pull token used to push",
+            &pull_only,
+            "/v2/team/app/blobs/uploads/",
+        ),
+        (
+            "token for team/a used on team/b",
+            &other_repo,
+            "/v2/team/b/blobs/uploads/",
+        ),
+    ] {
+        let r = http.send(
+            "POST",
+            path,
+            &[("authorization", &format!("Bearer {token}"))],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401, "{what}");
+        assert_eq!(r.error_code(), "UNAUTHORIZED");
+        assert_eq!(challenge(&r).1, "insufficient_scope", "{what}");
+    }
+    let m = image_manifest((EMPTY_SHA256, 0), &[]);
+    let r = http.send(
+        "PUT",
+        "/v2/team/app/manifests/forged",
+        &[
+            ("authorization", &format!("Bearer {pull_only}")),
+            ("content-type", "application/vnd.oci.image.manifest.v1+json"),
+        ],
+        m,
+    );
+    assert_eq!(r.status, 401);
+    let owner = Http::for_server(&s).with_auth(&basic_header("olivia", PASSWORD));
+    assert_eq!(
+        owner.get("/v2/team/app/tags/list").status,
+        404,
+        "no forged token wrote anything"
+    );
+    assert_eq!(owner.get("/v2/team/b/tags/list").status, 404);
+}
+
+#[test]
+fn repeated_failed_logins_are_throttled_then_released() {
+    let s = server();
+    let http = Http::for_server(&s);
+    let wrong = basic_header("olivia", "wrong-password");
+    let right = basic_header("olivia", PASSWORD);
+    push_image(&Http::for_server(&s).with_auth(&right), "open/app", "v1", 9);
+    for i in 0..3 {
+        let r = http.send(
+            "GET",
+            "/v2/team/app/tags/list",
+            &[("authorization", &wrong)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401, "failure {i}");
+    }
+    // Locked: even the right password is refused, with a clear error and Retry-After.
+    for path in ["/v2/team/app/tags/list", "/v2/token?service=transship"] {
+        let r = http.send("GET", path, &[("authorization", &right)], Bytes::new());
+        assert_eq!(r.status, 429, "{path}");
+        assert_eq!(r.error_code(), "TOOMANYREQUESTS");
+        let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=2).contains(&wait), "Retry-After {wait}");
+    }
+    // Anonymous access, and Docker Hub credentials sent to a mirror namespace, are unaffected.
+    let r = http.send("GET", "/v2/open/app/manifests/v1", &[], Bytes::new());
+    assert_eq!(r.status, 200);
+    let hub = basic_header("dockerhub-user", "hub-password");
+    let r = http.send(
+        "GET",
+        "/v2/library/alpine/manifests/latest",
+        &[("authorization", &hub)],
+        Bytes::new(),
+    );
+    assert!(
+        r.status != 401 && r.status != 429,
+        "hub credentials on a mirror: {}",
+        r.status
+    );
+    // The lockout ends on time and the right password works again.
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = http.send("GET", "/v2/", &[("authorization", &right)], Bytes::new());
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn malformed_credentials_and_scopes_get_clean_errors() {
+    let s = server();
+    let http = Http::for_server(&s);
+    let huge = format!("Basic {}", "A".repeat(64 * 1024));
+    let no_colon = format!("Basic {}", STANDARD.encode("olivia"));
+    let not_utf8 = format!("Basic {}", STANDARD.encode([0xff, 0xfe, b':', b'x']));
+    for auth in [
+        "Basic",
+        "Basic !!!not-base64!!!",
+        no_colon.as_str(),
+        not_utf8.as_str(),
+        "Digest username=\"olivia\"",
+        "Bearer",
+        huge.as_str(),
+    ] {
+        let label: String = auth.chars().take(40).collect();
+        let r = http.send(
+            "POST",
+            "/v2/team/app/blobs/uploads/",
+            &[("authorization", auth)],
+            Bytes::new(),
+        );
+        assert!(r.status == 400 || r.status == 401, "{label}: {}", r.status);
+        assert!(!r.error_code().is_empty(), "{label}: error body");
+    }
+    // Scopes: names with host:port parse (and grant nothing here); broken ones are 400s.
+    let owner = basic_header("olivia", PASSWORD);
+    let r = http.send(
+        "GET",
+        &format!(
+            "/v2/token?service=transship&scope={}",
+            enc("repository:localhost:5000/team/app:pull")
+        ),
+        &[("authorization", &owner)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["scope"], "");
+    for bad in [
+        "repository",
+        "repository:team/app",
+        ":team/app:pull",
+        "repository:team/app:pu ll",
+    ] {
+        let r = http.send(
+            "GET",
+            &format!("/v2/token?service=transship&scope={}", enc(bad)),
+            &[("authorization", &owner)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(!r.error_code().is_empty());
+    }
+    let r = http.send(
+        "GET",
+        "/v2/token?scope=repository:team/app:pull",
+        &[("authorization", "Bearer x")],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 400, "the token endpoint takes Basic");
+    // Nothing above created anything.
+    assert_eq!(
+        Http::for_server(&s)
+            .with_auth(&owner)
+            .get("/v2/_catalog")
+            .json()["repositories"],
+        serde_json::json!([])
+    );
+    // Key files (each failure counts towards the lockout, so these come last).
+    let app = &s.app;
+    let key = app
+        .auth
+        .identities
+        .create_key(&app.store, "team", Role::Editor, "ci")
+        .unwrap();
+    let json = serde_json::to_string(&key).unwrap();
+    let ok = http.send(
+        "GET",
+        "/v2/team/app/tags/list",
+        &[("authorization", &basic_header("_json_key", &json))],
+        Bytes::new(),
+    );
+    assert_eq!(ok.status, 404, "a valid key gets through to the handler");
+    let truncated = basic_header("_json_key", &json[..json.len() / 2]);
+    let bad_b64 = basic_header("_json_key_base64", "%%%");
+    for (what, auth) in [
+        ("truncated key file", truncated),
+        ("bad base64 key", bad_b64),
+    ] {
+        let r = http.send(
+            "GET",
+            "/v2/team/app/tags/list",
+            &[("authorization", &auth)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401, "{what}");
+        assert_eq!(r.error_code(), "UNAUTHORIZED");
+    }
+    app.auth
+        .identities
+        .revoke_key(&app.store, &key.private_key_id)
+        .unwrap();
+    let r = http.send(
+        "GET",
+        "/v2/team/app/tags/list",
+        &[("authorization", &basic_header("_json_key", &json))],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 401, "revoked key");
+}
+
+#[test]
+fn an_exposed_listener_without_users_refuses_pushes() {
+    let s = TestServer::start_with(|mut c| {
+        c.server.listen = "0.0.0.0:0".parse().unwrap();
+        c
+    });
+    let http = Http::for_server(&s);
+    let r = http.send("POST", "/v2/local/app/blobs/uploads/", &[], Bytes::new());
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code(), "DENIED");
+    assert!(String::from_utf8_lossy(&r.body).contains("transship user add"));
+    assert_eq!(
+        http.get("/v2/").status,
+        200,
+        "with nobody to log in, the ping is open"
+    );
+    // Once a user exists, loopback clients push anonymously again (the project allows it).
+    let app = &s.app;
+    app.auth
+        .identities
+        .set_user(&app.store, "admin", "a-long-password")
+        .unwrap();
+    push_image(&http, "local/app", "v1", 1);
+    assert_eq!(http.get("/v2/").status, 401, "now the ping challenges");
+}
