@@ -564,3 +564,65 @@ fn an_exposed_listener_without_users_refuses_pushes() {
     push_image(&http, "local/app", "v1", 1);
     assert_eq!(http.get("/v2/").status, 401, "now the ping challenges");
 }
+
+#[test]
+fn owners_manage_members_over_http() {
+    let s = server();
+    let owner = Http::for_server(&s).with_auth(&basic_header("olivia", PASSWORD));
+    let victor = Http::for_server(&s).with_auth(&basic_header("victor", PASSWORD));
+    let members = "/transship/v1/projects/team/members";
+    let set = |http: &Http, user: &str, body: &str| {
+        http.send(
+            "PUT",
+            &format!("{members}/{user}"),
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+    };
+    // A viewer may not push, nor promote themselves.
+    let r = victor.send("POST", "/v2/team/app/blobs/uploads/", &[], Bytes::new());
+    assert_eq!(r.status, 403);
+    let r = set(&victor, "victor", r#"{"role":"owner"}"#);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code(), "DENIED");
+    let r = Http::for_server(&s).get(members);
+    assert_eq!(r.status, 401);
+    // The owner makes them an editor: now they push.
+    let r = set(&owner, "victor", r#"{"role":"editor"}"#);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    push_image(&victor, "team/app", "v1", 1);
+    let list = owner.get(members).json();
+    let roles: Vec<(String, String, String)> = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["user"].as_str().unwrap().into(),
+                m["role"].as_str().unwrap().into(),
+                m["source"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(roles.contains(&("olivia".into(), "owner".into(), "config".into())));
+    assert!(roles.contains(&("victor".into(), "editor".into(), "index".into())));
+    // Bad input changes nothing.
+    assert_eq!(set(&owner, "victor", r#"{"role":"god"}"#).status, 400);
+    assert_eq!(set(&owner, "victor", "not json").status, 400);
+    assert_eq!(set(&owner, "nobody", r#"{"role":"viewer"}"#).status, 404);
+    assert_eq!(
+        owner.delete(&format!("{members}/olivia")).status,
+        404,
+        "config roles are read-only"
+    );
+    assert_eq!(
+        owner.get("/transship/v1/projects/elsewhere/members").status,
+        403,
+        "owning one project says nothing about another"
+    );
+    // Removing the stored role leaves the config one (viewer): pushes stop.
+    assert_eq!(owner.delete(&format!("{members}/victor")).status, 204);
+    let r = victor.send("POST", "/v2/team/app/blobs/uploads/", &[], Bytes::new());
+    assert_eq!(r.status, 403);
+    assert_eq!(victor.get("/v2/team/app/manifests/v1").status, 200);
+}

@@ -428,6 +428,25 @@ impl Authorizer {
         }
     }
 
+    /// Managing a project's members takes its owner role (for a token, its subject's).
+    pub fn require_owner(&self, caller: &Caller, project: &str) -> Result<(), Denial> {
+        let subject = match &caller.identity {
+            Identity::Anonymous => None,
+            Identity::Subject(s) => Some(s.clone()),
+            Identity::Token(c) => self.identities.subject(&c.sub),
+        };
+        let Some(subject) = subject else {
+            return Err(Denial::unauthenticated("authentication required"));
+        };
+        if self.identities.role(&subject, project) == Some(Role::Owner) {
+            Ok(())
+        } else {
+            let d = Denial::Forbidden(format!("{subject} is not an owner of project {project}"));
+            audit_denial(caller, &format!("manage members of {project}"), &d);
+            Err(d)
+        }
+    }
+
     /// The catalog: anyone may ask (the listing is filtered); a token must carry the scope.
     pub fn authorize_catalog(&self, caller: &Caller) -> Result<(), Denial> {
         match &caller.identity {

@@ -5,6 +5,7 @@
 pub mod blobs;
 pub mod body;
 pub mod manifests;
+pub mod members;
 pub mod mirror;
 pub mod referrers;
 pub mod response;
@@ -30,6 +31,16 @@ use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 use body::RequestBody;
 use response::{Resp, error_response, json};
 use router::Route;
+
+/// Runs a blocking identity change (a synced write) off the async workers.
+pub async fn blocking_admin(
+    f: impl FnOnce() -> Result<(), crate::auth::keys::AdminError> + Send + 'static,
+) -> Result<(), RegistryError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(RegistryError::internal(format!("admin task failed: {e}"))),
+    }
+}
 
 /// Runs blocking store work (synced writes) off the async workers.
 pub async fn blocking<T: Send + 'static>(
@@ -196,6 +207,9 @@ async fn dispatch(
         Route::Catalog if get => {
             app.auth.authorize_catalog(&caller).map_err(deny)?;
             tags::catalog(app, parts, &caller).await
+        }
+        Route::Members { project, user } => {
+            members::serve(app, parts, body, &caller, project, user.as_deref()).await
         }
         Route::Manifest { reference, .. } => match *method {
             Method::GET | Method::HEAD => {

@@ -14,6 +14,11 @@ pub enum Route<'a> {
     Catalog,
     /// `GET|POST /v2/token`: the token endpoint (as on gcr.io)
     Token,
+    /// `/transship/v1/projects/<project>/members[/<user>]`: members, managed by owners
+    Members {
+        project: Cow<'a, str>,
+        user: Option<Cow<'a, str>>,
+    },
     /// `GET /metrics`
     Metrics,
     /// `GET /healthz`
@@ -50,6 +55,7 @@ impl Route<'_> {
             Route::Base => "base",
             Route::Catalog => "catalog",
             Route::Token => "token",
+            Route::Members { .. } => "members",
             Route::Metrics => "metrics",
             Route::Health => "health",
             Route::Manifest { .. } => "manifest",
@@ -102,6 +108,25 @@ fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     String::from_utf8(out).ok().map(Cow::Owned)
 }
 
+const MEMBERS_PREFIX: &str = "/transship/v1/projects/";
+
+/// `<project>/members` or `<project>/members/<user>`; the project name may hold slashes.
+fn members_route(rest: &str) -> Route<'_> {
+    if let Some(project) = rest.strip_suffix("/members") {
+        return Route::Members {
+            project: Cow::Borrowed(project),
+            user: None,
+        };
+    }
+    match rest.rsplit_once("/members/") {
+        Some((project, user)) if !user.contains('/') && !user.is_empty() => Route::Members {
+            project: Cow::Borrowed(project),
+            user: Some(Cow::Borrowed(user)),
+        },
+        _ => Route::NotFound,
+    }
+}
+
 fn cut(path: &str, from: usize, to: usize) -> Cow<'_, str> {
     Cow::Borrowed(&path[from..to])
 }
@@ -114,6 +139,9 @@ pub fn parse(raw_path: &str) -> Route<'_> {
         "/metrics" => return Route::Metrics,
         "/healthz" => return Route::Health,
         _ => {}
+    }
+    if let Some(rest) = raw_path.strip_prefix(MEMBERS_PREFIX) {
+        return members_route(rest);
     }
     let Some(rest) = raw_path.strip_prefix("/v2/") else {
         return Route::NotFound;
@@ -151,6 +179,10 @@ fn owned(r: Route<'_>) -> Route<'static> {
         Route::Base => Route::Base,
         Route::Catalog => Route::Catalog,
         Route::Token => Route::Token,
+        Route::Members { project, user } => Route::Members {
+            project: o(project),
+            user: user.map(o),
+        },
         Route::Metrics => Route::Metrics,
         Route::Health => Route::Health,
         Route::NotFound => Route::NotFound,
