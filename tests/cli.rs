@@ -1,5 +1,6 @@
 //! The command line as an operator uses it: `check-config`, `--help`, offline `gc` and
-//! `fsck`, and graceful shutdown of `serve` on SIGTERM with a download in flight.
+//! `fsck`, graceful shutdown of `serve` on SIGTERM with a download in flight, and the identity
+//! commands (`user`, `key`, `token`, `member`) with and without a running server.
 
 mod common;
 
@@ -54,7 +55,16 @@ fn check_config_accepts_the_example_and_names_key_and_line_of_errors() {
 fn help_lists_every_command() {
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, 0);
-    for cmd in ["serve", "check-config", "gc", "fsck"] {
+    for cmd in [
+        "serve",
+        "check-config",
+        "gc",
+        "fsck",
+        "user",
+        "key",
+        "token",
+        "member",
+    ] {
         assert!(out.contains(cmd), "--help lacks {cmd}:\n{out}");
     }
     let (_, out, _) = run(&["serve", "--help"]);
@@ -148,5 +158,219 @@ fn sigterm_lets_an_in_flight_download_finish() {
     assert!(
         status.success(),
         "clean exit after graceful shutdown: {status:?}"
+    );
+}
+
+/// Runs the binary with `stdin` as standard input.
+fn run_with_input(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run transship");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn identity_commands_work_offline_and_against_the_running_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("transship.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n[[project]]\nname = \"team\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    // Offline: straight into the index.
+    let (code, _, err) = run_with_input(&["user", "add", "alice", "-c", c], "alice-password\n");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_with_input(&["user", "add", "shorty", "-c", c], "short\n");
+    assert_eq!(code, 2);
+    assert!(err.contains("at least 8"), "{err}");
+    let (code, _, err) = run(&[
+        "member",
+        "add",
+        "--project",
+        "team",
+        "--user",
+        "alice",
+        "--role",
+        "editor",
+        "-c",
+        c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&[
+        "member",
+        "add",
+        "--project",
+        "nope",
+        "--user",
+        "alice",
+        "--role",
+        "editor",
+        "-c",
+        c,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no project nope"), "{err}");
+    let key_path = dir.path().join("key.json");
+    let k = key_path.to_str().unwrap();
+    let (code, _, err) = run(&[
+        "key",
+        "create",
+        "--project",
+        "team",
+        "--role",
+        "viewer",
+        "--out",
+        k,
+        "-c",
+        c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "key files are private");
+    let key_json = std::fs::read_to_string(&key_path).unwrap();
+    let key: serde_json::Value = serde_json::from_str(&key_json).unwrap();
+    assert_eq!(key["project_id"], "team");
+    let (code, _, err) = run(&[
+        "key",
+        "create",
+        "--project",
+        "team",
+        "--role",
+        "viewer",
+        "--out",
+        k,
+        "-c",
+        c,
+    ]);
+    assert_eq!(code, 2, "an existing key file is not overwritten");
+    assert!(err.contains("exists"), "{err}");
+
+    // Online: the same commands reach the running server through its admin socket and take
+    // effect at once.
+    let server = BinaryServer::start(&config, &dir.path().join("log"));
+    let http = Http::new(&server.url(""));
+    let get = |auth: &str| {
+        http.send(
+            "GET",
+            "/v2/",
+            &[("authorization", auth)],
+            bytes::Bytes::new(),
+        )
+        .status
+    };
+    assert_eq!(
+        get(&transship::auth::basic_header("alice", "alice-password")),
+        200
+    );
+    assert_eq!(
+        get(&transship::auth::basic_header("_json_key", &key_json)),
+        200
+    );
+    let (code, _, err) = run_with_input(&["user", "add", "bob", "-c", c], "bob-password\n");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        get(&transship::auth::basic_header("bob", "bob-password")),
+        200
+    );
+    let (code, token, err) = run(&["token", "create", "--user", "bob", "--ttl", "10m", "-c", c]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim();
+    assert_eq!(
+        get(&transship::auth::basic_header("oauth2accesstoken", token)),
+        200
+    );
+    let (_, list, _) = run(&["token", "list", "-c", c]);
+    let id = list
+        .split_whitespace()
+        .next()
+        .expect("a token id")
+        .to_string();
+    assert!(!list.contains(token), "listings never show secrets");
+    let (code, _, _) = run(&["token", "revoke", &id, "-c", c]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        get(&transship::auth::basic_header("oauth2accesstoken", token)),
+        401
+    );
+    let (code, _, _) = run(&[
+        "key",
+        "revoke",
+        key["private_key_id"].as_str().unwrap(),
+        "-c",
+        c,
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        get(&transship::auth::basic_header("_json_key", &key_json)),
+        401
+    );
+    let (_, users, _) = run(&["user", "list", "-c", c]);
+    assert_eq!(users, "alice\tindex\nbob\tindex\n");
+    let (_, members, _) = run(&["member", "list", "--project", "team", "-c", c]);
+    assert_eq!(members, "team\talice\teditor\tindex\n");
+    let (code, _, _) = run(&["user", "remove", "bob", "-c", c]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        get(&transship::auth::basic_header("bob", "bob-password")),
+        401
+    );
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    for secret in ["alice-password", "bob-password", token] {
+        assert!(!log.contains(secret), "a secret reached the log");
+    }
+    assert!(
+        log.contains("audit: admin request applied"),
+        "admin changes are audited"
+    );
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn an_exposed_listener_without_users_warns_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("transship serving") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("pushes are refused until one is created with `transship user add`"),
+        "{text}"
     );
 }
