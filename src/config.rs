@@ -693,6 +693,11 @@ mod tests {
                 .any(|u| u.name.get_ref().as_str() == "docker.io" && u.default)
         );
         assert_eq!(c.storage.max_manifest_size.0, 4 << 20);
+        assert!(c.users.is_empty() && c.projects[0].owners.is_empty());
+        assert_eq!(c.upstreams[0].pull, MirrorPull::Anonymous);
+        assert_eq!(c.auth.service, "transship");
+        assert_eq!(c.auth.token_ttl.0, Duration::from_secs(300));
+        assert!(c.auth.realm.is_none());
         // The rendered config parses back to the same thing.
         let again = Config::parse(&c.to_toml(), "rendered").unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
@@ -742,6 +747,20 @@ mod tests {
                 .to_string()
                 .contains("inside upstream")
         );
+        for (extra, wanted) in [
+            ("[[user]]\nname = \"a\"\npassword_hash = \"plain\"\n", "argon2id"),
+            ("[[user]]\nname = \"Admin\"\npassword_hash = \"x\"\n", "invalid user name"),
+            ("[auth]\ntoken_ttl = \"10s\"\n", "at least 60s"),
+            ("[auth]\nrealm = \"/v2/token\"\n", "absolute"),
+            ("[auth]\nservice = \"a b\"\n", "auth.service"),
+            ("[auth]\nmax_failed_logins = 0\n", "at least 1"),
+            ("[[project]]\nname = \"p\"\nowners = [\"Bad User\"]\n", "project \"p\""),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(wanted), "{extra}: {e}");
+        }
     }
 
     #[test]

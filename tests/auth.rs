@@ -30,10 +30,6 @@ fn extra_config(upstream_url: &str) -> String {
     }
     format!(
         r#"
-[auth]
-max_failed_logins = 3
-lockout = "2s"
-
 {users}
 [[project]]
 name = "team"

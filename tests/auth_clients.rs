@@ -190,6 +190,9 @@ impl Registry {
 /// The server over HTTPS with project `team`, users alice (editor) and victor (viewer), and
 /// the test CA laid out for each client.
 struct Fixture {
+    /// First, so its pooled connections close before the server's graceful shutdown, which
+    /// would otherwise wait for them for its whole timeout.
+    registry: Registry,
     server: TestServer,
     /// `127.0.0.1:PORT`, as clients name the registry.
     host: String,
@@ -197,7 +200,6 @@ struct Fixture {
     cert_dir: PathBuf,
     /// The same certificate (`ctr --tlscacert`).
     ca_file: PathBuf,
-    registry: Registry,
     _tls: tempfile::TempDir,
 }
 
@@ -651,7 +653,7 @@ fn containerd_pulls_and_pushes_with_user_credentials_over_https() {
     let pull = |user: Option<String>| {
         let mut ctr = daemon
             .ctr()
-            .args(["images", "pull", "--snapshotter", "native", "--tlscacert"])
+            .args(["--debug", "images", "pull", "--snapshotter", "native", "--tlscacert"])
             .arg(&f.ca_file);
         if let Some(u) = user {
             ctr = ctr.args(["--user", &u]);

@@ -31,10 +31,15 @@ fn server() -> TestServer {
         })
         .collect();
     let extra = format!(
-        "[auth]\nmax_failed_logins = 3\nlockout = \"2s\"\n{users}\n[[project]]\nname = \"team\"\nowners = [\"olivia\"]\nviewers = [\"victor\"]\n\
+        "{users}\n[[project]]\nname = \"team\"\nowners = [\"olivia\"]\nviewers = [\"victor\"]\n\
          [[project]]\nname = \"open\"\nanonymous = \"pull\"\nanonymous_from = [\"0.0.0.0/0\", \"::/0\"]\nowners = [\"olivia\"]\n"
     );
-    TestServer::start_with(|c| test_config(&c.server.data_dir, &extra))
+    TestServer::start_with(|c| {
+        let mut c = test_config(&c.server.data_dir, &extra);
+        c.auth.max_failed_logins = 3;
+        c.auth.lockout = transship::config::HumanDuration(Duration::from_secs(2));
+        c
+    })
 }
 
 fn now() -> u64 {
