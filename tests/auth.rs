@@ -12,9 +12,7 @@ use bytes::Bytes;
 use common::upstream::{self, Distribution};
 use common::*;
 use transship::auth::basic_header;
-use transship::auth::jwt::Claims;
 use transship::auth::keys::{Role, Subject, TokenKind, hash_password};
-use transship::auth::scope::Access;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const PASSWORD: &str = "correct horse battery";
@@ -62,7 +60,6 @@ struct Fixture {
     /// The upstream image, as served through the mirror.
     mirror_manifest: String,
     key_json: String,
-    key_id: String,
     access_token: String,
 }
 
@@ -102,7 +99,6 @@ fn fixture() -> Option<Fixture> {
     push_image(&owner, "example.com/open/app", "v1", 3);
     Some(Fixture {
         key_json: serde_json::to_string(&key).unwrap(),
-        key_id: key.private_key_id.clone(),
         access_token,
         mirror_manifest,
         _up: up,

@@ -337,6 +337,20 @@ impl Fixture {
     }
 }
 
+/// A `ctr --hosts-dir` sending everything for `host` to it over HTTPS (with the CA from
+/// `--tlscacert`). Without one, ctr 1.6 speaks plain HTTP to any loopback registry, whatever
+/// `--tlscacert` says.
+fn ctr_hosts_dir(dir: &Path, host: &str) -> PathBuf {
+    let hosts = dir.join("hosts");
+    std::fs::create_dir_all(hosts.join(host)).unwrap();
+    std::fs::write(
+        hosts.join(host).join("hosts.toml"),
+        format!("server = \"https://{host}\"\n"),
+    )
+    .unwrap();
+    hosts
+}
+
 /// Writes `secret` to `name` in the sandbox, for `--password-stdin`.
 fn secret_file(sb: &Sandbox, name: &str, secret: &str) -> PathBuf {
     let path = sb.path(name);
@@ -415,17 +429,22 @@ fn podman_logs_in_with_a_json_key_file_and_a_revoked_key_is_refused() {
     let f = Fixture::start();
     let reg = &f.registry;
     let sb = f.sandbox();
-    let (_, key_json) = f.create_key("ci");
+    let (key, key_json) = f.create_key("ci");
     let key_path = secret_file(&sb, "key.json", &key_json);
     let authfile = sb.path("ci-auth.json");
     let said = f
         .login(sb.podman(), &authfile, "_json_key", &key_path)
         .run();
     assert!(said.contains("Login Succeeded"), "{said}");
+    // podman joins the lines it reads from stdin: the stored password is the key file
+    // without its line breaks, which is still the same JSON.
+    let stored = stored_credentials(&authfile, &f.host).expect("stored login");
+    let stored_key = stored
+        .strip_prefix("_json_key:")
+        .unwrap_or_else(|| panic!("{stored}"));
     assert_eq!(
-        stored_credentials(&authfile, &f.host),
-        Some(format!("_json_key:{}", key_json.trim_end())),
-        "podman stores the whole key file as the password"
+        serde_json::from_str::<Value>(stored_key).expect("stored key file is JSON"),
+        serde_json::to_value(&key).unwrap()
     );
 
     // Push from podman's storage: its ID is our config's digest.
@@ -649,11 +668,15 @@ fn containerd_pulls_and_pushes_with_user_credentials_over_https() {
     let repo = "team/app";
     reg.seed(repo, &layout, &alice());
     let daemon = Containerd::start(EGRESS);
+    let hosts = ctr_hosts_dir(daemon.dir.path(), &f.host);
     let remote = format!("{}/{repo}:{TAG}", f.host);
     let pull = |user: Option<String>| {
         let mut ctr = daemon
             .ctr()
-            .args(["--debug", "images", "pull", "--snapshotter", "native", "--tlscacert"])
+            .args(["--debug", "images", "pull", "--snapshotter", "native"])
+            .arg("--hosts-dir")
+            .arg(&hosts)
+            .arg("--tlscacert")
             .arg(&f.ca_file);
         if let Some(u) = user {
             ctr = ctr.args(["--user", &u]);
@@ -663,15 +686,29 @@ fn containerd_pulls_and_pushes_with_user_credentials_over_https() {
 
     // No credentials, or a wrong password: refused, and nothing fetched.
     let err = pull(None).fails();
-    assert!(mentions(&err, &["401", "unauthorized"]), "{err}");
+    assert!(mentions(&err, &["401 unauthorized"]), "{err}");
     let err = pull(Some("alice:not-her-password".into())).fails();
-    assert!(mentions(&err, &["401", "unauthorized"]), "{err}");
+    assert!(mentions(&err, &["401 unauthorized"]), "{err}");
     assert_eq!(
         daemon.ctr().args(["content", "ls", "--quiet"]).run().trim(),
         ""
     );
 
-    pull(Some(format!("alice:{ALICE_PASSWORD}"))).run();
+    // alice's password: the pull fetches every byte, over HTTPS only.
+    let log = pull(Some(format!("alice:{ALICE_PASSWORD}"))).run_log();
+    let urls: Vec<&str> = log
+        .split(" url=")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(!urls.is_empty(), "{log}");
+    for url in &urls {
+        assert!(
+            url.trim_matches('"')
+                .starts_with(&format!("https://{}/", f.host)),
+            "{url} in\n{log}"
+        );
+    }
     assert_eq!(daemon.image_digest(&remote), layout.top.1);
     daemon.assert_content(&layout.all());
 
@@ -700,6 +737,8 @@ fn containerd_pulls_and_pushes_with_user_credentials_over_https() {
             "--user",
             &format!("alice:{ALICE_PASSWORD}"),
         ])
+        .arg("--hosts-dir")
+        .arg(&hosts)
         .arg("--tlscacert")
         .arg(&f.ca_file)
         .arg(format!("{}/{pushed_repo}:{TAG}", f.host))
