@@ -184,7 +184,7 @@ fn bearer_for(http: &Http, who: &Who) -> String {
     let n = who.name;
     let scopes = [
         "repository:team/app:pull,push,delete".to_string(),
-        format!("repository:team/push-{n}:pull,push"),
+        format!("repository:team/nested/push-{n}:pull,push"),
         format!("repository:team/del-{n}-bearer:pull,delete"),
         format!("repository:team/mount-{n}:pull,push"),
         format!("repository:team/mount2-{n}:pull,push"),
@@ -301,7 +301,8 @@ fn run_matrix(f: &Fixture, mode: Mode) {
         }
 
         // push
-        let repo = format!("team/push-{n}");
+        // Nested repositories follow their project.
+        let repo = format!("team/nested/push-{n}");
         let r = http.send(
             "POST",
             &format!("/v2/{repo}/blobs/uploads/"),
