@@ -748,13 +748,22 @@ mod tests {
                 .contains("inside upstream")
         );
         for (extra, wanted) in [
-            ("[[user]]\nname = \"a\"\npassword_hash = \"plain\"\n", "argon2id"),
-            ("[[user]]\nname = \"Admin\"\npassword_hash = \"x\"\n", "invalid user name"),
+            (
+                "[[user]]\nname = \"a\"\npassword_hash = \"plain\"\n",
+                "argon2id",
+            ),
+            (
+                "[[user]]\nname = \"Admin\"\npassword_hash = \"x\"\n",
+                "invalid user name",
+            ),
             ("[auth]\ntoken_ttl = \"10s\"\n", "at least 60s"),
             ("[auth]\nrealm = \"/v2/token\"\n", "absolute"),
             ("[auth]\nservice = \"a b\"\n", "auth.service"),
             ("[auth]\nmax_failed_logins = 0\n", "at least 1"),
-            ("[[project]]\nname = \"p\"\nowners = [\"Bad User\"]\n", "project \"p\""),
+            (
+                "[[project]]\nname = \"p\"\nowners = [\"Bad User\"]\n",
+                "project \"p\"",
+            ),
         ] {
             let e = Config::parse(&format!("{base}{extra}"), "t")
                 .unwrap_err()

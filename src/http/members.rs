@@ -47,8 +47,11 @@ pub async fn serve(
             let raw = read_limited(&mut body, 4096)
                 .await
                 .map_err(|_| bad("the body must be a small JSON object"))?;
-            let SetRole { role } = serde_json::from_slice(&raw)
-                .map_err(|e| bad(&format!("expected {{\"role\": \"owner|editor|viewer\"}}: {e}")))?;
+            let SetRole { role } = serde_json::from_slice(&raw).map_err(|e| {
+                bad(&format!(
+                    "expected {{\"role\": \"owner|editor|viewer\"}}: {e}"
+                ))
+            })?;
             super::blocking_admin(move || ids.set_member(&app2.store, &project, &user, role))
                 .await?;
             Ok(json(
