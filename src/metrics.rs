@@ -27,6 +27,9 @@ pub struct Metrics {
     pub upstream_ratelimit_limit: IntGaugeVec,
     pub upstream_ratelimit_remaining: IntGaugeVec,
     pub digest_mismatches: IntCounterVec,
+    /// Requests refused by access control, by outcome.
+    pub auth_denials: IntCounterVec,
+    pub tokens_issued: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -124,6 +127,21 @@ impl Metrics {
                     &["upstream"],
                 )
                 .expect("valid metric"),
+            ),
+            auth_denials: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "transship_auth_denials_total",
+                        "Requests refused by access control: unauthenticated (401), forbidden (403), throttled (429), malformed (400)",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid metric"),
+            ),
+            tokens_issued: counter(
+                "transship_auth_tokens_issued_total",
+                "Tokens issued by the token endpoint",
             ),
             upstream_errors: reg(
                 &r,

@@ -430,6 +430,18 @@ fn repeated_failed_logins_are_throttled_then_released() {
     std::thread::sleep(Duration::from_millis(2100));
     let r = http.send("GET", "/v2/", &[("authorization", &right)], Bytes::new());
     assert_eq!(r.status, 200);
+    // Prometheus sees it.
+    let metrics = String::from_utf8_lossy(&http.get("/metrics").body).into_owned();
+    let value = |outcome: &str| -> u64 {
+        let prefix = format!("transship_auth_denials_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(value("unauthenticated"), 3, "{metrics}");
+    assert_eq!(value("throttled"), 2, "{metrics}");
 }
 
 #[test]

@@ -56,6 +56,7 @@ pub async fn serve(
     };
     match app.auth.issue_token(app, req, peer.ip()).await {
         Ok(resp) => {
+            app.metrics.tokens_issued.inc();
             let body = serde_json::to_string(&resp)
                 .map_err(|e| RegistryError::internal(format!("token response: {e}")))?;
             let mut r = json(StatusCode::OK, body);
@@ -154,6 +155,13 @@ pub fn denial_error(
     denial: Denial,
     scope: Option<String>,
 ) -> RegistryError {
+    let outcome = match &denial {
+        Denial::Unauthenticated { .. } => "unauthenticated",
+        Denial::Forbidden(_) => "forbidden",
+        Denial::Throttled { .. } => "throttled",
+        Denial::Malformed(_) => "malformed",
+    };
+    app.metrics.auth_denials.with_label_values(&[outcome]).inc();
     match denial {
         Denial::Unauthenticated { message, error } => {
             RegistryError::new(ErrorCode::Unauthorized, message).with_header(
