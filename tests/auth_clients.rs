@@ -737,18 +737,7 @@ fn containerd_pulls_and_pushes_with_user_credentials_over_https() {
     let other = Layout::single(15, &OCI, &LAYERS);
     let archive = daemon.dir.path().join("other.tar");
     std::fs::write(&archive, other.archive()).unwrap();
-    daemon
-        .ctr()
-        .args([
-            "images",
-            "import",
-            "--snapshotter",
-            "native",
-            "--base-name",
-            "e2e/src",
-        ])
-        .arg(&archive)
-        .run();
+    daemon.import(&archive);
     let pushed_repo = "team/ctr";
     daemon
         .ctr()

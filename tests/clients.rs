@@ -423,18 +423,7 @@ fn containerd_ctr_pushes_and_pulls_an_image() {
     let repo = "local/e2e/ctr";
     let remote = format!("{}/{repo}:{TAG}", s.addr);
 
-    daemon
-        .ctr()
-        .args([
-            "images",
-            "import",
-            "--snapshotter",
-            "native",
-            "--base-name",
-            "e2e/src",
-        ])
-        .arg(&archive)
-        .run();
+    daemon.import(&archive);
     daemon
         .ctr()
         .args([

@@ -156,6 +156,16 @@ pub enum TokenKind {
     Refresh,
 }
 
+impl TokenKind {
+    /// How tokens of this kind start: tells them apart before any lookup.
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Access => ACCESS_PREFIX,
+            Self::Refresh => REFRESH_PREFIX,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TokenRecord {
     kind: TokenKind,
@@ -276,11 +286,6 @@ impl Identities {
             }
         }
         Ok(Self::new(config, stored))
-    }
-
-    /// Only the config's identities (unit tests, `check-config`).
-    pub fn from_config(config: &Config) -> Self {
-        Self::new(config, Stored::default())
     }
 
     fn new(config: &Config, stored: Stored) -> Self {
@@ -447,13 +452,9 @@ impl Identities {
 
     /// Checks an access or refresh token string and returns its owner.
     pub fn verify_token(&self, token: &str, kind: TokenKind) -> Result<Subject, CredentialError> {
-        let prefix = match kind {
-            TokenKind::Access => ACCESS_PREFIX,
-            TokenKind::Refresh => REFRESH_PREFIX,
-        };
         let rest = token
             .trim()
-            .strip_prefix(prefix)
+            .strip_prefix(kind.prefix())
             .ok_or(CredentialError::MalformedToken)?;
         let (id, secret) = rest
             .split_once('_')
@@ -540,16 +541,7 @@ impl Identities {
             store.delete_auth_record(KIND_MEMBER, &format!("{project}\0{user}"))?;
             s.members.remove(&(project, user));
         }
-        let tokens: Vec<_> = s
-            .tokens
-            .iter()
-            .filter(|(_, t)| t.subject == name)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in tokens {
-            store.delete_auth_record(KIND_TOKEN, &id)?;
-            s.tokens.remove(&id);
-        }
+        drop_tokens_of(&mut s, store, name)?;
         drop(s);
         self.verified.invalidate_all();
         Ok(())
@@ -621,16 +613,7 @@ impl Identities {
         let sub = format!("{KEY_SUB_PREFIX}{id}");
         let mut s = self.write();
         s.keys.remove(id);
-        let tokens: Vec<_> = s
-            .tokens
-            .iter()
-            .filter(|(_, t)| t.subject == sub)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for t in tokens {
-            store.delete_auth_record(KIND_TOKEN, &t)?;
-            s.tokens.remove(&t);
-        }
+        drop_tokens_of(&mut s, store, &sub)?;
         Ok(())
     }
 
@@ -667,11 +650,7 @@ impl Identities {
         };
         store.put_auth_record(KIND_TOKEN, &id, &to_json(&record))?;
         self.write().tokens.insert(id.clone(), record);
-        let prefix = match kind {
-            TokenKind::Access => ACCESS_PREFIX,
-            TokenKind::Refresh => REFRESH_PREFIX,
-        };
-        Ok((id.clone(), format!("{prefix}{id}_{secret}")))
+        Ok((id.clone(), format!("{}{id}_{secret}", kind.prefix())))
     }
 
     pub fn tokens(&self) -> Vec<TokenInfo> {
@@ -785,6 +764,21 @@ impl Identities {
         self.write().members.remove(&k);
         Ok(())
     }
+}
+
+/// Deletes every token whose owner is `subject` (a `Subject::token_sub`).
+fn drop_tokens_of(s: &mut Stored, store: &Store, subject: &str) -> Result<(), StoreError> {
+    let ids: Vec<String> = s
+        .tokens
+        .iter()
+        .filter(|(_, t)| t.subject == subject)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in ids {
+        store.delete_auth_record(KIND_TOKEN, &id)?;
+        s.tokens.remove(&id);
+    }
+    Ok(())
 }
 
 /// A user name: lower-case letters, digits and `._@-`, starting with a letter or digit, so it

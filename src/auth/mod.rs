@@ -91,14 +91,6 @@ impl Caller {
             identity: Identity::Anonymous,
         }
     }
-
-    pub fn is_anonymous(&self) -> bool {
-        match &self.identity {
-            Identity::Anonymous => true,
-            Identity::Subject(_) => false,
-            Identity::Token(c) => c.sub.is_empty(),
-        }
-    }
 }
 
 impl std::fmt::Display for Caller {
@@ -184,6 +176,14 @@ impl Authorizer {
     /// `?ns=`). A name that resolves to no upstream is answered with an error by the mirror
     /// handler whatever the policy, so it counts as anonymous here.
     fn mirror_pull(&self, repo: &RepoName, ns: Option<&str>) -> MirrorPull {
+        // The common case, every upstream open to anonymous pulls, needs no route resolution.
+        if self
+            .mirror_pulls
+            .iter()
+            .all(|p| *p == MirrorPull::Anonymous)
+        {
+            return MirrorPull::Anonymous;
+        }
         self.router
             .resolve(repo, ns)
             .map_or(MirrorPull::Anonymous, |r| self.mirror_pulls[r.upstream])
@@ -225,32 +225,24 @@ impl Authorizer {
         header: &http::HeaderValue,
         peer: IpAddr,
     ) -> Result<Identity, Denial> {
-        if header.len() > MAX_AUTHORIZATION {
-            return Err(Denial::Malformed("Authorization header too large".into()));
+        match parse_authorization(header)? {
+            Presented::Bearer(token) => {
+                self.signer
+                    .verify(&token)
+                    .map(Identity::Token)
+                    .map_err(|e| {
+                        audit_failure(peer, "bearer token", &e.to_string());
+                        Denial::Unauthenticated {
+                            message: e.to_string(),
+                            error: Some("invalid_token"),
+                        }
+                    })
+            }
+            Presented::Basic { user, password } => self
+                .verify_password(&user, &password, peer)
+                .await
+                .map(Identity::Subject),
         }
-        let value = header
-            .to_str()
-            .map_err(|_| Denial::Malformed("Authorization header is not ASCII".into()))?;
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        let rest = rest.trim();
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return self.signer.verify(rest).map(Identity::Token).map_err(|e| {
-                audit_failure(peer, "bearer token", &e.to_string());
-                Denial::Unauthenticated {
-                    message: e.to_string(),
-                    error: Some("invalid_token"),
-                }
-            });
-        }
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(Denial::Malformed(
-                "unsupported Authorization scheme; use Basic or Bearer".into(),
-            ));
-        }
-        let (user, password) = decode_basic(rest)?;
-        self.verify_password(&user, &password, peer)
-            .await
-            .map(Identity::Subject)
     }
 
     /// Checks Basic credentials with throttling; shared by requests and the token endpoint.
@@ -550,8 +542,36 @@ pub enum AuthBuildError {
     Key(#[from] jwt::KeyError),
 }
 
+/// What an `Authorization` header presents.
+pub enum Presented {
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
+/// Parses an `Authorization` header (size-limited, Basic or Bearer) without checking it.
+pub fn parse_authorization(header: &http::HeaderValue) -> Result<Presented, Denial> {
+    if header.len() > MAX_AUTHORIZATION {
+        return Err(Denial::Malformed("Authorization header too large".into()));
+    }
+    let value = header
+        .to_str()
+        .map_err(|_| Denial::Malformed("Authorization header is not ASCII".into()))?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        Ok(Presented::Bearer(rest.to_string()))
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let (user, password) = decode_basic(rest)?;
+        Ok(Presented::Basic { user, password })
+    } else {
+        Err(Denial::Malformed(
+            "unsupported Authorization scheme; use Basic or Bearer".into(),
+        ))
+    }
+}
+
 /// Decodes `base64(user:password)`.
-pub fn decode_basic(b64: &str) -> Result<(String, String), Denial> {
+fn decode_basic(b64: &str) -> Result<(String, String), Denial> {
     let raw = STANDARD
         .decode(b64)
         .map_err(|_| Denial::Malformed("Basic credentials are not valid base64".into()))?;

@@ -174,13 +174,16 @@ async fn dispatch(
     }
     let repo = route.name().map(parse_repo).transpose()?;
     let ns = query_one(parts, "ns");
-    let lenient = repo
-        .as_ref()
-        .is_some_and(|r| app.auth.lenient_for(r, ns.as_deref()));
     let deny = |d| token::denial_error(app, parts, d, token::scope_for(route, method));
+    let authorization = parts.headers.get(header::AUTHORIZATION);
+    // Leniency only matters for requests that carry credentials.
+    let lenient = authorization.is_some()
+        && repo
+            .as_ref()
+            .is_some_and(|r| app.auth.lenient_for(r, ns.as_deref()));
     let caller = app
         .auth
-        .authenticate(parts.headers.get(header::AUTHORIZATION), peer.ip(), lenient)
+        .authenticate(authorization, peer.ip(), lenient)
         .await
         .map_err(deny)?;
     if let Some(r) = &repo {

@@ -15,9 +15,9 @@ use super::response::{Resp, json};
 use super::router::Route;
 use super::{query_all, query_one};
 use crate::App;
-use crate::auth::Denial;
 use crate::auth::scope::{self, Access};
 use crate::auth::token::{Credentials, TokenFailure, TokenRequest};
+use crate::auth::{Denial, Presented};
 use crate::oci::{ErrorCode, RegistryError};
 
 /// The most a token POST body may hold.
@@ -120,19 +120,15 @@ fn basic_credentials(parts: &Parts) -> Result<Credentials, RegistryError> {
     let Some(h) = parts.headers.get(header::AUTHORIZATION) else {
         return Ok(Credentials::None);
     };
-    let malformed = |m: &str| RegistryError::new(ErrorCode::Unauthorized, m).with_status(400);
-    let value = h
-        .to_str()
-        .map_err(|_| malformed("Authorization header is not ASCII"))?;
-    let (scheme, b64) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(malformed("the token endpoint takes Basic credentials"));
+    let malformed = |m: String| RegistryError::new(ErrorCode::Unauthorized, m).with_status(400);
+    match crate::auth::parse_authorization(h) {
+        Ok(Presented::Basic { user, password }) => Ok(Credentials::Password { user, password }),
+        Ok(Presented::Bearer(_)) => Err(malformed(
+            "the token endpoint takes Basic credentials".into(),
+        )),
+        Err(Denial::Malformed(m)) => Err(malformed(m)),
+        Err(_) => Err(malformed("malformed credentials".into())),
     }
-    let (user, password) = crate::auth::decode_basic(b64.trim()).map_err(|d| match d {
-        Denial::Malformed(m) => malformed(&m),
-        _ => malformed("malformed Basic credentials"),
-    })?;
-    Ok(Credentials::Password { user, password })
 }
 
 /// The scope a request on `route` needs, for its challenge.

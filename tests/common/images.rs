@@ -755,6 +755,21 @@ disabled_plugins = [
             .args(["--namespace", "e2e"])
     }
 
+    /// Imports an image archive into the content store as `e2e/src:<tag>` (native snapshotter).
+    pub fn import(&self, archive: &Path) {
+        self.ctr()
+            .args([
+                "images",
+                "import",
+                "--snapshotter",
+                "native",
+                "--base-name",
+                "e2e/src",
+            ])
+            .arg(archive)
+            .run();
+    }
+
     /// A hosts directory sending every pull for `registry` to the mirror at `mirror`
     /// (`host:port`): the mirror as a pull/resolve host and as the server, so there is no
     /// public fallback at all.
