@@ -1,5 +1,5 @@
 # Sourced by scripts/run and scripts/test: installs the build prerequisites on a fresh machine
-# and points cargo at a persistent target dir and the prebuilt RocksDB (CRATES.md §3, §11).
+# and points cargo at a persistent target dir and the prebuilt RocksDB.
 # shellcheck shell=bash
 
 TRANSSHIP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

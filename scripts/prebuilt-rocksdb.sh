@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds librocksdb.a once into ~/.cache and prints the two variables that make cargo link it
 # instead of compiling RocksDB's 340 C++ files (~25 min on 2 cores) for every profile and for
-# check/clippy (CRATES.md §3, §11). Keyed on the locked librocksdb-sys version and features, so a
+# check/clippy. Keyed on the locked librocksdb-sys version and features, so a
 # version bump builds a new one. Usage: eval "$(scripts/prebuilt-rocksdb.sh)"
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
@@ -62,88 +63,6 @@ impl App {
             config,
         }))
     }
-
-    /// Starts the periodic upload reaper, garbage collector and certificate watcher.
-    pub fn spawn_maintenance(self: &Arc<Self>) {
-        if self.tls.is_some() {
-            let app = self.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
-                loop {
-                    tick.tick().await;
-                    app.reload_tls_if_changed();
-                }
-            });
-        }
-        let app = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(
-                app.config
-                    .uploads
-                    .reap_interval
-                    .0
-                    .max(std::time::Duration::from_secs(1)),
-            );
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let a = app.clone();
-                match tokio::task::spawn_blocking(move || {
-                    a.store.reap_uploads(a.config.uploads.abandon_after.0)
-                })
-                .await
-                {
-                    Ok(Ok(n)) if n > 0 => {
-                        app.metrics.uploads_reaped.inc_by(n as u64);
-                        tracing::info!(reaped = n, "removed abandoned uploads");
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "upload reaper failed"),
-                    _ => {}
-                }
-            }
-        });
-        let app = self.clone();
-        tokio::spawn(async move {
-            // Expired tokens leave the index; forgotten login failures leave memory.
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
-            loop {
-                tick.tick().await;
-                app.auth.throttle.prune();
-                let a = app.clone();
-                match tokio::task::spawn_blocking(move || a.auth.identities.prune_expired(&a.store))
-                    .await
-                {
-                    Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned expired tokens"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "pruning expired tokens failed"),
-                    _ => {}
-                }
-            }
-        });
-        let app = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(
-                app.config
-                    .gc
-                    .interval
-                    .0
-                    .max(std::time::Duration::from_secs(1)),
-            );
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let a = app.clone();
-                match tokio::task::spawn_blocking(move || a.store.collect_garbage()).await {
-                    Ok(Ok(report)) => {
-                        app.metrics.gc_runs.inc();
-                        app.metrics.gc_bytes_freed.inc_by(report.bytes_freed);
-                        tracing::info!(%report, "garbage collection");
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
-                    Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
-                }
-            }
-        });
-    }
 }
 
 impl App {
@@ -151,33 +70,6 @@ impl App {
     pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
         self.store
             .fsck_with(repair, &|repo| self.config.project(repo).is_none())
-    }
-}
-
-impl App {
-    /// Re-reads the certificate and key (SIGHUP). Logs the outcome; a failure keeps the
-    /// current certificate.
-    pub fn reload_tls(&self) {
-        if let Some(tls) = &self.tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
-                }
-            }
-        }
-    }
-
-    fn reload_tls_if_changed(&self) {
-        if let Some(tls) = &self.tls {
-            match tls.reload_if_changed() {
-                Ok(true) => tracing::info!("TLS certificate files changed; reloaded"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS files changed but do not load; keeping the current certificate")
-                }
-            }
-        }
     }
 }
 

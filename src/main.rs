@@ -514,31 +514,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if app.auth.pushes_locked() {
         tracing::warn!(%listen, "no users are configured and transship listens beyond loopback: pushes are refused until one is created with `transship user add`");
     }
-    app.spawn_maintenance();
-    {
-        let app = app.clone();
-        tokio::spawn(async move {
-            if let Err(e) = transship::admin::serve_socket(app).await {
-                tracing::error!(error = %e, "admin socket stopped; `transship user|key|token|member` cannot reach this server");
-            }
-        });
-    }
-    #[cfg(unix)]
-    {
-        // SIGHUP: re-read the TLS certificate and key.
-        let app = app.clone();
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    app.reload_tls();
-                }
-            });
-        }
-    }
+    let background = transship::maintenance::Supervisor::start(&app);
     let scheme = if app.tls.is_some() { "https" } else { "http" };
     tracing::info!(%listen, scheme, data_dir = %app.config.server.data_dir.display(), "transship serving");
     transship::http::server::serve(app.clone(), listener, shutdown_signal()).await?;
+    // Background jobs stop between units of work; only then is the index flushed.
+    background
+        .shutdown(app.config.server.shutdown_timeout.0)
+        .await;
     app.store.flush().context("flushing the index")?;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,267 @@
+//! Background work the server does besides answering requests: the upload reaper, pruning of
+//! expired tokens and forgotten login failures, garbage collection, TLS certificate reload (on
+//! a timer and on SIGHUP) and the admin socket. One `Supervisor` starts every loop, cancels
+//! them together on shutdown and waits for them, so the index is flushed only once no
+//! background job can still write to it. Loops never run blocking work on the async workers:
+//! each unit goes through `spawn_blocking`, and cancellation is checked between units.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::App;
+
+/// Owns the background loops of one running server.
+pub struct Supervisor {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// How often the TLS certificate files are checked for changes.
+const TLS_WATCH_PERIOD: Duration = Duration::from_secs(10);
+/// How often expired tokens and forgotten login failures are pruned.
+const PRUNE_PERIOD: Duration = Duration::from_secs(600);
+
+impl Supervisor {
+    /// Starts every background loop the config asks for.
+    pub fn start(app: &Arc<App>) -> Self {
+        let supervisor = Self::idle();
+        if app.tls.is_some() {
+            let a = app.clone();
+            supervisor.every(TLS_WATCH_PERIOD, move || {
+                let a = a.clone();
+                async move { reload_tls_if_changed(&a) }
+            });
+            supervisor.on_sighup(app);
+        }
+        let a = app.clone();
+        supervisor.every(app.config.uploads.reap_interval.0, move || {
+            reap_uploads(a.clone())
+        });
+        let a = app.clone();
+        supervisor.every(PRUNE_PERIOD, move || prune_credentials(a.clone()));
+        let a = app.clone();
+        supervisor.every(app.config.gc.interval.0, move || collect_garbage(a.clone()));
+        supervisor.admin_socket(app);
+        supervisor
+    }
+
+    fn idle() -> Self {
+        Self {
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// A token that is cancelled when the server shuts down, for jobs that check it between
+    /// units of work.
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Cancels every loop and waits up to `timeout` for the running jobs to finish their
+    /// current unit. Returns false if some were still running when the time was up.
+    pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.cancel.cancel();
+        self.tasks.close();
+        match tokio::time::timeout(timeout, self.tasks.wait()).await {
+            Ok(()) => {
+                tracing::info!("background jobs stopped");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(
+                    ?timeout,
+                    running = self.tasks.len(),
+                    "background jobs still running at shutdown"
+                );
+                false
+            }
+        }
+    }
+
+    /// Runs `job` every `period` (at least one second; the first run is one period after
+    /// start) until shutdown. A job that overruns its period delays the next run instead of
+    /// piling up.
+    fn every<F, Fut>(&self, period: Duration, job: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        let period = period.max(Duration::from_secs(1));
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => job().await,
+                }
+            }
+        });
+    }
+
+    /// SIGHUP re-reads the TLS certificate and key.
+    fn on_sighup(&self, app: &Arc<App>) {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; certificates reload on file change only");
+            return;
+        };
+        let app = app.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    got = hup.recv() => match got {
+                        Some(()) => reload_tls(&app),
+                        None => break,
+                    },
+                }
+            }
+        });
+    }
+
+    /// The admin socket for `transship user|key|token|member` against this server.
+    fn admin_socket(&self, app: &Arc<App>) {
+        let app = app.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                r = crate::admin::serve_socket(app) => if let Err(e) = r {
+                    tracing::error!(error = %e, "admin socket stopped; `transship user|key|token|member` cannot reach this server");
+                },
+            }
+        });
+    }
+}
+
+/// Runs one unit of blocking maintenance off the async workers; `None` if it panicked.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "{what} task failed");
+            None
+        }
+    }
+}
+
+async fn reap_uploads(app: Arc<App>) {
+    let a = app.clone();
+    let reaped = blocking("upload reaper", move || {
+        a.store.reap_uploads(a.config.uploads.abandon_after.0)
+    })
+    .await;
+    match reaped {
+        Some(Ok(n)) if n > 0 => {
+            app.metrics.uploads_reaped.inc_by(n as u64);
+            tracing::info!(reaped = n, "removed abandoned uploads");
+        }
+        Some(Err(e)) => tracing::error!(error = %e, "upload reaper failed"),
+        _ => {}
+    }
+}
+
+/// Expired tokens leave the index; forgotten login failures leave memory.
+async fn prune_credentials(app: Arc<App>) {
+    app.auth.throttle.prune();
+    let a = app.clone();
+    match blocking("token pruning", move || {
+        a.auth.identities.prune_expired(&a.store)
+    })
+    .await
+    {
+        Some(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned expired tokens"),
+        Some(Err(e)) => tracing::error!(error = %e, "pruning expired tokens failed"),
+        _ => {}
+    }
+}
+
+async fn collect_garbage(app: Arc<App>) {
+    let a = app.clone();
+    match blocking("garbage collection", move || a.store.collect_garbage()).await {
+        Some(Ok(report)) => {
+            app.metrics.gc_runs.inc();
+            app.metrics.gc_bytes_freed.inc_by(report.bytes_freed);
+            tracing::info!(%report, "garbage collection");
+        }
+        Some(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
+        None => {}
+    }
+}
+
+/// Re-reads the certificate and key (SIGHUP). A failure keeps the current certificate.
+fn reload_tls(app: &App) {
+    if let Some(tls) = &app.tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
+            }
+        }
+    }
+}
+
+fn reload_tls_if_changed(app: &App) {
+    if let Some(tls) = &app.tls {
+        match tls.reload_if_changed() {
+            Ok(true) => tracing::info!("TLS certificate files changed; reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "TLS files changed but do not load; keeping the current certificate")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Shutdown waits for the unit of work in progress, and nothing runs after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_waits_for_the_running_job_and_stops_the_loop() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let supervisor = Supervisor::idle();
+        let (s, f) = (started.clone(), finished.clone());
+        supervisor.every(Duration::from_secs(1), move || {
+            let (s, f) = (s.clone(), f.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                blocking("test job", move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    f.fetch_add(1, Ordering::SeqCst);
+                })
+                .await;
+            }
+        });
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(supervisor.shutdown(Duration::from_secs(30)).await);
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "shutdown returned mid-job"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            1,
+            "the loop ran after shutdown"
+        );
+    }
+}
