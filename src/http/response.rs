@@ -96,8 +96,8 @@ impl From<StoreError> for RegistryError {
             StoreError::Body(e) if e.kind() == std::io::ErrorKind::TimedOut => RegistryError::new(
                 ErrorCode::BlobUploadInvalid,
                 format!(
-                    "{e}; the upload keeps its last complete chunk: resume from the offset \
-                         a GET on the upload URL reports"
+                    "{e}; an upload keeps its last complete chunk: resume from the offset \
+                     a GET on the upload URL reports"
                 ),
             )
             .with_status(408),
