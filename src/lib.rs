@@ -79,5 +79,9 @@ pub fn store_options(config: &Config) -> StoreOptions {
         max_manifest_size: config.storage.max_manifest_size.0,
         gc_grace: config.gc.grace_period.0,
         upload_abandon_after: config.uploads.abandon_after.0,
+        upload_limits: store::uploads::UploadLimits {
+            max_sessions: config.uploads.max_sessions,
+            max_sessions_per_client: config.uploads.max_sessions_per_client,
+        },
     }
 }

@@ -163,6 +163,12 @@ impl Default for StorageConfig {
 pub struct UploadsConfig {
     pub abandon_after: HumanDuration,
     pub reap_interval: HumanDuration,
+    /// Upload sessions open at once, all clients together (429 beyond it).
+    pub max_sessions: usize,
+    /// Upload sessions open at once per client (identity, or address when anonymous).
+    pub max_sessions_per_client: usize,
+    /// A request body that sends nothing for this long is abandoned (408).
+    pub body_idle_timeout: HumanDuration,
 }
 
 impl Default for UploadsConfig {
@@ -170,6 +176,9 @@ impl Default for UploadsConfig {
         Self {
             abandon_after: HumanDuration(Duration::from_secs(24 * 3600)),
             reap_interval: HumanDuration(Duration::from_secs(600)),
+            max_sessions: 4096,
+            max_sessions_per_client: 512,
+            body_idle_timeout: HumanDuration(Duration::from_secs(60)),
         }
     }
 }

@@ -2,8 +2,10 @@
 //! or a blob streamed window by window from its file. `RequestBody` turns hyper's incoming body
 //! into the byte stream the store consumes, counting bytes for metrics.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -88,15 +90,57 @@ impl Body for ResponseBody {
     }
 }
 
-/// The request body as a stream of data chunks (trailers are ignored).
+/// The request body as a stream of data chunks (trailers are ignored). With an idle timeout,
+/// a body that delivers nothing for that long ends with a `TimedOut` error, so a stalled
+/// client cannot hold an upload session (or a connection) forever.
 pub struct RequestBody {
     inner: Incoming,
     received: IntCounter,
+    idle: Option<Duration>,
+    /// Armed while waiting for data; re-armed after every frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, received: IntCounter) -> Self {
-        Self { inner, received }
+        Self {
+            inner,
+            received,
+            idle: None,
+            timer: None,
+        }
+    }
+
+    /// Ends the body with a `TimedOut` error once no bytes arrive for `idle` (zero: never).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = (!idle.is_zero()).then_some(idle);
+        self
+    }
+
+    /// `Ready` with the error once the body has been idle too long.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let Some(idle) = self.idle else {
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                self.timer = None;
+                Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the request body sent nothing for {idle:?}"),
+                ))
+            }
+        }
+    }
+
+    fn rearm(&mut self) {
+        if let (Some(idle), Some(t)) = (self.idle, self.timer.as_mut()) {
+            t.as_mut().reset(tokio::time::Instant::now() + idle);
+        }
     }
 }
 
@@ -107,16 +151,22 @@ impl Stream for RequestBody {
         let this = self.get_mut();
         loop {
             return match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => match this.poll_idle(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(e) => Poll::Ready(Some(Err(e))),
+                },
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.received.inc_by(data.len() as u64);
-                        Poll::Ready(Some(Ok(data)))
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.rearm();
+                    match frame.into_data() {
+                        Ok(data) => {
+                            this.received.inc_by(data.len() as u64);
+                            Poll::Ready(Some(Ok(data)))
+                        }
+                        Err(_) => continue,
                     }
-                    Err(_) => continue,
-                },
+                }
             };
         }
     }

@@ -96,6 +96,15 @@ pub fn etag_matches(parts: &Parts, digest: &str) -> bool {
         })
 }
 
+/// The action a request on `route` needs: cancelling an upload is part of pushing it, so it
+/// needs push (as every other upload request does), not delete.
+pub(crate) fn action_for_route(route: &Route<'_>, method: &Method) -> Action {
+    match route {
+        Route::Upload { .. } if *method == Method::DELETE => Action::Push,
+        _ => action_for(method),
+    }
+}
+
 pub(crate) fn action_for(method: &Method) -> Action {
     match *method {
         Method::GET | Method::HEAD => Action::Pull,
@@ -108,7 +117,8 @@ pub(crate) fn action_for(method: &Method) -> Action {
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let body = RequestBody::new(body, app.metrics.bytes_received.clone());
+    let body = RequestBody::new(body, app.metrics.bytes_received.clone())
+        .with_idle_timeout(app.config.uploads.body_idle_timeout.0);
     let route = router::parse(parts.uri.path());
     let head = parts.method == Method::HEAD;
     let mut resp = match dispatch(&app, &route, &parts, body, peer).await {
@@ -188,7 +198,7 @@ async fn dispatch(
         .map_err(deny)?;
     if let Some(r) = &repo {
         app.auth
-            .authorize(&caller, r, ns.as_deref(), action_for(method))
+            .authorize(&caller, r, ns.as_deref(), action_for_route(route, method))
             .map_err(deny)?;
         if matches!(app.auth.namespace(r), crate::auth::Namespace::Mirror) {
             return dispatch_mirror(app, route, parts, r, head).await;

@@ -61,6 +61,10 @@ pub fn append(r: &mut Resp, name: header::HeaderName, value: impl AsRef<str>) {
     }
 }
 
+/// What a client refused a new upload session is told to wait: sessions free up as pushes
+/// complete, which takes seconds, not minutes.
+const UPLOAD_RETRY_AFTER_SECS: u64 = 10;
+
 impl From<StoreError> for RegistryError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -89,6 +93,16 @@ impl From<StoreError> for RegistryError {
                 )
                 .with_detail_json(detail.to_string())
             }
+            StoreError::Body(e) if e.kind() == std::io::ErrorKind::TimedOut => RegistryError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!(
+                    "{e}; an upload keeps its last complete chunk: resume from the offset \
+                     a GET on the upload URL reports"
+                ),
+            )
+            .with_status(408),
+            StoreError::TooManyUploads(m) => RegistryError::new(ErrorCode::TooManyRequests, m)
+                .with_header("retry-after", UPLOAD_RETRY_AFTER_SECS.to_string()),
             StoreError::Body(e) => RegistryError::new(
                 ErrorCode::BlobUploadInvalid,
                 format!("error reading the request body: {e}"),

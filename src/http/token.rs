@@ -138,7 +138,7 @@ pub fn scope_for(route: &Route<'_>, method: &Method) -> Option<String> {
         _ => route.name().map(|name| {
             format!(
                 "repository:{name}:{}",
-                super::action_for(method).scope_actions()
+                super::action_for_route(route, method).scope_actions()
             )
         }),
     }

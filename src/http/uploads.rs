@@ -12,7 +12,7 @@ use super::body::RequestBody;
 use super::response::{Resp, empty, set};
 use super::{parse_digest, query_one};
 use crate::App;
-use crate::auth::{Action, Caller};
+use crate::auth::{Action, Caller, Identity};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, ErrorCode, RegistryError, RepoName};
 use crate::store::StoreError;
@@ -95,6 +95,54 @@ fn with_progress(e: StoreError, repo: &RepoName, id: &str) -> Result<Resp, Regis
     Err(e.into())
 }
 
+/// Whose per-client session cap a new upload counts against: the authenticated identity, or
+/// the address of an anonymous caller.
+fn client_key(caller: &Caller) -> String {
+    match &caller.identity {
+        Identity::Subject(s) => format!("sub:{}", s.token_sub()),
+        Identity::Token(c) if !c.sub.is_empty() => format!("sub:{}", c.sub),
+        _ => format!("addr:{}", caller.peer),
+    }
+}
+
+/// Starts a session (off the async workers: an index write).
+async fn new_session(
+    app: &Arc<App>,
+    repo: &RepoName,
+    algorithm: Algorithm,
+    caller: &Caller,
+) -> Result<String, RegistryError> {
+    let (app2, repo2, client) = (app.clone(), repo.clone(), client_key(caller));
+    super::blocking(move || app2.store.start_upload(&repo2, algorithm, Some(&client))).await
+}
+
+/// Appends `body` and commits the upload; the session is locked throughout.
+async fn complete(
+    app: &Arc<App>,
+    repo: &RepoName,
+    id: &str,
+    digest: &Digest,
+    spec: ChunkSpec,
+    body: &mut RequestBody,
+) -> Result<u64, StoreError> {
+    let up = app.store.lock_upload(repo, id).await?;
+    let up = up.append(spec, body).await?;
+    let (app2, d2) = (app.clone(), digest.clone());
+    match tokio::task::spawn_blocking(move || app2.store.commit_upload(up, &d2)).await {
+        Ok(r) => r,
+        Err(e) => Err(StoreError::Io(std::io::Error::other(format!(
+            "upload commit task failed: {e}"
+        )))),
+    }
+}
+
+/// Cancels a session (off the async workers: a synced index write and an unlink).
+async fn cancel_session(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<(), RegistryError> {
+    let up = app.store.lock_upload(repo, id).await?;
+    let app2 = app.clone();
+    super::blocking(move || app2.store.cancel_upload(up)).await
+}
+
 pub async fn start(
     app: &Arc<App>,
     repo: &RepoName,
@@ -123,17 +171,14 @@ pub async fn start(
     if let Some(d) = query_one(parts, "digest") {
         // Single-POST monolithic upload.
         let digest = parse_digest(&d)?;
-        let id = app.store.start_upload(repo, digest.algorithm())?;
+        let id = new_session(app, repo, digest.algorithm(), caller).await?;
         let spec = ChunkSpec {
             range: None,
             content_length: content_length(parts),
         };
-        let result = app
-            .store
-            .finish_upload(repo, &id, &digest, spec, &mut body)
-            .await;
+        let result = complete(app, repo, &id, &digest, spec, &mut body).await;
         if result.is_err() {
-            let _ = app.store.cancel_upload(repo, &id).await;
+            let _ = cancel_session(app, repo, &id).await;
         }
         result?;
         return Ok(blob_created(repo, &digest));
@@ -146,7 +191,7 @@ pub async fn start(
             ))
         })?,
     };
-    let id = app.store.start_upload(repo, algorithm)?;
+    let id = new_session(app, repo, algorithm, caller).await?;
     let mut size = 0;
     if content_length(parts).is_some_and(|n| n > 0) {
         // A body on a plain POST is the first chunk.
@@ -154,7 +199,8 @@ pub async fn start(
             range: None,
             content_length: content_length(parts),
         };
-        size = app.store.append_upload(repo, &id, spec, &mut body).await?;
+        let up = app.store.lock_upload(repo, &id).await?;
+        size = up.append(spec, &mut body).await?.size();
     }
     Ok(session_response(StatusCode::ACCEPTED, repo, &id, size))
 }
@@ -174,7 +220,11 @@ pub async fn patch(
 ) -> Result<Resp, RegistryError> {
     let id = upload_id(id)?;
     let spec = chunk_spec(parts)?;
-    match app.store.append_upload(repo, id, spec, &mut body).await {
+    let appended = match app.store.lock_upload(repo, id).await {
+        Ok(up) => up.append(spec, &mut body).await.map(|up| up.size()),
+        Err(e) => Err(e),
+    };
+    match appended {
         Ok(size) => Ok(session_response(StatusCode::ACCEPTED, repo, id, size)),
         Err(e) => with_progress(e, repo, id),
     }
@@ -195,11 +245,7 @@ pub async fn put(
     })?;
     let digest = parse_digest(&digest)?;
     let spec = chunk_spec(parts)?;
-    match app
-        .store
-        .finish_upload(repo, id, &digest, spec, &mut body)
-        .await
-    {
+    match complete(app, repo, id, &digest, spec, &mut body).await {
         Ok(_) => Ok(blob_created(repo, &digest)),
         Err(e) => with_progress(e, repo, id),
     }
@@ -207,6 +253,6 @@ pub async fn put(
 
 pub async fn cancel(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
     let id = upload_id(id)?;
-    app.store.cancel_upload(repo, id).await?;
+    cancel_session(app, repo, id).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -68,12 +68,19 @@ impl Store {
         }
 
         if !candidates.is_empty() {
-            // 2. The repository links of each candidate.
+            // 2. The repository links of each candidate. A recent push's link keeps its blob
+            // (its manifest may still arrive); a push that links it after this scan moves the
+            // blob's `linked_at`, which the re-check below sees.
             let mut links: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
-            self.index.scan(CF_LINKS, b"", None, |k, _| {
+            let now = unix_now();
+            let mut pushed = Vec::new();
+            self.index.scan(CF_LINKS, b"", None, |k, v| {
                 if let Some(pos) = k.iter().rposition(|&b| b == 0) {
                     let digest = String::from_utf8_lossy(&k[pos + 1..]);
                     if candidates.contains_key(digest.as_ref()) {
+                        if self.kept_for_push(v, now) {
+                            pushed.push(digest.to_string());
+                        }
                         links
                             .entry(digest.into_owned())
                             .or_default()
@@ -82,6 +89,9 @@ impl Store {
                 }
                 true
             })?;
+            for d in pushed {
+                candidates.remove(&d);
+            }
 
             // 3. Re-check and delete, excluding concurrent commits and pushes.
             let _gc = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());

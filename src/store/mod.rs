@@ -63,6 +63,8 @@ pub enum StoreError {
     ManifestBlobUnknown(Vec<Digest>),
     #[error("error reading the request body: {0}")]
     Body(std::io::Error),
+    #[error("too many upload sessions: {0}")]
+    TooManyUploads(String),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -83,6 +85,7 @@ pub struct StoreOptions {
     pub max_manifest_size: u64,
     pub gc_grace: Duration,
     pub upload_abandon_after: Duration,
+    pub upload_limits: uploads::UploadLimits,
 }
 
 impl Default for StoreOptions {
@@ -92,6 +95,7 @@ impl Default for StoreOptions {
             max_manifest_size: 4 << 20,
             gc_grace: Duration::from_secs(3600),
             upload_abandon_after: Duration::from_secs(24 * 3600),
+            upload_limits: uploads::UploadLimits::default(),
         }
     }
 }
@@ -120,6 +124,10 @@ pub struct Page {
 }
 
 const STRIPES: usize = 64;
+
+/// Second value of a `CF_LINKS` record made by a push (`[linked_at, LINK_PUSHED]`); other
+/// links hold `[linked_at]` only.
+const LINK_PUSHED: u64 = 1;
 
 pub struct Store {
     data_dir: PathBuf,
@@ -158,7 +166,7 @@ impl Store {
         let small = (options.manifest_cache_bytes / 512).max(1024);
         let store = Self {
             data_dir: data_dir.to_path_buf(),
-            uploads: uploads::Uploads::default(),
+            uploads: uploads::Uploads::new(options.upload_limits),
             manifests,
             tags: Cache::new(small),
             links: Cache::new(small * 4),
@@ -325,17 +333,48 @@ impl Store {
         repo: &RepoName,
         now: u64,
     ) -> Result<(), StoreError> {
+        self.link_blob_as(batch, digest_key, size, repo, now, false)
+    }
+
+    /// `link_blob`; `pushed` marks a link made by a push into `repo` (an upload or a mount),
+    /// which GC keeps while the push's manifest may still arrive (see `kept_for_push`).
+    fn link_blob_as(
+        &self,
+        batch: &mut index::IndexBatch<'_>,
+        digest_key: &str,
+        size: u64,
+        repo: &RepoName,
+        now: u64,
+        pushed: bool,
+    ) -> Result<(), StoreError> {
         batch.put(
             CF_BLOBS,
             digest_key.as_bytes(),
             &index::encode_u64s(&[size, now]),
         );
-        batch.put(
-            CF_LINKS,
-            &key(&[repo.as_str(), digest_key]),
-            &index::encode_u64s(&[now]),
-        );
+        let link = if pushed {
+            index::encode_u64s(&[now, LINK_PUSHED])
+        } else {
+            index::encode_u64s(&[now])
+        };
+        batch.put(CF_LINKS, &key(&[repo.as_str(), digest_key]), &link);
         self.note_repo(batch, repo, now)
+    }
+
+    /// Whether GC must keep a blob because of this `CF_LINKS` value: a link made by a push
+    /// protects its blob for the longer of the GC grace period and `upload_abandon_after`
+    /// (how long the registry waits on an idle push), so a manifest that arrives after the
+    /// grace period but while its push could still be going on finds its blobs.
+    pub(crate) fn kept_for_push(&self, link_value: &[u8], now: u64) -> bool {
+        let window = self
+            .options
+            .gc_grace
+            .max(self.options.upload_abandon_after)
+            .as_secs();
+        matches!(
+            index::decode_u64s::<2>(CF_LINKS, link_value),
+            Ok([linked_at, LINK_PUSHED]) if linked_at > now.saturating_sub(window)
+        )
     }
 
     /// Moves a verified, fsynced ingest file into the CAS and links it to `repo`, in one synced
@@ -354,7 +393,14 @@ impl Store {
         self.blobs.commit_ingest(ingest, digest)?;
         let now = unix_now();
         let mut batch = self.index.batch();
-        self.link_blob(&mut batch, &digest_key, size, repo, now)?;
+        self.link_blob_as(
+            &mut batch,
+            &digest_key,
+            size,
+            repo,
+            now,
+            upload_id.is_some(),
+        )?;
         if let Some(id) = upload_id {
             batch.delete(index::CF_UPLOADS, id.as_bytes());
         }
@@ -387,7 +433,7 @@ impl Store {
         };
         let now = unix_now();
         let mut batch = self.index.batch();
-        self.link_blob(&mut batch, &digest_key, size, repo, now)?;
+        self.link_blob_as(&mut batch, &digest_key, size, repo, now, true)?;
         self.index.write_synced(batch)?;
         Ok(Some(size))
     }
