@@ -624,8 +624,9 @@ struct PagedUpstream {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The answer for `path?query`: status, tags and the `Link` header.
-fn paged_answer(path: &str, query: &str) -> (u16, Vec<String>, Option<String>) {
+/// The answer for `path?query`, asked for the `nth` time (from 0): status, tags and the
+/// `Link` header.
+fn paged_answer(path: &str, query: &str, nth: usize) -> (u16, Vec<String>, Option<String>) {
     let page: usize = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("page="))
@@ -672,6 +673,12 @@ fn paged_answer(path: &str, query: &str) -> (u16, Vec<String>, Option<String>) {
                 page + 1
             )),
         ),
+        // Listed once, then deleted (404), then the upstream fails (500).
+        "/v2/library/vanishing/tags/list" => match nth {
+            0 => (200, vec!["v".into()], None),
+            1 => (404, Vec::new(), None),
+            _ => (500, Vec::new(), None),
+        },
         _ => (404, Vec::new(), None),
     }
 }
@@ -699,9 +706,17 @@ impl PagedUpstream {
                 }
                 let head = String::from_utf8_lossy(&head);
                 let target = head.split(' ').nth(1).unwrap_or("/").to_string();
-                seen2.lock().unwrap().push(target.clone());
                 let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-                let (status, tags, link) = paged_answer(path, query);
+                let nth = {
+                    let mut seen = seen2.lock().unwrap();
+                    let nth = seen
+                        .iter()
+                        .filter(|t: &&String| t.split('?').next() == Some(path))
+                        .count();
+                    seen.push(target.clone());
+                    nth
+                };
+                let (status, tags, link) = paged_answer(path, query, nth);
                 let body = if status == 200 {
                     json!({"name": "ignored", "tags": tags}).to_string()
                 } else {
@@ -802,4 +817,28 @@ fn paged_upstream_lists_are_followed_within_caps() {
         (r.status, r.error_code()),
         (404, "NAME_UNKNOWN".to_string())
     );
+}
+
+#[test]
+fn a_repository_gone_upstream_is_never_listed_stale() {
+    let up = PagedUpstream::start();
+    let url = up.url();
+    let s = TestServer::start_with(move |mut c| {
+        c.upstreams[0].url = url;
+        c.upstreams[0].tag_ttl = HumanDuration(Duration::ZERO);
+        c
+    });
+    let h = Http::for_server(&s);
+    let path = "/v2/library/vanishing/tags/list";
+    let r = h.get(path);
+    assert_eq!((r.status, tags_of(&r)), (200, vec!["v".to_string()]));
+    let r = h.get(path);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (404, "NAME_UNKNOWN".to_string())
+    );
+    // The upstream now fails: the list it had before the 404 is not served.
+    let r = h.get(path);
+    assert_eq!((r.status, r.error_code()), (503, "UNAVAILABLE".to_string()));
+    assert_eq!(up.requests_for(path).len(), 3);
 }
