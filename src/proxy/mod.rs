@@ -2,15 +2,14 @@
 //! keeping tags fresh without wasting the upstream's rate limit (`freshness`), one upstream
 //! lookup per manifest the cache cannot answer (`manifest_miss`, fetching through
 //! `manifest_fetch`), the upstream's tag lists (`tag_list`), and one download per blob however
-//! many clients wait for it (`fill`). Handlers ask `Proxy` for
-//! content; it never touches RocksDB directly (the `Store` does) and never forwards a client's
-//! credentials.
+//! many clients wait for it (`fill`). Handlers ask `Proxy` for content; it never touches
+//! RocksDB directly (the `Store` does) and never forwards a client's credentials.
 
-pub mod ask;
+mod ask;
 mod blocking;
 pub mod fill;
 pub mod freshness;
-pub mod manifest_fetch;
+mod manifest_fetch;
 pub mod manifest_miss;
 pub mod route;
 pub mod tag_list;
