@@ -106,7 +106,7 @@ impl Metrics {
             cache_requests: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("transship_cache_requests_total", "Pull-through requests by upstream, kind (manifest, blob) and result (HIT, MISS, STALE, COALESCED)"),
+                    Opts::new("transship_cache_requests_total", "Pull-through requests by upstream, kind (manifest, blob, tags) and result (HIT, MISS, STALE, COALESCED)"),
                     &["upstream", "kind", "result"],
                 )
                 .expect("valid metric"),

@@ -1,7 +1,8 @@
 //! Handlers for mirrored repositories (names outside every project): manifests and blobs come
 //! from the cache or, on a miss, from the upstream through `proxy`; responses say how they
 //! were answered (`X-Cache`) and from which upstream (`OCI-Namespace`). Mirror namespaces are
-//! read-only; tags and referrers list what is cached.
+//! read-only; tags list what the upstream has (under the name the client asked for), referrers
+//! what is cached.
 
 use std::sync::Arc;
 
@@ -18,8 +19,14 @@ use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{Negotiated, negotiate};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
 use crate::proxy::fill::{self, FillError};
-use crate::proxy::freshness::{self, oci_namespace};
+use crate::proxy::freshness;
+use crate::proxy::tag_list;
 use crate::proxy::{CacheOutcome, MirrorRoute};
+
+/// The `OCI-Namespace` header: the upstream that answered.
+fn oci_namespace() -> HeaderName {
+    HeaderName::from_static("oci-namespace")
+}
 
 /// Resolves the mirror route of `repo` (honouring `?ns=`).
 pub fn route(app: &App, repo: &RepoName, parts: &Parts) -> Result<MirrorRoute, RegistryError> {
@@ -90,6 +97,23 @@ pub async fn get_manifest(
     };
     let mut r = manifest_response(&m, head);
     mark(app, &mut r, route, "manifest", outcome);
+    Ok(r)
+}
+
+/// The upstream's tags of the repository, paged with `n`/`last`, under the name the client
+/// used (`asked`), not the canonical local one.
+pub async fn list_tags(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    asked: &RepoName,
+    parts: &Parts,
+) -> Result<Resp, RegistryError> {
+    let (n, last) = super::tags::paging(parts)?;
+    let list = tag_list::tags(app, route).await?;
+    let page = tag_list::page(&list.tags, last.as_deref(), n);
+    let ns = query_one(parts, "ns");
+    let mut r = super::tags::tags_response(asked, &page, n, ns.as_deref());
+    mark(app, &mut r, route, "tags", list.outcome);
     Ok(r)
 }
 

@@ -277,7 +277,7 @@ async fn dispatch_mirror(
             mirror::get_manifest(app, &mirror, reference, parts, head).await
         }
         Route::Blob { digest, .. } => mirror::get_blob(app, &mirror, digest, parts, head).await,
-        Route::Tags { .. } => tags::list(app, &mirror.local, parts).await,
+        Route::Tags { .. } => mirror::list_tags(app, &mirror, repo, parts).await,
         Route::Referrers { digest, .. } => referrers::list(app, &mirror.local, digest, parts).await,
         _ => Err(not_allowed(&parts.method)),
     }

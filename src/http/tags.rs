@@ -1,6 +1,7 @@
 //! Tag listing and the catalog: sorted (ASCII) pages with `n`/`last` and an RFC 5988 `Link`
 //! to the next page. Both share the paging rules: `n=0` is an empty page without `Link`;
-//! a missing `n` is capped at `MAX_PAGE` with a `Link` when more remain.
+//! a missing `n` is capped at `MAX_PAGE` with a `Link` when more remain. Mirror repositories
+//! answer with the same pages (`tags_response`) over the upstream's list.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use crate::store::Page;
 pub const MAX_PAGE: usize = 10_000;
 
 /// `(n, last)` from the query.
-fn paging(parts: &Parts) -> Result<(usize, Option<String>), RegistryError> {
+pub fn paging(parts: &Parts) -> Result<(usize, Option<String>), RegistryError> {
     let n = match query_one(parts, "n") {
         None => MAX_PAGE,
         Some(s) => s
@@ -34,14 +35,17 @@ fn paging(parts: &Parts) -> Result<(usize, Option<String>), RegistryError> {
     Ok((n, query_one(parts, "last")))
 }
 
-fn with_link(mut r: Resp, path: &str, page: &Page, n: usize) -> Resp {
+/// Adds the `Link` to the next page; `ns` (the client's `?ns=`) is carried over.
+fn with_link(mut r: Resp, path: &str, page: &Page, n: usize, ns: Option<&str>) -> Resp {
     if page.more
         && let Some(last) = page.items.last()
     {
-        let q: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("last", last)
-            .append_pair("n", &n.to_string())
-            .finish();
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("last", last).append_pair("n", &n.to_string());
+        if let Some(ns) = ns {
+            q.append_pair("ns", ns);
+        }
+        let q = q.finish();
         set(&mut r, header::LINK, format!("<{path}?{q}>; rel=\"next\""));
     }
     r
@@ -53,13 +57,19 @@ pub async fn list(app: &Arc<App>, repo: &RepoName, parts: &Parts) -> Result<Resp
         .store
         .list_tags(repo, last.as_deref(), n)?
         .ok_or_else(|| RegistryError::name_unknown(repo))?;
+    Ok(tags_response(repo, &page, n, None))
+}
+
+/// A page of `repo`'s tags with the `Link` to the next one (asked for with `n` and `ns`).
+pub fn tags_response(repo: &RepoName, page: &Page, n: usize, ns: Option<&str>) -> Resp {
     let body = serde_json::json!({"name": repo.as_str(), "tags": page.items}).to_string();
-    Ok(with_link(
+    with_link(
         json(StatusCode::OK, body),
         &format!("/v2/{repo}/tags/list"),
-        &page,
+        page,
         n,
-    ))
+        ns,
+    )
 }
 
 pub async fn catalog(
@@ -77,5 +87,6 @@ pub async fn catalog(
         "/v2/_catalog",
         &page,
         n,
+        None,
     ))
 }

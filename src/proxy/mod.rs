@@ -1,12 +1,18 @@
 //! The pull-through side: which upstream serves a name (`route`), talking to it (`upstream`),
-//! keeping tags fresh without wasting the upstream's rate limit (`freshness`), and one
-//! download per blob however many clients wait for it (`fill`). Handlers ask `Proxy` for
-//! content; it never touches RocksDB directly (the `Store` does) and never forwards a client's
-//! credentials.
+//! keeping tags fresh without wasting the upstream's rate limit (`freshness`), one upstream
+//! lookup per manifest the cache cannot answer (`manifest_miss`, fetching through
+//! `manifest_fetch`), the upstream's tag lists (`tag_list`), and one download per blob however
+//! many clients wait for it (`fill`). Handlers ask `Proxy` for content; it never touches
+//! RocksDB directly (the `Store` does) and never forwards a client's credentials.
 
+mod ask;
+mod blocking;
 pub mod fill;
 pub mod freshness;
+mod manifest_fetch;
+pub mod manifest_miss;
 pub mod route;
+pub mod tag_list;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -47,7 +53,8 @@ pub struct Proxy {
     /// Per upstream: `local repo \0 reference` answered 404 upstream recently.
     not_found: Vec<moka::sync::Cache<String, ()>>,
     pub fills: fill::Fills,
-    pub lookups: freshness::Lookups,
+    pub manifest_misses: manifest_miss::ManifestMisses,
+    pub tag_lists: tag_list::TagLists,
 }
 
 impl Proxy {
@@ -73,7 +80,8 @@ impl Proxy {
             clients,
             not_found,
             fills: fill::Fills::default(),
-            lookups: freshness::Lookups::default(),
+            manifest_misses: manifest_miss::ManifestMisses::default(),
+            tag_lists: tag_list::TagLists::new(&config.upstreams),
         })
     }
 

@@ -1,0 +1,277 @@
+//! A manifest the cache cannot answer alone (not cached, or a tag past `tag_ttl`): one upstream
+//! lookup per repository and reference at a time (`ManifestMisses`, a single-flight map), so
+//! concurrent pulls of a cold image cost one HEAD/GET upstream (on Docker Hub a manifest GET
+//! is a pull), not one per client. The lookup:
+//! - by digest: fetched and cached; an upstream 404 is remembered for `not_found_ttl`;
+//! - by tag: revalidated with a HEAD and fetched by digest only when it moved; a tag the
+//!   upstream no longer has is forgotten (no stale copy of a deleted tag) and its 404
+//!   remembered;
+//! - upstream 429, 5xx, timeouts and connection errors: the cached tag while it is within
+//!   `stale_if_error`, else a clean 503.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+
+use super::ask::Miss;
+use super::blocking::store_work;
+use super::freshness::{Served, tag_is_fresh, within_stale_if_error};
+use super::manifest_fetch::{fetch_manifest, head_tag};
+use super::{CacheOutcome, MirrorRoute};
+use crate::App;
+use crate::oci::{Digest, ErrorCode, Reference, RegistryError, Tag};
+use crate::store::StoredManifest;
+
+type SharedLookup = Shared<BoxFuture<'static, Result<Served, RegistryError>>>;
+
+/// The manifest lookups running upstream, by `local repository \0 reference`.
+#[derive(Default)]
+pub struct ManifestMisses {
+    inflight: Mutex<HashMap<String, SharedLookup>>,
+}
+
+impl ManifestMisses {
+    /// Resolves a miss, joining the lookup already running for the same repository and
+    /// reference (its `Miss` outcome is reported as `Coalesced` to those who joined).
+    pub async fn resolve(
+        &self,
+        app: &Arc<App>,
+        route: &MirrorRoute,
+        reference: &Reference,
+    ) -> Result<Served, RegistryError> {
+        let (lookup, joined) = self.join_or_start(app, route, reference);
+        let served = lookup.await?;
+        Ok(if joined && served.outcome == CacheOutcome::Miss {
+            Served {
+                outcome: CacheOutcome::Coalesced,
+                ..served
+            }
+        } else {
+            served
+        })
+    }
+
+    /// The running lookup for this key (`true`), or a new one (`false`) that removes itself
+    /// from the map when it ends.
+    fn join_or_start(
+        &self,
+        app: &Arc<App>,
+        route: &MirrorRoute,
+        reference: &Reference,
+    ) -> (SharedLookup, bool) {
+        let key = format!("{}\0{reference}", route.local);
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = inflight.get(&key) {
+            return (running.clone(), true);
+        }
+        let (app2, route2, ref2, key2) =
+            (app.clone(), route.clone(), reference.clone(), key.clone());
+        let lookup = async move {
+            let result = look_up(&app2, &route2, &ref2).await;
+            app2.proxy
+                .manifest_misses
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key2);
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, lookup.clone());
+        (lookup, false)
+    }
+}
+
+fn unavailable(app: &App, route: &MirrorRoute, why: &str) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "upstream {} is unavailable and nothing usable is cached: {why}",
+            app.proxy.upstream_name(route.upstream)
+        ),
+    )
+}
+
+fn not_found(route: &MirrorRoute, reference: &dyn Display, repository: bool) -> RegistryError {
+    if repository {
+        RegistryError::name_unknown(&format!(
+            "{} (upstream does not know the repository)",
+            route.remote
+        ))
+    } else {
+        RegistryError::manifest_unknown(&format!(
+            "{}:{reference} (not found upstream)",
+            route.remote
+        ))
+    }
+}
+
+/// The full lookup: cache, then upstream (run once per repository and reference at a time).
+async fn look_up(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    reference: &Reference,
+) -> Result<Served, RegistryError> {
+    match reference {
+        Reference::Digest(digest) => digest_miss(app, route, digest).await,
+        Reference::Tag(tag) => tag_miss(app, route, tag).await,
+    }
+}
+
+/// A manifest by digest: immutable, so cached means served; else fetched once.
+async fn digest_miss(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    digest: &Digest,
+) -> Result<Served, RegistryError> {
+    if let Some(m) = app.store.manifest(&route.local, digest)? {
+        return Ok(Served::hit(m));
+    }
+    let reference = digest.to_string();
+    if app.proxy.config(route.upstream).offline || app.proxy.recently_not_found(route, &reference) {
+        return Err(not_found(route, digest, false));
+    }
+    match fetch_manifest(app, route, &reference, Some(digest), None).await {
+        Ok(m) => Ok(Served::miss(m)),
+        Err(Miss::NotFound { repository }) => {
+            app.proxy.remember_not_found(route, &reference);
+            Err(not_found(route, digest, repository))
+        }
+        Err(Miss::Unavailable(why)) => Err(unavailable(app, route, &why)),
+        Err(Miss::Invalid(why)) => Err(RegistryError::new(ErrorCode::Unavailable, why)),
+    }
+}
+
+/// What the cache holds for a tag: its manifest and when the upstream last confirmed it.
+struct CachedTag {
+    manifest: Arc<StoredManifest>,
+    checked: u64,
+}
+
+fn cached_tag(
+    app: &App,
+    route: &MirrorRoute,
+    tag: &Tag,
+) -> Result<Option<CachedTag>, RegistryError> {
+    let Some((digest, checked)) = app.store.cached_tag(&route.local, tag)? else {
+        return Ok(None);
+    };
+    Ok(app
+        .store
+        .manifest(&route.local, &digest)?
+        .map(|manifest| CachedTag { manifest, checked }))
+}
+
+/// A manifest by tag: still fresh here, or revalidated with the upstream.
+async fn tag_miss(app: &Arc<App>, route: &MirrorRoute, tag: &Tag) -> Result<Served, RegistryError> {
+    let config = app.proxy.config(route.upstream);
+    let cached = cached_tag(app, route, tag)?;
+    match &cached {
+        Some(c) if tag_is_fresh(config, c.checked) => return Ok(Served::hit(c.manifest.clone())),
+        None if config.offline || app.proxy.recently_not_found(route, tag.as_str()) => {
+            return Err(not_found(route, tag, false));
+        }
+        _ => {}
+    }
+    let cached = cached.as_ref();
+    match head_tag(app, route, tag).await {
+        Ok(Some(digest)) => tag_points_at(app, route, tag, cached, digest).await,
+        // No digest in the HEAD answer: GET by tag.
+        Ok(None) => match fetch_manifest(app, route, tag.as_str(), None, Some(tag)).await {
+            Ok(m) => Ok(Served::miss(m)),
+            Err(miss) => tag_lookup_failed(app, route, tag, cached, miss).await,
+        },
+        Err(miss) => tag_lookup_failed(app, route, tag, cached, miss).await,
+    }
+}
+
+/// The upstream says `tag` points at `digest`: confirm the cached tag, re-point it at a
+/// manifest cached already, or fetch the manifest by digest.
+async fn tag_points_at(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    tag: &Tag,
+    cached: Option<&CachedTag>,
+    digest: Digest,
+) -> Result<Served, RegistryError> {
+    if let Some(c) = cached
+        && c.manifest.digest == digest
+    {
+        let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+        store_work(move || app2.store.confirm_cached_tag(&repo, &t)).await?;
+        return Ok(Served::hit(c.manifest.clone()));
+    }
+    if let Some(m) = app.store.manifest(&route.local, &digest)? {
+        let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+        let m = store_work(move || {
+            app2.store.put_cached_manifest(
+                &repo,
+                &m.digest,
+                &m.media_type,
+                m.bytes.clone(),
+                Some(&t),
+            )
+        })
+        .await?;
+        return Ok(Served::hit(m));
+    }
+    match fetch_manifest(app, route, &digest.to_string(), Some(&digest), Some(tag)).await {
+        Ok(m) => Ok(Served::miss(m)),
+        // The tag exists upstream but its manifest does not: 404 for now, the tag is kept.
+        Err(Miss::NotFound { repository }) => Err(not_found(route, tag, repository)),
+        Err(Miss::Unavailable(why) | Miss::Invalid(why)) => {
+            stale_or_unavailable(app, route, tag, cached, &why)
+        }
+    }
+}
+
+/// Asking the upstream about a tag failed: a tag it no longer has is forgotten, otherwise the
+/// cached copy may still serve.
+async fn tag_lookup_failed(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    tag: &Tag,
+    cached: Option<&CachedTag>,
+    miss: Miss,
+) -> Result<Served, RegistryError> {
+    match miss {
+        Miss::NotFound { repository } => tag_gone(app, route, tag, repository).await,
+        Miss::Unavailable(why) | Miss::Invalid(why) => {
+            stale_or_unavailable(app, route, tag, cached, &why)
+        }
+    }
+}
+
+/// The cached copy of a tag while it is within `stale_if_error`, else a clean 503.
+fn stale_or_unavailable(
+    app: &App,
+    route: &MirrorRoute,
+    tag: &Tag,
+    cached: Option<&CachedTag>,
+    why: &str,
+) -> Result<Served, RegistryError> {
+    match cached {
+        Some(c) if within_stale_if_error(app.proxy.config(route.upstream), c.checked) => {
+            tracing::warn!(repo = %route.local, %tag, %why, "serving a stale tag");
+            Ok(Served::stale(c.manifest.clone()))
+        }
+        _ => Err(unavailable(app, route, why)),
+    }
+}
+
+/// Upstream says the tag does not exist (any more): forget it, remember the 404 briefly.
+async fn tag_gone(
+    app: &Arc<App>,
+    route: &MirrorRoute,
+    tag: &Tag,
+    repository: bool,
+) -> Result<Served, RegistryError> {
+    let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+    store_work(move || app2.store.forget_cached_tag(&repo, &t)).await?;
+    app.proxy.remember_not_found(route, tag.as_str());
+    Err(not_found(route, tag, repository))
+}
