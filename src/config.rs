@@ -265,6 +265,13 @@ pub struct UpstreamConfig {
     /// PEM file of extra CA certificates to trust for this upstream (added to the webpki roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Blob downloads from this upstream at once; more wait their turn.
+    #[serde(default = "default_max_concurrent_fills")]
+    pub max_concurrent_fills: usize,
+}
+
+fn default_max_concurrent_fills() -> usize {
+    32
 }
 
 impl UpstreamConfig {
@@ -403,6 +410,13 @@ impl Config {
                     u.name.get_ref().as_str()
                 ));
             }
+        }
+        if let Some(u) = self.upstreams.iter().find(|u| u.max_concurrent_fills == 0) {
+            return Err(format!(
+                "line {}: upstream {:?}: max_concurrent_fills must be at least 1",
+                at(&u.name),
+                u.name.get_ref().as_str()
+            ));
         }
         self.validate_auth()?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {

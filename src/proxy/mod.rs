@@ -72,7 +72,7 @@ impl Proxy {
             configs: config.upstreams.clone(),
             clients,
             not_found,
-            fills: fill::Fills::default(),
+            fills: fill::Fills::new(config),
             lookups: freshness::Lookups::default(),
         })
     }
