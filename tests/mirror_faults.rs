@@ -1979,7 +1979,7 @@ fn an_oversized_token_response_is_a_clean_503() {
     up.serve_image("library/x", "v1", &x);
     let s = mirror(&up, |_| {});
     let p = pull(&s.url(&blob_path("library/x", &x.layer_digest)));
-    assert_eq!(p.status, 503, "{:?}", p.body);
+    assert_eq!(p.status, 503, "{:?}", p.body.as_ref().map(|b| b.len()));
     assert!(
         error_message(&p).contains("64 KiB"),
         "{}",
