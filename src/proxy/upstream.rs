@@ -880,6 +880,16 @@ mod tests {
     }
 
     #[test]
+    fn the_token_cache_is_bounded() {
+        let c = client("https://registry.example");
+        assert_eq!(c.tokens.policy().max_capacity(), Some(TOKEN_CACHE_ENTRIES));
+        assert_eq!(
+            c.tokens.policy().time_to_live(),
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
     fn absolute_locations_of_any_scheme_are_recognised() {
         let base: Uri = "http://127.0.0.1:5000/v2/a/blobs/x".parse().unwrap();
         assert_eq!(scheme_of("ftp://h/x"), Some("ftp"));
