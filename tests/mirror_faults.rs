@@ -22,6 +22,17 @@
 //!   body over the 4,393,216-byte limit (and one exactly at it, accepted).
 //! - 401 insufficient_scope after the token dance: 404 to the client, no `WWW-Authenticate`
 //!   relayed.
+//! - Token responses with `expires_in` of 2^64-1, 0, negative or fractional neither panic nor
+//!   hang anything; an oversized token response is a clean 503.
+//! - A fill in flight reaches only routes whose upstream has the blob in their repository (a
+//!   private upstream's fill is never served to an anonymous route); confirmed routes join.
+//! - Chunked upstream bodies (no `Content-Length`, with or without one on HEAD) are filled and
+//!   verified; corrupt or dropped ones are never complete. `max_concurrent_fills` queues.
+//! - Redirects to other schemes and non-public addresses are refused; credentials never go
+//!   to a plain-http realm elsewhere; client-facing errors carry no connection details or
+//!   signed URLs.
+//! - The bar: an upstream that lies in every way at once never poisons the cache nor hangs a
+//!   later request, and cached content keeps being served.
 
 mod common;
 
