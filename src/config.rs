@@ -761,6 +761,15 @@ mod tests {
                 .to_string()
                 .contains("inside upstream")
         );
+        let no_fills = format!(
+            "{base}[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nmax_concurrent_fills = 0\n"
+        );
+        assert!(
+            Config::parse(&no_fills, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("max_concurrent_fills")
+        );
         for (extra, wanted) in [
             (
                 "[[user]]\nname = \"a\"\npassword_hash = \"plain\"\n",
