@@ -22,6 +22,17 @@
 //!   body over the 4,393,216-byte limit (and one exactly at it, accepted).
 //! - 401 insufficient_scope after the token dance: 404 to the client, no `WWW-Authenticate`
 //!   relayed.
+//! - Token responses with `expires_in` of 2^64-1, 0, negative or fractional neither panic nor
+//!   hang anything; an oversized token response is a clean 503.
+//! - A fill in flight reaches only routes whose upstream has the blob in their repository (a
+//!   private upstream's fill is never served to an anonymous route); confirmed routes join.
+//! - Chunked upstream bodies (no `Content-Length`, with or without one on HEAD) are filled and
+//!   verified; corrupt or dropped ones are never complete. `max_concurrent_fills` queues.
+//! - Redirects to other schemes and non-public addresses are refused; credentials never go
+//!   to a plain-http realm elsewhere; client-facing errors carry no connection details or
+//!   signed URLs.
+//! - The bar: an upstream that lies in every way at once never poisons the cache nor hangs a
+//!   later request, and cached content keeps being served.
 
 mod common;
 
@@ -46,6 +57,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, watch};
 use transship::config::{HumanDuration, UpstreamConfig};
+use transship::proxy::fill::FillState;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The only token the injector accepts.
@@ -130,6 +142,9 @@ enum Behavior {
     },
     /// 307 to this location.
     Redirect(String),
+    /// 200 without `Content-Length` (a chunked body, HEAD without a length either); with `cut`,
+    /// the connection drops after that many bytes. Range is ignored.
+    Chunked { body: Bytes, cut: Option<usize> },
     /// HEAD and GET answered differently.
     ByMethod {
         head: Box<Behavior>,
@@ -180,6 +195,12 @@ impl Behavior {
 struct State {
     base: String,
     auth: Auth,
+    /// Where challenges send clients for a token (default: this injector's `/token`).
+    realm: Option<String>,
+    /// The token endpoint's `expires_in` (JSON text; default 300).
+    token_expires_in: Option<String>,
+    /// Bytes of padding in token responses.
+    token_padding: usize,
     refuse_authorization: bool,
     routes: HashMap<String, Behavior>,
     seen: Vec<Seen>,
@@ -247,6 +268,17 @@ impl Injector {
 
     fn set_auth(&self, auth: Auth) {
         self.lock().auth = auth;
+    }
+
+    fn set_realm(&self, realm: &str) {
+        self.lock().realm = Some(realm.to_string());
+    }
+
+    /// Token responses say `"expires_in": <json>` and carry `padding` extra bytes.
+    fn set_token(&self, expires_in: &str, padding: usize) {
+        let mut st = self.lock();
+        st.token_expires_in = Some(expires_in.to_string());
+        st.token_padding = padding;
     }
 
     /// Answer 403 to any request that carries `Authorization` (like a CDN with signed URLs).
@@ -383,7 +415,7 @@ async fn handle(
         authorization: header(header::AUTHORIZATION),
         range: header(header::RANGE),
     };
-    let (auth, refuse_authorization, behavior, base) = {
+    let (auth, refuse_authorization, behavior, realm, expires_in, padding) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.seen.push(seen.clone());
         let behavior = st.routes.get_mut(&seen.path).map(Behavior::take);
@@ -391,16 +423,18 @@ async fn handle(
             st.auth.clone(),
             st.refuse_authorization,
             behavior,
-            st.base.clone(),
+            st.realm.clone().unwrap_or(format!("{}/token", st.base)),
+            st.token_expires_in.clone().unwrap_or("300".into()),
+            st.token_padding,
         )
     };
     if refuse_authorization && seen.authorization.is_some() {
         return Ok(full(403, &[], "Authorization is not accepted here"));
     }
     if seen.path == "/token" {
-        return Ok(token(&auth, &seen));
+        return Ok(token(&auth, &seen, &expires_in, padding));
     }
-    if let Some(denied) = challenge(&auth, &seen, &base) {
+    if let Some(denied) = challenge(&auth, &seen, &realm) {
         return Ok(denied);
     }
     let head = seen.method == "HEAD";
@@ -429,7 +463,7 @@ fn repo_of(path: &str) -> Option<&str> {
 }
 
 /// The 401 a `/v2/` request gets, if it is not authorized.
-fn challenge(auth: &Auth, seen: &Seen, base: &str) -> Option<Response<Body>> {
+fn challenge(auth: &Auth, seen: &Seen, realm: &str) -> Option<Response<Body>> {
     let repo = repo_of(&seen.path)?;
     let unauthorized = |challenge: String| {
         let mut r = full(
@@ -453,9 +487,8 @@ fn challenge(auth: &Auth, seen: &Seen, base: &str) -> Option<Response<Body>> {
             if valid && !deny.iter().any(|d| d == repo) {
                 return None;
             }
-            let mut c = format!(
-                r#"Bearer realm="{base}/token",service="test",scope="repository:{repo}:pull""#
-            );
+            let mut c =
+                format!(r#"Bearer realm="{realm}",service="test",scope="repository:{repo}:pull""#);
             if valid {
                 c.push_str(r#",error="insufficient_scope""#);
             }
@@ -465,7 +498,7 @@ fn challenge(auth: &Auth, seen: &Seen, base: &str) -> Option<Response<Body>> {
 }
 
 /// The token endpoint.
-fn token(auth: &Auth, seen: &Seen) -> Response<Body> {
+fn token(auth: &Auth, seen: &Seen, expires_in: &str, padding: usize) -> Response<Body> {
     let Auth::Bearer { credentials, .. } = auth else {
         return full(404, &[], "no token endpoint");
     };
@@ -477,7 +510,10 @@ fn token(auth: &Auth, seen: &Seen) -> Response<Body> {
     full(
         200,
         &[("content-type", "application/json")],
-        format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+        format!(
+            r#"{{"token":"{TOKEN}","expires_in":{expires_in},"pad":"{}"}}"#,
+            "x".repeat(padding)
+        ),
     )
 }
 
@@ -629,6 +665,30 @@ fn respond(
             body,
         } => full(status, &headers, body),
         Behavior::Redirect(location) => full(307, &[("location", location.as_str())], ""),
+        Behavior::Chunked { body, cut } => {
+            let steps = match (head, cut) {
+                (true, _) => vec![],
+                (false, None) => {
+                    let half = body.len() / 2;
+                    vec![
+                        Step::Data(body.slice(..half)),
+                        Step::AwaitFlush,
+                        Step::Data(body.slice(half..)),
+                    ]
+                }
+                (false, Some(cut)) => vec![
+                    Step::Data(body.slice(..cut.min(body.len()))),
+                    Step::AwaitFlush,
+                    Step::Abort,
+                ],
+            };
+            let mut r = Response::new(stepped(steps, flushed));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "application/octet-stream".parse().expect("content-type"),
+            );
+            r
+        }
         Behavior::ByMethod { head: h, get } => {
             respond(if head { *h } else { *get }, head, range, flushed)
         }
@@ -732,15 +792,32 @@ fn pull(url: &str) -> Pulled {
     pull_signalling(url, None)
 }
 
+/// Longest a test waits for a whole response: a hang fails the test instead of blocking it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// `pull`, telling `headers` when the response headers have arrived.
 fn pull_signalling(url: &str, headers: Option<std::sync::mpsc::Sender<()>>) -> Pulled {
+    request("GET", url, &[], headers)
+}
+
+/// One request with a deadline (`CLIENT_TIMEOUT`): panics if it hangs.
+fn request(
+    method: &str,
+    url: &str,
+    with: &[(&str, &str)],
+    headers: Option<std::sync::mpsc::Sender<()>>,
+) -> Pulled {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
+    let exchange = async {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let req = Request::get(url).body(Full::default()).expect("request");
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in with {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::default()).expect("request");
         let resp = match client.request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -764,6 +841,11 @@ fn pull_signalling(url: &str, headers: Option<std::sync::mpsc::Sender<()>>) -> P
                 .map(|c| c.to_bytes())
                 .map_err(|e| format!("{e:?}")),
         }
+    };
+    rt.block_on(async {
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| panic!("{method} {url} hung for {CLIENT_TIMEOUT:?}"))
     })
 }
 
@@ -1831,4 +1913,563 @@ fn manifest_over_the_size_limit_is_rejected_and_one_at_it_is_not() {
     );
     assert!(r.body == at);
     assert!(cached_manifest(&s, "library/x", &at_digest));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream data that must neither panic nor hang anything
+// ---------------------------------------------------------------------------------------------
+
+/// A Pulled that is a complete 200 with exactly `body`.
+fn assert_pulled(p: &Pulled, body: &[u8], what: &str) {
+    assert_eq!(
+        p.status,
+        200,
+        "{what}: {:?}",
+        p.body.as_ref().map(|b| b.len())
+    );
+    assert!(
+        p.body.as_ref().is_ok_and(|b| b == body),
+        "{what}: body {:?}",
+        p.body.as_ref().map(|b| b.len())
+    );
+}
+
+/// The registry error message of a complete error response.
+fn error_message(p: &Pulled) -> String {
+    let body = p.body.clone().unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn token_lifetimes_of_2_pow_64_and_zero_neither_panic_nor_hang() {
+    for expires_in in ["18446744073709551615", "0", "-5", "1e300"] {
+        let up = Injector::start();
+        up.set_auth(Auth::Bearer {
+            credentials: None,
+            deny: vec![],
+        });
+        up.set_token(expires_in, 0);
+        let x = image(40, 30_000);
+        up.serve_image("library/x", "v1", &x);
+        let s = mirror(&up, |_| {});
+        let url = |p: &str| s.url(p);
+
+        // The token is fetched inside the fill task: a panic there used to leave the fill in
+        // the table forever, and every later request for the digest hung.
+        let layer = blob_path("library/x", &x.layer_digest);
+        assert_pulled(&pull(&url(&layer)), &x.layer, expires_in);
+        let config = blob_path("library/x", &x.config_digest);
+        assert_pulled(&pull(&url(&config)), &x.config, expires_in);
+        let tag = manifest_path("library/x", "v1");
+        let m = request("GET", &url(&tag), &[("accept", OCI_MANIFEST)], None);
+        assert_pulled(&m, &x.manifest, expires_in);
+        wait_fills_done(&s);
+        let hit = pull(&url(&layer));
+        assert_pulled(&hit, &x.layer, expires_in);
+        assert_eq!(hit.x_cache(), Some("HIT"));
+        let tokens = up.requests("/token").len();
+        assert!(
+            (1..=3).contains(&tokens),
+            "{expires_in}: {tokens} token requests"
+        );
+    }
+}
+
+#[test]
+fn an_oversized_token_response_is_a_clean_503() {
+    let up = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    up.set_token("300", 100 << 10);
+    let x = image(41, 5_000);
+    up.serve_image("library/x", "v1", &x);
+    let s = mirror(&up, |_| {});
+    let p = pull(&s.url(&blob_path("library/x", &x.layer_digest)));
+    assert_eq!(p.status, 503, "{:?}", p.body.as_ref().map(|b| b.len()));
+    assert!(
+        error_message(&p).contains("64 KiB"),
+        "{}",
+        error_message(&p)
+    );
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &x.layer_digest);
+
+    // A sane token endpoint later: the same request succeeds.
+    up.set_token("300", 0);
+    assert_pulled(
+        &pull(&s.url(&blob_path("library/x", &x.layer_digest))),
+        &x.layer,
+        "after the token endpoint recovered",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fills: entitlement, bodies without a length, download slots
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_fill_in_flight_is_served_only_to_routes_whose_upstream_has_the_blob() {
+    const PASSWORD: &str = "fill isolation";
+    let public = Injector::start();
+    let private = Injector::start();
+    let secret = Bytes::from(random_bytes(200_000, 42));
+    let d = sha256(&secret);
+    let gate = Gate::new();
+    private.set(
+        &blob_path("team/secret", &d),
+        Behavior::Held {
+            body: secret.clone(),
+            at: 50_000,
+            gate: gate.clone(),
+        },
+    );
+    let (public_url, private_url) = (public.url(), private.url());
+    let s = TestServer::start_with(move |c| {
+        let extra = format!(
+            "[[user]]\nname = \"alice\"\npassword_hash = \"{}\"\n\
+             [[upstream]]\nname = \"private.example\"\nurl = \"{private_url}\"\npull = \"authenticated\"\n",
+            transship::auth::keys::hash_password(PASSWORD)
+        );
+        let mut c = test_config(&c.server.data_dir, &extra);
+        c.upstreams[0].url = public_url;
+        c
+    });
+    let alice = transship::auth::basic_header("alice", PASSWORD);
+
+    // Alice's pull starts the fill; the private upstream holds the body at its gate.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owner = {
+        let (url, alice) = (
+            s.url(&blob_path("private.example/team/secret", &d)),
+            alice.clone(),
+        );
+        std::thread::spawn(move || request("GET", &url, &[("authorization", &alice)], Some(tx)))
+    };
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the owner's response started");
+
+    // Anonymous, on the default upstream, which does not have the blob: never the bytes.
+    let anon = pull(&s.url(&blob_path("library/anything", &d)));
+    assert_eq!(
+        anon.status,
+        404,
+        "an anonymous client joined a private fill: {:?}",
+        anon.body.as_ref().map(|b| b.len())
+    );
+    assert!(!anon.body.as_ref().is_ok_and(|b| b.len() == secret.len()));
+    let head = request(
+        "HEAD",
+        &s.url(&blob_path("library/anything", &d)),
+        &[],
+        None,
+    );
+    assert_eq!(head.status, 404, "HEAD learned of a private fill");
+    // Authenticated, same upstream, a repository the upstream does not serve it from.
+    let other = request(
+        "GET",
+        &s.url(&blob_path("private.example/team/other", &d)),
+        &[("authorization", &alice)],
+        None,
+    );
+    assert_eq!(other.status, 404);
+    assert!(private.count("HEAD", &blob_path("team/other", &d)) >= 1);
+
+    // A repository whose upstream confirms the blob joins the fill.
+    let shared = blob_path("library/shared", &d);
+    public.set(&shared, Behavior::blob(secret.clone()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let joiner = {
+        let url = s.url(&shared);
+        std::thread::spawn(move || pull_signalling(&url, Some(tx)))
+    };
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the confirmed reader's response started");
+    gate.open();
+    let owner = owner.join().expect("owner");
+    assert_pulled(&owner, &secret, "the owner");
+    let joined = joiner.join().expect("joiner");
+    assert_pulled(&joined, &secret, "a confirmed route");
+    assert_eq!(joined.x_cache(), Some("COALESCED"));
+    assert_eq!(
+        public.count("GET", &shared),
+        0,
+        "joined, not downloaded again"
+    );
+    assert_eq!(public.count("HEAD", &shared), 1);
+
+    // After the fill, the anonymous route still gets nothing.
+    wait_fills_done(&s);
+    let anon = pull(&s.url(&blob_path("library/anything", &d)));
+    assert_eq!(anon.status, 404);
+}
+
+#[test]
+fn blob_bodies_without_content_length_are_filled_and_verified() {
+    let up = Injector::start();
+    let s = mirror(&up, |_| {});
+
+    // GET is chunked, HEAD tells the length: readers stream while it fills.
+    let a = Bytes::from(random_bytes(300_000, 43));
+    let da = sha256(&a);
+    up.set(
+        &blob_path("library/x", &da),
+        Behavior::ByMethod {
+            head: Box::new(Behavior::blob(a.clone())),
+            get: Box::new(Behavior::Chunked {
+                body: a.clone(),
+                cut: None,
+            }),
+        },
+    );
+    let p = pull(&s.url(&blob_path("library/x", &da)));
+    assert_pulled(&p, &a, "chunked GET, HEAD with a length");
+    assert_eq!(p.x_cache(), Some("MISS"));
+
+    // No length anywhere: known once verified.
+    let b = Bytes::from(random_bytes(300_000, 44));
+    let db = sha256(&b);
+    up.set(
+        &blob_path("library/x", &db),
+        Behavior::Chunked {
+            body: b.clone(),
+            cut: None,
+        },
+    );
+    let p = pull(&s.url(&blob_path("library/x", &db)));
+    assert_pulled(&p, &b, "chunked GET, no length at all");
+    assert_eq!(
+        p.headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()),
+        Some(b.len().to_string().as_str())
+    );
+
+    // A flipped byte, and a connection that drops half-way: never complete, nothing cached.
+    let c = random_bytes(300_000, 45);
+    let dc = sha256(&c);
+    let mut bad = c.clone();
+    bad[250_000] ^= 0x04;
+    up.set(
+        &blob_path("library/x", &dc),
+        Behavior::Chunked {
+            body: Bytes::from(bad),
+            cut: None,
+        },
+    );
+    assert_broken(
+        &pull(&s.url(&blob_path("library/x", &dc))),
+        "chunked with a flipped byte",
+    );
+    let e = Bytes::from(random_bytes(300_000, 46));
+    let de = sha256(&e);
+    up.set(
+        &blob_path("library/x", &de),
+        Behavior::Chunked {
+            body: e.clone(),
+            cut: Some(150_000),
+        },
+    );
+    assert_broken(
+        &pull(&s.url(&blob_path("library/x", &de))),
+        "chunked, dropped half-way",
+    );
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &dc);
+    assert_nothing_stored(&s, "library/x", &de);
+    assert_eq!(cached_blob(&s, "library/x", &da), Some(a.len() as u64));
+    assert_eq!(cached_blob(&s, "library/x", &db), Some(b.len() as u64));
+    let r = pull(&s.url(&blob_path("library/x", &db)));
+    assert_pulled(&r, &b, "cached");
+    assert_eq!(r.x_cache(), Some("HIT"));
+}
+
+#[test]
+fn fills_beyond_max_concurrent_fills_wait_their_turn() {
+    let up = Injector::start();
+    let a = Bytes::from(random_bytes(100_000, 47));
+    let b = Bytes::from(random_bytes(100_000, 48));
+    let (da, db) = (sha256(&a), sha256(&b));
+    let gate = Gate::new();
+    up.set(
+        &blob_path("library/x", &da),
+        Behavior::Held {
+            body: a.clone(),
+            at: 10_000,
+            gate: gate.clone(),
+        },
+    );
+    up.set(&blob_path("library/x", &db), Behavior::blob(b.clone()));
+    let s = mirror(&up, |u| u.max_concurrent_fills = 1);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = {
+        let url = s.url(&blob_path("library/x", &da));
+        std::thread::spawn(move || pull_signalling(&url, Some(tx)))
+    };
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the first fill started");
+    let second = {
+        let url = s.url(&blob_path("library/x", &db));
+        std::thread::spawn(move || pull(&url))
+    };
+    let digest: transship::oci::Digest = db.parse().expect("digest");
+    wait_until("the second fill waits for a slot", || {
+        s.app
+            .proxy
+            .fills
+            .in_flight_for(&digest)
+            .is_some_and(|f| matches!(*f.subscribe().borrow(), FillState::Queued))
+    });
+    assert_eq!(
+        up.count("GET", &blob_path("library/x", &db)),
+        0,
+        "a second download started beside the first"
+    );
+    gate.open();
+    assert_pulled(&first.join().expect("first"), &a, "the first fill");
+    let second = second.join().expect("second");
+    assert_pulled(&second, &b, "the queued fill");
+    assert_eq!(second.x_cache(), Some("MISS"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where the upstream may send us, and what clients see of failures
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn redirects_to_other_schemes_and_non_public_addresses_are_refused() {
+    // Refused before any connection is made: these addresses are never contacted (the policy
+    // itself is unit-tested in proxy::upstream).
+    let up = Injector::start();
+    let s = mirror(&up, |_| {});
+    for (seed, location) in [
+        (
+            50,
+            "http://169.254.169.254/latest/meta-data/?X-Amz-Signature=s3cr3t",
+        ),
+        (51, "http://10.0.0.1:9/blob?X-Amz-Signature=s3cr3t"),
+        (52, "http://[fe80::1]:9/blob?X-Amz-Signature=s3cr3t"),
+        (53, "http://2130706433:9/blob?X-Amz-Signature=s3cr3t"),
+        (54, "ftp://127.0.0.1:9/blob?X-Amz-Signature=s3cr3t"),
+        (55, "file:///etc/passwd?X-Amz-Signature=s3cr3t"),
+    ] {
+        let body = random_bytes(1_000, seed);
+        let d = sha256(&body);
+        let path = blob_path("library/x", &d);
+        up.set(&path, Behavior::Redirect(location.to_string()));
+        let p = pull(&s.url(&path));
+        assert_eq!(p.status, 503, "{location}: {:?}", p.body);
+        let msg = error_message(&p);
+        assert!(msg.contains("not allowed"), "{location}: {msg}");
+        for leak in [
+            "s3cr3t",
+            "169.254",
+            "10.0.0.1",
+            "fe80",
+            "2130706433",
+            "passwd",
+        ] {
+            assert!(!msg.contains(leak), "{location}: {msg}");
+        }
+        wait_fills_done(&s);
+        assert_nothing_stored(&s, "library/x", &d);
+    }
+}
+
+#[test]
+fn credentials_never_go_to_a_plain_http_realm_on_another_origin() {
+    let up = Injector::start();
+    let realm = Injector::start();
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    up.set_realm(&format!("{}/token", realm.url()));
+    realm.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    let x = image(56, 5_000);
+    up.serve_image("library/x", "v1", &x);
+    let s = mirror(&up, |u| {
+        u.username = Some("robot".into());
+        u.password = Some("s3cret".into());
+    });
+    let p = pull(&s.url(&blob_path("library/x", &x.layer_digest)));
+    assert_pulled(&p, &x.layer, "with an anonymous token");
+    let asked = realm.requests("/token");
+    assert_eq!(asked.len(), 1, "{:#?}", realm.seen());
+    assert_eq!(
+        asked[0].authorization, None,
+        "the upstream's credentials went to a plain-http realm elsewhere"
+    );
+    assert!(
+        up.seen()
+            .iter()
+            .all(|r| r.authorization.as_deref() != Some(basic("robot", "s3cret").as_str()))
+    );
+}
+
+#[test]
+fn errors_shown_to_clients_carry_no_connection_details_or_signed_urls() {
+    // The test config points the default upstream at a closed loopback port.
+    let s = TestServer::start();
+    let d = sha256(b"unreachable");
+    let p = pull(&s.url(&blob_path("library/x", &d)));
+    let m = request(
+        "GET",
+        &s.url(&manifest_path("library/x", "v1")),
+        &[("accept", OCI_MANIFEST)],
+        None,
+    );
+    // A redirect to a closed port, with a signed URL.
+    let up = Injector::start();
+    let s2 = mirror(&up, |_| {});
+    let d2 = sha256(b"redirected");
+    let path = blob_path("library/x", &d2);
+    up.set(
+        &path,
+        Behavior::Redirect("http://127.0.0.1:9/blob?X-Amz-Signature=s3cr3t".into()),
+    );
+    let r = pull(&s2.url(&path));
+    for (what, p) in [("blob", &p), ("manifest", &m), ("redirected blob", &r)] {
+        assert_eq!(p.status, 503, "{what}");
+        let msg = error_message(p);
+        assert!(
+            msg.contains(UPSTREAM) && msg.contains("unreachable"),
+            "{what}: {msg}"
+        );
+        for leak in [
+            "os error",
+            "refused",
+            "tcp",
+            "connect error",
+            "127.0.0.1",
+            "s3cr3t",
+            "Signature",
+        ] {
+            assert!(!msg.contains(leak), "{what}: {leak:?} in {msg:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bar: an upstream that lies
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_lying_upstream_never_poisons_the_cache_or_hangs_a_later_request() {
+    let up = Injector::start();
+    let img = image(60, 40_000);
+    up.serve_image("library/x", "v1", &img);
+    let s = mirror(&up, tag_ttl_zero);
+    let tag = manifest_path("library/x", "v1");
+    let get_tag = || request("GET", &s.url(&tag), &[("accept", OCI_MANIFEST)], None);
+    assert_pulled(&get_tag(), &img.manifest, "the first pull");
+    for (d, body) in [
+        (&img.config_digest, &img.config),
+        (&img.layer_digest, &img.layer),
+    ] {
+        assert_pulled(
+            &pull(&s.url(&blob_path("library/x", d))),
+            body,
+            "first pull",
+        );
+    }
+    wait_fills_done(&s);
+
+    // Now every new blob is a lie of some kind.
+    let lies: Vec<(&str, Bytes, Behavior)> = {
+        let good = |seed| Bytes::from(random_bytes(200_000, seed));
+        let flipped = good(61);
+        let mut bad = flipped.to_vec();
+        bad[100_000] ^= 0x10;
+        let html = good(62);
+        let dropping = good(63);
+        let failing = good(64);
+        vec![
+            ("a flipped byte", flipped, Behavior::blob(bad)),
+            (
+                "text/html with 200",
+                html,
+                Behavior::Serve {
+                    body: Bytes::from_static(b"<!DOCTYPE html><html><body>Oops</body></html>"),
+                    content_type: "text/html; charset=utf-8",
+                    digest: None,
+                },
+            ),
+            (
+                "a connection that always drops half-way",
+                dropping.clone(),
+                Behavior::Truncate {
+                    body: dropping,
+                    cut: 15_000,
+                    ranges: true,
+                },
+            ),
+            ("500", failing, Behavior::status(500)),
+        ]
+    };
+    for (_, body, lie) in &lies {
+        up.set(&blob_path("library/x", &sha256(body)), lie.clone());
+    }
+    // ... and the registry answers 500 for everything it used to serve, with a token whose
+    // lifetime overflows any clock.
+    up.set(&tag, Behavior::status(500));
+    up.set(
+        &blob_path("library/x", &img.layer_digest),
+        Behavior::status(500),
+    );
+    up.set_auth(Auth::Bearer {
+        credentials: None,
+        deny: vec![],
+    });
+    up.set_token("18446744073709551615", 0);
+
+    for round in 0..2 {
+        for (what, body, _) in &lies {
+            let d = sha256(body);
+            assert_broken(
+                &pull(&s.url(&blob_path("library/x", &d))),
+                &format!("{what} (round {round})"),
+            );
+        }
+        wait_fills_done(&s);
+        for (what, body, _) in &lies {
+            let d = sha256(body);
+            assert_nothing_stored(&s, "library/x", &d);
+            let _ = what;
+        }
+        // Cached content keeps being served.
+        let t = get_tag();
+        assert_pulled(&t, &img.manifest, "the cached tag");
+        assert_eq!(t.x_cache(), Some("STALE"));
+        for (d, body) in [
+            (&img.config_digest, &img.config),
+            (&img.layer_digest, &img.layer),
+        ] {
+            let p = pull(&s.url(&blob_path("library/x", d)));
+            assert_pulled(&p, body, "a cached blob");
+            assert_eq!(p.x_cache(), Some("HIT"));
+        }
+    }
+
+    // The upstream tells the truth again: every blob arrives byte-exact and is cached.
+    for (what, body, _) in &lies {
+        let d = sha256(body);
+        up.set(&blob_path("library/x", &d), Behavior::blob(body.clone()));
+        assert_pulled(&pull(&s.url(&blob_path("library/x", &d))), body, what);
+    }
+    wait_fills_done(&s);
+    for (_, body, _) in &lies {
+        assert_eq!(
+            cached_blob(&s, "library/x", &sha256(body)),
+            Some(body.len() as u64)
+        );
+    }
 }

@@ -276,6 +276,13 @@ pub struct UpstreamConfig {
     /// PEM file of extra CA certificates to trust for this upstream (added to the webpki roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Blob downloads from this upstream at once; more wait their turn.
+    #[serde(default = "default_max_concurrent_fills")]
+    pub max_concurrent_fills: usize,
+}
+
+fn default_max_concurrent_fills() -> usize {
+    32
 }
 
 impl UpstreamConfig {
@@ -414,6 +421,13 @@ impl Config {
                     u.name.get_ref().as_str()
                 ));
             }
+        }
+        if let Some(u) = self.upstreams.iter().find(|u| u.max_concurrent_fills == 0) {
+            return Err(format!(
+                "line {}: upstream {:?}: max_concurrent_fills must be at least 1",
+                at(&u.name),
+                u.name.get_ref().as_str()
+            ));
         }
         self.validate_auth()?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
@@ -566,6 +580,15 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("inside upstream")
+        );
+        let no_fills = format!(
+            "{base}[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nmax_concurrent_fills = 0\n"
+        );
+        assert!(
+            Config::parse(&no_fills, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("max_concurrent_fills")
         );
         for (extra, wanted) in [
             (

@@ -18,7 +18,7 @@ use crate::App;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{Negotiated, negotiate};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
-use crate::proxy::fill::{self, FillError};
+use crate::proxy::fill::{self, FillError, Joined};
 use crate::proxy::freshness;
 use crate::proxy::tag_list;
 use crate::proxy::{CacheOutcome, MirrorRoute};
@@ -149,7 +149,8 @@ pub async fn get_blob(
     }
     // Stored for another repository: link it here once the upstream confirms this repository
     // has it (a repository only sees blobs its upstream has).
-    if app.store.has_blob_anywhere(&digest)? && app.proxy.fills.in_flight_for(&digest).is_none() {
+    let in_flight = app.proxy.fills.in_flight_for(&digest);
+    if in_flight.is_none() && app.store.has_blob_anywhere(&digest)? {
         upstream_blob_head(app, route, &digest).await?;
         let (app2, repo, d2) = (app.clone(), route.local.clone(), digest.clone());
         if super::blocking(move || app2.store.link_stored_blob(&repo, &d2))
@@ -159,14 +160,25 @@ pub async fn get_blob(
             return serve_local(app, route, &digest, parts, head).await;
         }
     }
-    if head && app.proxy.fills.in_flight_for(&digest).is_none() {
+    // The same holds for a fill in flight: only routes entitled to it (its own, or confirmed
+    // by their upstream) may read it.
+    if head && !in_flight.is_some_and(|f| f.entitles(route)) {
         return head_upstream(app, route, &digest).await;
     }
-    let (fill, started) = app.proxy.fills.join_or_start(app, route, &digest);
-    let outcome = if started {
-        CacheOutcome::Miss
-    } else {
-        CacheOutcome::Coalesced
+    let mut confirmed = false;
+    let (fill, outcome) = loop {
+        match app
+            .proxy
+            .fills
+            .join_or_start(app, route, &digest, confirmed)
+        {
+            Joined::Started(f) => break (f, CacheOutcome::Miss),
+            Joined::Joined(f) => break (f, CacheOutcome::Coalesced),
+            Joined::Unconfirmed => {
+                upstream_blob_head(app, route, &digest).await?;
+                confirmed = true;
+            }
+        }
     };
     let mut rx = fill.subscribe();
     let size = fill::wait_for_size(&mut rx)

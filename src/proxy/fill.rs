@@ -7,6 +7,15 @@
 //! byte before the whole blob is verified, so a corrupt upstream body never looks complete: on
 //! a mismatch nothing is committed and every reader's stream is aborted. The fsync and commit
 //! come after the readers' last byte; requests arriving meanwhile still follow the spool.
+//!
+//! A fill only ever hands its bytes to routes entitled to them: the route that started it, and
+//! routes whose upstream confirmed (HEAD) that their repository has the blob. Fills of one
+//! upstream run at most `max_concurrent_fills` at a time; more wait their turn (`Queued`) for
+//! up to `QUEUE_TIMEOUT`. An upstream body without `Content-Length` is spooled with its size
+//! unknown (unless a HEAD tells it); its readers then start once it is verified. File writes,
+//! hashing and reads of the spool run off the async workers: one blocking writer per fill,
+//! fed in batches. However the fill task ends (error, panic, cancellation), a guard gives its
+//! readers a final state and removes exactly its own entry from the table.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,22 +25,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::MirrorRoute;
 use super::upstream::UpstreamClient;
 use crate::App;
-use crate::oci::{Digest, Digester};
+use crate::config::Config;
+use crate::oci::{Digest, Digester, RepoName};
 
 /// A fill's progress, broadcast to its readers.
 #[derive(Debug, Clone)]
 pub enum FillState {
+    /// Waiting for one of the upstream's `max_concurrent_fills` download slots.
+    Queued,
     Connecting,
+    /// `size` is `None` when the upstream announced no length: readers wait for `Verified`.
     Streaming {
-        size: u64,
+        size: Option<u64>,
         written: u64,
     },
     /// Every byte arrived and hashes to the digest: readers may finish. The blob is being
@@ -57,29 +70,91 @@ pub enum FillError {
     SizeMismatch { want: u64, got: u64 },
     #[error("storage error: {0}")]
     Store(String),
+    #[error("too many downloads from this upstream are in progress; try again later")]
+    Busy,
+    #[error("the download ended unexpectedly")]
+    Aborted,
 }
 
 pub struct Fill {
     pub digest: Digest,
     path: PathBuf,
     state: watch::Sender<FillState>,
+    /// `(upstream, local repository)` of the routes that may read this fill: the one that
+    /// started it (its own upstream GET answers for it) and those whose upstream confirmed
+    /// with a HEAD that their repository has the blob.
+    entitled: Mutex<Vec<(usize, RepoName)>>,
 }
 
 impl Fill {
+    fn new(digest: Digest, path: PathBuf, route: &MirrorRoute) -> Self {
+        let (state, _) = watch::channel(FillState::Connecting);
+        Self {
+            digest,
+            path,
+            state,
+            entitled: Mutex::new(vec![(route.upstream, route.local.clone())]),
+        }
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
         self.state.subscribe()
     }
+
+    /// Whether `route` may read this fill without asking its upstream first.
+    pub fn entitles(&self, route: &MirrorRoute) -> bool {
+        self.entitled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(u, l)| *u == route.upstream && *l == route.local)
+    }
+
+    fn entitle(&self, route: &MirrorRoute) {
+        let mut e = self.entitled.lock().unwrap_or_else(|p| p.into_inner());
+        if !e
+            .iter()
+            .any(|(u, l)| *u == route.upstream && *l == route.local)
+        {
+            e.push((route.upstream, route.local.clone()));
+        }
+    }
+
+    fn failed(&self) -> bool {
+        matches!(*self.state.borrow(), FillState::Failed(_))
+    }
 }
 
-#[derive(Default)]
+type Table = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
+
 pub struct Fills {
-    inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
+    inflight: Table,
+    /// Per upstream: its download slots (`max_concurrent_fills`).
+    slots: Vec<Arc<Semaphore>>,
+}
+
+/// What `join_or_start` did.
+pub enum Joined {
+    /// Started a fill for this route.
+    Started(Arc<Fill>),
+    /// Joined the fill in flight.
+    Joined(Arc<Fill>),
+    /// A fill started by another route is in flight: the caller's upstream must confirm the
+    /// blob for its repository first, then call again with `confirmed`.
+    Unconfirmed,
 }
 
 /// How many times a dropped upstream body is resumed with a Range request.
 const RESUMES: usize = 3;
 /// Longest wait for the next piece of an upstream body before it counts as dropped.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a fill waits for a download slot of its upstream (as long as a response's headers
+/// may take): then its readers get 503.
+pub const QUEUE_TIMEOUT: Duration = super::upstream::HEADER_TIMEOUT;
+/// Upstream bytes already received are handed to the writer in batches of up to this much.
+const WRITE_BATCH: usize = 1 << 20;
+/// Batches queued for the writer before the download waits for the disk.
+const WRITE_QUEUE: usize = 8;
 /// Largest piece a reader takes from the spool at once.
 const READ_PIECE: u64 = 512 << 10;
 /// Smallest piece a caught-up reader sends after its first (unless the blob is complete).
@@ -88,6 +163,17 @@ const BATCH: u64 = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(50);
 
 impl Fills {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            inflight: Table::default(),
+            slots: config
+                .upstreams
+                .iter()
+                .map(|u| Arc::new(Semaphore::new(u.max_concurrent_fills.max(1))))
+                .collect(),
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.inflight
             .lock()
@@ -104,34 +190,53 @@ impl Fills {
             .cloned()
     }
 
-    /// The fill for `digest`: joins one in flight (`false`) or starts one (`true`).
+    /// The fill for `digest`: joins one in flight that `route` is entitled to (or, with
+    /// `confirmed`, any), or starts one.
     pub fn join_or_start(
         &self,
         app: &Arc<App>,
         route: &MirrorRoute,
         digest: &Digest,
-    ) -> (Arc<Fill>, bool) {
+        confirmed: bool,
+    ) -> Joined {
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         // A fill that already failed is on its way out of the map: start afresh, don't inherit
         // its error.
         if let Some(f) = map.get(digest)
-            && !matches!(*f.state.borrow(), FillState::Failed(_))
+            && !f.failed()
         {
-            return (f.clone(), false);
+            if f.entitles(route) {
+                return Joined::Joined(f.clone());
+            }
+            if !confirmed {
+                return Joined::Unconfirmed;
+            }
+            f.entitle(route);
+            return Joined::Joined(f.clone());
         }
         let id = format!("fill-{}", uuid::Uuid::new_v4());
-        let (tx, _) = watch::channel(FillState::Connecting);
-        let fill = Arc::new(Fill {
-            digest: digest.clone(),
-            path: app.store.ingest_path_for_fill(&id),
-            state: tx,
-        });
+        let fill = Arc::new(Fill::new(
+            digest.clone(),
+            app.store.ingest_path_for_fill(&id),
+            route,
+        ));
         map.insert(digest.clone(), fill.clone());
         drop(map);
+        app.store.claim_ingest(&id);
+        let guard = {
+            let app = app.clone();
+            let id = id.clone();
+            Guard {
+                table: self.inflight.clone(),
+                fill: fill.clone(),
+                on_end: Some(Box::new(move || app.store.release_ingest(&id))),
+            }
+        };
+        let slot = self.slots.get(route.upstream).cloned();
         let (app, route, f) = (app.clone(), route.clone(), fill.clone());
         tokio::spawn(async move {
             let client = app.proxy.client(route.upstream).clone();
-            let outcome = run(&app, &client, &route, &f, &id).await;
+            let outcome = run(&app, &client, &route, &f, slot).await;
             match outcome {
                 Ok(size) => {
                     f.state.send_replace(FillState::Done { size });
@@ -147,30 +252,132 @@ impl Fills {
                             .inc();
                         tracing::warn!(digest = %f.digest, upstream = %client.name, error = %e, "upstream blob failed verification; not cached");
                     }
-                    let _ = std::fs::remove_file(&f.path);
+                    let path = f.path.clone();
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
                     f.state.send_replace(FillState::Failed(e));
                 }
             }
-            app.store.release_ingest(&id);
-            app.proxy
-                .fills
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&f.digest);
+            drop(guard);
         });
-        (fill, true)
+        Joined::Started(fill)
     }
+}
+
+/// Ends a fill however its task ends. Dropped at the end of the task, or while unwinding a
+/// panic, or with the task when it is cancelled: readers still waiting get `Aborted` instead
+/// of waiting forever, and the table entry goes — this fill's own, never a newer fill that
+/// replaced a failed one under the same digest.
+struct Guard {
+    table: Table,
+    fill: Arc<Fill>,
+    on_end: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let aborted = self.fill.state.send_if_modified(|s| {
+            if matches!(s, FillState::Done { .. } | FillState::Failed(_)) {
+                false
+            } else {
+                *s = FillState::Failed(FillError::Aborted);
+                true
+            }
+        });
+        if aborted {
+            tracing::error!(digest = %self.fill.digest, "blob fill ended without an outcome (panic or cancellation)");
+            let _ = std::fs::remove_file(&self.fill.path);
+        }
+        if let Some(f) = self.on_end.take() {
+            f();
+        }
+        let mut map = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.fill.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            map.remove(&self.fill.digest);
+        }
+    }
+}
+
+/// What the writer made of the upstream body.
+struct Spooled {
+    file: File,
+    len: u64,
+    digest: Digest,
+}
+
+/// The fill's blocking writer: writes and hashes the batches it is sent, in order, and tells
+/// readers how much of the spool is on disk.
+fn spawn_writer(
+    file: File,
+    fill: Arc<Fill>,
+) -> (
+    mpsc::Sender<Vec<Bytes>>,
+    tokio::task::JoinHandle<std::io::Result<Spooled>>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+    let handle = tokio::task::spawn_blocking(move || {
+        let mut hasher = Digester::new(fill.digest.algorithm());
+        let mut len = 0u64;
+        while let Some(batch) = rx.blocking_recv() {
+            for data in batch {
+                file.write_all_at(&data, len)?;
+                hasher.update(&data);
+                len += data.len() as u64;
+            }
+            // Only while streaming: a final state set meanwhile is never overwritten.
+            fill.state.send_if_modified(|s| match s {
+                FillState::Streaming { written, .. } => {
+                    *written = len;
+                    true
+                }
+                _ => false,
+            });
+        }
+        Ok(Spooled {
+            file,
+            len,
+            digest: hasher.finish(),
+        })
+    });
+    (tx, handle)
+}
+
+async fn writer_result(
+    handle: tokio::task::JoinHandle<std::io::Result<Spooled>>,
+) -> Result<Spooled, FillError> {
+    handle
+        .await
+        .map_err(|e| FillError::Store(e.to_string()))?
+        .map_err(|e| FillError::Store(e.to_string()))
 }
 
 async fn run(
     app: &Arc<App>,
     client: &UpstreamClient,
     route: &MirrorRoute,
-    fill: &Fill,
-    id: &str,
+    fill: &Arc<Fill>,
+    slot: Option<Arc<Semaphore>>,
 ) -> Result<u64, FillError> {
-    app.store.claim_ingest(id);
+    let _permit = match slot {
+        Some(slot) => Some(match slot.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                fill.state.send_replace(FillState::Queued);
+                let p = tokio::time::timeout(QUEUE_TIMEOUT, slot.acquire_owned())
+                    .await
+                    .map_err(|_| {
+                        tracing::warn!(upstream = %client.name, digest = %fill.digest, "no download slot within {QUEUE_TIMEOUT:?} (max_concurrent_fills)");
+                        FillError::Busy
+                    })?
+                    .map_err(|_| FillError::Busy)?;
+                fill.state.send_replace(FillState::Connecting);
+                p
+            }
+        }),
+        None => None,
+    };
     let suffix = format!("/blobs/{}", fill.digest);
     let resp = app
         .proxy
@@ -180,9 +387,6 @@ async fn run(
     if resp.status() != StatusCode::OK {
         return Err(FillError::Status(resp.status()));
     }
-    let size = content_length(resp.headers()).ok_or_else(|| {
-        FillError::Upstream("upstream sent no Content-Length for the blob".into())
-    })?;
     if let Some(d) = resp
         .headers()
         .get("docker-content-digest")
@@ -194,58 +398,96 @@ async fn run(
             actual: d.to_string(),
         });
     }
-    let file = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .read(true)
-        .open(&fill.path)
-        .map_err(|e| FillError::Store(e.to_string()))?;
+    let size = match content_length(resp.headers()) {
+        Some(n) => Some(n),
+        // A chunked body: the size is known for sure only once it hashes right; a HEAD may
+        // tell it now (and is held to it), so readers can stream meanwhile.
+        None => head_size(app, route, &suffix).await,
+    };
+    let path = fill.path.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .read(true)
+            .open(path)
+    })
+    .await
+    .map_err(|e| FillError::Store(e.to_string()))?
+    .map_err(|e| FillError::Store(e.to_string()))?;
     fill.state
         .send_replace(FillState::Streaming { size, written: 0 });
-    let mut hasher = Digester::new(fill.digest.algorithm());
-    let mut written = 0u64;
+    let (tx, writer) = spawn_writer(file, fill.clone());
+    let mut received = 0u64;
     let mut body = resp.into_body();
     let mut resumes = 0;
+    // A frame (or the end, or an error) taken while filling a batch, handled next round.
+    let mut pending = None;
     loop {
-        let frame = tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await;
+        let frame = match pending.take() {
+            Some(f) => Ok(f),
+            None => tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await,
+        };
         match frame {
             Ok(Some(Ok(frame))) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                if written + data.len() as u64 > size {
-                    return Err(FillError::SizeMismatch {
-                        want: size,
-                        got: written + data.len() as u64,
-                    });
+                // Take what else has arrived already, so the writer wakes once per batch.
+                let mut batch_len = data.len();
+                let mut batch = vec![data];
+                while batch_len < WRITE_BATCH {
+                    match body.frame().now_or_never() {
+                        Some(Some(Ok(f))) => {
+                            if let Ok(d) = f.into_data() {
+                                batch_len += d.len();
+                                batch.push(d);
+                            }
+                        }
+                        Some(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
                 }
-                file.write_all_at(&data, written)
-                    .map_err(|e| FillError::Store(e.to_string()))?;
-                hasher.update(&data);
-                written += data.len() as u64;
+                let got = received + batch_len as u64;
+                if let Some(want) = size
+                    && got > want
+                {
+                    return Err(FillError::SizeMismatch { want, got });
+                }
+                if tx.send(batch).await.is_err() {
+                    // The writer stopped: its error says why.
+                    drop(tx);
+                    writer_result(writer).await?;
+                    return Err(FillError::Store("the spool writer stopped".into()));
+                }
+                received = got;
                 app.metrics
                     .upstream_bytes
                     .with_label_values(&[&client.name])
-                    .inc_by(data.len() as u64);
-                fill.state
-                    .send_replace(FillState::Streaming { size, written });
+                    .inc_by(batch_len as u64);
             }
-            Ok(None) if written == size => break,
+            // The end of a body whose length we know, or of one that had none (chunked: a
+            // connection that drops mid-way is an error, not an end).
+            Ok(None) if size.is_none_or(|s| received == s) => break,
             // Dropped, stalled or short: resume from where we are.
             other => {
                 let reason = match other {
                     Ok(Some(Err(e))) => e.to_string(),
                     Err(_) => format!("no data for {IDLE_TIMEOUT:?}"),
-                    _ => format!("body ended after {written} of {size} bytes"),
+                    _ => format!("body ended after {received} of {size:?} bytes"),
                 };
                 if resumes >= RESUMES {
                     return Err(FillError::Upstream(format!(
-                        "upstream body failed ({reason}); gave up after {RESUMES} resumes"
+                        "upstream {} body failed ({reason}); gave up after {RESUMES} resumes",
+                        client.name
                     )));
                 }
                 resumes += 1;
-                tracing::info!(digest = %fill.digest, written, size, %reason, "resuming upstream blob download");
-                let range = format!("bytes={written}-");
+                tracing::info!(digest = %fill.digest, received, ?size, %reason, "resuming upstream blob download");
+                let range = format!("bytes={received}-");
                 let resp = app
                     .proxy
                     .ask(
@@ -264,9 +506,10 @@ async fn run(
                     .and_then(|v| v.strip_prefix("bytes "))
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
-                if resp.status() != StatusCode::PARTIAL_CONTENT || resumed_at != Some(written) {
+                if resp.status() != StatusCode::PARTIAL_CONTENT || resumed_at != Some(received) {
                     return Err(FillError::Upstream(format!(
-                        "upstream cannot resume the download (answered {})",
+                        "upstream {} cannot resume the download (answered {})",
+                        client.name,
                         resp.status()
                     )));
                 }
@@ -274,18 +517,17 @@ async fn run(
             }
         }
     }
-    let actual = hasher.finish();
-    if actual != fill.digest {
+    drop(tx);
+    let spooled = writer_result(writer).await?;
+    if spooled.digest != fill.digest {
         return Err(FillError::DigestMismatch {
             expected: fill.digest.to_string(),
-            actual: actual.to_string(),
+            actual: spooled.digest.to_string(),
         });
     }
+    let size = spooled.len;
     // Readers get their last byte now; durability is the cache's business, not theirs.
     fill.state.send_replace(FillState::Verified { size });
-    file.sync_data()
-        .map_err(|e| FillError::Store(e.to_string()))?;
-    drop(file);
     let (app2, path2, digest, local) = (
         app.clone(),
         fill.path.clone(),
@@ -293,12 +535,31 @@ async fn run(
         route.local.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        app2.store.commit_blob(&path2, &digest, size, &local, None)
+        spooled
+            .file
+            .sync_data()
+            .map_err(|e| FillError::Store(e.to_string()))?;
+        drop(spooled.file);
+        app2.store
+            .commit_blob(&path2, &digest, size, &local, None)
+            .map_err(|e| FillError::Store(e.to_string()))
     })
     .await
-    .map_err(|e| FillError::Store(e.to_string()))?
-    .map_err(|e| FillError::Store(e.to_string()))?;
+    .map_err(|e| FillError::Store(e.to_string()))??;
     Ok(size)
+}
+
+/// The blob's size from a HEAD upstream, if it answers with one.
+async fn head_size(app: &Arc<App>, route: &MirrorRoute, suffix: &str) -> Option<u64> {
+    let resp = app
+        .proxy
+        .ask(&app.metrics, route, Method::HEAD, suffix, &[])
+        .await
+        .ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    content_length(resp.headers())
 }
 
 pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
@@ -311,20 +572,24 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Waits until the fill knows the blob's size (upstream headers arrived) or fails.
+/// Waits until the fill knows the blob's size (upstream headers arrived, or, for a body of
+/// unknown length, it is verified) or fails.
 pub async fn wait_for_size(rx: &mut watch::Receiver<FillState>) -> Result<u64, FillError> {
     loop {
         match &*rx.borrow_and_update() {
-            FillState::Streaming { size, .. }
+            FillState::Streaming {
+                size: Some(size), ..
+            }
             | FillState::Verified { size }
             | FillState::Done { size } => {
                 return Ok(*size);
             }
             FillState::Failed(e) => return Err(e.clone()),
-            FillState::Connecting => {}
+            FillState::Queued | FillState::Connecting | FillState::Streaming { size: None, .. } => {
+            }
         }
         if rx.changed().await.is_err() {
-            return Err(FillError::Upstream("fill ended unexpectedly".into()));
+            return Err(FillError::Aborted);
         }
     }
 }
@@ -357,7 +622,7 @@ struct Follower {
     app: Arc<App>,
     fill: Arc<Fill>,
     rx: watch::Receiver<FillState>,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     pos: u64,
     end: u64,
     finished: bool,
@@ -373,9 +638,14 @@ impl Follower {
             let avail = match &*self.rx.borrow_and_update() {
                 // The last byte is held back until the blob is verified: no client ever
                 // receives a complete body that failed verification.
-                FillState::Streaming { written, size } => (*written).min(size.saturating_sub(1)),
+                FillState::Streaming {
+                    written,
+                    size: Some(size),
+                } => (*written).min(size.saturating_sub(1)),
                 FillState::Verified { size } | FillState::Done { size } => *size,
-                FillState::Connecting => 0,
+                FillState::Queued
+                | FillState::Connecting
+                | FillState::Streaming { size: None, .. } => 0,
                 FillState::Failed(e) => {
                     self.finished = true;
                     return Some(Err(std::io::Error::other(e.to_string())));
@@ -396,7 +666,7 @@ impl Follower {
                 && (done || avail.min(self.end) - self.pos >= wanted || avail >= self.end)
             {
                 self.sent_any = true;
-                return Some(self.read(avail));
+                return Some(self.read(avail).await);
             }
             // Bytes are waiting but not yet a batch: wait a little for more, then send what
             // there is, so a stalled upstream never starves a reader of bytes already here.
@@ -405,14 +675,14 @@ impl Follower {
                     Ok(r) => r,
                     Err(_) => {
                         self.sent_any = true;
-                        return Some(self.read(avail));
+                        return Some(self.read(avail).await);
                     }
                 }
             } else {
                 self.rx.changed().await
             };
-            // The Fill (and so the sender) lives as long as this reader, so this only
-            // errs if the fill task vanished without a final state.
+            // The Fill (and so the sender) lives as long as this reader, and the fill's guard
+            // always leaves a final state, so this only errs if that guarantee broke.
             if changed.is_err() {
                 self.finished = true;
                 return Some(Err(std::io::Error::other(
@@ -422,24 +692,147 @@ impl Follower {
         }
     }
 
-    fn read(&mut self, avail: u64) -> Result<Bytes, std::io::Error> {
-        if self.file.is_none() {
-            // The spool, or the committed blob if the fill finished before we opened it.
-            self.file = File::open(&self.fill.path)
-                .ok()
-                .or_else(|| self.app.store.open_blob(&self.fill.digest).ok());
-        }
-        let Some(f) = &self.file else {
-            self.finished = true;
-            return Err(std::io::Error::other("blob vanished during fill"));
-        };
+    /// Reads the next piece from the spool (or the committed blob) off the async workers.
+    async fn read(&mut self, avail: u64) -> Result<Bytes, std::io::Error> {
         let n = (avail.min(self.end) - self.pos).min(READ_PIECE);
-        let mut buf = vec![0u8; n as usize];
-        if let Err(e) = f.read_exact_at(&mut buf, self.pos) {
-            self.finished = true;
-            return Err(e);
+        let (file, app, fill, pos) = (
+            self.file.clone(),
+            self.app.clone(),
+            self.fill.clone(),
+            self.pos,
+        );
+        let read = tokio::task::spawn_blocking(move || {
+            let file = match file {
+                Some(f) => f,
+                // The spool, or the committed blob if the fill finished before we opened it.
+                None => Arc::new(
+                    File::open(&fill.path)
+                        .ok()
+                        .or_else(|| app.store.open_blob(&fill.digest).ok())
+                        .ok_or_else(|| std::io::Error::other("blob vanished during fill"))?,
+                ),
+            };
+            let mut buf = vec![0u8; n as usize];
+            file.read_exact_at(&mut buf, pos)?;
+            Ok::<_, std::io::Error>((file, buf))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match read {
+            Ok((file, buf)) => {
+                self.file = Some(file);
+                self.pos += n;
+                Ok(Bytes::from(buf))
+            }
+            Err(e) => {
+                self.finished = true;
+                Err(e)
+            }
         }
-        self.pos += n;
-        Ok(Bytes::from(buf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(upstream: usize, local: &str) -> MirrorRoute {
+        MirrorRoute {
+            upstream,
+            remote: "library/x".parse().expect("name"),
+            local: local.parse().expect("name"),
+        }
+    }
+
+    fn fill(table: &Table, seed: &[u8], dir: &std::path::Path) -> (Arc<Fill>, Guard) {
+        let digest = Digest::sha256_of(seed);
+        let f = Arc::new(Fill::new(
+            digest.clone(),
+            dir.join("spool"),
+            &route(0, "docker.io/library/x"),
+        ));
+        table.lock().expect("table").insert(digest, f.clone());
+        let guard = Guard {
+            table: table.clone(),
+            fill: f.clone(),
+            on_end: None,
+        };
+        (f, guard)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fill_task_fails_its_readers_and_leaves_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = Table::default();
+        let (f, guard) = fill(&table, b"a", dir.path());
+        let mut rx = f.subscribe();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            f.state.send_replace(FillState::Streaming {
+                size: Some(10),
+                written: 5,
+            });
+            panic!("injected");
+        });
+        assert!(task.await.is_err(), "the task panicked");
+        let got = wait_for_size(&mut rx).await;
+        assert!(matches!(got, Err(FillError::Aborted)), "{got:?}");
+        assert!(table.lock().expect("table").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_fill_task_wakes_waiting_readers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = Table::default();
+        let (f, guard) = fill(&table, b"b", dir.path());
+        let mut rx = f.subscribe();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        let waiter = tokio::spawn(async move { wait_for_size(&mut rx).await });
+        task.abort();
+        let got = waiter.await.expect("waiter");
+        assert!(matches!(got, Err(FillError::Aborted)), "{got:?}");
+        assert!(table.lock().expect("table").is_empty());
+    }
+
+    #[test]
+    fn an_ending_fill_removes_only_its_own_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = Table::default();
+        let (old, guard) = fill(&table, b"c", dir.path());
+        old.state.send_replace(FillState::Failed(FillError::Status(
+            StatusCode::BAD_GATEWAY,
+        )));
+        // A newcomer replaced the failed fill under the same digest.
+        let (new, new_guard) = fill(&table, b"c", dir.path());
+        drop(guard);
+        let map = table.lock().expect("table");
+        let entry = map.get(&new.digest).expect("the newcomer's entry survives");
+        assert!(Arc::ptr_eq(entry, &new));
+        drop(map);
+        assert!(
+            matches!(*old.state.borrow(), FillState::Failed(FillError::Status(_))),
+            "a final state is kept"
+        );
+        drop(new_guard);
+        assert!(table.lock().expect("table").is_empty());
+    }
+
+    #[test]
+    fn only_confirmed_routes_are_entitled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Fill::new(
+            Digest::sha256_of(b"d"),
+            dir.path().join("s"),
+            &route(1, "private.example/team/secret"),
+        );
+        assert!(f.entitles(&route(1, "private.example/team/secret")));
+        assert!(!f.entitles(&route(0, "private.example/team/secret")));
+        assert!(!f.entitles(&route(1, "private.example/team/other")));
+        f.entitle(&route(0, "docker.io/library/x"));
+        assert!(f.entitles(&route(0, "docker.io/library/x")));
     }
 }

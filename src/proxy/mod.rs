@@ -79,7 +79,7 @@ impl Proxy {
             configs: config.upstreams.clone(),
             clients,
             not_found,
-            fills: fill::Fills::default(),
+            fills: fill::Fills::new(config),
             manifest_misses: manifest_miss::ManifestMisses::default(),
             tag_lists: tag_list::TagLists::new(&config.upstreams),
         })
