@@ -38,9 +38,10 @@ pub struct TagList {
     pub outcome: CacheOutcome,
 }
 
-/// Per upstream: lists younger than `tag_ttl`, and the last list of each repository.
+/// Per upstream: lists younger than `tag_ttl` (none when it is 0: every request asks), and the
+/// last list of each repository.
 pub struct TagLists {
-    fresh: Vec<AsyncCache<String, Tags>>,
+    fresh: Vec<Option<AsyncCache<String, Tags>>>,
     last: Vec<Cache<String, Tags>>,
 }
 
@@ -56,11 +57,13 @@ impl TagLists {
             fresh: upstreams
                 .iter()
                 .map(|u| {
-                    AsyncCache::builder()
-                        .max_capacity(CACHE_WEIGHT)
-                        .weigher(weight)
-                        .time_to_live(ttl(u.tag_ttl.0))
-                        .build()
+                    (!u.tag_ttl.0.is_zero()).then(|| {
+                        AsyncCache::builder()
+                            .max_capacity(CACHE_WEIGHT)
+                            .weigher(weight)
+                            .time_to_live(u.tag_ttl.0)
+                            .build()
+                    })
                 })
                 .collect(),
             last: upstreams
@@ -89,21 +92,27 @@ pub async fn tags(app: &Arc<App>, route: &MirrorRoute) -> Result<TagList, Regist
     }
     let lists = &app.proxy.tag_lists;
     let key = route.local.as_str();
-    let fetched = lists.fresh[route.upstream]
-        .entry_by_ref(key)
-        .or_try_insert_with(fetch_all(app, route))
-        .await;
+    let fetched = match &lists.fresh[route.upstream] {
+        Some(fresh) => fresh
+            .entry_by_ref(key)
+            .or_try_insert_with(fetch_all(app, route))
+            .await
+            .map(|entry| (entry.is_fresh(), entry.into_value())),
+        None => fetch_all(app, route)
+            .await
+            .map(|tags| (true, tags))
+            .map_err(Arc::new),
+    };
     match fetched {
-        Ok(entry) if entry.is_fresh() => {
-            let tags = entry.into_value();
+        Ok((true, tags)) => {
             lists.last[route.upstream].insert(key.to_string(), tags.clone());
             Ok(TagList {
                 tags,
                 outcome: CacheOutcome::Miss,
             })
         }
-        Ok(entry) => Ok(TagList {
-            tags: entry.into_value(),
+        Ok((false, tags)) => Ok(TagList {
+            tags,
             outcome: CacheOutcome::Hit,
         }),
         Err(miss) => match &*miss {
