@@ -116,6 +116,9 @@ pub struct ServerConfig {
     /// Serve HTTPS with these files; without it the listener speaks plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Reverse proxies (IPs or CIDRs) whose `X-Forwarded-For` names the client; default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// Certificate and key files (PEM) for HTTPS. Both are re-read on SIGHUP and when they change.
@@ -623,9 +626,14 @@ impl FromStr for IpNet {
     fn from_str(s: &str) -> Result<Self, String> {
         let err =
             || format!("invalid network {s:?}: expected CIDR like \"10.0.0.0/8\" or \"::1/128\"");
-        let (a, p) = s.split_once('/').ok_or_else(err)?;
+        // A bare address is a network of one.
+        let (a, p) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
         let addr: IpAddr = a.parse().map_err(|_| err())?;
-        let prefix: u8 = p.parse().map_err(|_| err())?;
+        let prefix: u8 = match p {
+            None if addr.is_ipv4() => 32,
+            None => 128,
+            Some(p) => p.parse().map_err(|_| err())?,
+        };
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if prefix > max {
             return Err(err());
@@ -796,6 +804,11 @@ mod tests {
         let all: IpNet = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        let one: IpNet = "192.0.2.1".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.1/32");
+        assert!(!one.contains("192.0.2.2".parse().unwrap()));
+        assert_eq!("::1".parse::<IpNet>().unwrap().to_string(), "::1/128");
+        assert!("10.0.0.0/".parse::<IpNet>().is_err());
         assert!(
             "::1/128"
                 .parse::<IpNet>()

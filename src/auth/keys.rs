@@ -3,10 +3,13 @@
 //! refresh tokens, and the project members with their roles. Secrets other than passwords are
 //! 256-bit random strings, so the index stores only their SHA-256 and compares in constant
 //! time; passwords get argon2id. Everything lives in memory behind one lock and is written
-//! through to the index (synced) before a change is reported done.
+//! through to the index (synced) before a change is reported done. Changes are serialised by
+//! a second lock, and the synced writes happen with the first one released, so credential
+//! checks never wait for the disk; every change is blocking and runs off the async workers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -93,6 +96,10 @@ pub const JSON_KEY_USER: &str = "_json_key";
 pub const JSON_KEY_BASE64_USER: &str = "_json_key_base64";
 pub const ACCESS_TOKEN_USER: &str = "oauth2accesstoken";
 
+/// Refresh tokens kept per identity. Every `docker login` (and every `offline_token` request)
+/// stores one for `auth.refresh_token_ttl`; beyond this many, the oldest are revoked.
+pub const MAX_REFRESH_TOKENS: usize = 20;
+
 const ACCESS_PREFIX: &str = "tsa_";
 const REFRESH_PREFIX: &str = "tsr_";
 const ID_HEX: usize = 16;
@@ -175,6 +182,10 @@ struct TokenRecord {
     secret_sha256: String,
     created: u64,
     expires: u64,
+    /// Nanoseconds since the epoch, strictly increasing within a process: orders tokens made
+    /// in the same second (0 in records written before it existed).
+    #[serde(default)]
+    created_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,6 +265,10 @@ pub struct Identities {
     /// Basic auth send it on every request. Keyed by a salted hash of user and password.
     verified: moka::sync::Cache<[u8; 32], String>,
     cache_salt: [u8; 32],
+    /// Held for the whole of a change (across its synced writes), never by readers.
+    changes: Mutex<()>,
+    /// The last `TokenRecord::created_ns` handed out.
+    last_created_ns: AtomicU64,
 }
 
 impl Identities {
@@ -324,6 +339,56 @@ impl Identities {
                 .time_to_live(Duration::from_secs(600))
                 .build(),
             cache_salt: random_bytes(),
+            changes: Mutex::new(()),
+            last_created_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Serialises changes; see the module header.
+    fn change(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A synced write of one record. Never under the `stored` lock: readers would wait for it.
+    fn put(&self, store: &Store, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.assert_unlocked();
+        store.put_auth_record(kind, id, value)
+    }
+
+    /// A synced delete of one record; as `put`.
+    fn delete(&self, store: &Store, kind: &str, id: &str) -> Result<(), StoreError> {
+        self.assert_unlocked();
+        store.delete_auth_record(kind, id).map(drop)
+    }
+
+    #[cfg(test)]
+    fn assert_unlocked(&self) {
+        assert!(
+            self.stored.try_write().is_ok(),
+            "a synced write while the identities lock is held"
+        );
+    }
+
+    #[cfg(not(test))]
+    fn assert_unlocked(&self) {}
+
+    /// A fresh `created_ns`, above every one given before.
+    fn next_created_ns(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut last = self.last_created_ns.load(Ordering::Acquire);
+        loop {
+            let next = now.max(last.saturating_add(1));
+            match self.last_created_ns.compare_exchange(
+                last,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
         }
     }
 
@@ -512,7 +577,8 @@ impl Identities {
             password_hash: hash_password(password),
             created: unix_now(),
         };
-        store.put_auth_record(KIND_USER, name, &to_json(&record))?;
+        let _change = self.change();
+        self.put(store, KIND_USER, name, &to_json(&record))?;
         self.write().users.insert(name.to_string(), record);
         self.verified.invalidate_all();
         Ok(())
@@ -525,24 +591,24 @@ impl Identities {
                 "user {name} is declared in the config file; remove it there"
             )));
         }
+        let _change = self.change();
         if !self.read().users.contains_key(name) {
             return Err(AdminError::NotFound(format!("no user {name}")));
         }
-        store.delete_auth_record(KIND_USER, name)?;
-        let mut s = self.write();
-        s.users.remove(name);
-        let members: Vec<_> = s
+        self.delete(store, KIND_USER, name)?;
+        self.write().users.remove(name);
+        let members: Vec<_> = self
+            .read()
             .members
             .keys()
             .filter(|(_, u)| u == name)
             .cloned()
             .collect();
         for (project, user) in members {
-            store.delete_auth_record(KIND_MEMBER, &format!("{project}\0{user}"))?;
-            s.members.remove(&(project, user));
+            self.delete(store, KIND_MEMBER, &format!("{project}\0{user}"))?;
+            self.write().members.remove(&(project, user));
         }
-        drop_tokens_of(&mut s, store, name)?;
-        drop(s);
+        self.drop_tokens_of(store, name)?;
         self.verified.invalidate_all();
         Ok(())
     }
@@ -578,7 +644,8 @@ impl Identities {
             secret_sha256: sha256_hex(&secret),
             created: unix_now(),
         };
-        store.put_auth_record(KIND_KEY, &id, &to_json(&record))?;
+        let _change = self.change();
+        self.put(store, KIND_KEY, &id, &to_json(&record))?;
         self.write().keys.insert(id.clone(), record);
         Ok(KeyFile {
             kind: "service_account".into(),
@@ -606,14 +673,13 @@ impl Identities {
 
     /// Revokes a key and every refresh token it obtained.
     pub fn revoke_key(&self, store: &Store, id: &str) -> Result<(), AdminError> {
+        let _change = self.change();
         if !self.read().keys.contains_key(id) {
             return Err(AdminError::NotFound(format!("no key {id}")));
         }
-        store.delete_auth_record(KIND_KEY, id)?;
-        let sub = format!("{KEY_SUB_PREFIX}{id}");
-        let mut s = self.write();
-        s.keys.remove(id);
-        drop_tokens_of(&mut s, store, &sub)?;
+        self.delete(store, KIND_KEY, id)?;
+        self.write().keys.remove(id);
+        self.drop_tokens_of(store, &format!("{KEY_SUB_PREFIX}{id}"))?;
         Ok(())
     }
 
@@ -627,6 +693,7 @@ impl Identities {
         ttl: Duration,
         name: &str,
     ) -> Result<(String, String), AdminError> {
+        let _change = self.change();
         if self.subject(&subject.token_sub()).is_none() {
             return Err(AdminError::NotFound(format!("no {subject}")));
         }
@@ -647,9 +714,14 @@ impl Identities {
             secret_sha256: sha256_hex(&secret),
             created: now,
             expires: now.saturating_add(ttl.as_secs()),
+            created_ns: self.next_created_ns(),
         };
-        store.put_auth_record(KIND_TOKEN, &id, &to_json(&record))?;
+        let sub = record.subject.clone();
+        self.put(store, KIND_TOKEN, &id, &to_json(&record))?;
         self.write().tokens.insert(id.clone(), record);
+        if kind == TokenKind::Refresh {
+            self.drop_oldest_refresh_tokens(store, &sub)?;
+        }
         Ok((id.clone(), format!("{}{id}_{secret}", kind.prefix())))
     }
 
@@ -669,16 +741,18 @@ impl Identities {
     }
 
     pub fn revoke_token(&self, store: &Store, id: &str) -> Result<(), AdminError> {
+        let _change = self.change();
         if !self.read().tokens.contains_key(id) {
             return Err(AdminError::NotFound(format!("no token {id}")));
         }
-        store.delete_auth_record(KIND_TOKEN, id)?;
+        self.delete(store, KIND_TOKEN, id)?;
         self.write().tokens.remove(id);
         Ok(())
     }
 
     /// Drops expired tokens from the index; returns how many.
     pub fn prune_expired(&self, store: &Store) -> Result<usize, StoreError> {
+        let _change = self.change();
         let now = unix_now();
         let expired: Vec<String> = self
             .read()
@@ -688,10 +762,49 @@ impl Identities {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
-            store.delete_auth_record(KIND_TOKEN, id)?;
+            self.delete(store, KIND_TOKEN, id)?;
             self.write().tokens.remove(id);
         }
         Ok(expired.len())
+    }
+
+    /// Deletes every token whose owner is `subject` (a `Subject::token_sub`). The caller holds
+    /// `change`.
+    fn drop_tokens_of(&self, store: &Store, subject: &str) -> Result<(), StoreError> {
+        let ids: Vec<String> = self
+            .read()
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.subject == subject)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.delete(store, KIND_TOKEN, &id)?;
+            self.write().tokens.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Revokes `subject`'s oldest refresh tokens beyond `MAX_REFRESH_TOKENS`. The caller holds
+    /// `change`.
+    fn drop_oldest_refresh_tokens(&self, store: &Store, subject: &str) -> Result<(), StoreError> {
+        let mut theirs: Vec<((u64, u64), String)> = self
+            .read()
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.kind == TokenKind::Refresh && t.subject == subject)
+            .map(|(id, t)| ((t.created, t.created_ns), id.clone()))
+            .collect();
+        if theirs.len() <= MAX_REFRESH_TOKENS {
+            return Ok(());
+        }
+        theirs.sort();
+        let excess = theirs.len() - MAX_REFRESH_TOKENS;
+        for (_, id) in theirs.into_iter().take(excess) {
+            self.delete(store, KIND_TOKEN, &id)?;
+            self.write().tokens.remove(&id);
+        }
+        Ok(())
     }
 
     pub fn members(&self, project: &str) -> Vec<MemberInfo> {
@@ -729,10 +842,12 @@ impl Identities {
         role: Role,
     ) -> Result<(), AdminError> {
         self.require_project(project)?;
+        let _change = self.change();
         if !self.user_exists(user) {
             return Err(AdminError::NotFound(format!("no user {user}")));
         }
-        store.put_auth_record(
+        self.put(
+            store,
             KIND_MEMBER,
             &format!("{project}\0{user}"),
             &to_json(&MemberRecord { role }),
@@ -750,6 +865,7 @@ impl Identities {
         user: &str,
     ) -> Result<(), AdminError> {
         let k = (project.to_string(), user.to_string());
+        let _change = self.change();
         if !self.read().members.contains_key(&k) {
             let why = if self.config_members.contains_key(&k) {
                 "; that membership is declared in the config file"
@@ -760,25 +876,10 @@ impl Identities {
                 "{user} is not a stored member of {project}{why}"
             )));
         }
-        store.delete_auth_record(KIND_MEMBER, &format!("{project}\0{user}"))?;
+        self.delete(store, KIND_MEMBER, &format!("{project}\0{user}"))?;
         self.write().members.remove(&k);
         Ok(())
     }
-}
-
-/// Deletes every token whose owner is `subject` (a `Subject::token_sub`).
-fn drop_tokens_of(s: &mut Stored, store: &Store, subject: &str) -> Result<(), StoreError> {
-    let ids: Vec<String> = s
-        .tokens
-        .iter()
-        .filter(|(_, t)| t.subject == subject)
-        .map(|(id, _)| id.clone())
-        .collect();
-    for id in ids {
-        store.delete_auth_record(KIND_TOKEN, &id)?;
-        s.tokens.remove(&id);
-    }
-    Ok(())
 }
 
 /// A user name: lower-case letters, digits and `._@-`, starting with a letter or digit, so it
@@ -1018,6 +1119,67 @@ mod tests {
         );
         assert_eq!(ids.prune_expired(&store).unwrap(), 1);
         assert!(ids.tokens().is_empty());
+    }
+
+    #[test]
+    fn refresh_tokens_beyond_the_bound_drop_the_oldest() {
+        let (_dir, store, ids) = setup();
+        let root = Subject::User("root".into());
+        let hour = Duration::from_secs(3600);
+        let (_, access) = ids
+            .create_token(&store, &root, TokenKind::Access, hour, "")
+            .unwrap();
+        let made: Vec<String> = (0..MAX_REFRESH_TOKENS + 5)
+            .map(|_| {
+                ids.create_token(&store, &root, TokenKind::Refresh, hour, "login")
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        let refresh = ids
+            .tokens()
+            .iter()
+            .filter(|t| t.kind == TokenKind::Refresh)
+            .count();
+        assert_eq!(refresh, MAX_REFRESH_TOKENS);
+        for old in &made[..5] {
+            assert_eq!(
+                ids.verify_token(old, TokenKind::Refresh),
+                Err(CredentialError::UnknownToken)
+            );
+        }
+        for kept in &made[5..] {
+            assert_eq!(ids.verify_token(kept, TokenKind::Refresh), Ok(root.clone()));
+        }
+        assert_eq!(
+            ids.verify_token(&access, TokenKind::Access),
+            Ok(root),
+            "access tokens are not refresh tokens"
+        );
+    }
+
+    #[test]
+    fn changes_never_hold_the_lock_across_synced_writes() {
+        // `put` and `delete` assert (under cfg(test)) that the lock is free.
+        let (_dir, store, ids) = setup();
+        ids.set_user(&store, "alice", "alicepassword").unwrap();
+        ids.set_member(&store, "team", "alice", Role::Editor)
+            .unwrap();
+        let alice = Subject::User("alice".into());
+        let hour = Duration::from_secs(3600);
+        for kind in [TokenKind::Access, TokenKind::Refresh] {
+            ids.create_token(&store, &alice, kind, hour, "").unwrap();
+        }
+        let key = ids.create_key(&store, "team", Role::Editor, "ci").unwrap();
+        let sa = ids
+            .verify_basic(JSON_KEY_USER, &serde_json::to_string(&key).unwrap())
+            .unwrap();
+        ids.create_token(&store, &sa, TokenKind::Refresh, hour, "")
+            .unwrap();
+        ids.remove_user(&store, "alice").unwrap();
+        ids.revoke_key(&store, &key.private_key_id).unwrap();
+        assert!(ids.tokens().is_empty());
+        assert!(ids.members("team").iter().all(|m| m.user != "alice"));
     }
 
     #[test]
