@@ -113,12 +113,12 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Serve HTTPS with these files; without it the listener speaks plain HTTP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<TlsConfig>,
     /// Reverse proxies (IPs or CIDRs) whose `X-Forwarded-For` names the client; default none.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Serve HTTPS with these files; without it the listener speaks plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 /// Certificate and key files (PEM) for HTTPS. Both are re-read on SIGHUP and when they change.

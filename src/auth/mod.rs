@@ -376,11 +376,14 @@ impl Authorizer {
                 // An anonymous token grants no more than anonymous access from where it is
                 // used: minted on loopback (or behind a proxy that looked like loopback), it
                 // must not carry loopback's rights to another network.
-                let anonymous_here = claims.sub.is_empty()
-                    && !self.project_allows(project, None, caller.peer, action);
-                if claims.allows("repository", repo.as_str(), action.as_str()) && !anonymous_here {
-                    Ok(())
-                } else if anonymous_here {
+                if !claims.allows("repository", repo.as_str(), action.as_str()) {
+                    Err(Denial::Unauthenticated {
+                        message: format!("token does not grant {} on {repo}", action.as_str()),
+                        error: Some("insufficient_scope"),
+                    })
+                } else if claims.sub.is_empty()
+                    && !self.project_allows(project, None, caller.peer, action)
+                {
                     Err(Denial::Unauthenticated {
                         message: format!(
                             "anonymous access to {} {repo} is not allowed from this address",
@@ -389,10 +392,7 @@ impl Authorizer {
                         error: Some("insufficient_scope"),
                     })
                 } else {
-                    Err(Denial::Unauthenticated {
-                        message: format!("token does not grant {} on {repo}", action.as_str()),
-                        error: Some("insufficient_scope"),
-                    })
+                    Ok(())
                 }
             }
             Identity::Anonymous => {
