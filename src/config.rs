@@ -15,6 +15,9 @@ use toml::Spanned;
 
 use crate::oci::RepoName;
 
+mod users;
+pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
+
 /// The documented example config; also what `transship serve` runs with when given no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/transship.toml");
 
@@ -416,11 +419,11 @@ impl Config {
 
     fn validate_auth(&self) -> Result<(), String> {
         for (i, u) in self.users.iter().enumerate() {
-            crate::auth::keys::validate_user_name(&u.name).map_err(|e| format!("user: {e}"))?;
+            validate_user_name(&u.name).map_err(|e| format!("user: {e}"))?;
             if self.users[..i].iter().any(|v| v.name == u.name) {
                 return Err(format!("user {:?} is declared twice", u.name));
             }
-            if !crate::auth::keys::is_valid_hash(&u.password_hash) {
+            if !is_valid_hash(&u.password_hash) {
                 return Err(format!(
                     "user {:?}: password_hash is not an argon2id hash (make one with `transship user hash`)",
                     u.name
@@ -429,7 +432,7 @@ impl Config {
         }
         for p in &self.projects {
             for user in p.owners.iter().chain(&p.editors).chain(&p.viewers) {
-                crate::auth::keys::validate_user_name(user)
+                validate_user_name(user)
                     .map_err(|e| format!("project {:?}: {e}", p.name.get_ref().as_str()))?;
             }
         }

@@ -11,9 +11,15 @@
 //! With no users or keys at all and a listener beyond loopback, pushes are refused outright.
 //! Every denial logs one audit line (`target: audit`) with who, what and why; secrets never.
 
+mod credentials;
+mod identities;
 pub mod jwt;
 pub mod keys;
+mod manage;
+mod records;
+mod role;
 pub mod scope;
+mod secrets;
 pub mod throttle;
 pub mod token;
 
