@@ -510,6 +510,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if !listen.ip().is_loopback() {
         tracing::warn!(%listen, "listening beyond loopback: anonymous push is limited to each project's anonymous_from networks");
+        let pushers = app.auth.anonymous_push_projects();
+        if !pushers.is_empty() {
+            tracing::warn!(%listen, projects = ?pushers, trusted_proxies = ?app.config.server.trusted_proxies, "anonymous push is on and transship listens beyond loopback: a reverse proxy inside anonymous_from must be listed in server.trusted_proxies, or every client it forwards gets anonymous push");
+        }
     }
     if app.auth.pushes_locked() {
         tracing::warn!(%listen, "no users are configured and transship listens beyond loopback: pushes are refused until one is created with `transship user add`");

@@ -21,6 +21,10 @@ use transship::auth::scope::Access;
 const PASSWORD: &str = "correct horse battery";
 
 fn server() -> TestServer {
+    server_with(|_| {})
+}
+
+fn server_with(adjust: impl FnOnce(&mut transship::config::Config)) -> TestServer {
     let users: String = ["olivia", "victor"]
         .iter()
         .map(|n| {
@@ -38,6 +42,7 @@ fn server() -> TestServer {
         let mut c = test_config(&c.server.data_dir, &extra);
         c.auth.max_failed_logins = 3;
         c.auth.lockout = transship::config::HumanDuration(Duration::from_secs(2));
+        adjust(&mut c);
         c
     })
 }
@@ -642,4 +647,453 @@ fn owners_manage_members_over_http() {
     let r = victor.send("POST", "/v2/team/app/blobs/uploads/", &[], Bytes::new());
     assert_eq!(r.status, 403);
     assert_eq!(victor.get("/v2/team/app/manifests/v1").status, 200);
+}
+
+/// A token from `/v2/token` for `scope`, asked with `authorization` (if any) and `extra`
+/// headers; returns (granted scope, token).
+fn token_for(
+    http: &Http,
+    authorization: Option<&str>,
+    scope: &str,
+    extra: &[(&str, &str)],
+) -> (String, String) {
+    let mut headers: Vec<(&str, &str)> = extra.to_vec();
+    if let Some(a) = authorization {
+        headers.push(("authorization", a));
+    }
+    let r = http.send(
+        "GET",
+        &format!("/v2/token?service=transship&scope={}", enc(scope)),
+        &headers,
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    (
+        v["scope"].as_str().unwrap().to_string(),
+        v["token"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Victor's roles in `team` as the owner sees them: (role, source) pairs.
+fn roles_of_victor(s: &TestServer) -> Vec<(String, String)> {
+    let owner = Http::for_server(s).with_auth(&basic_header("olivia", PASSWORD));
+    let list = owner.get("/transship/v1/projects/team/members").json();
+    list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["user"] == "victor")
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_string(),
+                m["source"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn managing_members_with_a_token_needs_the_project_admin_scope() {
+    let s = server();
+    let http = Http::for_server(&s);
+    let olivia = basic_header("olivia", PASSWORD);
+    let members = "/transship/v1/projects/team/members";
+    let promote = |token: &str| {
+        http.send(
+            "PUT",
+            &format!("{members}/victor"),
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/json"),
+            ],
+            r#"{"role":"owner"}"#,
+        )
+    };
+    let before = roles_of_victor(&s);
+    assert_eq!(before, [("viewer".to_string(), "config".to_string())]);
+
+    // The owner's pull token, and a token with no access at all (docker login's): refused,
+    // with a challenge naming the scope that would do.
+    let (scope, pull) = token_for(&http, Some(&olivia), "repository:team/app:pull", &[]);
+    assert_eq!(scope, "repository:team/app:pull");
+    let (_, login) = token_for(&http, Some(&olivia), "", &[]);
+    for token in [&pull, &login] {
+        let r = promote(token);
+        assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.error_code(), "UNAUTHORIZED");
+        let c = r.header("www-authenticate").unwrap();
+        assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+        assert!(c.contains("scope=\"project:team:admin\""), "{c}");
+        let r = http.send(
+            "GET",
+            members,
+            &[("authorization", &format!("Bearer {token}"))],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(roles_of_victor(&s), before, "nothing changed");
+
+    // Only owners get the admin scope, only for projects they own.
+    let victor = basic_header("victor", PASSWORD);
+    let (scope, victors) = token_for(&http, Some(&victor), "project:team:admin", &[]);
+    assert_eq!(scope, "", "a viewer is not granted project admin");
+    assert_eq!(promote(&victors).status, 401);
+    let (scope, _) = token_for(&http, None, "project:team:admin", &[]);
+    assert_eq!(scope, "", "nor is an anonymous caller");
+    let (scope, _) = token_for(
+        &http,
+        Some(&olivia),
+        "project:team:admin project:elsewhere:admin project:open:*",
+        &[],
+    );
+    assert_eq!(scope, "project:team:admin project:open:admin");
+    let (_, open_admin) = token_for(&http, Some(&olivia), "project:open:admin", &[]);
+    assert_eq!(
+        promote(&open_admin).status,
+        401,
+        "admin of one project is not admin of another"
+    );
+    assert_eq!(roles_of_victor(&s), before, "nothing changed");
+
+    // The owner's admin token works.
+    let (scope, admin) = token_for(&http, Some(&olivia), "project:team:admin", &[]);
+    assert_eq!(scope, "project:team:admin");
+    let r = promote(&admin);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(roles_of_victor(&s).contains(&("owner".to_string(), "index".to_string())));
+    let r = http.send(
+        "DELETE",
+        &format!("{members}/victor"),
+        &[("authorization", &format!("Bearer {admin}"))],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(roles_of_victor(&s), before);
+
+    // Credentials presented directly need no scope: a password, an access token.
+    let app = &s.app;
+    let (_, access) = app
+        .auth
+        .identities
+        .create_token(
+            &app.store,
+            &transship::auth::keys::Subject::User("olivia".into()),
+            transship::auth::keys::TokenKind::Access,
+            Duration::from_secs(600),
+            "",
+        )
+        .unwrap();
+    for auth in [olivia.clone(), basic_header("oauth2accesstoken", &access)] {
+        let r = http.send("GET", members, &[("authorization", &auth)], Bytes::new());
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[test]
+fn anonymous_rights_follow_the_client_behind_a_trusted_proxy() {
+    let s = server_with(|c| c.server.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]);
+    let http = Http::for_server(&s);
+    let upload = "/v2/local/app/blobs/uploads/";
+    let post = |headers: &[(&str, &str)]| http.send("POST", upload, headers, Bytes::new()).status;
+    let public = ("x-forwarded-for", "203.0.113.7");
+    // The proxy's own host is loopback: anonymous push to `local` as configured.
+    assert_eq!(post(&[]), 202);
+    // A client the proxy names from the internet is not, however it dresses up its header.
+    assert_eq!(post(&[public]), 401);
+    assert_eq!(post(&[("x-forwarded-for", "127.0.0.1, 203.0.113.7")]), 401);
+    assert_eq!(post(&[("x-forwarded-for", "203.0.113.7, 127.0.0.1")]), 401);
+    assert_eq!(post(&[("x-forwarded-for", "unknown")]), 401);
+    // Its token request gets no push...
+    let (scope, _) = token_for(&http, None, "repository:local/app:pull,push", &[public]);
+    assert_eq!(scope, "");
+    // ...and a push token minted on loopback does not carry loopback's rights to it.
+    let (scope, token) = token_for(&http, None, "repository:local/app:pull,push", &[]);
+    assert_eq!(scope, "repository:local/app:pull,push");
+    let bearer = format!("Bearer {token}");
+    let r = http.send(
+        "POST",
+        upload,
+        &[("authorization", &bearer), public],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(challenge(&r).1, "insufficient_scope");
+    assert_eq!(
+        post(&[("authorization", &bearer)]),
+        202,
+        "from loopback it works"
+    );
+    // Nothing was pushed from outside: only the uploads started from loopback exist.
+    assert_eq!(s.app.store.uploads_active(), 2);
+
+    // Login throttling counts the forwarded client, not the proxy.
+    let wrong = basic_header("olivia", "wrong-password");
+    let right = basic_header("olivia", PASSWORD);
+    let ping = |auth: &str, from: &str| {
+        http.send(
+            "GET",
+            "/v2/",
+            &[("authorization", auth), ("x-forwarded-for", from)],
+            Bytes::new(),
+        )
+        .status
+    };
+    for _ in 0..3 {
+        assert_eq!(ping(&wrong, "198.51.100.1"), 401);
+    }
+    assert_eq!(
+        ping(&right, "198.51.100.1"),
+        429,
+        "the guessing client is refused"
+    );
+    assert_eq!(ping(&right, "198.51.100.2"), 200, "other clients are not");
+}
+
+#[test]
+fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let s = server_with(|c| c.server.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()]);
+    let http = Http::for_server(&s);
+    let r = http.send(
+        "POST",
+        "/v2/local/app/blobs/uploads/",
+        &[("x-forwarded-for", "203.0.113.7")],
+        Bytes::new(),
+    );
+    assert_eq!(
+        r.status, 202,
+        "the TCP peer (loopback) counts, not the header"
+    );
+    let wrong = basic_header("olivia", "wrong-password");
+    for from in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let r = http.send(
+            "GET",
+            "/v2/",
+            &[("authorization", &wrong), ("x-forwarded-for", from)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401);
+    }
+    let r = http.send(
+        "GET",
+        "/v2/",
+        &[
+            ("authorization", &basic_header("olivia", PASSWORD)),
+            ("x-forwarded-for", "198.51.100.9"),
+        ],
+        Bytes::new(),
+    );
+    assert_eq!(
+        r.status, 429,
+        "a spoofed header does not escape the lockout"
+    );
+}
+
+#[test]
+fn a_valid_login_between_guesses_does_not_reset_the_throttle() {
+    let s = server();
+    let http = Http::for_server(&s);
+    let guess = basic_header("olivia", "wrong-password");
+    let own = basic_header("victor", PASSWORD);
+    let ping = |auth: &str| {
+        http.send("GET", "/v2/", &[("authorization", auth)], Bytes::new())
+            .status
+    };
+    // The attacker's own valid credential between guesses used to clear the count.
+    for i in 0..2 {
+        assert_eq!(ping(&guess), 401, "guess {i}");
+        assert_eq!(ping(&own), 200, "own login {i}");
+    }
+    assert_eq!(ping(&guess), 401, "guess 2");
+    assert_eq!(ping(&guess), 429, "the address is refused after 3 failures");
+    assert_eq!(ping(&own), 429, "with any credentials");
+}
+
+#[test]
+fn guesses_for_one_user_from_many_addresses_lock_that_user() {
+    let s = server_with(|c| c.server.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]);
+    let http = Http::for_server(&s);
+    let login = |user: &str, password: &str, from: &str| {
+        http.send(
+            "GET",
+            "/v2/",
+            &[
+                ("authorization", &basic_header(user, password)),
+                ("x-forwarded-for", from),
+            ],
+            Bytes::new(),
+        )
+        .status
+    };
+    // max_failed_logins = 3: each address stays below it, the user does not.
+    let per_user = 3 * transship::auth::throttle::USER_FACTOR;
+    for i in 0..per_user {
+        let from = format!("198.51.100.{}", i / 2 + 1);
+        assert_eq!(login("olivia", "wrong-password", &from), 401, "guess {i}");
+    }
+    assert_eq!(
+        login("olivia", PASSWORD, "203.0.113.50"),
+        429,
+        "olivia is locked from everywhere"
+    );
+    assert_eq!(
+        login("victor", PASSWORD, "203.0.113.50"),
+        200,
+        "victor is not"
+    );
+    // Made-up user names count only against the address.
+    for i in 0..per_user {
+        let from = format!("192.0.2.{}", i / 2 + 1);
+        assert_eq!(login("nobody", "x", &from), 401);
+    }
+    assert_eq!(login("victor", PASSWORD, "192.0.2.1"), 200);
+}
+
+#[test]
+fn refresh_tokens_are_bounded_per_identity() {
+    use transship::auth::keys::{MAX_REFRESH_TOKENS, TokenKind};
+    let s = server();
+    let http = Http::for_server(&s);
+    let olivia = basic_header("olivia", PASSWORD);
+    let victor = basic_header("victor", PASSWORD);
+    let login = |auth: &str| {
+        let r = http.send(
+            "GET",
+            "/v2/token?service=transship&offline_token=true",
+            &[("authorization", auth)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 200);
+        r.json()["refresh_token"].as_str().unwrap().to_string()
+    };
+    let victors = login(&victor);
+    let extra = 3;
+    let refresh: Vec<String> = (0..MAX_REFRESH_TOKENS + extra)
+        .map(|_| login(&olivia))
+        .collect();
+    let kept = |sub: &str| {
+        s.app
+            .auth
+            .identities
+            .tokens()
+            .iter()
+            .filter(|t| t.kind == TokenKind::Refresh && t.subject == sub)
+            .count()
+    };
+    assert_eq!(kept("olivia"), MAX_REFRESH_TOKENS);
+    assert_eq!(
+        kept("victor"),
+        1,
+        "another identity's logins leave its tokens alone"
+    );
+    let exchange = |token: &str| {
+        let form = format!(
+            "grant_type=refresh_token&refresh_token={}&service=transship",
+            enc(token)
+        );
+        http.send(
+            "POST",
+            "/v2/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form,
+        )
+        .status
+    };
+    for old in &refresh[..extra] {
+        assert_eq!(exchange(old), 401, "the oldest were revoked");
+    }
+    for fresh in &refresh[extra..] {
+        assert_eq!(exchange(fresh), 200);
+    }
+    assert_eq!(exchange(&victors), 200);
+}
+
+#[test]
+fn the_catalog_follows_the_pull_policy_of_each_cached_repository() {
+    let extra = format!(
+        "[[user]]\nname = \"olivia\"\npassword_hash = \"{}\"\n\
+         [[project]]\nname = \"gone\"\nanonymous = \"push\"\n\
+         [[upstream]]\nname = \"private.example\"\nurl = \"http://127.0.0.1:9\"\npull = \"authenticated\"\n",
+        hash_password(PASSWORD)
+    );
+    let s = TestServer::start_with(|c| test_config(&c.server.data_dir, &extra));
+    let anonymous = Http::for_server(&s);
+    push_image(&anonymous, "gone/app", "v1", 1);
+    let manifest = image_manifest((EMPTY_SHA256, 0), &[]);
+    let digest: transship::oci::Digest = sha256(manifest.as_bytes()).parse().unwrap();
+    for repo in ["docker.io/library/busybox", "private.example/org/app"] {
+        s.app
+            .store
+            .put_cached_manifest(
+                &repo.parse().unwrap(),
+                &digest,
+                "application/vnd.oci.image.manifest.v1+json",
+                Bytes::from(manifest.clone()),
+                None,
+            )
+            .unwrap();
+    }
+    let list = |http: &Http| -> Vec<String> {
+        let r = http.get("/v2/_catalog");
+        assert_eq!(r.status, 200);
+        r.json()["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        list(&anonymous),
+        ["docker.io/library/busybox", "gone/app"],
+        "an authenticated upstream's cache is not listed to anonymous callers"
+    );
+    let owner = |s: &TestServer| Http::for_server(s).with_auth(&basic_header("olivia", PASSWORD));
+    assert!(list(&owner(&s)).contains(&"private.example/org/app".to_string()));
+
+    // The project and the private upstream leave the config: what they left behind in the
+    // index is listed to nobody, and certainly not as part of the open mirror.
+    let dir = s.stop();
+    let extra = format!(
+        "[[user]]\nname = \"olivia\"\npassword_hash = \"{}\"\n",
+        hash_password(PASSWORD)
+    );
+    let s = TestServer::start_in(dir, |c| test_config(&c.server.data_dir, &extra));
+    assert_eq!(list(&Http::for_server(&s)), ["docker.io/library/busybox"]);
+    assert_eq!(list(&owner(&s)), ["docker.io/library/busybox"]);
+}
+
+#[test]
+fn anonymous_push_beyond_loopback_warns_about_proxies_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out = std::fs::File::create(&log).unwrap();
+    // The embedded default: project `local` takes anonymous pushes (from loopback).
+    let mut child = std::process::Command::new(binary())
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("transship serving") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("anonymous push is on"))
+        .unwrap_or_else(|| panic!("no warning in {text}"));
+    assert!(
+        warning.contains("local") && warning.contains("server.trusted_proxies"),
+        "{warning}"
+    );
 }

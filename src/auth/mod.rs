@@ -11,9 +11,15 @@
 //! With no users or keys at all and a listener beyond loopback, pushes are refused outright.
 //! Every denial logs one audit line (`target: audit`) with who, what and why; secrets never.
 
+mod credentials;
+mod identities;
 pub mod jwt;
 pub mod keys;
+mod manage;
+mod records;
+mod role;
 pub mod scope;
+mod secrets;
 pub mod throttle;
 pub mod token;
 
@@ -59,6 +65,11 @@ impl Action {
         }
     }
 }
+
+/// The token resource type and action that let a token manage a project's members:
+/// `project:<project>:admin`, granted by the token endpoint to the project's owners only.
+pub const PROJECT_SCOPE: &str = "project";
+pub const ADMIN_ACTION: &str = "admin";
 
 /// Where a repository name lives.
 #[derive(Debug, Clone, Copy)]
@@ -115,8 +126,10 @@ pub enum Denial {
     },
     /// Authenticated, but not allowed: 403 DENIED.
     Forbidden(String),
-    /// Too many failed logins from this address: 429 with `Retry-After`.
+    /// Too many failed logins from this address or for this user: 429 with `Retry-After`.
     Throttled { retry_after: u64 },
+    /// Too many password checks running and waiting at once: 429 with `Retry-After`.
+    Busy { retry_after: u64 },
     /// An `Authorization` header that does not parse: 400 (RFC 6750 `invalid_request`).
     Malformed(String),
 }
@@ -252,30 +265,49 @@ impl Authorizer {
         password: &str,
         peer: IpAddr,
     ) -> Result<Subject, Denial> {
-        if let Some(retry_after) = self.throttle.refused(peer) {
+        // Key files and access tokens are 256-bit secrets: only passwords are guessed per user.
+        let password_user = ![
+            keys::JSON_KEY_USER,
+            keys::JSON_KEY_BASE64_USER,
+            keys::ACCESS_TOKEN_USER,
+        ]
+        .contains(&user);
+        if let Some(retry_after) = self.throttle.refused(peer, password_user.then_some(user)) {
             audit_failure(peer, user, "refused: too many failed logins");
             return Err(Denial::Throttled { retry_after });
         }
         let result = if self.identities.is_cheap(user, password) {
             self.identities.verify_basic(user, password)
         } else {
+            let permit = self.throttle.check_permit().await.map_err(|_| {
+                audit_failure(peer, user, "refused: too many password checks at once");
+                Denial::Busy { retry_after: 1 }
+            })?;
             let (ids, u, p) = (
                 self.identities.clone(),
                 user.to_string(),
                 password.to_string(),
             );
-            tokio::task::spawn_blocking(move || ids.verify_basic(&u, &p))
-                .await
-                .unwrap_or(Err(keys::CredentialError::WrongPassword))
+            tokio::task::spawn_blocking(move || {
+                let _turn = permit;
+                ids.verify_basic(&u, &p)
+            })
+            .await
+            .unwrap_or(Err(keys::CredentialError::WrongPassword))
         };
         match result {
             Ok(subject) => {
-                self.throttle.succeeded(peer);
+                if password_user {
+                    self.throttle.succeeded(user);
+                }
                 Ok(subject)
             }
             Err(e) => {
                 audit_failure(peer, user, &e.to_string());
-                let delay = self.throttle.failed(peer);
+                // Only a real user's wrong password counts against the user: made-up names
+                // would fill memory and lock out nobody.
+                let counted = (e == keys::CredentialError::WrongPassword).then_some(user);
+                let delay = self.throttle.failed(peer, counted);
                 tokio::time::sleep(delay).await;
                 Err(Denial::unauthenticated("invalid username or password"))
             }
@@ -347,13 +379,26 @@ impl Authorizer {
         }
         match &caller.identity {
             Identity::Token(claims) => {
-                if claims.allows("repository", repo.as_str(), action.as_str()) {
-                    Ok(())
-                } else {
+                // An anonymous token grants no more than anonymous access from where it is
+                // used: minted on loopback (or behind a proxy that looked like loopback), it
+                // must not carry loopback's rights to another network.
+                if !claims.allows("repository", repo.as_str(), action.as_str()) {
                     Err(Denial::Unauthenticated {
                         message: format!("token does not grant {} on {repo}", action.as_str()),
                         error: Some("insufficient_scope"),
                     })
+                } else if claims.sub.is_empty()
+                    && !self.project_allows(project, None, caller.peer, action)
+                {
+                    Err(Denial::Unauthenticated {
+                        message: format!(
+                            "anonymous access to {} {repo} is not allowed from this address",
+                            action.as_str()
+                        ),
+                        error: Some("insufficient_scope"),
+                    })
+                } else {
+                    Ok(())
                 }
             }
             Identity::Anonymous => {
@@ -420,23 +465,54 @@ impl Authorizer {
         }
     }
 
-    /// Managing a project's members takes its owner role (for a token, its subject's).
+    /// Managing a project's members takes its owner role, proven directly (Basic credentials)
+    /// or by a token that grants `project:<project>:admin` to a subject who is still an owner.
+    /// A token's subject alone is not enough: a token asked for pulls must not manage members.
     pub fn require_owner(&self, caller: &Caller, project: &str) -> Result<(), Denial> {
+        self.check_owner(caller, project).inspect_err(|d| {
+            audit_denial(caller, &format!("manage members of {project}"), d);
+        })
+    }
+
+    fn check_owner(&self, caller: &Caller, project: &str) -> Result<(), Denial> {
         let subject = match &caller.identity {
-            Identity::Anonymous => None,
-            Identity::Subject(s) => Some(s.clone()),
-            Identity::Token(c) => self.identities.subject(&c.sub),
-        };
-        let Some(subject) = subject else {
-            return Err(Denial::unauthenticated("authentication required"));
+            Identity::Anonymous => return Err(Denial::unauthenticated("authentication required")),
+            Identity::Subject(s) => s.clone(),
+            Identity::Token(c) => {
+                if !c.allows(PROJECT_SCOPE, project, ADMIN_ACTION) {
+                    return Err(Denial::Unauthenticated {
+                        message: format!(
+                            "token does not grant {PROJECT_SCOPE}:{project}:{ADMIN_ACTION}"
+                        ),
+                        error: Some("insufficient_scope"),
+                    });
+                }
+                self.identities
+                    .subject(&c.sub)
+                    .ok_or_else(|| Denial::Unauthenticated {
+                        message: "the token's identity no longer exists".into(),
+                        error: Some("invalid_token"),
+                    })?
+            }
         };
         if self.identities.role(&subject, project) == Some(Role::Owner) {
             Ok(())
         } else {
-            let d = Denial::Forbidden(format!("{subject} is not an owner of project {project}"));
-            audit_denial(caller, &format!("manage members of {project}"), &d);
-            Err(d)
+            Err(Denial::Forbidden(format!(
+                "{subject} is not an owner of project {project}"
+            )))
         }
+    }
+
+    /// True if `caller` authenticated directly as an owner of the declared project `project`.
+    fn owns(&self, caller: &Caller, project: &str) -> bool {
+        let Identity::Subject(s) = &caller.identity else {
+            return false;
+        };
+        self.projects
+            .iter()
+            .any(|p| p.name.get_ref().as_str() == project)
+            && self.identities.role(s, project) == Some(Role::Owner)
     }
 
     /// The catalog: anyone may ask (the listing is filtered); a token must carry the scope.
@@ -453,11 +529,22 @@ impl Authorizer {
     }
 
     /// Whether `caller` may see `repo` in the catalog: they could pull it. For a token, what
-    /// its subject may pull now.
+    /// its subject may pull now. A cached mirror repository is decided by the pull policy of
+    /// the upstream it was cached from, so anonymous callers see only those of upstreams with
+    /// `pull = "anonymous"`; one whose upstream (or project) is gone from the config is shown
+    /// to nobody (its name now leads elsewhere, and its old policy is unknown).
     pub fn may_list(&self, caller: &Caller, repo: &str) -> bool {
         let Ok(repo) = repo.parse::<RepoName>() else {
             return false;
         };
+        if matches!(self.namespace(&repo), Namespace::Mirror)
+            && !self
+                .router
+                .resolve(&repo, None)
+                .is_ok_and(|route| route.local == repo)
+        {
+            return false;
+        }
         let as_subject = self.effective_caller(caller);
         self.check(&as_subject, &repo, None, Action::Pull).is_ok()
     }
@@ -493,6 +580,9 @@ impl Authorizer {
                         .collect()
                 }
                 "registry" if want.name == "catalog" && want.allows("*") => vec!["*".into()],
+                PROJECT_SCOPE if want.allows(ADMIN_ACTION) && self.owns(caller, &want.name) => {
+                    vec![ADMIN_ACTION.into()]
+                }
                 _ => Vec::new(),
             };
             if actions.is_empty() {
@@ -517,6 +607,15 @@ impl Authorizer {
             }
         }
         out
+    }
+
+    /// Projects that let anonymous clients push (from their `anonymous_from` networks).
+    pub fn anonymous_push_projects(&self) -> Vec<&str> {
+        self.projects
+            .iter()
+            .filter(|p| p.anonymous == AnonymousAccess::Push)
+            .map(|p| p.name.get_ref().as_str())
+            .collect()
     }
 
     /// Projects that let anonymous clients outside loopback push: worth a warning at startup.
@@ -595,6 +694,7 @@ fn audit_denial(caller: &Caller, what: &str, denial: &Denial) {
         | Denial::Forbidden(message)
         | Denial::Malformed(message) => message.as_str(),
         Denial::Throttled { .. } => "too many failed logins",
+        Denial::Busy { .. } => "too many password checks at once",
     };
     tracing::warn!(target: "audit", peer = %caller.peer, who = %caller, what, why, "audit: access denied");
 }

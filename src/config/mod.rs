@@ -15,7 +15,9 @@ use toml::Spanned;
 use crate::oci::RepoName;
 
 mod units;
+mod users;
 pub use units::{ByteSize, HumanDuration, IpNet};
+pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
 
 /// The documented example config; also what `transship serve` runs with when given no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/transship.toml");
@@ -115,6 +117,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Reverse proxies (IPs or CIDRs) whose `X-Forwarded-For` names the client; default none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
     /// Serve HTTPS with these files; without it the listener speaks plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -438,11 +443,11 @@ impl Config {
 
     fn validate_auth(&self) -> Result<(), String> {
         for (i, u) in self.users.iter().enumerate() {
-            crate::auth::keys::validate_user_name(&u.name).map_err(|e| format!("user: {e}"))?;
+            validate_user_name(&u.name).map_err(|e| format!("user: {e}"))?;
             if self.users[..i].iter().any(|v| v.name == u.name) {
                 return Err(format!("user {:?} is declared twice", u.name));
             }
-            if !crate::auth::keys::is_valid_hash(&u.password_hash) {
+            if !is_valid_hash(&u.password_hash) {
                 return Err(format!(
                     "user {:?}: password_hash is not an argon2id hash (make one with `transship user hash`)",
                     u.name
@@ -451,7 +456,7 @@ impl Config {
         }
         for p in &self.projects {
             for user in p.owners.iter().chain(&p.editors).chain(&p.viewers) {
-                crate::auth::keys::validate_user_name(user)
+                validate_user_name(user)
                     .map_err(|e| format!("project {:?}: {e}", p.name.get_ref().as_str()))?;
             }
         }
@@ -639,6 +644,11 @@ mod tests {
         let all: IpNet = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        let one: IpNet = "192.0.2.1".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.1/32");
+        assert!(!one.contains("192.0.2.2".parse().unwrap()));
+        assert_eq!("::1".parse::<IpNet>().unwrap().to_string(), "::1/128");
+        assert!("10.0.0.0/".parse::<IpNet>().is_err());
         assert!(
             "::1/128"
                 .parse::<IpNet>()

@@ -150,9 +150,14 @@ impl FromStr for IpNet {
     fn from_str(s: &str) -> Result<Self, String> {
         let err =
             || format!("invalid network {s:?}: expected CIDR like \"10.0.0.0/8\" or \"::1/128\"");
-        let (a, p) = s.split_once('/').ok_or_else(err)?;
+        // A bare address is a network of one.
+        let (a, p) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
         let addr: IpAddr = a.parse().map_err(|_| err())?;
-        let prefix: u8 = p.parse().map_err(|_| err())?;
+        let prefix: u8 = match p {
+            None if addr.is_ipv4() => 32,
+            None => 128,
+            Some(p) => p.parse().map_err(|_| err())?,
+        };
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if prefix > max {
             return Err(err());

@@ -2,6 +2,8 @@
 //! role): `GET .../members` lists, `PUT .../members/<user>` with `{"role":"editor"}` sets a
 //! role, `DELETE .../members/<user>` removes a stored membership. The host's operator does the
 //! same with `transship member`; memberships written in the config file stay read-only here.
+//! A caller proves ownership with Basic credentials, or with a token granting
+//! `project:<project>:admin` (which the token endpoint gives owners only).
 
 use std::sync::Arc;
 
@@ -12,8 +14,8 @@ use serde::Deserialize;
 use super::body::{RequestBody, read_limited};
 use super::response::{Resp, json};
 use crate::App;
-use crate::auth::Caller;
 use crate::auth::keys::{AdminError, Role};
+use crate::auth::{ADMIN_ACTION, Caller, PROJECT_SCOPE};
 use crate::oci::{ErrorCode, RegistryError};
 
 #[derive(Deserialize)]
@@ -30,9 +32,15 @@ pub async fn serve(
     project: &str,
     user: Option<&str>,
 ) -> Result<Resp, RegistryError> {
+    // The challenge names the scope a token needs here (only for a well-formed project name:
+    // the path is client input and ends up in a header).
+    let scope = project
+        .parse::<crate::oci::RepoName>()
+        .is_ok()
+        .then(|| format!("{PROJECT_SCOPE}:{project}:{ADMIN_ACTION}"));
     app.auth
         .require_owner(caller, project)
-        .map_err(|d| super::token::denial_error(app, parts, d, None))?;
+        .map_err(|d| super::token::denial_error(app, parts, d, scope))?;
     let ids = app.auth.identities.clone();
     let (app2, project, user) = (app.clone(), project.to_string(), user.map(str::to_string));
     match (&parts.method, user) {

@@ -4,6 +4,7 @@
 
 pub mod blobs;
 pub mod body;
+pub mod forwarded;
 pub mod manifests;
 pub mod members;
 pub mod mirror;
@@ -117,6 +118,8 @@ pub(crate) fn action_for(method: &Method) -> Action {
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    // From here on `peer` is the client: a trusted reverse proxy may name it.
+    let peer = forwarded::client_addr(&parts.headers, peer, &app.config.server.trusted_proxies);
     let body = RequestBody::new(body, app.metrics.bytes_received.clone())
         .with_idle_timeout(app.config.uploads.body_idle_timeout.0);
     let route = router::parse(parts.uri.path());

@@ -154,7 +154,7 @@ pub fn denial_error(
     let outcome = match &denial {
         Denial::Unauthenticated { .. } => "unauthenticated",
         Denial::Forbidden(_) => "forbidden",
-        Denial::Throttled { .. } => "throttled",
+        Denial::Throttled { .. } | Denial::Busy { .. } => "throttled",
         Denial::Malformed(_) => "malformed",
     };
     app.metrics.auth_denials.with_label_values(&[outcome]).inc();
@@ -174,7 +174,12 @@ pub fn denial_error(
             ),
         Denial::Throttled { retry_after } => RegistryError::new(
             ErrorCode::TooManyRequests,
-            format!("too many failed logins from this address; retry in {retry_after}s"),
+            format!("too many failed logins; retry in {retry_after}s"),
+        )
+        .with_header("retry-after", retry_after.to_string()),
+        Denial::Busy { retry_after } => RegistryError::new(
+            ErrorCode::TooManyRequests,
+            format!("too many logins being checked; retry in {retry_after}s"),
         )
         .with_header("retry-after", retry_after.to_string()),
     }

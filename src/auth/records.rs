@@ -1,0 +1,130 @@
+//! What identities keep in the index (one JSON record per user, key, token and membership,
+//! under the kinds below) and what administrators are shown of them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::role::Role;
+
+pub(super) const ACCESS_PREFIX: &str = "tsa_";
+pub(super) const REFRESH_PREFIX: &str = "tsr_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct UserRecord {
+    pub(super) password_hash: String,
+    pub(super) created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct KeyRecord {
+    pub(super) project: String,
+    pub(super) role: Role,
+    pub(super) name: String,
+    pub(super) secret_sha256: String,
+    pub(super) created: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Used as a password with the username `oauth2accesstoken`.
+    Access,
+    /// Handed out by the token endpoint for `offline_token`; exchanged for JWTs.
+    Refresh,
+}
+
+impl TokenKind {
+    /// How tokens of this kind start: tells them apart before any lookup.
+    pub(super) fn prefix(self) -> &'static str {
+        match self {
+            Self::Access => ACCESS_PREFIX,
+            Self::Refresh => REFRESH_PREFIX,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct TokenRecord {
+    pub(super) kind: TokenKind,
+    /// `Subject::token_sub` of the owner.
+    pub(super) subject: String,
+    pub(super) name: String,
+    pub(super) secret_sha256: String,
+    pub(super) created: u64,
+    pub(super) expires: u64,
+    /// Nanoseconds since the epoch, strictly increasing within a process: orders tokens made
+    /// in the same second (0 in records written before it existed).
+    #[serde(default)]
+    pub(super) created_ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct MemberRecord {
+    pub(super) role: Role,
+}
+
+/// The JSON key file of a service account (the password for `_json_key`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyFile {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub project_id: String,
+    pub private_key_id: String,
+    pub private_key: String,
+    pub client_email: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserInfo {
+    pub name: String,
+    /// `config` or `index`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: String,
+    pub project: String,
+    pub role: Role,
+    pub name: String,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub kind: TokenKind,
+    pub subject: String,
+    pub name: String,
+    pub created: u64,
+    pub expires: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub project: String,
+    pub user: String,
+    pub role: Role,
+    /// `config` or `index`.
+    pub source: String,
+}
+
+#[derive(Default)]
+pub(super) struct Stored {
+    pub(super) users: BTreeMap<String, UserRecord>,
+    pub(super) keys: BTreeMap<String, KeyRecord>,
+    pub(super) tokens: BTreeMap<String, TokenRecord>,
+    /// (project, user) → role
+    pub(super) members: BTreeMap<(String, String), Role>,
+}
+
+pub(super) const KIND_USER: &str = "user";
+pub(super) const KIND_KEY: &str = "key";
+pub(super) const KIND_TOKEN: &str = "token";
+pub(super) const KIND_MEMBER: &str = "member";
+
+pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
