@@ -53,7 +53,7 @@ impl App {
             .as_ref()
             .map(http::tls::Tls::load)
             .transpose()?;
-        let auth = Authorizer::new(&config, &store)?;
+        let auth = Authorizer::new(&config, &store, proxy.router().clone())?;
         Ok(Arc::new(Self {
             auth,
             store,

@@ -31,7 +31,7 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::config::{AnonymousAccess, Config, MirrorPull, ProjectConfig};
 use crate::oci::RepoName;
-use crate::proxy::route::Router;
+use crate::proxy::route::{MirrorRoute, Namespace, RouteError, Router};
 use crate::store::{Store, StoreError};
 use jwt::{Claims, TokenSigner};
 use keys::{Identities, Role, Subject};
@@ -70,13 +70,6 @@ impl Action {
 /// `project:<project>:admin`, granted by the token endpoint to the project's owners only.
 pub const PROJECT_SCOPE: &str = "project";
 pub const ADMIN_ACTION: &str = "admin";
-
-/// Where a repository name lives.
-#[derive(Debug, Clone, Copy)]
-pub enum Namespace<'a> {
-    Project(&'a ProjectConfig),
-    Mirror,
-}
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone)]
@@ -145,8 +138,8 @@ impl Denial {
 
 /// The access-control side of the app: identities, token signing, throttling and policy.
 pub struct Authorizer {
-    projects: Vec<ProjectConfig>,
-    router: Router,
+    /// Where names live: the same resolver the proxy routes with.
+    router: Arc<Router>,
     /// Each upstream's pull policy, by index.
     mirror_pulls: Vec<MirrorPull>,
     pub identities: Arc<Identities>,
@@ -161,10 +154,13 @@ pub struct Authorizer {
 const MAX_AUTHORIZATION: usize = 16 * 1024;
 
 impl Authorizer {
-    pub fn new(config: &Config, store: &Store) -> Result<Self, AuthBuildError> {
+    pub fn new(
+        config: &Config,
+        store: &Store,
+        router: Arc<Router>,
+    ) -> Result<Self, AuthBuildError> {
         Ok(Self {
-            projects: config.projects.clone(),
-            router: Router::new(config),
+            router,
             mirror_pulls: config.upstreams.iter().map(|u| u.pull).collect(),
             identities: Arc::new(Identities::load(config, store)?),
             signer: TokenSigner::open(
@@ -178,35 +174,21 @@ impl Authorizer {
         })
     }
 
-    pub fn namespace(&self, repo: &RepoName) -> Namespace<'_> {
-        self.projects
-            .iter()
-            .find(|p| repo.is_within(p.name.get_ref().as_str()))
-            .map_or(Namespace::Mirror, Namespace::Project)
-    }
-
-    /// The pull policy of the upstream a mirror repository resolves to (`ns` as in
-    /// `?ns=`). A name that resolves to no upstream is answered with an error by the mirror
-    /// handler whatever the policy, so it counts as anonymous here.
-    fn mirror_pull(&self, repo: &RepoName, ns: Option<&str>) -> MirrorPull {
-        // The common case, every upstream open to anonymous pulls, needs no route resolution.
-        if self
-            .mirror_pulls
-            .iter()
-            .all(|p| *p == MirrorPull::Anonymous)
-        {
-            return MirrorPull::Anonymous;
-        }
-        self.router
-            .resolve(repo, ns)
+    /// The pull policy of a mirror namespace. A name that resolves to no upstream is answered
+    /// with an error by the mirror handler whatever the policy, so it counts as anonymous here.
+    fn mirror_pull(&self, route: &Result<MirrorRoute, RouteError>) -> MirrorPull {
+        route
+            .as_ref()
             .map_or(MirrorPull::Anonymous, |r| self.mirror_pulls[r.upstream])
     }
 
-    /// True if credentials on requests for `repo` are optional extras: a mirror namespace open
-    /// to anonymous pulls, where bad credentials are ignored rather than refused.
-    pub fn lenient_for(&self, repo: &RepoName, ns: Option<&str>) -> bool {
-        matches!(self.namespace(repo), Namespace::Mirror)
-            && self.mirror_pull(repo, ns) == MirrorPull::Anonymous
+    /// True if credentials on requests in `namespace` are optional extras: a mirror namespace
+    /// open to anonymous pulls, where bad credentials are ignored rather than refused.
+    pub fn lenient_for(&self, namespace: &Namespace<'_>) -> bool {
+        match namespace {
+            Namespace::Mirror(route) => self.mirror_pull(route) == MirrorPull::Anonymous,
+            Namespace::Project(_) => false,
+        }
     }
 
     /// True when nobody could authenticate and the listener is reachable from other hosts.
@@ -347,29 +329,30 @@ impl Authorizer {
         anonymous || by_role
     }
 
-    /// Decides whether `caller` may do `action` on `repo` (reached with `?ns=ns`); logs an
-    /// audit line when not.
+    /// Decides whether `caller` may do `action` on `repo`, which lives in `namespace` (resolved
+    /// once per request by the proxy's router); logs an audit line when not.
     pub fn authorize(
         &self,
         caller: &Caller,
         repo: &RepoName,
-        ns: Option<&str>,
+        namespace: &Namespace<'_>,
         action: Action,
     ) -> Result<(), Denial> {
-        self.check(caller, repo, ns, action).inspect_err(|d| {
-            audit_denial(caller, &format!("{} {repo}", action.as_str()), d);
-        })
+        self.check(caller, repo, namespace, action)
+            .inspect_err(|d| {
+                audit_denial(caller, &format!("{} {repo}", action.as_str()), d);
+            })
     }
 
     fn check(
         &self,
         caller: &Caller,
         repo: &RepoName,
-        ns: Option<&str>,
+        namespace: &Namespace<'_>,
         action: Action,
     ) -> Result<(), Denial> {
-        let project = match self.namespace(repo) {
-            Namespace::Mirror => return self.check_mirror(caller, repo, ns, action),
+        let project = match namespace {
+            Namespace::Mirror(route) => return self.check_mirror(caller, repo, route, action),
             Namespace::Project(p) => p,
         };
         if action != Action::Pull && self.pushes_locked() {
@@ -428,7 +411,7 @@ impl Authorizer {
         &self,
         caller: &Caller,
         repo: &RepoName,
-        ns: Option<&str>,
+        route: &Result<MirrorRoute, RouteError>,
         action: Action,
     ) -> Result<(), Denial> {
         if action != Action::Pull {
@@ -437,7 +420,7 @@ impl Authorizer {
                 repo.components().last().unwrap_or("image")
             )));
         }
-        match self.mirror_pull(repo, ns) {
+        match self.mirror_pull(route) {
             MirrorPull::Anonymous => Ok(()),
             MirrorPull::Authenticated => match &caller.identity {
                 Identity::Subject(_) => Ok(()),
@@ -509,7 +492,8 @@ impl Authorizer {
         let Identity::Subject(s) = &caller.identity else {
             return false;
         };
-        self.projects
+        self.router
+            .projects()
             .iter()
             .any(|p| p.name.get_ref().as_str() == project)
             && self.identities.role(s, project) == Some(Role::Owner)
@@ -537,16 +521,15 @@ impl Authorizer {
         let Ok(repo) = repo.parse::<RepoName>() else {
             return false;
         };
-        if matches!(self.namespace(&repo), Namespace::Mirror)
-            && !self
-                .router
-                .resolve(&repo, None)
-                .is_ok_and(|route| route.local == repo)
+        let namespace = self.router.namespace(&repo, None);
+        if let Namespace::Mirror(route) = &namespace
+            && !route.as_ref().is_ok_and(|route| route.local == repo)
         {
             return false;
         }
         let as_subject = self.effective_caller(caller);
-        self.check(&as_subject, &repo, None, Action::Pull).is_ok()
+        self.check(&as_subject, &repo, &namespace, Action::Pull)
+            .is_ok()
     }
 
     /// A token's caller re-expressed as its subject (or anonymous), for listing and granting.
@@ -572,10 +555,12 @@ impl Authorizer {
                     let Ok(repo) = want.name.parse::<RepoName>() else {
                         continue;
                     };
+                    // A token scope names a repository without `?ns=`.
+                    let namespace = self.router.namespace(&repo, None);
                     Action::ALL
                         .into_iter()
                         .filter(|a| want.allows(a.as_str()))
-                        .filter(|a| self.check(caller, &repo, None, *a).is_ok())
+                        .filter(|a| self.check(caller, &repo, &namespace, *a).is_ok())
                         .map(|a| a.as_str().to_string())
                         .collect()
                 }
@@ -611,7 +596,8 @@ impl Authorizer {
 
     /// Projects that let anonymous clients push (from their `anonymous_from` networks).
     pub fn anonymous_push_projects(&self) -> Vec<&str> {
-        self.projects
+        self.router
+            .projects()
             .iter()
             .filter(|p| p.anonymous == AnonymousAccess::Push)
             .map(|p| p.name.get_ref().as_str())
@@ -620,7 +606,8 @@ impl Authorizer {
 
     /// Projects that let anonymous clients outside loopback push: worth a warning at startup.
     pub fn open_to_the_network(&self) -> Vec<&str> {
-        self.projects
+        self.router
+            .projects()
             .iter()
             .filter(|p| {
                 p.anonymous == AnonymousAccess::Push

@@ -84,7 +84,9 @@ impl Authorizer {
             && req.scopes.iter().all(|s| {
                 s.kind == "repository"
                     && s.actions.iter().all(|a| a == "pull")
-                    && s.name.parse().is_ok_and(|r| self.lenient_for(&r, None))
+                    && s.name
+                        .parse()
+                        .is_ok_and(|r| self.lenient_for(&self.router.namespace(&r, None)))
             });
         let (subject, refresh) = match req.credentials {
             Credentials::None => (None, None),

@@ -28,14 +28,6 @@ fn oci_namespace() -> HeaderName {
     HeaderName::from_static("oci-namespace")
 }
 
-/// Resolves the mirror route of `repo` (honouring `?ns=`).
-pub fn route(app: &App, repo: &RepoName, parts: &Parts) -> Result<MirrorRoute, RegistryError> {
-    let ns = query_one(parts, "ns");
-    app.proxy
-        .resolve(repo, ns.as_deref())
-        .map_err(|e| RegistryError::new(ErrorCode::NameUnknown, e.to_string()))
-}
-
 fn mark(app: &App, r: &mut Resp, route: &MirrorRoute, kind: &str, outcome: CacheOutcome) {
     let upstream = app.proxy.upstream_name(route.upstream);
     r.headers_mut().insert(

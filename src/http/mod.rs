@@ -29,6 +29,7 @@ use crate::App;
 use crate::auth::Action;
 use crate::oci::digest::DigestError;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
+use crate::proxy::{MirrorRoute, Namespace};
 use body::RequestBody;
 use response::{Resp, error_response, json};
 use router::Route;
@@ -186,25 +187,27 @@ async fn dispatch(
         _ => {}
     }
     let repo = route.name().map(parse_repo).transpose()?;
+    // Where the name lives is decided once, here, and passed to access control and handlers.
     let ns = query_one(parts, "ns");
+    let namespace = repo.as_ref().map(|r| app.proxy.namespace(r, ns.as_deref()));
     let deny = |d| token::denial_error(app, parts, d, token::scope_for(route, method));
     let authorization = parts.headers.get(header::AUTHORIZATION);
     // Leniency only matters for requests that carry credentials.
-    let lenient = authorization.is_some()
-        && repo
-            .as_ref()
-            .is_some_and(|r| app.auth.lenient_for(r, ns.as_deref()));
+    let lenient =
+        authorization.is_some() && namespace.as_ref().is_some_and(|n| app.auth.lenient_for(n));
     let caller = app
         .auth
         .authenticate(authorization, peer.ip(), lenient)
         .await
         .map_err(deny)?;
-    if let Some(r) = &repo {
+    if let (Some(r), Some(namespace)) = (&repo, namespace) {
         app.auth
-            .authorize(&caller, r, ns.as_deref(), action_for_route(route, method))
+            .authorize(&caller, r, &namespace, action_for_route(route, method))
             .map_err(deny)?;
-        if matches!(app.auth.namespace(r), crate::auth::Namespace::Mirror) {
-            return dispatch_mirror(app, route, parts, r, head).await;
+        if let Namespace::Mirror(mirror) = namespace {
+            let mirror =
+                mirror.map_err(|e| RegistryError::new(ErrorCode::NameUnknown, e.to_string()))?;
+            return dispatch_mirror(app, route, parts, r, &mirror, head).await;
         }
     }
     let repo = || {
@@ -268,19 +271,19 @@ async fn dispatch_mirror(
     route: &Route<'_>,
     parts: &Parts,
     repo: &RepoName,
+    mirror: &MirrorRoute,
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let get = parts.method == Method::GET || head;
     if !get {
         return Err(not_allowed(&parts.method));
     }
-    let mirror = mirror::route(app, repo, parts)?;
     match route {
         Route::Manifest { reference, .. } => {
-            mirror::get_manifest(app, &mirror, reference, parts, head).await
+            mirror::get_manifest(app, mirror, reference, parts, head).await
         }
-        Route::Blob { digest, .. } => mirror::get_blob(app, &mirror, digest, parts, head).await,
-        Route::Tags { .. } => mirror::list_tags(app, &mirror, repo, parts).await,
+        Route::Blob { digest, .. } => mirror::get_blob(app, mirror, digest, parts, head).await,
+        Route::Tags { .. } => mirror::list_tags(app, mirror, repo, parts).await,
         Route::Referrers { digest, .. } => referrers::list(app, &mirror.local, digest, parts).await,
         _ => Err(not_allowed(&parts.method)),
     }

@@ -156,9 +156,12 @@ pub async fn start(
         // already); otherwise fall back to an upload session, which reveals nothing about the
         // other repository.
         let from = query_one(parts, "from").and_then(|f| f.parse::<RepoName>().ok());
-        if let Some(from) =
-            from.filter(|f| app.auth.authorize(caller, f, None, Action::Pull).is_ok())
-        {
+        if let Some(from) = from.filter(|f| {
+            let namespace = app.proxy.namespace(f, None);
+            app.auth
+                .authorize(caller, f, &namespace, Action::Pull)
+                .is_ok()
+        }) {
             let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
             if super::blocking(move || app2.store.mount_blob(&repo2, &from, &d2))
                 .await?

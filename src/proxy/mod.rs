@@ -23,6 +23,7 @@ use http::{HeaderMap, StatusCode};
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
 pub use route::MirrorRoute;
+pub use route::Namespace;
 use route::{RouteError, Router};
 use upstream::{UpstreamClient, UpstreamError, rate_limit_value};
 
@@ -47,7 +48,7 @@ impl CacheOutcome {
 }
 
 pub struct Proxy {
-    router: Router,
+    router: Arc<Router>,
     configs: Vec<UpstreamConfig>,
     clients: Vec<Arc<UpstreamClient>>,
     /// Per upstream: `local repo \0 reference` answered 404 upstream recently.
@@ -75,7 +76,7 @@ impl Proxy {
             })
             .collect();
         Ok(Self {
-            router: Router::new(config),
+            router: Arc::new(Router::new(config)),
             configs: config.upstreams.clone(),
             clients,
             not_found,
@@ -91,6 +92,17 @@ impl Proxy {
         ns: Option<&str>,
     ) -> Result<MirrorRoute, RouteError> {
         self.router.resolve(name, ns)
+    }
+
+    /// Where `name` lives (`ns` as in `?ns=`): resolved once per request, before access
+    /// control.
+    pub fn namespace(&self, name: &crate::oci::RepoName, ns: Option<&str>) -> Namespace<'_> {
+        self.router.namespace(name, ns)
+    }
+
+    /// The name resolver, shared with access control.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
     }
 
     pub fn client(&self, upstream: usize) -> &Arc<UpstreamClient> {

@@ -1,5 +1,6 @@
-//! Which upstream (if any) serves a repository name, and under which name. Resolution, first
-//! match wins (DESIGN.md "Names and namespaces"):
+//! Where a repository name lives: under a project (the private registry) or in the cache of
+//! an upstream, and under which names. Every request resolves its name once, here, before
+//! access control; the answer is passed down to `auth` and the handlers. First match wins:
 //! 1. a declared project → private, no upstream;
 //! 2. `?ns=<host>` (containerd) naming an upstream or one of its aliases;
 //! 3. a first path component naming an upstream (`ghcr.io/org/app`, podman/CRI-O `location`);
@@ -9,8 +10,17 @@
 //! `<upstream name>/<upstream repository>`, so `alpine`, `library/alpine`, `?ns=docker.io` and
 //! `docker.io/library/alpine` share one cache entry.
 
-use crate::config::Config;
+use crate::config::{Config, ProjectConfig};
 use crate::oci::RepoName;
+
+/// Where a repository name lives.
+#[derive(Debug, Clone)]
+pub enum Namespace<'a> {
+    /// Under a declared project: the private registry.
+    Project(&'a ProjectConfig),
+    /// Outside every project: the cache of an upstream, or why no upstream serves the name.
+    Mirror(Result<MirrorRoute, RouteError>),
+}
 
 /// A mirrored repository: which upstream, its name there, and its name in the local store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +43,10 @@ pub enum RouteError {
     EmptyRemote(String),
 }
 
-/// The upstream names and aliases, matched case-insensitively like host names.
+/// The declared projects, and the upstream names and aliases (matched case-insensitively like
+/// host names).
 pub struct Router {
+    projects: Vec<ProjectConfig>,
     upstreams: Vec<Names>,
     default: Option<usize>,
 }
@@ -72,7 +84,31 @@ impl Router {
             })
             .collect();
         let default = config.upstreams.iter().position(|u| u.default);
-        Self { upstreams, default }
+        Self {
+            projects: config.projects.clone(),
+            upstreams,
+            default,
+        }
+    }
+
+    /// Where `name` lives. `ns` is the `?ns=` query parameter.
+    pub fn namespace(&self, name: &RepoName, ns: Option<&str>) -> Namespace<'_> {
+        match self.project(name) {
+            Some(p) => Namespace::Project(p),
+            None => Namespace::Mirror(self.resolve(name, ns)),
+        }
+    }
+
+    /// The declared projects.
+    pub fn projects(&self) -> &[ProjectConfig] {
+        &self.projects
+    }
+
+    /// The project `name` is under, if any.
+    pub fn project(&self, name: &RepoName) -> Option<&ProjectConfig> {
+        self.projects
+            .iter()
+            .find(|p| name.is_within(p.name.get_ref().as_str()))
     }
 
     fn by_host(&self, host: &str) -> Option<usize> {
@@ -152,6 +188,29 @@ mod tests {
 
     fn r(s: &str) -> RepoName {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn projects_come_first_then_upstreams() {
+        let rt = router();
+        for name in ["local/app", "local/team/app", "local"] {
+            assert!(
+                matches!(rt.namespace(&r(name), Some("ghcr.io")), Namespace::Project(p) if p.name.get_ref().as_str() == "local"),
+                "{name} is in the project"
+            );
+        }
+        let Namespace::Mirror(Ok(route)) = rt.namespace(&r("localhost/app"), None) else {
+            panic!("a name that only starts like a project is mirrored");
+        };
+        assert_eq!(route.local, r("docker.io/localhost/app"));
+        let Namespace::Mirror(Ok(route)) = rt.namespace(&r("org/app"), Some("ghcr.io")) else {
+            panic!("ns= routes outside projects");
+        };
+        assert_eq!((route.upstream, route.local), (1, r("ghcr.io/org/app")));
+        assert!(matches!(
+            rt.namespace(&r("app"), Some("quay.io")),
+            Namespace::Mirror(Err(RouteError::UnknownNamespace(_)))
+        ));
     }
 
     #[test]
