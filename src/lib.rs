@@ -22,11 +22,11 @@ use store::{Store, StoreError, StoreOptions};
 
 pub struct App {
     pub config: Config,
-    pub store: Store,
-    pub proxy: Proxy,
+    pub store: Arc<Store>,
+    pub proxy: Arc<Proxy>,
     /// HTTPS, when configured.
     pub tls: Option<http::tls::Tls>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub auth: Authorizer,
 }
 
@@ -45,8 +45,11 @@ pub enum BuildError {
 
 impl App {
     pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
-        let store = Store::open(&config.server.data_dir, store_options(&config))?;
-        let proxy = Proxy::new(&config)?;
+        let store = Arc::new(Store::open(
+            &config.server.data_dir,
+            store_options(&config),
+        )?);
+        let proxy = Arc::new(Proxy::new(&config)?);
         let tls = config
             .server
             .tls
@@ -59,13 +62,22 @@ impl App {
             store,
             proxy,
             tls,
-            metrics: Metrics::new(),
+            metrics: Arc::new(Metrics::new()),
             config,
         }))
     }
 }
 
 impl App {
+    /// What the pull-through side works with, for the mirror handlers.
+    pub fn proxy_context(&self) -> proxy::Context {
+        proxy::Context {
+            proxy: self.proxy.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// `fsck` knowing which repositories are the pull-through cache's.
     pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
         self.store

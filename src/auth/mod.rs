@@ -140,6 +140,8 @@ impl Denial {
 pub struct Authorizer {
     /// Where names live: the same resolver the proxy routes with.
     router: Arc<Router>,
+    /// Where refresh tokens issued at login are kept.
+    store: Arc<Store>,
     /// Each upstream's pull policy, by index.
     mirror_pulls: Vec<MirrorPull>,
     pub identities: Arc<Identities>,
@@ -156,11 +158,12 @@ const MAX_AUTHORIZATION: usize = 16 * 1024;
 impl Authorizer {
     pub fn new(
         config: &Config,
-        store: &Store,
+        store: &Arc<Store>,
         router: Arc<Router>,
     ) -> Result<Self, AuthBuildError> {
         Ok(Self {
             router,
+            store: store.clone(),
             mirror_pulls: config.upstreams.iter().map(|u| u.pull).collect(),
             identities: Arc::new(Identities::load(config, store)?),
             signer: TokenSigner::open(

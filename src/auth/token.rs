@@ -6,15 +6,12 @@
 //! its identity token). The HTTP layer parses the request into a `TokenRequest`.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::keys::{Subject, TokenKind};
 use super::scope::Access;
 use super::{Authorizer, Caller, Denial, Identity};
-use crate::App;
-use crate::store::Store;
 
 /// How the caller of the token endpoint identifies.
 #[derive(Debug)]
@@ -63,7 +60,6 @@ impl Authorizer {
     /// Serves one token request.
     pub async fn issue_token(
         &self,
-        app: &Arc<App>,
         req: TokenRequest,
         peer: IpAddr,
     ) -> Result<TokenResponse, TokenFailure> {
@@ -118,7 +114,7 @@ impl Authorizer {
         let granted = self.grant(&caller, &req.scopes);
         let refresh_token = match (&subject, refresh) {
             (_, Some(existing)) => Some(existing),
-            (Some(s), None) if req.offline => Some(self.new_refresh_token(app, s).await?),
+            (Some(s), None) if req.offline => Some(self.new_refresh_token(s).await?),
             _ => None,
         };
         let ttl = self.config.token_ttl.0;
@@ -139,18 +135,12 @@ impl Authorizer {
         })
     }
 
-    async fn new_refresh_token(
-        &self,
-        app: &Arc<App>,
-        subject: &Subject,
-    ) -> Result<String, TokenFailure> {
-        let (app, subject) = (app.clone(), subject.clone());
+    async fn new_refresh_token(&self, subject: &Subject) -> Result<String, TokenFailure> {
+        let (identities, store, subject) =
+            (self.identities.clone(), self.store.clone(), subject.clone());
         let ttl = self.config.refresh_token_ttl.0;
         let made = tokio::task::spawn_blocking(move || {
-            let store: &Store = &app.store;
-            app.auth
-                .identities
-                .create_token(store, &subject, TokenKind::Refresh, ttl, "login")
+            identities.create_token(&store, &subject, TokenKind::Refresh, ttl, "login")
         })
         .await;
         match made {

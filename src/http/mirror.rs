@@ -59,7 +59,7 @@ pub async fn get_manifest(
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let reference = parse_reference_to_read(reference)?;
-    let served = freshness::manifest(app, route, &reference).await?;
+    let served = freshness::manifest(&app.proxy_context(), route, &reference).await?;
     let accept = accept_list(parts);
     let by_tag = matches!(reference, Reference::Tag(_));
     let (m, outcome) = match negotiate(&accept, &served.manifest.media_type, by_tag) {
@@ -82,8 +82,12 @@ pub async fn get_manifest(
                     format!("{reference} is a manifest list with no linux/amd64 image"),
                 )
             })?;
-            let child =
-                freshness::manifest(app, route, &Reference::Digest(child.digest.clone())).await?;
+            let child = freshness::manifest(
+                &app.proxy_context(),
+                route,
+                &Reference::Digest(child.digest.clone()),
+            )
+            .await?;
             (child.manifest, child.outcome)
         }
     };
@@ -101,7 +105,7 @@ pub async fn list_tags(
     parts: &Parts,
 ) -> Result<Resp, RegistryError> {
     let (n, last) = super::tags::paging(parts)?;
-    let list = tag_list::tags(app, route).await?;
+    let list = tag_list::tags(&app.proxy_context(), route).await?;
     let page = tag_list::page(&list.tags, last.as_deref(), n);
     let ns = query_one(parts, "ns");
     let mut r = super::tags::tags_response(asked, &page, n, ns.as_deref());
@@ -162,7 +166,7 @@ pub async fn get_blob(
         match app
             .proxy
             .fills
-            .join_or_start(app, route, &digest, confirmed)
+            .join_or_start(&app.proxy_context(), route, &digest, confirmed)
         {
             Joined::Started(f) => break (f, CacheOutcome::Miss),
             Joined::Joined(f) => break (f, CacheOutcome::Coalesced),
@@ -184,7 +188,13 @@ pub async fn get_blob(
         ResponseBody::Empty
     } else {
         ResponseBody::Stream {
-            stream: Box::pin(fill::follow(app.clone(), fill.clone(), rx, start, end)),
+            stream: Box::pin(fill::follow(
+                app.proxy_context(),
+                fill.clone(),
+                rx,
+                start,
+                end,
+            )),
             remaining: end - start,
             sent: app.metrics.bytes_sent.clone(),
         }

@@ -54,7 +54,7 @@ pub async fn serve(
         }
         (r, false) => r,
     };
-    match app.auth.issue_token(app, req, peer.ip()).await {
+    match app.auth.issue_token(req, peer.ip()).await {
         Ok(resp) => {
             app.metrics.tokens_issued.inc();
             let body = serde_json::to_string(&resp)

@@ -7,9 +7,9 @@ use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 
+use super::Context;
 use super::MirrorRoute;
 use super::upstream::HEADER_TIMEOUT;
-use crate::App;
 
 /// Why an upstream lookup failed.
 #[derive(Debug, Clone)]
@@ -45,21 +45,21 @@ impl Miss {
 /// Sends `method /v2/<remote><suffix>` upstream unless it asked us to wait; a 200 response or
 /// the `Miss` its status means.
 pub async fn ask(
-    app: &App,
+    cx: &Context,
     route: &MirrorRoute,
     method: Method,
     suffix: &str,
     headers: &[(HeaderName, &str)],
 ) -> Result<http::Response<hyper::body::Incoming>, Miss> {
-    if let Some(wait) = app.proxy.client(route.upstream).rate_limited_for() {
+    if let Some(wait) = cx.proxy.client(route.upstream).rate_limited_for() {
         return Err(Miss::Unavailable(format!(
             "upstream rate limit: it asked us to wait {}s more (Retry-After)",
             wait.as_secs() + 1
         )));
     }
-    let resp = app
+    let resp = cx
         .proxy
-        .ask(&app.metrics, route, method, suffix, headers)
+        .ask(&cx.metrics, route, method, suffix, headers)
         .await
         .map_err(|e| Miss::Unavailable(e.to_string()))?;
     if resp.status() != StatusCode::OK {

@@ -30,9 +30,9 @@ use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use super::Context;
 use super::MirrorRoute;
 use super::upstream::UpstreamClient;
-use crate::App;
 use crate::config::Config;
 use crate::oci::{Digest, Digester, RepoName};
 
@@ -194,7 +194,7 @@ impl Fills {
     /// `confirmed`, any), or starts one.
     pub fn join_or_start(
         &self,
-        app: &Arc<App>,
+        cx: &Context,
         route: &MirrorRoute,
         digest: &Digest,
         confirmed: bool,
@@ -217,26 +217,26 @@ impl Fills {
         let id = format!("fill-{}", uuid::Uuid::new_v4());
         let fill = Arc::new(Fill::new(
             digest.clone(),
-            app.store.ingest_path_for_fill(&id),
+            cx.store.ingest_path_for_fill(&id),
             route,
         ));
         map.insert(digest.clone(), fill.clone());
         drop(map);
-        app.store.claim_ingest(&id);
+        cx.store.claim_ingest(&id);
         let guard = {
-            let app = app.clone();
+            let cx = cx.clone();
             let id = id.clone();
             Guard {
                 table: self.inflight.clone(),
                 fill: fill.clone(),
-                on_end: Some(Box::new(move || app.store.release_ingest(&id))),
+                on_end: Some(Box::new(move || cx.store.release_ingest(&id))),
             }
         };
         let slot = self.slots.get(route.upstream).cloned();
-        let (app, route, f) = (app.clone(), route.clone(), fill.clone());
+        let (cx, route, f) = (cx.clone(), route.clone(), fill.clone());
         tokio::spawn(async move {
-            let client = app.proxy.client(route.upstream).clone();
-            let outcome = run(&app, &client, &route, &f, slot).await;
+            let client = cx.proxy.client(route.upstream).clone();
+            let outcome = run(&cx, &client, &route, &f, slot).await;
             match outcome {
                 Ok(size) => {
                     f.state.send_replace(FillState::Done { size });
@@ -246,7 +246,7 @@ impl Fills {
                         e,
                         FillError::DigestMismatch { .. } | FillError::SizeMismatch { .. }
                     ) {
-                        app.metrics
+                        cx.metrics
                             .digest_mismatches
                             .with_label_values(&[&client.name])
                             .inc();
@@ -354,7 +354,7 @@ async fn writer_result(
 }
 
 async fn run(
-    app: &Arc<App>,
+    cx: &Context,
     client: &UpstreamClient,
     route: &MirrorRoute,
     fill: &Arc<Fill>,
@@ -379,9 +379,9 @@ async fn run(
         None => None,
     };
     let suffix = format!("/blobs/{}", fill.digest);
-    let resp = app
+    let resp = cx
         .proxy
-        .ask(&app.metrics, route, Method::GET, &suffix, &[])
+        .ask(&cx.metrics, route, Method::GET, &suffix, &[])
         .await
         .map_err(|e| FillError::Upstream(e.to_string()))?;
     if resp.status() != StatusCode::OK {
@@ -402,7 +402,7 @@ async fn run(
         Some(n) => Some(n),
         // A chunked body: the size is known for sure only once it hashes right; a HEAD may
         // tell it now (and is held to it), so readers can stream meanwhile.
-        None => head_size(app, route, &suffix).await,
+        None => head_size(cx, route, &suffix).await,
     };
     let path = fill.path.clone();
     let file = tokio::task::spawn_blocking(move || {
@@ -464,7 +464,7 @@ async fn run(
                     return Err(FillError::Store("the spool writer stopped".into()));
                 }
                 received = got;
-                app.metrics
+                cx.metrics
                     .upstream_bytes
                     .with_label_values(&[&client.name])
                     .inc_by(batch_len as u64);
@@ -488,10 +488,10 @@ async fn run(
                 resumes += 1;
                 tracing::info!(digest = %fill.digest, received, ?size, %reason, "resuming upstream blob download");
                 let range = format!("bytes={received}-");
-                let resp = app
+                let resp = cx
                     .proxy
                     .ask(
-                        &app.metrics,
+                        &cx.metrics,
                         route,
                         Method::GET,
                         &suffix,
@@ -529,7 +529,7 @@ async fn run(
     // Readers get their last byte now; durability is the cache's business, not theirs.
     fill.state.send_replace(FillState::Verified { size });
     let (app2, path2, digest, local) = (
-        app.clone(),
+        cx.clone(),
         fill.path.clone(),
         fill.digest.clone(),
         route.local.clone(),
@@ -550,10 +550,10 @@ async fn run(
 }
 
 /// The blob's size from a HEAD upstream, if it answers with one.
-async fn head_size(app: &Arc<App>, route: &MirrorRoute, suffix: &str) -> Option<u64> {
-    let resp = app
+async fn head_size(cx: &Context, route: &MirrorRoute, suffix: &str) -> Option<u64> {
+    let resp = cx
         .proxy
-        .ask(&app.metrics, route, Method::HEAD, suffix, &[])
+        .ask(&cx.metrics, route, Method::HEAD, suffix, &[])
         .await
         .ok()?;
     if resp.status() != StatusCode::OK {
@@ -596,14 +596,14 @@ pub async fn wait_for_size(rx: &mut watch::Receiver<FillState>) -> Result<u64, F
 
 /// A reader following a fill: bytes `pos..end` of the blob, as they land.
 pub fn follow(
-    app: Arc<App>,
+    cx: Context,
     fill: Arc<Fill>,
     rx: watch::Receiver<FillState>,
     pos: u64,
     end: u64,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let follower = Follower {
-        app,
+        cx,
         fill,
         rx,
         file: None,
@@ -619,7 +619,7 @@ pub fn follow(
 }
 
 struct Follower {
-    app: Arc<App>,
+    cx: Context,
     fill: Arc<Fill>,
     rx: watch::Receiver<FillState>,
     file: Option<Arc<File>>,
@@ -695,9 +695,9 @@ impl Follower {
     /// Reads the next piece from the spool (or the committed blob) off the async workers.
     async fn read(&mut self, avail: u64) -> Result<Bytes, std::io::Error> {
         let n = (avail.min(self.end) - self.pos).min(READ_PIECE);
-        let (file, app, fill, pos) = (
+        let (file, cx, fill, pos) = (
             self.file.clone(),
-            self.app.clone(),
+            self.cx.clone(),
             self.fill.clone(),
             self.pos,
         );
@@ -708,7 +708,7 @@ impl Follower {
                 None => Arc::new(
                     File::open(&fill.path)
                         .ok()
-                        .or_else(|| app.store.open_blob(&fill.digest).ok())
+                        .or_else(|| cx.store.open_blob(&fill.digest).ok())
                         .ok_or_else(|| std::io::Error::other("blob vanished during fill"))?,
                 ),
             };

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+use super::Context;
 use super::{CacheOutcome, MirrorRoute};
-use crate::App;
 use crate::config::UpstreamConfig;
 use crate::oci::{Reference, RegistryError};
 use crate::store::{StoredManifest, unix_now};
@@ -59,36 +59,33 @@ pub fn within_stale_if_error(config: &UpstreamConfig, checked: u64) -> bool {
 
 /// The manifest for `reference` in the mirrored repository, from cache or upstream.
 pub async fn manifest(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     reference: &Reference,
 ) -> Result<Served, RegistryError> {
     // The hot path: cached and fresh, no upstream, no coalescing bookkeeping.
-    if let Some(served) = cached_and_fresh(app, route, reference)? {
+    if let Some(served) = cached_and_fresh(cx, route, reference)? {
         return Ok(served);
     }
-    app.proxy
-        .manifest_misses
-        .resolve(app, route, reference)
-        .await
+    cx.proxy.manifest_misses.resolve(cx, route, reference).await
 }
 
 /// The cached manifest if it can be served without asking the upstream.
 fn cached_and_fresh(
-    app: &App,
+    cx: &Context,
     route: &MirrorRoute,
     reference: &Reference,
 ) -> Result<Option<Served>, RegistryError> {
     match reference {
-        Reference::Digest(d) => Ok(app.store.manifest(&route.local, d)?.map(Served::hit)),
+        Reference::Digest(d) => Ok(cx.store.manifest(&route.local, d)?.map(Served::hit)),
         Reference::Tag(tag) => {
-            let Some((digest, checked)) = app.store.cached_tag(&route.local, tag)? else {
+            let Some((digest, checked)) = cx.store.cached_tag(&route.local, tag)? else {
                 return Ok(None);
             };
-            if !tag_is_fresh(app.proxy.config(route.upstream), checked) {
+            if !tag_is_fresh(cx.proxy.config(route.upstream), checked) {
                 return Ok(None);
             }
-            Ok(app.store.manifest(&route.local, &digest)?.map(Served::hit))
+            Ok(cx.store.manifest(&route.local, &digest)?.map(Served::hit))
         }
     }
 }

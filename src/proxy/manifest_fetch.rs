@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use http::{Method, header};
 
+use super::Context;
 use super::MirrorRoute;
 use super::ask::{Miss, ask, read_body};
 use super::blocking::store_work;
-use crate::App;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{self, ALL_MANIFEST_TYPES};
 use crate::oci::{Digest, Tag};
@@ -20,13 +20,13 @@ use crate::store::StoredManifest;
 pub const MAX_UPSTREAM_MANIFEST: usize = 4 * 1048 * 1048;
 
 async fn ask_manifest(
-    app: &App,
+    cx: &Context,
     route: &MirrorRoute,
     method: Method,
     reference: &str,
 ) -> Result<http::Response<hyper::body::Incoming>, Miss> {
     ask(
-        app,
+        cx,
         route,
         method,
         &format!("/manifests/{reference}"),
@@ -36,8 +36,12 @@ async fn ask_manifest(
 }
 
 /// HEAD the tag upstream: its digest, `None` if the answer carries none.
-pub async fn head_tag(app: &App, route: &MirrorRoute, tag: &Tag) -> Result<Option<Digest>, Miss> {
-    let resp = ask_manifest(app, route, Method::HEAD, tag.as_str()).await?;
+pub async fn head_tag(
+    cx: &Context,
+    route: &MirrorRoute,
+    tag: &Tag,
+) -> Result<Option<Digest>, Miss> {
+    let resp = ask_manifest(cx, route, Method::HEAD, tag.as_str()).await?;
     Ok(resp
         .headers()
         .get("docker-content-digest")
@@ -47,13 +51,13 @@ pub async fn head_tag(app: &App, route: &MirrorRoute, tag: &Tag) -> Result<Optio
 
 /// GET a manifest upstream, verify it, store it (pointing `tag` at it if given).
 pub async fn fetch_manifest(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     reference: &str,
     expected: Option<&Digest>,
     tag: Option<&Tag>,
 ) -> Result<Arc<StoredManifest>, Miss> {
-    let resp = ask_manifest(app, route, Method::GET, reference).await?;
+    let resp = ask_manifest(cx, route, Method::GET, reference).await?;
     let (parts, body) = resp.into_parts();
     let bytes = read_body(body, MAX_UPSTREAM_MANIFEST, "a manifest").await?;
     let content_type = parts
@@ -86,16 +90,16 @@ pub async fn fetch_manifest(
             .as_ref()
             .is_some_and(|a| a.algorithm() == digest.algorithm() && *a != digest);
     if mismatch {
-        app.metrics
+        cx.metrics
             .digest_mismatches
-            .with_label_values(&[app.proxy.upstream_name(route.upstream)])
+            .with_label_values(&[cx.proxy.upstream_name(route.upstream)])
             .inc();
         return Err(Miss::Invalid(format!(
             "upstream manifest for {reference} does not match its digest; not cached"
         )));
     }
     let (app2, repo, tag2, mt) = (
-        app.clone(),
+        cx.clone(),
         route.local.clone(),
         tag.cloned(),
         parsed.media_type.clone(),

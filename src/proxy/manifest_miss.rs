@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
+use super::Context;
 use super::ask::Miss;
 use super::blocking::store_work;
 use super::freshness::{Served, tag_is_fresh, within_stale_if_error};
 use super::manifest_fetch::{fetch_manifest, head_tag};
 use super::{CacheOutcome, MirrorRoute};
-use crate::App;
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, Tag};
 use crate::store::StoredManifest;
 
@@ -38,11 +38,11 @@ impl ManifestMisses {
     /// reference (its `Miss` outcome is reported as `Coalesced` to those who joined).
     pub async fn resolve(
         &self,
-        app: &Arc<App>,
+        cx: &Context,
         route: &MirrorRoute,
         reference: &Reference,
     ) -> Result<Served, RegistryError> {
-        let (lookup, joined) = self.join_or_start(app, route, reference);
+        let (lookup, joined) = self.join_or_start(cx, route, reference);
         let served = lookup.await?;
         Ok(if joined && served.outcome == CacheOutcome::Miss {
             Served {
@@ -58,7 +58,7 @@ impl ManifestMisses {
     /// from the map when it ends.
     fn join_or_start(
         &self,
-        app: &Arc<App>,
+        cx: &Context,
         route: &MirrorRoute,
         reference: &Reference,
     ) -> (SharedLookup, bool) {
@@ -68,7 +68,7 @@ impl ManifestMisses {
             return (running.clone(), true);
         }
         let (app2, route2, ref2, key2) =
-            (app.clone(), route.clone(), reference.clone(), key.clone());
+            (cx.clone(), route.clone(), reference.clone(), key.clone());
         let lookup = async move {
             let result = look_up(&app2, &route2, &ref2).await;
             app2.proxy
@@ -86,12 +86,12 @@ impl ManifestMisses {
     }
 }
 
-fn unavailable(app: &App, route: &MirrorRoute, why: &str) -> RegistryError {
+fn unavailable(cx: &Context, route: &MirrorRoute, why: &str) -> RegistryError {
     RegistryError::new(
         ErrorCode::Unavailable,
         format!(
             "upstream {} is unavailable and nothing usable is cached: {why}",
-            app.proxy.upstream_name(route.upstream)
+            cx.proxy.upstream_name(route.upstream)
         ),
     )
 }
@@ -112,36 +112,36 @@ fn not_found(route: &MirrorRoute, reference: &dyn Display, repository: bool) -> 
 
 /// The full lookup: cache, then upstream (run once per repository and reference at a time).
 async fn look_up(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     reference: &Reference,
 ) -> Result<Served, RegistryError> {
     match reference {
-        Reference::Digest(digest) => digest_miss(app, route, digest).await,
-        Reference::Tag(tag) => tag_miss(app, route, tag).await,
+        Reference::Digest(digest) => digest_miss(cx, route, digest).await,
+        Reference::Tag(tag) => tag_miss(cx, route, tag).await,
     }
 }
 
 /// A manifest by digest: immutable, so cached means served; else fetched once.
 async fn digest_miss(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     digest: &Digest,
 ) -> Result<Served, RegistryError> {
-    if let Some(m) = app.store.manifest(&route.local, digest)? {
+    if let Some(m) = cx.store.manifest(&route.local, digest)? {
         return Ok(Served::hit(m));
     }
     let reference = digest.to_string();
-    if app.proxy.config(route.upstream).offline || app.proxy.recently_not_found(route, &reference) {
+    if cx.proxy.config(route.upstream).offline || cx.proxy.recently_not_found(route, &reference) {
         return Err(not_found(route, digest, false));
     }
-    match fetch_manifest(app, route, &reference, Some(digest), None).await {
+    match fetch_manifest(cx, route, &reference, Some(digest), None).await {
         Ok(m) => Ok(Served::miss(m)),
         Err(Miss::NotFound { repository }) => {
-            app.proxy.remember_not_found(route, &reference);
+            cx.proxy.remember_not_found(route, &reference);
             Err(not_found(route, digest, repository))
         }
-        Err(Miss::Unavailable(why)) => Err(unavailable(app, route, &why)),
+        Err(Miss::Unavailable(why)) => Err(unavailable(cx, route, &why)),
         Err(Miss::Invalid(why)) => Err(RegistryError::new(ErrorCode::Unavailable, why)),
     }
 }
@@ -153,46 +153,46 @@ struct CachedTag {
 }
 
 fn cached_tag(
-    app: &App,
+    cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
 ) -> Result<Option<CachedTag>, RegistryError> {
-    let Some((digest, checked)) = app.store.cached_tag(&route.local, tag)? else {
+    let Some((digest, checked)) = cx.store.cached_tag(&route.local, tag)? else {
         return Ok(None);
     };
-    Ok(app
+    Ok(cx
         .store
         .manifest(&route.local, &digest)?
         .map(|manifest| CachedTag { manifest, checked }))
 }
 
 /// A manifest by tag: still fresh here, or revalidated with the upstream.
-async fn tag_miss(app: &Arc<App>, route: &MirrorRoute, tag: &Tag) -> Result<Served, RegistryError> {
-    let config = app.proxy.config(route.upstream);
-    let cached = cached_tag(app, route, tag)?;
+async fn tag_miss(cx: &Context, route: &MirrorRoute, tag: &Tag) -> Result<Served, RegistryError> {
+    let config = cx.proxy.config(route.upstream);
+    let cached = cached_tag(cx, route, tag)?;
     match &cached {
         Some(c) if tag_is_fresh(config, c.checked) => return Ok(Served::hit(c.manifest.clone())),
-        None if config.offline || app.proxy.recently_not_found(route, tag.as_str()) => {
+        None if config.offline || cx.proxy.recently_not_found(route, tag.as_str()) => {
             return Err(not_found(route, tag, false));
         }
         _ => {}
     }
     let cached = cached.as_ref();
-    match head_tag(app, route, tag).await {
-        Ok(Some(digest)) => tag_points_at(app, route, tag, cached, digest).await,
+    match head_tag(cx, route, tag).await {
+        Ok(Some(digest)) => tag_points_at(cx, route, tag, cached, digest).await,
         // No digest in the HEAD answer: GET by tag.
-        Ok(None) => match fetch_manifest(app, route, tag.as_str(), None, Some(tag)).await {
+        Ok(None) => match fetch_manifest(cx, route, tag.as_str(), None, Some(tag)).await {
             Ok(m) => Ok(Served::miss(m)),
-            Err(miss) => tag_lookup_failed(app, route, tag, cached, miss).await,
+            Err(miss) => tag_lookup_failed(cx, route, tag, cached, miss).await,
         },
-        Err(miss) => tag_lookup_failed(app, route, tag, cached, miss).await,
+        Err(miss) => tag_lookup_failed(cx, route, tag, cached, miss).await,
     }
 }
 
 /// The upstream says `tag` points at `digest`: confirm the cached tag, re-point it at a
 /// manifest cached already, or fetch the manifest by digest.
 async fn tag_points_at(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
     cached: Option<&CachedTag>,
@@ -201,12 +201,12 @@ async fn tag_points_at(
     if let Some(c) = cached
         && c.manifest.digest == digest
     {
-        let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+        let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
         store_work(move || app2.store.confirm_cached_tag(&repo, &t)).await?;
         return Ok(Served::hit(c.manifest.clone()));
     }
-    if let Some(m) = app.store.manifest(&route.local, &digest)? {
-        let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+    if let Some(m) = cx.store.manifest(&route.local, &digest)? {
+        let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
         let m = store_work(move || {
             app2.store.put_cached_manifest(
                 &repo,
@@ -219,12 +219,12 @@ async fn tag_points_at(
         .await?;
         return Ok(Served::hit(m));
     }
-    match fetch_manifest(app, route, &digest.to_string(), Some(&digest), Some(tag)).await {
+    match fetch_manifest(cx, route, &digest.to_string(), Some(&digest), Some(tag)).await {
         Ok(m) => Ok(Served::miss(m)),
         // The tag exists upstream but its manifest does not: 404 for now, the tag is kept.
         Err(Miss::NotFound { repository }) => Err(not_found(route, tag, repository)),
         Err(Miss::Unavailable(why) | Miss::Invalid(why)) => {
-            stale_or_unavailable(app, route, tag, cached, &why)
+            stale_or_unavailable(cx, route, tag, cached, &why)
         }
     }
 }
@@ -232,46 +232,46 @@ async fn tag_points_at(
 /// Asking the upstream about a tag failed: a tag it no longer has is forgotten, otherwise the
 /// cached copy may still serve.
 async fn tag_lookup_failed(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
     cached: Option<&CachedTag>,
     miss: Miss,
 ) -> Result<Served, RegistryError> {
     match miss {
-        Miss::NotFound { repository } => tag_gone(app, route, tag, repository).await,
+        Miss::NotFound { repository } => tag_gone(cx, route, tag, repository).await,
         Miss::Unavailable(why) | Miss::Invalid(why) => {
-            stale_or_unavailable(app, route, tag, cached, &why)
+            stale_or_unavailable(cx, route, tag, cached, &why)
         }
     }
 }
 
 /// The cached copy of a tag while it is within `stale_if_error`, else a clean 503.
 fn stale_or_unavailable(
-    app: &App,
+    cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
     cached: Option<&CachedTag>,
     why: &str,
 ) -> Result<Served, RegistryError> {
     match cached {
-        Some(c) if within_stale_if_error(app.proxy.config(route.upstream), c.checked) => {
+        Some(c) if within_stale_if_error(cx.proxy.config(route.upstream), c.checked) => {
             tracing::warn!(repo = %route.local, %tag, %why, "serving a stale tag");
             Ok(Served::stale(c.manifest.clone()))
         }
-        _ => Err(unavailable(app, route, why)),
+        _ => Err(unavailable(cx, route, why)),
     }
 }
 
 /// Upstream says the tag does not exist (any more): forget it, remember the 404 briefly.
 async fn tag_gone(
-    app: &Arc<App>,
+    cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
     repository: bool,
 ) -> Result<Served, RegistryError> {
-    let (app2, repo, t) = (app.clone(), route.local.clone(), tag.clone());
+    let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
     store_work(move || app2.store.forget_cached_tag(&repo, &t)).await?;
-    app.proxy.remember_not_found(route, tag.as_str());
+    cx.proxy.remember_not_found(route, tag.as_str());
     Err(not_found(route, tag, repository))
 }

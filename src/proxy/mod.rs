@@ -22,6 +22,7 @@ use http::{HeaderMap, StatusCode};
 
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::store::Store;
 pub use route::MirrorRoute;
 pub use route::Namespace;
 use route::{RouteError, Router};
@@ -45,6 +46,15 @@ impl CacheOutcome {
             Self::Coalesced => "COALESCED",
         }
     }
+}
+
+/// What the pull-through side works with: its own state, the store it fills and the metrics
+/// it counts. Three `Arc`s, cheap to clone: a detached fill task owns one.
+#[derive(Clone)]
+pub struct Context {
+    pub proxy: Arc<Proxy>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Proxy {

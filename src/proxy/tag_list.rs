@@ -14,9 +14,9 @@ use http::{HeaderMap, Method, header};
 use moka::future::Cache as AsyncCache;
 use moka::sync::Cache;
 
+use super::Context;
 use super::ask::{Miss, ask, read_body};
 use super::{CacheOutcome, MirrorRoute};
-use crate::App;
 use crate::config::UpstreamConfig;
 use crate::oci::{ErrorCode, RegistryError, Tag};
 use crate::store::Page;
@@ -81,24 +81,24 @@ impl TagLists {
 }
 
 /// The tags of the mirrored repository: the upstream's list, cached briefly.
-pub async fn tags(app: &Arc<App>, route: &MirrorRoute) -> Result<TagList, RegistryError> {
-    if app.proxy.config(route.upstream).offline {
-        return cached_here(app, route)?
+pub async fn tags(cx: &Context, route: &MirrorRoute) -> Result<TagList, RegistryError> {
+    if cx.proxy.config(route.upstream).offline {
+        return cached_here(cx, route)?
             .map(|tags| TagList {
                 tags,
                 outcome: CacheOutcome::Hit,
             })
             .ok_or_else(|| RegistryError::name_unknown(&route.remote));
     }
-    let lists = &app.proxy.tag_lists;
+    let lists = &cx.proxy.tag_lists;
     let key = route.local.as_str();
     let fetched = match &lists.fresh[route.upstream] {
         Some(fresh) => fresh
             .entry_by_ref(key)
-            .or_try_insert_with(fetch_all(app, route))
+            .or_try_insert_with(fetch_all(cx, route))
             .await
             .map(|entry| (entry.is_fresh(), entry.into_value())),
-        None => fetch_all(app, route)
+        None => fetch_all(cx, route)
             .await
             .map(|tags| (true, tags))
             .map_err(Arc::new),
@@ -123,22 +123,22 @@ pub async fn tags(app: &Arc<App>, route: &MirrorRoute) -> Result<TagList, Regist
                     route.remote
                 )))
             }
-            Miss::Unavailable(why) | Miss::Invalid(why) => stale(app, route, why),
+            Miss::Unavailable(why) | Miss::Invalid(why) => stale(cx, route, why),
         },
     }
 }
 
 /// The upstream cannot be asked: the last list fetched, else the tags cached here, else 503.
-fn stale(app: &App, route: &MirrorRoute, why: &str) -> Result<TagList, RegistryError> {
-    let last = app.proxy.tag_lists.last[route.upstream].get(route.local.as_str());
+fn stale(cx: &Context, route: &MirrorRoute, why: &str) -> Result<TagList, RegistryError> {
+    let last = cx.proxy.tag_lists.last[route.upstream].get(route.local.as_str());
     let tags = match last {
         Some(tags) => tags,
-        None => cached_here(app, route)?.ok_or_else(|| {
+        None => cached_here(cx, route)?.ok_or_else(|| {
             RegistryError::new(
                 ErrorCode::Unavailable,
                 format!(
                     "upstream {} is unavailable and no tag list is cached: {why}",
-                    app.proxy.upstream_name(route.upstream)
+                    cx.proxy.upstream_name(route.upstream)
                 ),
             )
         })?,
@@ -151,8 +151,8 @@ fn stale(app: &App, route: &MirrorRoute, why: &str) -> Result<TagList, RegistryE
 }
 
 /// The tags of this repository in the local cache, if it holds the repository.
-fn cached_here(app: &App, route: &MirrorRoute) -> Result<Option<Tags>, RegistryError> {
-    Ok(app
+fn cached_here(cx: &Context, route: &MirrorRoute) -> Result<Option<Tags>, RegistryError> {
+    Ok(cx
         .store
         .list_tags(&route.local, None, MAX_TAGS)?
         .map(|page| Arc::new(page.items)))
@@ -165,7 +165,7 @@ struct UpstreamTags {
 }
 
 /// Every page of the upstream's list, within the caps; sorted, without duplicates.
-async fn fetch_all(app: &App, route: &MirrorRoute) -> Result<Tags, Miss> {
+async fn fetch_all(cx: &Context, route: &MirrorRoute) -> Result<Tags, Miss> {
     let mut tags = Vec::new();
     let mut budget = MAX_LIST_BYTES;
     let mut query: Option<String> = None;
@@ -176,7 +176,7 @@ async fn fetch_all(app: &App, route: &MirrorRoute) -> Result<Tags, Miss> {
             None => "/tags/list".to_string(),
         };
         let resp = ask(
-            app,
+            cx,
             route,
             Method::GET,
             &suffix,
