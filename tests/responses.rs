@@ -171,3 +171,52 @@ fn every_body_byte_sent_is_counted_once() {
     let (after, _) = scrape(&h, "transship_http_sent_bytes_total");
     assert_eq!(after - before, received);
 }
+
+#[test]
+fn a_mirrored_manifest_answers_a_conditional_get_with_304() {
+    use common::upstream::{self, Distribution};
+    if !upstream::available() {
+        return;
+    }
+    let up = Distribution::start();
+    let uh = Http::new(&up.url());
+    let c = uh.push_blob("library/cond", b"{}");
+    let l = uh.push_blob("library/cond", b"layer");
+    let m = image_manifest((&c, 2), &[(&l, 5)]);
+    assert_eq!(
+        uh.push_manifest("library/cond", "v1", OCI_MANIFEST, m.as_bytes())
+            .status,
+        201
+    );
+    let digest = sha256(m.as_bytes());
+    let url = up.url();
+    let s = TestServer::start_with(move |mut c| {
+        c.upstreams[0].url = url;
+        c
+    });
+    let h = Http::for_server(&s);
+    let etag = format!("\"{digest}\"");
+    for _ in 0..2 {
+        // A miss, then a hit: both conditional.
+        let r = h.send(
+            "GET",
+            "/v2/library/cond/manifests/v1",
+            &[("if-none-match", &etag), ("accept", OCI_MANIFEST)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 304, "{r:?}");
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+        assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    }
+    let r = h.send(
+        "GET",
+        "/v2/library/cond/manifests/v1",
+        &[
+            ("if-none-match", "\"sha256:other\""),
+            ("accept", OCI_MANIFEST),
+        ],
+        Bytes::new(),
+    );
+    assert_eq!((r.status, &r.body[..]), (200, m.as_bytes()));
+}
