@@ -57,7 +57,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "transship_http_requests_total",
-                        "HTTP requests by method, route and status",
+                        "HTTP requests by method (unknown methods counted as other), route and status",
                     ),
                     &["method", "route", "status"],
                 )
@@ -79,7 +79,7 @@ impl Metrics {
             ),
             bytes_sent: counter(
                 "transship_http_sent_bytes_total",
-                "Blob and manifest body bytes sent",
+                "Response body bytes sent (blobs, manifests, JSON documents and error bodies)",
             ),
             bytes_received: counter(
                 "transship_http_received_bytes_total",
@@ -182,5 +182,35 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The `method` label of a request: one of a fixed set, so a client inventing methods cannot
+/// add series (each label value is a new series, kept until restart).
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_methods_share_one_label() {
+        for m in ["FOO", "BREW", "PROPFIND", "get", "CONNECT", "TRACE"] {
+            let m = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(method_label(&m), "other", "{m}");
+        }
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
     }
 }

@@ -528,7 +528,7 @@ fn metrics_endpoint_counts_requests_and_storage() {
     let data = random_bytes(12_345, 11);
     let d = h.push_blob("local/metrics", &data);
     h.get(&format!("/v2/local/metrics/blobs/{d}"));
-    h.get("/v2/local/metrics/manifests/missing");
+    let missing = h.get("/v2/local/metrics/manifests/missing");
     let r = h.get("/metrics");
     assert_eq!(r.status, 200);
     let text = String::from_utf8(r.body.to_vec()).unwrap();
@@ -541,6 +541,11 @@ fn metrics_endpoint_counts_requests_and_storage() {
     assert!(text.contains(
         r#"transship_http_requests_total{method="GET",route="manifest",status="404"} 1"#
     ));
-    assert!(text.contains("transship_http_sent_bytes_total 12345"));
+    // The blob and the 404's error body: every byte sent is counted.
+    let sent = 12345 + missing.body.len();
+    assert!(
+        text.contains(&format!("transship_http_sent_bytes_total {sent}")),
+        "{text}"
+    );
     assert!(text.contains("transship_http_request_duration_seconds_bucket"));
 }

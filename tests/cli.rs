@@ -374,3 +374,139 @@ fn an_exposed_listener_without_users_warns_at_startup() {
         "{text}"
     );
 }
+
+/// Starts `transship serve` with `args` (which must include `--listen 127.0.0.1:0`) and waits
+/// for the "transship serving" line; returns the child and the address it bound. The caller
+/// reaps the child with `stop`.
+#[allow(clippy::zombie_processes)]
+fn serve_with_args(args: &[&str], log: &std::path::Path) -> (std::process::Child, String) {
+    let out = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn transship");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("transship serving")) {
+            let addr = line
+                .split("listen=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .expect("listen address")
+                .to_string();
+            return (child, addr);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("transship did not start:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(mut child: std::process::Child) {
+    // SAFETY: signalling the child this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
+
+#[test]
+fn a_config_file_holds_only_what_differs_from_the_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(&config, "[gc]\ninterval = \"1h\"\n").unwrap();
+    let c = config.to_str().unwrap();
+    let (code, out, err) = run(&["check-config", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("name = \"local\"") && out.contains("name = \"docker.io\""),
+        "lists not declared come from the defaults: {out}"
+    );
+    let data = dir.path().join("data");
+    let (child, addr) = serve_with_args(
+        &[
+            "--config",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &dir.path().join("log"),
+    );
+    let h = Http::new(&format!("http://{addr}"));
+    assert_eq!(h.get("/v2/").status, 200);
+    // The default project `local` (anonymous push from loopback) is there.
+    let d = h.push_blob("local/partial", b"partial config");
+    assert_eq!(h.get(&format!("/v2/local/partial/blobs/{d}")).status, 200);
+    stop(child);
+    assert!(data.join("blobs").is_dir(), "--data-dir was used");
+}
+
+#[test]
+fn secrets_never_appear_in_check_config_logs_or_errors() {
+    const PASSWORD: &str = "upstream-Pa55word-xyzzy";
+    let hash = transship::auth::keys::hash_password("alice-password");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:5000\"\ndata_dir = {:?}\n[[project]]\nname = \"local\"\nanonymous = \"push\"\n\
+             [[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n\
+             username = \"me\"\npassword = \"{PASSWORD}\"\n\
+             [[user]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    let (code, out, err) = run(&["check-config", c]);
+    assert_eq!(code, 0, "{err}");
+    for text in [&out, &err] {
+        assert!(!text.contains(PASSWORD) && !text.contains(&hash), "{text}");
+    }
+    assert!(out.contains("password = \"<redacted>\""), "{out}");
+    assert!(out.contains("password_hash = \"<redacted>\""), "{out}");
+
+    // Serving, with debug logs and a pull that reaches the (unreachable) upstream.
+    let log = dir.path().join("log");
+    let (child, addr) = serve_with_args(&["--config", c, "--listen", "127.0.0.1:0"], &log);
+    let h = Http::new(&format!("http://{addr}"));
+    let r = h.get("/v2/library/alpine/manifests/latest");
+    assert!(r.status >= 400, "{r:?}");
+    assert!(!String::from_utf8_lossy(&r.body).contains(PASSWORD));
+    stop(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(PASSWORD) && !text.contains(&hash),
+        "secret in the log:\n{text}"
+    );
+
+    // Errors about a secret do not quote it, and a URL with credentials is refused unquoted.
+    for bad in [
+        "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nusername = \"me\"\npassword = 918273645\n".to_string(),
+        format!("[[upstream]]\nname = \"x.io\"\nurl = \"https://me:{PASSWORD}@x.io\"\n"),
+    ] {
+        std::fs::write(&config, &bad).unwrap();
+        let (code, out, err) = run(&["check-config", c]);
+        assert_eq!(code, 2, "{out}");
+        assert!(
+            !err.contains("918273645") && !err.contains(PASSWORD),
+            "{err}"
+        );
+        let (code, _, err) = run(&["serve", "--config", c, "--listen", "127.0.0.1:0"]);
+        assert_eq!(code, 2);
+        assert!(!err.contains("918273645") && !err.contains(PASSWORD), "{err}");
+    }
+}

@@ -4,6 +4,7 @@
 //! the line and what was expected; cross-key rules (duplicates, overlaps) point at the line of
 //! the offending name.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -16,7 +17,8 @@ use crate::oci::RepoName;
 
 mod units;
 mod users;
-pub use units::{ByteSize, HumanDuration, IpNet};
+use units::serialize_redacted;
+pub use units::{ByteSize, HumanDuration, IpNet, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
 
 /// The documented example config; also what `transship serve` runs with when given no file.
@@ -25,6 +27,7 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/transship.toml");
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
     pub storage: StorageConfig,
@@ -100,18 +103,31 @@ fn default_lockout() -> HumanDuration {
 }
 
 /// A user declared in the config (more can be added with `transship user add`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
-    /// An argon2id PHC string, as printed by `transship user hash`.
+    /// An argon2id PHC string, as printed by `transship user hash`. Never rendered: a hash
+    /// lets anyone who sees it guess passwords offline.
+    #[serde(serialize_with = "serialize_redacted")]
     pub password_hash: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password_hash", &REDACTED)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
@@ -137,6 +153,27 @@ pub struct TlsConfig {
 
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./transship-data")
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            shutdown_timeout: default_shutdown_timeout(),
+            log_format: LogFormat::default(),
+            trusted_proxies: Vec::new(),
+            tls: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,7 +311,7 @@ pub struct UpstreamConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// A file holding the password (first line), instead of `password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
@@ -297,7 +334,7 @@ impl UpstreamConfig {
             return Ok(None);
         };
         let password = match (&self.password, &self.password_file) {
-            (Some(p), None) => p.clone(),
+            (Some(p), None) => p.expose().to_string(),
             (None, Some(f)) => std::fs::read_to_string(f)
                 .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?
                 .lines()
@@ -339,26 +376,33 @@ impl Config {
             .expect("the embedded default config is valid")
     }
 
+    /// Loads a config file over the embedded defaults (see `parse_over_defaults`).
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_over_defaults(&text, &path.display().to_string())
     }
 
-    /// Parses and validates a config document. `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let location = e
-                .span()
-                .map(|s| format!(" (line {})", line_of(text, s.start)))
-                .unwrap_or_default();
-            ConfigError::Invalid {
-                origin: format!("{origin}{location}"),
-                message: e.message().to_string(),
-            }
-        })?;
+    /// Parses a config file that holds only what differs from the embedded defaults: a key
+    /// or table it leaves out has its default value, and a list it does not declare at all
+    /// (`[[project]]`, `[[upstream]]`, `[[user]]`) is the defaults' list. A list it declares
+    /// replaces the defaults' list rather than extending it, so a file can drop the default
+    /// `local` project or `docker.io` upstream (`project = []` declares none).
+    pub fn parse_over_defaults(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut config = Self::deserialize_document(text, origin)?;
+        let declared: toml::Table = toml::from_str(text).unwrap_or_default();
+        let defaults = Self::embedded();
+        if !declared.contains_key("project") {
+            config.projects = defaults.projects;
+        }
+        if !declared.contains_key("upstream") {
+            config.upstreams = defaults.upstreams;
+        }
+        if !declared.contains_key("user") {
+            config.users = defaults.users;
+        }
         config
             .validate(text)
             .map_err(|message| ConfigError::Invalid {
@@ -366,6 +410,39 @@ impl Config {
                 message,
             })?;
         Ok(config)
+    }
+
+    /// Parses and validates one config document as written: omitted keys and tables take
+    /// their defaults, omitted lists are empty. `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config = Self::deserialize_document(text, origin)?;
+        config
+            .validate(text)
+            .map_err(|message| ConfigError::Invalid {
+                origin: origin.to_string(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn deserialize_document(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let location = e
+                .span()
+                .map(|s| format!(" (line {})", line_of(text, s.start)))
+                .unwrap_or_default();
+            // Type errors quote the value: never for a line that holds a secret.
+            let message = match e.span() {
+                Some(s) if holds_secret(text, s.start) => {
+                    format!("invalid value for a secret (not shown; {SECRET_HINT})")
+                }
+                _ => e.message().to_string(),
+            };
+            ConfigError::Invalid {
+                origin: format!("{origin}{location}"),
+                message,
+            }
+        })
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
@@ -389,7 +466,14 @@ impl Config {
                 return Err(format!(
                     "line {}: upstream.url {:?} must start with https:// or http://",
                     at(&u.name),
-                    u.url
+                    redact_url(&u.url)
+                ));
+            }
+            if has_userinfo(&u.url) {
+                return Err(format!(
+                    "line {}: upstream.url {:?} must not hold credentials: use username and password or password_file",
+                    at(&u.name),
+                    redact_url(&u.url)
                 ));
             }
             for v in &self.upstreams[..i] {
@@ -462,10 +546,12 @@ impl Config {
         }
         let a = &self.auth;
         if let Some(realm) = &a.realm
-            && !(realm.starts_with("https://") || realm.starts_with("http://"))
+            && (!(realm.starts_with("https://") || realm.starts_with("http://"))
+                || has_userinfo(realm))
         {
             return Err(format!(
-                "auth.realm {realm:?} must be an absolute http:// or https:// URL"
+                "auth.realm {:?} must be an absolute http:// or https:// URL without credentials",
+                redact_url(realm)
             ));
         }
         let token_like = |s: &str| {
@@ -503,6 +589,40 @@ impl Config {
         self.projects
             .iter()
             .find(|p| name.is_within(p.name.get_ref().as_str()))
+    }
+}
+
+/// Keys whose values are secrets: never quoted in an error.
+const SECRET_KEYS: &[&str] = &["password", "password_hash"];
+const SECRET_HINT: &str = "password and password_hash take a string";
+
+/// True if the line holding `offset` assigns a secret key.
+fn holds_secret(text: &str, offset: usize) -> bool {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("");
+    line.split([',', '{'])
+        .filter_map(|part| part.split_once('='))
+        .any(|(key, _)| SECRET_KEYS.contains(&key.trim().trim_matches('"')))
+}
+
+/// The authority part of an `http(s)://` URL.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or("")
+}
+
+/// True if a URL carries `user[:password]@`.
+fn has_userinfo(url: &str) -> bool {
+    authority(url).contains('@')
+}
+
+/// The URL with any `user:password@` replaced, for messages.
+fn redact_url(url: &str) -> String {
+    match authority(url).rsplit_once('@') {
+        Some((userinfo, _)) => url.replacen(&format!("{userinfo}@"), &format!("{REDACTED}@"), 1),
+        None => url.to_string(),
     }
 }
 
@@ -618,6 +738,66 @@ mod tests {
                 .to_string();
             assert!(e.contains(wanted), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn a_file_holds_only_what_differs_from_the_defaults() {
+        let c = Config::parse_over_defaults("[gc]\ninterval = \"2h\"\n", "t").unwrap();
+        let d = Config::embedded();
+        assert_eq!(c.gc.interval.0, Duration::from_secs(7200));
+        assert_eq!(c.server.listen, d.server.listen);
+        assert_eq!(c.server.data_dir, d.server.data_dir);
+        assert_eq!(c.gc.grace_period, d.gc.grace_period);
+        // Lists not declared are the defaults'; everything else matches the defaults too.
+        let mut expected = d.clone();
+        expected.gc.interval = c.gc.interval;
+        assert_eq!(c.to_toml(), expected.to_toml());
+        // An empty file is the embedded default.
+        assert_eq!(
+            Config::parse_over_defaults("", "t").unwrap().to_toml(),
+            d.to_toml()
+        );
+        // A declared list replaces the defaults' list.
+        let c = Config::parse_over_defaults("[[project]]\nname = \"team\"\n", "t").unwrap();
+        assert_eq!(c.projects.len(), 1);
+        assert_eq!(c.projects[0].name.get_ref().as_str(), "team");
+        assert_eq!(c.upstreams.len(), d.upstreams.len());
+        let c = Config::parse_over_defaults("project = []\nupstream = []\n", "t").unwrap();
+        assert!(c.projects.is_empty() && c.upstreams.is_empty());
+        // Without [server], the one-document parse also takes the defaults.
+        let c = Config::parse("[gc]\ninterval = \"2h\"\n", "t").unwrap();
+        assert_eq!(c.server.listen, d.server.listen);
+        assert!(c.projects.is_empty());
+    }
+
+    #[test]
+    fn secrets_are_never_rendered() {
+        let hash = crate::auth::keys::hash_password("correct horse");
+        let text = format!(
+            "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nusername = \"me\"\npassword = \"hunter2-secret\"\n[[user]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n"
+        );
+        let c = Config::parse_over_defaults(&text, "t").unwrap();
+        assert_eq!(
+            c.upstreams[0].credentials().unwrap(),
+            Some(("me".into(), "hunter2-secret".into()))
+        );
+        for shown in [c.to_toml(), format!("{c:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!shown.contains(&hash), "{shown}");
+            assert!(shown.contains(REDACTED), "{shown}");
+        }
+        // A secret of the wrong type is not quoted back.
+        let text = "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nusername = \"me\"\npassword = 918273645\n";
+        let e = Config::parse(text, "t").unwrap_err().to_string();
+        assert!(!e.contains("918273645") && e.contains("line 5"), "{e}");
+        // Credentials in a URL are refused, and not echoed.
+        let text = "[[upstream]]\nname = \"x.io\"\nurl = \"https://me:hunter2@x.io/v2\"\n";
+        let e = Config::parse(text, "t").unwrap_err().to_string();
+        assert!(!e.contains("hunter2") && e.contains("credentials"), "{e}");
+        let e = Config::parse("[auth]\nrealm = \"https://a:hunter2@x/token\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The value types config keys are written in — durations (`30s`), byte sizes (`64MiB`) and
-//! IP networks (`10.0.0.0/8`) — with their parsing, display and serde, so the schema in
-//! `config/mod.rs` reads as a list of keys.
+//! The value types config keys are written in — durations (`30s`), byte sizes (`64MiB`), IP
+//! networks (`10.0.0.0/8`) and secrets that never render — with their parsing, display and
+//! serde, so the schema in `config/mod.rs` reads as a list of keys.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -204,5 +204,54 @@ impl<'de> Deserialize<'de> for RepoName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What is shown in place of a secret (`check-config`, logs, `Debug`).
+pub const REDACTED: &str = "<redacted>";
+
+pub(super) fn serialize_redacted<S: Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(REDACTED)
+}
+
+/// A secret from the config (an upstream password): usable through `expose`, but rendered,
+/// serialised and debug-printed as `<redacted>`, so no output path can show it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
     }
 }

@@ -18,6 +18,8 @@ use crate::store::BlobChunks;
 pub enum ResponseBody {
     Empty,
     Full(Option<Bytes>),
+    /// One buffer, counted in `sent` when hyper takes it (see `counted`).
+    Counted(Option<Bytes>, IntCounter),
     Blob(BlobChunks, IntCounter),
     /// A body produced as it arrives (a reader following a cache fill); `remaining` is exact.
     Stream {
@@ -30,6 +32,15 @@ pub enum ResponseBody {
 impl ResponseBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         Self::Full(Some(bytes.into()))
+    }
+
+    /// The body with every byte counted in `sent` once, as it is handed to the connection:
+    /// streamed bodies count themselves chunk by chunk, a single buffer is counted here.
+    pub fn counted(self, sent: &IntCounter) -> Self {
+        match self {
+            Self::Full(b) => Self::Counted(b, sent.clone()),
+            other => other,
+        }
     }
 }
 
@@ -44,6 +55,10 @@ impl Body for ResponseBody {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Counted(b, sent) => Poll::Ready(b.take().map(|b| {
+                sent.inc_by(b.len() as u64);
+                Ok(Frame::data(b))
+            })),
             // Page-cache reads: mapping a window is a syscall, not a wait, so it runs inline
             // instead of hopping to a blocking thread per chunk.
             Self::Stream {
@@ -74,7 +89,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty => true,
-            Self::Full(b) => b.is_none(),
+            Self::Full(b) | Self::Counted(b, _) => b.is_none(),
             Self::Blob(chunks, _) => chunks.remaining() == 0,
             Self::Stream { remaining, .. } => *remaining == 0,
         }
@@ -83,7 +98,9 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
-            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Full(b) | Self::Counted(b, _) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Self::Blob(chunks, _) => SizeHint::with_exact(chunks.remaining()),
             Self::Stream { remaining, .. } => SizeHint::with_exact(*remaining),
         }

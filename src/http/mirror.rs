@@ -91,7 +91,12 @@ pub async fn get_manifest(
             (child.manifest, child.outcome)
         }
     };
-    let mut r = manifest_response(&m, head);
+    // A conditional GET is answered like one for a private repository: 304 with validators.
+    let mut r = if super::etag_matches(parts, &m.digest.to_string()) {
+        super::manifests::not_modified(&m)
+    } else {
+        manifest_response(&m, head)
+    };
     mark(app, &mut r, route, "manifest", outcome);
     Ok(r)
 }

@@ -30,7 +30,7 @@ use crate::auth::Action;
 use crate::oci::digest::DigestError;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 use crate::proxy::{MirrorRoute, Namespace};
-use body::RequestBody;
+use body::{RequestBody, ResponseBody};
 use response::{Resp, error_response, json};
 use router::Route;
 
@@ -139,10 +139,27 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         HeaderValue::from_static("registry/2.0"),
     );
     let status = resp.status();
+    if status == StatusCode::METHOD_NOT_ALLOWED
+        && !resp.headers().contains_key(header::ALLOW)
+        && let Some(allow) = route.allow()
+    {
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    // A HEAD answer carries the headers of the GET but never its body.
+    let resp = if head {
+        resp.map(|_| ResponseBody::Empty)
+    } else {
+        resp.map(|b| b.counted(&app.metrics.bytes_sent))
+    };
     let label = route.label();
     app.metrics
         .requests
-        .with_label_values(&[parts.method.as_str(), label, status.as_str()])
+        .with_label_values(&[
+            crate::metrics::method_label(&parts.method),
+            label,
+            status.as_str(),
+        ])
         .inc();
     let elapsed = started.elapsed();
     app.metrics
@@ -276,7 +293,7 @@ async fn dispatch_mirror(
 ) -> Result<Resp, RegistryError> {
     let get = parts.method == Method::GET || head;
     if !get {
-        return Err(not_allowed(&parts.method));
+        return Err(not_allowed(&parts.method).with_header("allow", "GET, HEAD"));
     }
     match route {
         Route::Manifest { reference, .. } => {

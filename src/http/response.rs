@@ -23,8 +23,28 @@ pub fn error_response(err: &RegistryError, head_only: bool) -> Resp {
     } else {
         ResponseBody::full(body)
     };
-    r.body(body)
-        .unwrap_or_else(|_| Response::new(ResponseBody::Empty))
+    r.body(body).unwrap_or_else(|e| {
+        // A header the error carries is not a valid header: still an error, never a 200.
+        tracing::error!(error = %e, code = err.code.as_str(), "cannot build an error response");
+        internal_error(head_only)
+    })
+}
+
+/// A 500 with the registry error body, built without anything that can fail.
+fn internal_error(head_only: bool) -> Resp {
+    let body = RegistryError::internal("internal error building the response; see the server log")
+        .to_json();
+    let mut r = empty(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !head_only {
+        *r.body_mut() = ResponseBody::full(body);
+    }
+    r
 }
 
 pub fn json(status: StatusCode, body: String) -> Resp {
@@ -113,5 +133,46 @@ impl From<StoreError> for RegistryError {
                 RegistryError::internal("internal storage error; see the server log")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn body_of(r: Resp) -> bytes::Bytes {
+        futures_util::FutureExt::now_or_never(r.into_body().collect())
+            .expect("a buffered body is ready")
+            .expect("body")
+            .to_bytes()
+    }
+
+    #[test]
+    fn an_unbuildable_error_is_a_500_with_the_error_body() {
+        let err = RegistryError::denied("no").with_header("www-authenticate", "bad\nvalue");
+        let r = error_response(&err, false);
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let len: usize = r.headers()[header::CONTENT_LENGTH]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = body_of(r);
+        assert_eq!(body.len(), len);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNKNOWN");
+        let r = error_response(&err, true);
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body_of(r).is_empty());
+    }
+
+    #[test]
+    fn a_buildable_error_keeps_its_status_and_headers() {
+        let err = RegistryError::denied("no").with_header("retry-after", "5");
+        let r = error_response(&err, false);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()["retry-after"], "5");
     }
 }

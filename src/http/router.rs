@@ -68,6 +68,27 @@ impl Route<'_> {
         }
     }
 
+    /// The methods the endpoint supports, for the `Allow` header of a 405 (a mirrored
+    /// repository supports only reads: its handler names them itself).
+    pub fn allow(&self) -> Option<&'static str> {
+        Some(match self {
+            Route::Base
+            | Route::Catalog
+            | Route::Metrics
+            | Route::Health
+            | Route::Tags { .. }
+            | Route::Referrers { .. } => "GET, HEAD",
+            Route::Token => "GET, POST",
+            Route::Members { user: None, .. } => "GET",
+            Route::Members { user: Some(_), .. } => "PUT, DELETE",
+            Route::Manifest { .. } => "GET, HEAD, PUT, DELETE",
+            Route::Blob { .. } => "GET, HEAD, DELETE",
+            Route::UploadStart { .. } => "POST",
+            Route::Upload { .. } => "GET, PATCH, PUT, DELETE",
+            Route::NotFound => return None,
+        })
+    }
+
     /// The repository name, if the route has one.
     pub fn name(&self) -> Option<&str> {
         match self {
