@@ -1,4 +1,4 @@
-//! The token endpoint of the Docker token protocol (PROTOCOL.md §6.2): who asks (anonymous,
+//! The token endpoint of the Docker token protocol: who asks (anonymous,
 //! Basic credentials on the GET form, `grant_type=password` or `refresh_token` on the OAuth2
 //! POST form), what they asked for (`scope`), and what they get: a JWT granting the
 //! intersection of the two, never an error for asking too much. `offline_token` /

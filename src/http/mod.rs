@@ -234,7 +234,7 @@ async fn dispatch(
     match route {
         Route::Base if get => {
             // Once anyone can log in, an anonymous ping is challenged: Docker learns how to
-            // authenticate only from this answer (PROTOCOL.md §3.4, §6.1).
+            // authenticate only from this answer.
             if !app.auth.identities.is_empty() {
                 app.auth.require_authenticated(&caller).map_err(deny)?;
             }

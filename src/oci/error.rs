@@ -58,7 +58,7 @@ impl ErrorCode {
         }
     }
 
-    /// The HTTP status distribution uses for the code (PROTOCOL.md §1.10).
+    /// The HTTP status for the code, the one distribution answers with.
     pub fn status(self) -> u16 {
         match self {
             Self::BlobUnknown

@@ -1,4 +1,4 @@
-//! Manifest media types and `Accept` negotiation (PROTOCOL.md §2.2–2.3). Clients send several
+//! Manifest media types and `Accept` negotiation. Clients send several
 //! `Accept` lines (moby, podman) or one comma list with `*/*` (containerd); both are merged here.
 
 pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -68,7 +68,7 @@ impl AcceptList {
     }
 }
 
-/// What to do with a stored manifest given the client's `Accept` (PROTOCOL.md §2.3).
+/// What to do with a stored manifest given the client's `Accept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Negotiated {
     /// Serve the stored bytes with their exact media type.
