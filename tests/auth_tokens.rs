@@ -825,8 +825,31 @@ fn anonymous_rights_follow_the_client_behind_a_trusted_proxy() {
         202,
         "from loopback it works"
     );
-    // Nothing was pushed from outside: only the uploads started from loopback exist.
-    assert_eq!(s.app.store.uploads_active(), 2);
+    // A named user without a role in `local` gets the same push on loopback, from the
+    // network, not from a role: the token carries none of it elsewhere either.
+    let olivia = basic_header("olivia", PASSWORD);
+    let (scope, token) = token_for(&http, Some(&olivia), "repository:local/app:pull,push", &[]);
+    assert_eq!(scope, "repository:local/app:pull,push");
+    let bearer = format!("Bearer {token}");
+    let r = http.send(
+        "POST",
+        upload,
+        &[("authorization", &bearer), public],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(challenge(&r).1, "insufficient_scope");
+    // Her own project's rights come from her role and go wherever she goes.
+    let (_, token) = token_for(&http, Some(&olivia), "repository:team/app:pull,push", &[]);
+    let r = http.send(
+        "POST",
+        "/v2/team/app/blobs/uploads/",
+        &[("authorization", &format!("Bearer {token}")), public],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    // Nothing was pushed to `local` from outside: only the uploads started from loopback exist.
+    assert_eq!(s.app.store.uploads_active(), 3);
 
     // Login throttling counts the forwarded client, not the proxy.
     let wrong = basic_header("olivia", "wrong-password");

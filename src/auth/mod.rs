@@ -365,20 +365,22 @@ impl Authorizer {
         }
         match &caller.identity {
             Identity::Token(claims) => {
-                // An anonymous token grants no more than anonymous access from where it is
-                // used: minted on loopback (or behind a proxy that looked like loopback), it
-                // must not carry loopback's rights to another network.
+                // A token grants no more than its subject's role now, or anonymous access
+                // from where it is used: minted on loopback or on a network with anonymous
+                // push (or behind a proxy that looked like one), it must not carry that
+                // network's rights elsewhere; and a member removed since keeps nothing.
+                let subject = (!claims.sub.is_empty())
+                    .then(|| self.identities.subject(&claims.sub))
+                    .flatten();
                 if !claims.allows("repository", repo.as_str(), action.as_str()) {
                     Err(Denial::Unauthenticated {
                         message: format!("token does not grant {} on {repo}", action.as_str()),
                         error: Some("insufficient_scope"),
                     })
-                } else if claims.sub.is_empty()
-                    && !self.project_allows(project, None, caller.peer, action)
-                {
+                } else if !self.project_allows(project, subject.as_ref(), caller.peer, action) {
                     Err(Denial::Unauthenticated {
                         message: format!(
-                            "anonymous access to {} {repo} is not allowed from this address",
+                            "{} {repo} is not allowed for this token from this address",
                             action.as_str()
                         ),
                         error: Some("insufficient_scope"),
