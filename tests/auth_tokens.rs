@@ -934,6 +934,36 @@ fn a_valid_login_between_guesses_does_not_reset_the_throttle() {
 }
 
 #[test]
+fn parallel_guesses_get_no_more_checks_than_the_throttle_allows() {
+    let s = server();
+    let base = s.url("");
+    // 24 guesses at once from one address: each is checked against the throttle again when
+    // its password check may start, so only the first few are ever checked.
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..24)
+            .map(|i| {
+                let base = base.clone();
+                scope.spawn(move || {
+                    let guess = basic_header("olivia", &format!("wrong-password-{i}"));
+                    Http::new(&base)
+                        .send("GET", "/v2/", &[("authorization", &guess)], Bytes::new())
+                        .status
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|&&st| st == 401).count();
+    let refused = statuses.iter().filter(|&&st| st == 429).count();
+    assert_eq!(checked + refused, 24, "{statuses:?}");
+    // max_failed_logins (3) plus at most the password checks already running (4).
+    assert!(
+        checked <= 3 + 4,
+        "{checked} guesses were checked: {statuses:?}"
+    );
+}
+
+#[test]
 fn guesses_for_one_user_from_many_addresses_lock_that_user() {
     let s = server_with(|c| c.server.trusted_proxies = vec!["127.0.0.1".parse().unwrap()]);
     let http = Http::for_server(&s);

@@ -268,6 +268,12 @@ impl Authorizer {
                 audit_failure(peer, user, "refused: too many password checks at once");
                 Denial::Busy { retry_after: 1 }
             })?;
+            // Ask again now it is our turn: guesses sent in parallel all passed the first
+            // check before any of them failed.
+            if let Some(retry_after) = self.throttle.refused(peer, password_user.then_some(user)) {
+                audit_failure(peer, user, "refused: too many failed logins");
+                return Err(Denial::Throttled { retry_after });
+            }
             let (ids, u, p) = (
                 self.identities.clone(),
                 user.to_string(),
