@@ -1633,6 +1633,49 @@ fn fill_continues_when_the_client_hangs_up() {
     assert_eq!(up.requests(&path).len(), 1);
 }
 
+#[test]
+fn a_manifest_lookup_whose_client_hung_up_finishes_and_leaves_the_table() {
+    let up = Injector::start();
+    let manifest = padded_manifest(20_000);
+    let d = sha256(&manifest);
+    let path = manifest_path("library/x", &d);
+    let gate = Gate::new();
+    up.set(
+        &path,
+        Behavior::Held {
+            body: manifest,
+            at: 100,
+            gate: gate.clone(),
+        },
+    );
+    let s = mirror(&up, |_| {});
+    {
+        // A client asks, and hangs up while the upstream is still answering.
+        use std::io::Write;
+        let mut tcp = std::net::TcpStream::connect(s.addr).expect("connect");
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {OCI_MANIFEST}\r\n\r\n"
+        )
+        .expect("send");
+        wait_until("the lookup reached the upstream", || {
+            up.requests(&path).len() == 1
+        });
+        assert_eq!(s.app.proxy.manifest_misses.in_flight(), 1);
+    }
+    gate.open();
+    wait_until("the abandoned lookup left the table", || {
+        s.app.proxy.manifest_misses.in_flight() == 0
+    });
+    // The next request is answered (from what the lookup left, or a fresh one), not stuck.
+    let r = get_manifest(&Http::for_server(&s), "library/x", &d);
+    assert!(
+        r.status == 200 || r.status == 404 || r.status == 503,
+        "{}",
+        r.status
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rate limits and server errors
 // ---------------------------------------------------------------------------------------------

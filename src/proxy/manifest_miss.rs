@@ -8,9 +8,14 @@
 //!   remembered;
 //! - upstream 429, 5xx, timeouts and connection errors: the cached tag while it is within
 //!   `stale_if_error`, else a clean 503.
+//!
+//! A lookup runs as its own task: it finishes (bounded by the upstream timeouts) and leaves the
+//! map even when every client that asked has gone, and a panic inside it is a 503 for those
+//! waiting, never a poisoned entry.
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
@@ -27,13 +32,49 @@ use crate::store::StoredManifest;
 
 type SharedLookup = Shared<BoxFuture<'static, Result<Served, RegistryError>>>;
 
-/// The manifest lookups running upstream, by `local repository \0 reference`.
+/// The manifest lookups running upstream, by `local repository \0 reference`, each with the
+/// id of the task that runs it.
 #[derive(Default)]
 pub struct ManifestMisses {
-    inflight: Mutex<HashMap<String, SharedLookup>>,
+    inflight: Mutex<HashMap<String, (u64, SharedLookup)>>,
+    next_id: AtomicU64,
+}
+
+/// Removes a lookup's entry when its task ends, however it ends; only its own entry, never
+/// one a later lookup put under the same key.
+struct Leave {
+    cx: Context,
+    key: String,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .cx
+            .proxy
+            .manifest_misses
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if inflight
+            .get(&self.key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            inflight.remove(&self.key);
+        }
+    }
 }
 
 impl ManifestMisses {
+    /// How many lookups are running.
+    pub fn in_flight(&self) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Resolves a miss, joining the lookup already running for the same repository and
     /// reference (its `Miss` outcome is reported as `Coalesced` to those who joined).
     pub async fn resolve(
@@ -64,24 +105,33 @@ impl ManifestMisses {
     ) -> (SharedLookup, bool) {
         let key = format!("{}\0{reference}", route.local);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(running) = inflight.get(&key) {
+        if let Some((_, running)) = inflight.get(&key) {
             return (running.clone(), true);
         }
-        let (app2, route2, ref2, key2) =
-            (cx.clone(), route.clone(), reference.clone(), key.clone());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let leave = Leave {
+            cx: cx.clone(),
+            key: key.clone(),
+            id,
+        };
+        let (cx2, route2, ref2) = (cx.clone(), route.clone(), reference.clone());
+        // The task's `Leave` waits for this lock, so it cannot remove the entry before it is in.
+        let task = tokio::spawn(async move {
+            let _leave = leave;
+            look_up(&cx2, &route2, &ref2).await
+        });
         let lookup = async move {
-            let result = look_up(&app2, &route2, &ref2).await;
-            app2.proxy
-                .manifest_misses
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key2);
-            result
+            task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "manifest lookup task failed");
+                Err(RegistryError::new(
+                    ErrorCode::Unavailable,
+                    "the manifest lookup failed; try again",
+                ))
+            })
         }
         .boxed()
         .shared();
-        inflight.insert(key, lookup.clone());
+        inflight.insert(key, (id, lookup.clone()));
         (lookup, false)
     }
 }
