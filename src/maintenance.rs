@@ -33,7 +33,9 @@ impl Supervisor {
             let a = app.clone();
             supervisor.every(TLS_WATCH_PERIOD, move || {
                 let a = a.clone();
-                async move { reload_tls_if_changed(&a) }
+                async move {
+                    blocking("TLS reload", move || reload_tls_if_changed(&a)).await;
+                }
             });
             supervisor.on_sighup(app);
         }
@@ -119,7 +121,10 @@ impl Supervisor {
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     got = hup.recv() => match got {
-                        Some(()) => reload_tls(&app),
+                        Some(()) => {
+                            let a = app.clone();
+                            blocking("TLS reload", move || reload_tls(&a)).await;
+                        }
                         None => break,
                     },
                 }

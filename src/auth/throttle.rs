@@ -98,19 +98,6 @@ impl LoginThrottle {
         }
     }
 
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let s = v6.segments();
-                    IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-                }
-            },
-            v4 => v4,
-        }
-    }
-
     fn max_user_failures(&self) -> u32 {
         self.max_failures.saturating_mul(USER_FACTOR)
     }
@@ -125,7 +112,7 @@ impl LoginThrottle {
     /// `Some(seconds to wait)` if a login from `ip` (as `user`, when a password is checked)
     /// is refused right now.
     pub fn refused(&self, ip: IpAddr, user: Option<&str>) -> Option<u64> {
-        let by_addr = self.locked(lock(&self.by_addr).get(&Self::key(ip)), self.max_failures);
+        let by_addr = self.locked(lock(&self.by_addr).get(&host_key(ip)), self.max_failures);
         let by_user =
             user.and_then(|u| self.locked(lock(&self.by_user).get(u), self.max_user_failures()));
         by_addr.max(by_user)
@@ -135,7 +122,7 @@ impl LoginThrottle {
     /// made-up names cannot fill memory); returns how long to hold the answer back.
     pub fn failed(&self, ip: IpAddr, user: Option<&str>) -> Duration {
         let (cap, lockout, max) = (self.capacity, self.lockout, self.max_failures);
-        let n = bump(&mut lock(&self.by_addr), Self::key(ip), cap, lockout, max);
+        let n = bump(&mut lock(&self.by_addr), host_key(ip), cap, lockout, max);
         let m = user.map_or(0, |u| {
             let max = self.max_user_failures();
             bump(&mut lock(&self.by_user), u.to_string(), cap, lockout, max)
@@ -205,6 +192,21 @@ fn make_room<K>(map: &mut HashMap<K, Failures>, capacity: usize, lockout: Durati
     }
     if map.len() >= capacity {
         map.clear();
+    }
+}
+
+/// The address one client host stands for: itself, or for IPv6 its /64 (which one host
+/// usually owns whole, so a new address per request is still the same client).
+pub fn host_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 

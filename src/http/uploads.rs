@@ -101,7 +101,8 @@ fn client_key(caller: &Caller) -> String {
     match &caller.identity {
         Identity::Subject(s) => format!("sub:{}", s.token_sub()),
         Identity::Token(c) if !c.sub.is_empty() => format!("sub:{}", c.sub),
-        _ => format!("addr:{}", caller.peer),
+        // An IPv6 host owns its /64: a new address per session is still the same client.
+        _ => format!("addr:{}", crate::auth::throttle::host_key(caller.peer)),
     }
 }
 
@@ -258,4 +259,18 @@ pub async fn cancel(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, R
     let id = upload_id(id)?;
     cancel_session(app, repo, id).await?;
     Ok(empty(StatusCode::NO_CONTENT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_clients_are_counted_per_host() {
+        let at = |ip: &str| client_key(&Caller::anonymous(ip.parse().unwrap()));
+        assert_eq!(at("2001:db8:1:2::1"), at("2001:db8:1:2:ffff::7"));
+        assert_ne!(at("2001:db8:1:2::1"), at("2001:db8:1:3::1"));
+        assert_eq!(at("::ffff:192.0.2.1"), at("192.0.2.1"));
+        assert_ne!(at("192.0.2.1"), at("192.0.2.2"));
+    }
 }

@@ -151,6 +151,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a fill waits for a download slot of its upstream (as long as a response's headers
 /// may take): then its readers get 503.
 pub const QUEUE_TIMEOUT: Duration = super::upstream::HEADER_TIMEOUT;
+/// The most a blob body may carry when neither its GET nor a HEAD said how long it is.
+pub const MAX_UNSIZED_BLOB: u64 = 16 << 30;
 /// Upstream bytes already received are handed to the writer in batches of up to this much.
 const WRITE_BATCH: usize = 1 << 20;
 /// Batches queued for the writer before the download waits for the disk.
@@ -452,9 +454,9 @@ async fn run(
                     }
                 }
                 let got = received + batch_len as u64;
-                if let Some(want) = size
-                    && got > want
-                {
+                // Without a size from the upstream, an endless body must not fill the disk.
+                let want = size.unwrap_or(MAX_UNSIZED_BLOB);
+                if got > want {
                     return Err(FillError::SizeMismatch { want, got });
                 }
                 if tx.send(batch).await.is_err() {
