@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use http::request::Parts;
-use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use http::{HeaderName, HeaderValue, header};
 
 use super::blobs::blob_headers;
 use super::body::ResponseBody;
@@ -18,7 +18,8 @@ use crate::App;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{Negotiated, negotiate};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
-use crate::proxy::fill::{self, FillError, Joined};
+use crate::proxy::blob::{self, BlobSource};
+use crate::proxy::fill;
 use crate::proxy::freshness;
 use crate::proxy::tag_list;
 use crate::proxy::{CacheOutcome, MirrorRoute};
@@ -118,21 +119,6 @@ pub async fn list_tags(
     Ok(r)
 }
 
-fn fill_error(e: FillError, digest: &Digest, app: &App, route: &MirrorRoute) -> RegistryError {
-    match e {
-        FillError::Status(
-            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN,
-        ) => RegistryError::blob_unknown(digest),
-        e => RegistryError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "cannot fetch {digest} from upstream {}: {e}",
-                app.proxy.upstream_name(route.upstream)
-            ),
-        ),
-    }
-}
-
 pub async fn get_blob(
     app: &Arc<App>,
     route: &MirrorRoute,
@@ -141,50 +127,21 @@ pub async fn get_blob(
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
-    if app.store.blob_size(&route.local, &digest)?.is_some() {
-        return serve_local(app, route, &digest, parts, head).await;
-    }
-    let config = app.proxy.config(route.upstream);
-    if config.offline {
-        return Err(RegistryError::blob_unknown(&digest));
-    }
-    // Stored for another repository: link it here once the upstream confirms this repository
-    // has it (a repository only sees blobs its upstream has).
-    let in_flight = app.proxy.fills.in_flight_for(&digest);
-    if in_flight.is_none() && app.store.has_blob_anywhere(&digest)? {
-        upstream_blob_head(app, route, &digest).await?;
-        let (app2, repo, d2) = (app.clone(), route.local.clone(), digest.clone());
-        if super::blocking(move || app2.store.link_stored_blob(&repo, &d2))
-            .await?
-            .is_some()
-        {
-            return serve_local(app, route, &digest, parts, head).await;
+    let cx = app.proxy_context();
+    let (fill, outcome) = match blob::locate(&cx, route, &digest, head).await? {
+        BlobSource::Stored => return serve_local(app, route, &digest, parts, head).await,
+        BlobSource::Upstream { size } => {
+            let mut r = http::Response::new(ResponseBody::Empty);
+            blob_headers(&mut r, &digest, 0, size, size);
+            mark(app, &mut r, route, "blob", CacheOutcome::Miss);
+            return Ok(r);
         }
-    }
-    // The same holds for a fill in flight: only routes entitled to it (its own, or confirmed
-    // by their upstream) may read it.
-    if head && !in_flight.is_some_and(|f| f.entitles(route)) {
-        return head_upstream(app, route, &digest).await;
-    }
-    let mut confirmed = false;
-    let (fill, outcome) = loop {
-        match app
-            .proxy
-            .fills
-            .join_or_start(&app.proxy_context(), route, &digest, confirmed)
-        {
-            Joined::Started(f) => break (f, CacheOutcome::Miss),
-            Joined::Joined(f) => break (f, CacheOutcome::Coalesced),
-            Joined::Unconfirmed => {
-                upstream_blob_head(app, route, &digest).await?;
-                confirmed = true;
-            }
-        }
+        BlobSource::Fill { fill, outcome } => (fill, outcome),
     };
     let mut rx = fill.subscribe();
     let size = fill::wait_for_size(&mut rx)
         .await
-        .map_err(|e| fill_error(e, &digest, app, route))?;
+        .map_err(|e| blob::fill_error(e, &digest, &cx, route))?;
     let (status, start, end) = match super::blobs::plan_range(parts, size, head) {
         Ok(plan) => plan,
         Err(unsatisfiable) => return Ok(*unsatisfiable),
@@ -193,13 +150,7 @@ pub async fn get_blob(
         ResponseBody::Empty
     } else {
         ResponseBody::Stream {
-            stream: Box::pin(fill::follow(
-                app.proxy_context(),
-                fill.clone(),
-                rx,
-                start,
-                end,
-            )),
+            stream: Box::pin(fill::follow(cx, fill.clone(), rx, start, end)),
             remaining: end - start,
             sent: app.metrics.bytes_sent.clone(),
         }
@@ -221,52 +172,5 @@ async fn serve_local(
 ) -> Result<Resp, RegistryError> {
     let mut r = super::blobs::get(app, &route.local, &digest.to_string(), parts, head).await?;
     mark(app, &mut r, route, "blob", CacheOutcome::Hit);
-    Ok(r)
-}
-
-/// HEAD of the blob upstream: the response if the upstream has it, else the registry error.
-async fn upstream_blob_head(
-    app: &Arc<App>,
-    route: &MirrorRoute,
-    digest: &Digest,
-) -> Result<http::Response<hyper::body::Incoming>, RegistryError> {
-    let resp = app
-        .proxy
-        .ask(
-            &app.metrics,
-            route,
-            Method::HEAD,
-            &format!("/blobs/{digest}"),
-            &[],
-        )
-        .await
-        .map_err(|e| RegistryError::new(ErrorCode::Unavailable, e.to_string()))?;
-    if resp.status() != StatusCode::OK {
-        return Err(fill_error(
-            FillError::Status(resp.status()),
-            digest,
-            app,
-            route,
-        ));
-    }
-    Ok(resp)
-}
-
-/// HEAD of an uncached blob: ask the upstream with HEAD; nothing is downloaded.
-async fn head_upstream(
-    app: &Arc<App>,
-    route: &MirrorRoute,
-    digest: &Digest,
-) -> Result<Resp, RegistryError> {
-    let resp = upstream_blob_head(app, route, digest).await?;
-    let len = fill::content_length(resp.headers()).ok_or_else(|| {
-        RegistryError::new(
-            ErrorCode::Unavailable,
-            "upstream answered HEAD without Content-Length",
-        )
-    })?;
-    let mut r = http::Response::new(ResponseBody::Empty);
-    blob_headers(&mut r, digest, 0, len, len);
-    mark(app, &mut r, route, "blob", CacheOutcome::Miss);
     Ok(r)
 }

@@ -184,11 +184,13 @@ impl Fills {
     }
 
     /// The fill in flight for `digest`, if any.
+    /// A failed fill is on its way out of the table and counts as none.
     pub fn in_flight_for(&self, digest: &Digest) -> Option<Arc<Fill>> {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(digest)
+            .filter(|f| !f.failed())
             .cloned()
     }
 

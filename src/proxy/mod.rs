@@ -6,6 +6,7 @@
 //! RocksDB directly (the `Store` does) and never forwards a client's credentials.
 
 mod ask;
+pub mod blob;
 mod blocking;
 pub mod fill;
 pub mod freshness;
@@ -137,7 +138,7 @@ impl Proxy {
 
     /// Sends `method /v2/<remote repository><suffix>` to the route's upstream, recording the
     /// outcome (latency, errors, rate-limit headers) in the metrics.
-    pub async fn ask(
+    async fn ask(
         &self,
         metrics: &Metrics,
         route: &MirrorRoute,
