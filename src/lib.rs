@@ -143,10 +143,54 @@ impl App {
                 }
             }
         });
+        let every = self.config.scrub.interval.0;
+        if !every.is_zero() {
+            let app = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let a = app.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || a.scrub(&|| false)).await {
+                        tracing::error!(error = %e, "scrub task failed");
+                    }
+                }
+            });
+        }
     }
 }
 
 impl App {
+    /// One scrub pass at the configured rate (blocking), counted in the metrics and logged.
+    pub fn scrub(
+        &self,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<store::scrub::ScrubReport, StoreError> {
+        let outcome =
+            self.store.scrub_pass(
+                self.config.scrub.rate.0,
+                should_stop,
+                &mut |event| match event {
+                    store::scrub::ScrubEvent::Read(n) => self.metrics.scrub_bytes.inc_by(n),
+                    store::scrub::ScrubEvent::Quarantined { digest, problem } => {
+                        self.metrics.scrub_corrupt.inc();
+                        tracing::error!(%digest, problem, "scrub: damaged blob quarantined");
+                    }
+                },
+            );
+        match &outcome {
+            Ok(report) if report.completed => {
+                self.metrics.scrub_passes.inc();
+                tracing::info!(%report, "scrub");
+            }
+            Ok(report) => tracing::info!(%report, "scrub"),
+            Err(e) => tracing::error!(error = %e, "scrub failed"),
+        }
+        outcome
+    }
+
     /// `fsck` knowing which repositories are the pull-through cache's.
     pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
         self.store
