@@ -8,12 +8,19 @@
 //! - manifest GET by tag req/s, 64 connections                          [>= 0.5x nginx]
 //! - monolithic push of 256 MiB, wall time                              [>= 2.5x distribution]
 //! - transship peak RSS over the whole run                              [<= 100 MiB]
+//! - small blob (4 KiB) GET req/s, 32 connections, while another client reads the 256 MiB
+//!   blob cold (its file dropped from the page cache before every read), as a ratio to the
+//!   same run with the blob cached: a cold read must not stall the other requests
 //!
-//! `BENCH_SECONDS` sets the duration of each wrk run (default 8). wrk runs on the same two
-//! cores as the servers, the same for every peer, so the ratios compare like with like.
+//! `BENCH_SECONDS` sets the duration of each wrk run (default 8). `BENCH_FILTER` runs only the
+//! GET cases whose label contains it (the push case only if it contains "push"). wrk runs on
+//! the same two cores as the servers, the same for every peer, so the ratios compare like with
+//! like.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -190,12 +197,66 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[&str]) -> WrkResult
     }
 }
 
+/// Drops a file from the page cache.
+fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("blob file to evict");
+    // Dirty pages cannot be dropped: write them back first (a no-op once they are clean).
+    f.sync_data().expect("fsync before eviction");
+    // SAFETY: a plain syscall on an open descriptor.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise on {}", path.display());
+}
+
+/// 4 KiB blob req/s (32 connections) while another client reads the large blob in a loop at a
+/// fixed rate (the same for both runs, so the reader costs the same CPU), its file evicted
+/// from the page cache before every read when `cold`.
+fn small_while_large(
+    small_url: &str,
+    large_url: &str,
+    large_file: &Path,
+    cold: bool,
+    seconds: u64,
+) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, url, file) = (
+            stop.clone(),
+            large_url.to_string(),
+            large_file.to_path_buf(),
+        );
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if cold {
+                    evict(&file);
+                }
+                let status = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "--limit-rate", "150M"])
+                    .arg(&url)
+                    .status()
+                    .expect("curl");
+                assert!(status.success(), "curl {url}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Let the reader get going before measuring.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = wrk(small_url, 32, seconds, &[]);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader");
+    r.requests_per_sec
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     println!("preparing data in {}", d.display());
@@ -295,13 +356,16 @@ fn main() {
         })
         .collect();
     let mut push_times = Vec::new();
+    let time_pushes = filter.is_empty() || filter.contains("push");
     for r in &registries {
-        let mut times: Vec<Duration> = push_files
-            .iter()
-            .map(|(f, dg)| pusher.timed_push_with_curl(&r.base, f, dg))
-            .collect();
-        times.sort();
-        push_times.push(times[1]);
+        if time_pushes {
+            let mut times: Vec<Duration> = push_files
+                .iter()
+                .map(|(f, dg)| pusher.timed_push_with_curl(&r.base, f, dg))
+                .collect();
+            times.sort();
+            push_times.push(times[1]);
+        }
         for blob in [&large, &small, &config_blob] {
             pusher.push_blob(&r.base, blob.clone());
         }
@@ -357,6 +421,9 @@ fn main() {
         "case", "transship", "distrib.", "nginx", "ts/nginx", "ts/dist"
     );
     for (label, path, conns, headers, throughput) in &cases {
+        if !label.contains(filter.as_str()) {
+            continue;
+        }
         let vals: Vec<f64> = bases
             .iter()
             .map(|b| {
@@ -377,16 +444,50 @@ fn main() {
             vals[0] / vals[1]
         );
     }
-    let (ts, dist) = (push_times[0].as_secs_f64(), push_times[1].as_secs_f64());
-    println!(
-        "{:<40} {:>11.2}s {:>11.2}s {:>12} {:>10} {:>9.2}x",
-        "256 MiB monolithic push (median of 3)",
-        ts,
-        dist,
-        "-",
-        "-",
-        dist / ts
-    );
+    if time_pushes {
+        let (ts, dist) = (push_times[0].as_secs_f64(), push_times[1].as_secs_f64());
+        println!(
+            "{:<40} {:>11.2}s {:>11.2}s {:>12} {:>10} {:>9.2}x",
+            "256 MiB monolithic push (median of 3)",
+            ts,
+            dist,
+            "-",
+            "-",
+            dist / ts
+        );
+    }
+
+    // Small requests next to a cold large read: transship and nginx (whose sendfile also
+    // reads on its worker), each as a ratio to the same run with the large blob cached.
+    let label = "4 KiB GET while 256 MiB read cold";
+    if label.contains(filter.as_str()) {
+        let hex = large_d.trim_start_matches("sha256:");
+        let peers = [
+            (
+                "transship",
+                &bases[0],
+                d.join("transship-data/blobs/sha256")
+                    .join(&hex[..2])
+                    .join(hex),
+            ),
+            ("nginx", &bases[2], blobs_dir.join(&large_d)),
+        ];
+        println!(
+            "\n{:<40} {:>12} {:>12} {:>10}",
+            "4 KiB GET req/s, 32 conns, while", "256 MiB hot", "256 MiB cold", "cold/hot"
+        );
+        for (name, base, file) in &peers {
+            let small_url = format!("{base}/v2/{REPO}/blobs/{small_d}");
+            let large_url = format!("{base}/v2/{REPO}/blobs/{large_d}");
+            let hot = small_while_large(&small_url, &large_url, file, false, seconds);
+            let cold = small_while_large(&small_url, &large_url, file, true, seconds);
+            println!(
+                "{:<40} {hot:>12.0} {cold:>12.0} {:>9.2}x",
+                format!("{label} ({name})"),
+                cold / hot
+            );
+        }
+    }
     println!(
         "\ntransship peak RSS over the whole run: {:.1} MiB",
         transship.peak_rss_mib()

@@ -1,9 +1,10 @@
 //! Background work the server does besides answering requests: the upload reaper, pruning of
-//! expired tokens and forgotten login failures, garbage collection, TLS certificate reload (on
-//! a timer and on SIGHUP) and the admin socket. One `Supervisor` starts every loop, cancels
-//! them together on shutdown and waits for them, so the index is flushed only once no
+//! expired tokens and forgotten login failures, garbage collection, scrubbing, TLS certificate
+//! reload (on a timer and on SIGHUP) and the admin socket. One `Supervisor` starts every loop,
+//! cancels them together on shutdown and waits for them, so the index is flushed only once no
 //! background job can still write to it. Loops never run blocking work on the async workers:
-//! each unit goes through `spawn_blocking`, and cancellation is checked between units.
+//! each unit goes through `spawn_blocking`, and long jobs (GC, scrub) check for shutdown
+//! between their units of work.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ impl Supervisor {
         let supervisor = Self::idle();
         if app.tls.is_some() {
             let a = app.clone();
-            supervisor.every(TLS_WATCH_PERIOD, move || {
+            supervisor.every(TLS_WATCH_PERIOD, move |_| {
                 let a = a.clone();
                 async move {
                     blocking("TLS reload", move || reload_tls_if_changed(&a)).await;
@@ -40,13 +41,20 @@ impl Supervisor {
             supervisor.on_sighup(app);
         }
         let a = app.clone();
-        supervisor.every(app.config.uploads.reap_interval.0, move || {
+        supervisor.every(app.config.uploads.reap_interval.0, move |_| {
             reap_uploads(a.clone())
         });
         let a = app.clone();
-        supervisor.every(PRUNE_PERIOD, move || prune_credentials(a.clone()));
+        supervisor.every(PRUNE_PERIOD, move |_| prune_credentials(a.clone()));
         let a = app.clone();
-        supervisor.every(app.config.gc.interval.0, move || collect_garbage(a.clone()));
+        supervisor.every(app.config.gc.interval.0, move |stop| {
+            collect_garbage(a.clone(), stop)
+        });
+        let every = app.config.scrub.interval.0;
+        if !every.is_zero() {
+            let a = app.clone();
+            supervisor.every(every, move |stop| scrub(a.clone(), stop));
+        }
         supervisor.admin_socket(app);
         supervisor
     }
@@ -87,10 +95,10 @@ impl Supervisor {
 
     /// Runs `job` every `period` (at least one second; the first run is one period after
     /// start) until shutdown. A job that overruns its period delays the next run instead of
-    /// piling up.
+    /// piling up; a long one gets the shutdown token to check between its units of work.
     fn every<F, Fut>(&self, period: Duration, job: F)
     where
-        F: Fn() -> Fut + Send + 'static,
+        F: Fn(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let cancel = self.cancel.clone();
@@ -101,7 +109,7 @@ impl Supervisor {
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    _ = tick.tick() => job().await,
+                    _ = tick.tick() => job(cancel.clone()).await,
                 }
             }
         });
@@ -145,6 +153,12 @@ impl Supervisor {
             }
         });
     }
+}
+
+/// A job's view of the cancellation token, for blocking work that checks it between units.
+fn stop_flag(cancel: &CancellationToken) -> impl Fn() -> bool + Send + 'static {
+    let cancel = cancel.clone();
+    move || cancel.is_cancelled()
 }
 
 /// Runs one unit of blocking maintenance off the async workers; `None` if it panicked.
@@ -192,9 +206,13 @@ async fn prune_credentials(app: Arc<App>) {
     }
 }
 
-async fn collect_garbage(app: Arc<App>) {
-    let a = app.clone();
-    match blocking("garbage collection", move || a.store.collect_garbage()).await {
+async fn collect_garbage(app: Arc<App>, cancel: CancellationToken) {
+    let (a, stop) = (app.clone(), stop_flag(&cancel));
+    match blocking("garbage collection", move || {
+        a.store.collect_garbage_until(&stop)
+    })
+    .await
+    {
         Some(Ok(report)) => {
             app.metrics.gc_runs.inc();
             app.metrics.gc_bytes_freed.inc_by(report.bytes_freed);
@@ -203,6 +221,42 @@ async fn collect_garbage(app: Arc<App>) {
         Some(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
         None => {}
     }
+}
+
+/// One scrub pass, stopped between blobs at shutdown.
+async fn scrub(app: Arc<App>, cancel: CancellationToken) {
+    let (a, stop) = (app.clone(), stop_flag(&cancel));
+    blocking("scrub", move || scrub_pass(&a, &stop)).await;
+}
+
+/// One scrub pass at the configured rate (blocking), counted in the metrics and logged: every
+/// stored blob re-hashed, a damaged one quarantined.
+pub fn scrub_pass(
+    app: &App,
+    should_stop: &dyn Fn() -> bool,
+) -> Result<crate::store::scrub::ScrubReport, crate::store::StoreError> {
+    use crate::store::scrub::ScrubEvent;
+    let outcome =
+        app.store.scrub_pass(
+            app.config.scrub.rate.0,
+            should_stop,
+            &mut |event| match event {
+                ScrubEvent::Read(n) => app.metrics.scrub_bytes.inc_by(n),
+                ScrubEvent::Quarantined { digest, problem } => {
+                    app.metrics.scrub_corrupt.inc();
+                    tracing::error!(%digest, problem, "scrub: damaged blob quarantined");
+                }
+            },
+        );
+    match &outcome {
+        Ok(report) if report.completed => {
+            app.metrics.scrub_passes.inc();
+            tracing::info!(%report, "scrub");
+        }
+        Ok(report) => tracing::info!(%report, "scrub"),
+        Err(e) => tracing::error!(error = %e, "scrub failed"),
+    }
+    outcome
 }
 
 /// Re-reads the certificate and key (SIGHUP). A failure keeps the current certificate.
@@ -242,7 +296,7 @@ mod tests {
         let finished = Arc::new(AtomicUsize::new(0));
         let supervisor = Supervisor::idle();
         let (s, f) = (started.clone(), finished.clone());
-        supervisor.every(Duration::from_secs(1), move || {
+        supervisor.every(Duration::from_secs(1), move |_| {
             let (s, f) = (s.clone(), f.clone());
             async move {
                 s.fetch_add(1, Ordering::SeqCst);

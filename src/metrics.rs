@@ -30,6 +30,9 @@ pub struct Metrics {
     /// Requests refused by access control, by outcome.
     pub auth_denials: IntCounterVec,
     pub tokens_issued: IntCounter,
+    pub scrub_passes: IntCounter,
+    pub scrub_bytes: IntCounter,
+    pub scrub_corrupt: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -170,6 +173,18 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(Opts::new("transship_upstream_digest_mismatches_total", "Upstream blobs or manifests that failed verification (never cached)"), &["upstream"])
                     .expect("valid metric"),
+            ),
+            scrub_passes: counter(
+                "transship_scrub_passes_total",
+                "Scrub passes completed over every stored blob",
+            ),
+            scrub_bytes: counter(
+                "transship_scrub_bytes_total",
+                "Stored blob bytes re-read and re-hashed by scrub",
+            ),
+            scrub_corrupt: counter(
+                "transship_scrub_corrupt_total",
+                "Stored blobs scrub found damaged (wrong hash or size, unreadable, missing) and quarantined",
             ),
             registry: r,
         }

@@ -35,6 +35,8 @@ pub struct Config {
     pub uploads: UploadsConfig,
     #[serde(default)]
     pub gc: GcConfig,
+    #[serde(default)]
+    pub scrub: ScrubConfig,
     #[serde(default, rename = "project")]
     pub projects: Vec<ProjectConfig>,
     #[serde(default, rename = "upstream")]
@@ -237,6 +239,25 @@ impl Default for GcConfig {
         Self {
             interval: HumanDuration(Duration::from_secs(3600)),
             grace_period: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// The periodic re-hash of stored blobs (`store::scrub`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScrubConfig {
+    /// Time between the starts of two passes; zero turns scrubbing off.
+    pub interval: HumanDuration,
+    /// Bytes read per second at most; zero means no limit.
+    pub rate: ByteSize,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration(Duration::from_secs(24 * 3600)),
+            rate: ByteSize(50 << 20),
         }
     }
 }
@@ -835,5 +856,22 @@ mod tests {
                 .unwrap()
                 .contains("::1".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn scrub_defaults_and_off_switch() {
+        let c = Config::embedded();
+        assert_eq!(c.scrub.interval.0, Duration::from_secs(24 * 3600));
+        assert_eq!(c.scrub.rate.0, 50 << 20);
+        let base = "[server]\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n";
+        let c = Config::parse(base, "t.toml").unwrap();
+        assert_eq!(c.scrub.interval.0, Duration::from_secs(24 * 3600));
+        let c = Config::parse(&format!("{base}[scrub]\ninterval = \"0\"\n"), "t.toml").unwrap();
+        assert!(c.scrub.interval.0.is_zero());
+        assert_eq!(c.scrub.rate.0, 50 << 20);
+        let e = Config::parse(&format!("{base}[scrub]\nrate = \"fast\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 5"), "{e}");
     }
 }

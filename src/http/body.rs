@@ -59,8 +59,6 @@ impl Body for ResponseBody {
                 sent.inc_by(b.len() as u64);
                 Ok(Frame::data(b))
             })),
-            // Page-cache reads: mapping a window is a syscall, not a wait, so it runs inline
-            // instead of hopping to a blocking thread per chunk.
             Self::Stream {
                 stream,
                 remaining,
@@ -75,14 +73,16 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
             },
-            Self::Blob(chunks, sent) => Poll::Ready(match chunks.next_chunk() {
-                Ok(Some(b)) => {
+            // Cached windows are produced inline; a cold one is read on a blocking thread.
+            Self::Blob(chunks, sent) => match chunks.poll_chunk(_cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(Some(b))) => {
                     sent.inc_by(b.len() as u64);
-                    Some(Ok(Frame::data(b)))
+                    Poll::Ready(Some(Ok(Frame::data(b))))
                 }
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            }),
+                Poll::Ready(Ok(None)) => Poll::Ready(None),
+                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            },
         }
     }
 

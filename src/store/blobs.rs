@@ -5,14 +5,20 @@
 //!
 //! Reads for serving come out as `Bytes` that borrow a read-only memory map of a window of the
 //! file: no user-space copy, and memory bounded by the window size per response in flight.
+//! Windows already in the page cache are read inline; others on a blocking thread.
 
 use std::fs::{self, File};
+use std::future::Future;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
+use super::pagecache;
 use crate::oci::{Algorithm, Digest, Digester};
 
 /// Largest piece handed to the HTTP layer at once. Bigger windows mean fewer mmap calls; the
@@ -24,17 +30,22 @@ const SMALL_READ: u64 = 128 << 10;
 pub struct BlobStore {
     blobs_dir: PathBuf,
     ingest_dir: PathBuf,
+    trash_dir: PathBuf,
+    quarantine_dir: PathBuf,
 }
 
 impl BlobStore {
-    /// Opens (creating) `blobs/` and `ingest/` under `data_dir`, with every fan-out directory
-    /// made up front so commits never race on `mkdir`.
+    /// Opens (creating) `blobs/`, `ingest/` and `trash/` under `data_dir`, with every fan-out
+    /// directory made up front so commits never race on `mkdir`.
     pub fn open(data_dir: &Path) -> io::Result<Self> {
         let store = Self {
             blobs_dir: data_dir.join("blobs"),
             ingest_dir: data_dir.join("ingest"),
+            trash_dir: data_dir.join("trash"),
+            quarantine_dir: data_dir.join("quarantine"),
         };
         fs::create_dir_all(&store.ingest_dir)?;
+        fs::create_dir_all(&store.trash_dir)?;
         for alg in [Algorithm::Sha256, Algorithm::Sha512] {
             for i in 0..=255u8 {
                 fs::create_dir_all(store.blobs_dir.join(alg.as_str()).join(format!("{i:02x}")))?;
@@ -88,6 +99,49 @@ impl BlobStore {
         match fs::remove_file(self.path(digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// Moves a blob file out of the store into `trash/` (a rename: quick, whatever the size),
+    /// for `empty_trash` to unlink later without holding any lock. Returns false if there was
+    /// no such file.
+    pub fn trash(&self, digest: &Digest) -> io::Result<bool> {
+        self.move_out(digest, &self.trash_dir)
+    }
+
+    /// Unlinks everything in `trash/` (freeing a large file's extents can take a while, so
+    /// callers hold no lock). Returns how many files went.
+    pub fn empty_trash(&self) -> io::Result<u64> {
+        let mut n = 0;
+        for entry in fs::read_dir(&self.trash_dir)? {
+            match fs::remove_file(entry?.path()) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Where `quarantine` puts a blob file: `quarantine/<alg>-<hex>`.
+    pub fn quarantine_path(&self, digest: &Digest) -> PathBuf {
+        self.quarantine_dir
+            .join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()))
+    }
+
+    /// Moves a corrupt blob file to `quarantine/` (kept for an operator to look at, out of the
+    /// way of a fresh copy). Returns false if there was no such file.
+    pub fn quarantine(&self, digest: &Digest) -> io::Result<bool> {
+        fs::create_dir_all(&self.quarantine_dir)?;
+        self.move_out(digest, &self.quarantine_dir)
+    }
+
+    fn move_out(&self, digest: &Digest, dir: &Path) -> io::Result<bool> {
+        let dest = dir.join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()));
+        match fs::rename(self.path(digest), dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -169,22 +223,33 @@ pub fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u64)>
     Ok((hasher.finish(), size))
 }
 
-/// Reads `start..end` of a file as a sequence of `Bytes`, mapped window by window.
+/// Reads `start..end` of a file as a sequence of `Bytes`, mapped window by window. Pieces
+/// whose pages are all in the page cache are produced inline (`poll_chunk`); any other is read
+/// on a blocking thread, so a cold blob never stalls the async worker serving other requests.
 pub struct BlobChunks {
-    file: File,
+    file: Arc<File>,
     pos: u64,
     end: u64,
     file_len: u64,
+    /// The whole file mapped without populating, only ever passed to `mincore` to ask which
+    /// windows are cached (created at the first mapped window).
+    probe: Option<memmap2::Mmap>,
+    scratch: Vec<u8>,
+    /// A piece being read from disk on a blocking thread.
+    pending: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
 }
 
 impl BlobChunks {
     pub fn new(file: File, start: u64, end: u64) -> io::Result<Self> {
         let file_len = file.metadata()?.len();
         Ok(Self {
-            file,
+            file: Arc::new(file),
             pos: start,
             end,
             file_len,
+            probe: None,
+            scratch: Vec::new(),
+            pending: None,
         })
     }
 
@@ -192,9 +257,9 @@ impl BlobChunks {
         self.end - self.pos
     }
 
-    /// The next piece, or `None` at the end. A file shorter than promised is an error, never a
-    /// silently short body.
-    pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    /// The length of the next piece, `None` at the end. A file shorter than promised is an
+    /// error, never a silently short body.
+    fn next_len(&self) -> io::Result<Option<u64>> {
         if self.pos >= self.end {
             return Ok(None);
         }
@@ -206,26 +271,104 @@ impl BlobChunks {
                 "blob file shorter than its record",
             ));
         }
-        let chunk = if self.end - self.pos <= SMALL_READ {
-            let mut buf = vec![0u8; len as usize];
-            self.file.read_exact_at(&mut buf, self.pos)?;
-            Bytes::from(buf)
-        } else {
-            // SAFETY: the window lies inside the file (checked above) and blob files are
-            // immutable once committed: transship never writes to or truncates them (GC
-            // unlinks, which keeps the mapped inode valid).
-            let map = unsafe {
-                memmap2::MmapOptions::new()
-                    .offset(self.pos)
-                    .len(len as usize)
-                    .populate()
-                    .map(&self.file)?
-            };
-            Bytes::from_owner(map)
+        Ok(Some(len))
+    }
+
+    fn is_small(&self) -> bool {
+        self.end - self.pos <= SMALL_READ
+    }
+
+    /// The next piece, or `None` at the end, waiting for the disk if need be (for blocking
+    /// callers; the server uses `poll_chunk`).
+    pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let Some(len) = self.next_len()? else {
+            return Ok(None);
         };
+        let chunk = read_window(&self.file, self.pos, len, self.is_small())?;
         self.pos += len;
         Ok(Some(chunk))
     }
+
+    /// The next piece, or `None` at the end: at once if it is in the page cache, otherwise
+    /// `Pending` while a blocking thread reads it (and starts reading the one after).
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if self.pending.is_none() {
+            let Some(len) = self.next_len()? else {
+                return Poll::Ready(Ok(None));
+            };
+            if let Some(chunk) = self.read_cached(len)? {
+                self.pos += len;
+                return Poll::Ready(Ok(Some(chunk)));
+            }
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                return Poll::Ready(self.next_chunk());
+            };
+            let (file, pos, small) = (self.file.clone(), self.pos, self.is_small());
+            let after = (self.end - pos - len).min(READ_WINDOW);
+            self.pending = Some(rt.spawn_blocking(move || {
+                if after > 0 {
+                    pagecache::read_ahead(&file, pos + len, after);
+                }
+                read_window(&file, pos, len, small)
+            }));
+        }
+        let Some(task) = self.pending.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        let done = std::task::ready!(Pin::new(task).poll(cx));
+        self.pending = None;
+        let chunk = done.map_err(io::Error::other)??;
+        self.pos += chunk.len() as u64;
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    /// The next `len` bytes if reading them cannot wait for the disk.
+    fn read_cached(&mut self, len: u64) -> io::Result<Option<Bytes>> {
+        if self.is_small() {
+            let mut buf = vec![0u8; len as usize];
+            return Ok(pagecache::read_if_cached(&self.file, self.pos, &mut buf)?
+                .then(|| Bytes::from(buf)));
+        }
+        if self.probe.is_none() {
+            // SAFETY: only ever passed to mincore, never dereferenced.
+            self.probe = unsafe {
+                memmap2::MmapOptions::new()
+                    .len(self.file_len as usize)
+                    .map(&*self.file)
+            }
+            .ok();
+        }
+        let Some(probe) = &self.probe else {
+            return Ok(None);
+        };
+        // `pos + len <= file_len` (checked by `next_len`): inside the probe mapping.
+        let ptr = probe.as_ptr().wrapping_add(self.pos as usize);
+        if !pagecache::mapped_range_resident(ptr, len as usize, &mut self.scratch) {
+            return Ok(None);
+        }
+        read_window(&self.file, self.pos, len, false).map(Some)
+    }
+}
+
+/// Reads `pos..pos + len` (inside the file): one `pread` for a small body, else a populated
+/// read-only mapping of the window.
+fn read_window(file: &File, pos: u64, len: u64, small: bool) -> io::Result<Bytes> {
+    if small {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, pos)?;
+        return Ok(Bytes::from(buf));
+    }
+    // SAFETY: the window lies inside the file (checked by the caller) and blob files are
+    // immutable once committed: transship never writes to or truncates them (GC and scrub
+    // rename and unlink, which keeps the mapped inode valid).
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(pos)
+            .len(len as usize)
+            .populate()
+            .map(file)?
+    };
+    Ok(Bytes::from_owner(map))
 }
 
 #[cfg(test)]
@@ -263,6 +406,77 @@ mod tests {
         );
         store.remove(&digest).unwrap();
         store.remove(&digest).unwrap();
+    }
+
+    /// A window that is not in the page cache is never read on the polling thread: the poll
+    /// returns `Pending` and a blocking thread reads it. A cached one is ready at once.
+    #[test]
+    fn cold_windows_are_read_off_the_polling_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(3 * READ_WINDOW)).map(|i| (i % 253) as u8).collect();
+        let small = b"small blob bytes".to_vec();
+        let (big_path, small_path) = (dir.path().join("big"), dir.path().join("small"));
+        for (p, d) in [(&big_path, &data), (&small_path, &small)] {
+            let f = File::create(p).unwrap();
+            (&f).write_all(d).unwrap();
+            f.sync_all().unwrap();
+        }
+        // Eviction can miss pages the kernel still holds in per-CPU batches: retry a little.
+        let evicted = |p: &Path| {
+            let f = File::open(p).unwrap();
+            let len = f.metadata().unwrap().len() as usize;
+            (0..50).any(|_| {
+                pagecache::drop_cached(&f, 0, 0);
+                let gone = !pagecache::file_range_resident(&f, 0, len, &mut Vec::new());
+                if !gone {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                gone
+            })
+        };
+        if !evicted(&big_path) || !evicted(&small_path) {
+            eprintln!("skipped: this filesystem keeps the pages cached (tmpfs?)");
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for (path, expected) in [(&big_path, &data), (&small_path, &small)] {
+            let len = expected.len() as u64;
+            let mut chunks = BlobChunks::new(File::open(path).unwrap(), 0, len).unwrap();
+            {
+                let _in_runtime = rt.enter();
+                let first = chunks.poll_chunk(&mut cx);
+                // A small read asks the kernel with RWF_NOWAIT, which starts the read itself
+                // and answers with the bytes if they arrived already: never a wait, but not
+                // always `Pending` either.
+                if path == &big_path {
+                    assert!(first.is_pending(), "a cold window must not be read inline");
+                } else if let Poll::Ready(r) = first {
+                    assert_eq!(r.unwrap().as_deref(), Some(&small[..]));
+                    continue;
+                }
+            }
+            let mut got = Vec::new();
+            rt.block_on(async {
+                while let Some(c) = std::future::poll_fn(|cx| chunks.poll_chunk(cx))
+                    .await
+                    .unwrap()
+                {
+                    got.extend_from_slice(&c);
+                }
+            });
+            assert_eq!(&got, expected);
+            // Now cached: ready at once.
+            let mut again = BlobChunks::new(File::open(path).unwrap(), 0, len).unwrap();
+            let _in_runtime = rt.enter();
+            match again.poll_chunk(&mut cx) {
+                Poll::Ready(Ok(Some(c))) => assert_eq!(&c[..], &expected[..c.len()]),
+                other => panic!("a cached window is served inline, got {other:?}"),
+            }
+        }
     }
 
     #[test]

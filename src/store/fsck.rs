@@ -66,7 +66,6 @@ impl Store {
         let mut r = FsckReport::default();
         let mut fix = self.index.batch();
         let mut good_blobs: HashSet<String> = HashSet::new();
-        let quarantine = self.data_dir().join("quarantine");
 
         // Blobs: the file exists, has the recorded size and hashes to its name.
         for (k, v) in collect(self, CF_BLOBS)? {
@@ -109,18 +108,11 @@ impl Store {
                     r.problems.push(problem);
                     if repair {
                         fix.delete(CF_BLOBS, &k);
-                        if path.exists() {
-                            std::fs::create_dir_all(&quarantine)?;
-                            let dest = quarantine.join(format!(
-                                "{}-{}",
-                                digest.algorithm().as_str(),
-                                digest.hex()
-                            ));
-                            std::fs::rename(&path, &dest)?;
+                        if self.blobs.quarantine(&digest)? {
                             r.repairs.push(format!(
                                 "moved {} to {}",
                                 path.display(),
-                                dest.display()
+                                self.blobs.quarantine_path(&digest).display()
                             ));
                         }
                         r.repairs.push(format!("removed blob record {digest}"));

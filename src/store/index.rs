@@ -180,6 +180,12 @@ impl Index {
         Ok(self.db.write(batch.batch)?)
     }
 
+    /// Makes every write applied so far durable (fsyncs the WAL): lets a caller apply relaxed
+    /// writes under a lock and wait for the disk after releasing it.
+    pub fn sync_wal(&self) -> Result<(), IndexError> {
+        Ok(self.db.flush_wal(true)?)
+    }
+
     pub fn batch(&self) -> IndexBatch<'_> {
         IndexBatch {
             index: self,

@@ -1,6 +1,7 @@
 //! The storage engine both jobs share: a RocksDB index (`index`) over a content-addressed blob
-//! store (`blobs`), upload sessions (`uploads`), garbage collection (`gc`) and consistency
-//! checks (`fsck`), with moka hot caches in front of the index. It offers the operations the
+//! store (`blobs`), upload sessions (`uploads`), garbage collection (`gc`), consistency
+//! checks (`fsck`) and the online re-hash of stored blobs (`scrub`), with moka hot caches in
+//! front of the index. It offers the operations the
 //! handlers need and knows nothing about HTTP.
 //!
 //! Consistency rules:
@@ -9,8 +10,9 @@
 //! - Hot caches hold only positive answers. A cache miss reads the index and fills the cache
 //!   while holding the key's stripe lock; every change of a cached key happens under the same
 //!   lock, so a reader can never re-insert a value a writer just replaced.
-//! - `gc_lock`: commits and manifest pushes hold it shared; GC holds it exclusively while it
-//!   re-checks and deletes, so a blob is never collected under a push that references it.
+//! - `gc_lock`: commits and manifest pushes hold it shared; GC and scrub hold it exclusively
+//!   while they re-check and drop a blob from the index, so a blob is never collected under a
+//!   push that references it.
 
 pub mod auth_records;
 pub mod blobs;
@@ -18,6 +20,8 @@ pub mod fsck;
 pub mod gc;
 pub mod index;
 pub mod mirror;
+pub mod pagecache;
+pub mod scrub;
 pub mod uploads;
 
 use std::hash::{Hash, Hasher};
@@ -252,11 +256,10 @@ impl Store {
             .collect()
     }
 
-    fn lock_all_stripes(&self) -> Vec<MutexGuard<'_, ()>> {
-        self.stripes
-            .iter()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+    /// Excludes every commit, mount and manifest push (they hold it shared): GC and scrub
+    /// hold it only to re-check and drop blobs from the index, never across a disk wait.
+    fn write_gc_lock(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gc_lock.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_gc_lock(&self) -> std::sync::RwLockReadGuard<'_, ()> {
