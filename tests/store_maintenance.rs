@@ -244,6 +244,7 @@ fn scrubbed_cache_blob_is_fetched_again_from_upstream() {
 fn pushes_and_pulls_proceed_while_gc_runs() {
     let s = TestServer::start_with(|mut c| {
         c.gc.grace_period = HumanDuration(Duration::ZERO);
+        c.uploads.abandon_after = HumanDuration(Duration::ZERO);
         c
     });
     let h = Http::for_server(&s);
@@ -308,6 +309,7 @@ fn pushes_and_pulls_proceed_while_gc_runs() {
 fn gc_stopped_early_leaves_a_consistent_store() {
     let s = TestServer::start_with(|mut c| {
         c.gc.grace_period = HumanDuration(Duration::ZERO);
+        c.uploads.abandon_after = HumanDuration(Duration::ZERO);
         c
     });
     let h = Http::for_server(&s);
