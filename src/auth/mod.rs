@@ -261,6 +261,9 @@ impl Authorizer {
             audit_failure(peer, user, "refused: too many failed logins");
             return Err(Denial::Throttled { retry_after });
         }
+        // A password check's turn is held until its failure is counted, so the next guess in
+        // line sees it.
+        let mut turn = None;
         let result = if self.identities.is_cheap(user, password) {
             self.identities.verify_basic(user, password)
         } else {
@@ -279,12 +282,15 @@ impl Authorizer {
                 user.to_string(),
                 password.to_string(),
             );
-            tokio::task::spawn_blocking(move || {
-                let _turn = permit;
-                ids.verify_basic(&u, &p)
-            })
-            .await
-            .unwrap_or(Err(keys::CredentialError::WrongPassword))
+            // The turn moves into the check and back out, so it ends with the check even if
+            // this request is dropped meanwhile.
+            match tokio::task::spawn_blocking(move || (ids.verify_basic(&u, &p), permit)).await {
+                Ok((result, permit)) => {
+                    turn = Some(permit);
+                    result
+                }
+                Err(_) => Err(keys::CredentialError::WrongPassword),
+            }
         };
         match result {
             Ok(subject) => {
@@ -299,6 +305,7 @@ impl Authorizer {
                 // would fill memory and lock out nobody.
                 let counted = (e == keys::CredentialError::WrongPassword).then_some(user);
                 let delay = self.throttle.failed(peer, counted);
+                drop(turn);
                 tokio::time::sleep(delay).await;
                 Err(Denial::unauthenticated("invalid username or password"))
             }
