@@ -653,13 +653,7 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn idle_upload_sessions_hold_no_open_files() {
     let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("transship.toml");
-    let data_dir = dir.path().join("data");
-    let text = transship::config::EMBEDDED_DEFAULT.replace(
-        "data_dir = \"./transship-data\"",
-        &format!("data_dir = {:?}", data_dir.display().to_string()),
-    );
-    std::fs::write(&config_path, text).unwrap();
+    let config_path = default_config_in(dir.path());
     let server = BinaryServer::start(&config_path, &dir.path().join("transship.log"));
     let pid = server.child.id();
     let h = Http::new(&server.url(""));

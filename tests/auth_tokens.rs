@@ -1120,27 +1120,8 @@ fn the_catalog_follows_the_pull_policy_of_each_cached_repository() {
 #[test]
 fn anonymous_push_beyond_loopback_warns_about_proxies_at_startup() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let out = std::fs::File::create(&log).unwrap();
     // The embedded default: project `local` takes anonymous pushes (from loopback).
-    let mut child = std::process::Command::new(binary())
-        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("NO_COLOR", "1")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("transship serving") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let text = startup_log_on_all_addresses(dir.path());
     let warning = text
         .lines()
         .find(|l| l.contains("anonymous push is on"))

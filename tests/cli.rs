@@ -349,26 +349,7 @@ fn identity_commands_work_offline_and_against_the_running_server() {
 #[test]
 fn an_exposed_listener_without_users_warns_at_startup() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(binary())
-        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("NO_COLOR", "1")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("transship serving") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let text = startup_log_on_all_addresses(dir.path());
     assert!(
         text.contains("pushes are refused until one is created with `transship user add`"),
         "{text}"

@@ -102,13 +102,7 @@ fn try_push_blob(h: &Http, repo: &str, data: &[u8]) -> Option<String> {
 #[test]
 fn kill_dash_nine_during_concurrent_pushes_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let config_path = dir.path().join("transship.toml");
-    let data_dir = dir.path().join("data");
-    let text = transship::config::EMBEDDED_DEFAULT.replace(
-        "data_dir = \"./transship-data\"",
-        &format!("data_dir = {:?}", data_dir.display().to_string()),
-    );
-    std::fs::write(&config_path, text).unwrap();
+    let config_path = default_config_in(dir.path());
     let log = dir.path().join("transship.log");
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let rounds = 5;

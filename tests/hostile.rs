@@ -459,16 +459,6 @@ fn hostile_requests(i: usize, blob: &str, session: &str) -> Vec<(String, Vec<u8>
 }
 
 /// Series names with labels, from a scrape (comments left out).
-fn series(h: &Http) -> Vec<String> {
-    let r = h.get("/metrics");
-    assert_eq!(r.status, 200);
-    String::from_utf8(r.body.to_vec())
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| l.rsplit_once(' ').map_or(l, |(k, _)| k).to_string())
-        .collect()
-}
 
 #[test]
 fn hostile_input_is_refused_and_changes_nothing() {
@@ -501,7 +491,7 @@ fn hostile_input_is_refused_and_changes_nothing() {
             h.get("/v2/local/keep/manifests/v1").body,
             manifest.as_bytes()
         );
-        counts.push(series(&h));
+        counts.push(metric_series(&h));
     }
     let new: Vec<_> = counts[1]
         .iter()

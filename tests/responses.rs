@@ -23,15 +23,6 @@ fn scrape(h: &Http, name: &str) -> (u64, usize) {
     (value, r.body.len())
 }
 
-fn series(h: &Http) -> Vec<String> {
-    String::from_utf8(h.get("/metrics").body.to_vec())
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| l.rsplit_once(' ').map_or(l, |(k, _)| k).to_string())
-        .collect()
-}
-
 #[test]
 fn made_up_methods_add_at_most_one_series() {
     let s = TestServer::start();
@@ -41,14 +32,14 @@ fn made_up_methods_add_at_most_one_series() {
     // One made-up method may add its series (method="other"); forty more add none.
     let r = h.send("BREW0", "/v2/", &[], Bytes::new());
     assert_eq!(r.status, 405);
-    let before = series(&h);
+    let before = metric_series(&h);
     for i in 1..=40 {
         for path in ["/v2/", "/v2/local/x/manifests/latest", "/metrics"] {
             let r = h.send(&format!("BREW{i}"), path, &[], Bytes::new());
             assert!((400..500).contains(&r.status), "{path}: {}", r.status);
         }
     }
-    let after = series(&h);
+    let after = metric_series(&h);
     let new: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
     // The two other routes may each add their `other` series once (counter + histogram).
     assert!(

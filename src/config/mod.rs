@@ -702,41 +702,20 @@ mod tests {
         let nested = format!("{base}[[project]]\nname = \"a\"\n[[project]]\nname = \"a/b\"\n");
         let e = Config::parse(&nested, "t").unwrap_err().to_string();
         assert!(e.contains("line 7") && e.contains("nest"), "{e}");
-        let bad_name = format!("{base}[[project]]\nname = \"Bad\"\n");
-        assert!(
-            Config::parse(&bad_name, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("line 5")
-        );
-        let dup = format!(
-            "{base}[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\n[[upstream]]\nname = \"x.io\"\nurl = \"https://y.io\"\n"
-        );
-        assert!(
-            Config::parse(&dup, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("twice")
-        );
-        let inside = format!(
-            "{base}[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\n[[project]]\nname = \"x.io/p\"\n"
-        );
-        assert!(
-            Config::parse(&inside, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("inside upstream")
-        );
-        let no_fills = format!(
-            "{base}[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nmax_concurrent_fills = 0\n"
-        );
-        assert!(
-            Config::parse(&no_fills, "t")
-                .unwrap_err()
-                .to_string()
-                .contains("max_concurrent_fills")
-        );
         for (extra, wanted) in [
+            ("[[project]]\nname = \"Bad\"\n", "line 5"),
+            (
+                "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\n[[upstream]]\nname = \"x.io\"\nurl = \"https://y.io\"\n",
+                "twice",
+            ),
+            (
+                "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\n[[project]]\nname = \"x.io/p\"\n",
+                "inside upstream",
+            ),
+            (
+                "[[upstream]]\nname = \"x.io\"\nurl = \"https://x.io\"\nmax_concurrent_fills = 0\n",
+                "max_concurrent_fills",
+            ),
             (
                 "[[user]]\nname = \"a\"\npassword_hash = \"plain\"\n",
                 "argon2id",

@@ -482,3 +482,54 @@ pub fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Every series on `/metrics` (name and labels, without the value).
+pub fn metric_series(h: &Http) -> Vec<String> {
+    let r = h.get("/metrics");
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec())
+        .expect("UTF-8 metrics")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.rsplit_once(' ').map_or(l, |(k, _)| k).to_string())
+        .collect()
+}
+
+/// Writes the embedded default config with its data directory in `dir`, for the real binary;
+/// returns the config file's path.
+pub fn default_config_in(dir: &Path) -> PathBuf {
+    let config_path = dir.join("transship.toml");
+    let data_dir = dir.join("data");
+    let text = transship::config::EMBEDDED_DEFAULT.replace(
+        "data_dir = \"./transship-data\"",
+        &format!("data_dir = {:?}", data_dir.display().to_string()),
+    );
+    std::fs::write(&config_path, text).expect("write config");
+    config_path
+}
+
+/// What the real binary logs while starting on the embedded defaults, listening on every
+/// address (`0.0.0.0`), with data in `dir`: the log up to "transship serving" (or 30 s).
+pub fn startup_log_on_all_addresses(dir: &Path) -> String {
+    let log = dir.join("log");
+    let out = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(binary())
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn transship");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("transship serving") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    text
+}
