@@ -812,14 +812,17 @@ fn anonymous_rights_follow_the_client_behind_a_trusted_proxy() {
     let (scope, token) = token_for(&http, None, "repository:local/app:pull,push", &[]);
     assert_eq!(scope, "repository:local/app:pull,push");
     let bearer = format!("Bearer {token}");
-    let r = http.send(
-        "POST",
-        upload,
-        &[("authorization", &bearer), public],
-        Bytes::new(),
-    );
-    assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
-    assert_eq!(challenge(&r).1, "insufficient_scope");
+    let refused_from_outside = |bearer: &str| {
+        let r = http.send(
+            "POST",
+            upload,
+            &[("authorization", bearer), public],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(challenge(&r).1, "insufficient_scope");
+    };
+    refused_from_outside(&bearer);
     assert_eq!(
         post(&[("authorization", &bearer)]),
         202,
@@ -830,15 +833,7 @@ fn anonymous_rights_follow_the_client_behind_a_trusted_proxy() {
     let olivia = basic_header("olivia", PASSWORD);
     let (scope, token) = token_for(&http, Some(&olivia), "repository:local/app:pull,push", &[]);
     assert_eq!(scope, "repository:local/app:pull,push");
-    let bearer = format!("Bearer {token}");
-    let r = http.send(
-        "POST",
-        upload,
-        &[("authorization", &bearer), public],
-        Bytes::new(),
-    );
-    assert_eq!(r.status, 401, "{:?}", String::from_utf8_lossy(&r.body));
-    assert_eq!(challenge(&r).1, "insufficient_scope");
+    refused_from_outside(&format!("Bearer {token}"));
     // Her own project's rights come from her role and go wherever she goes.
     let (_, token) = token_for(&http, Some(&olivia), "repository:team/app:pull,push", &[]);
     let r = http.send(
