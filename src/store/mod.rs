@@ -552,9 +552,14 @@ impl Store {
         let _gc = self.read_gc_lock();
         let mut missing = Vec::new();
         for d in parsed.referenced_blobs() {
+            // The link and the blob itself: a link GC left behind when it collected the blob
+            // in the same instant must not let a manifest point at bytes that are gone. Under
+            // the GC read lock neither can go away before this manifest's batch is written.
+            let digest_key = d.digest.to_string();
             if !self
                 .index
-                .exists(CF_LINKS, &key(&[repo.as_str(), &d.digest.to_string()]))?
+                .exists(CF_LINKS, &key(&[repo.as_str(), &digest_key]))?
+                || !self.index.exists(CF_BLOBS, digest_key.as_bytes())?
             {
                 missing.push(d.digest.clone());
             }
