@@ -2,12 +2,13 @@
 //! users, service-account keys, access and refresh tokens, memberships. Each change is a
 //! synced write to the index, then an update of the in-memory copy.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::identities::{Identities, KEY_SUB_PREFIX, Subject};
 use super::records::{
     KIND_KEY, KIND_MEMBER, KIND_TOKEN, KIND_USER, KeyFile, KeyInfo, KeyRecord, MemberInfo,
-    MemberRecord, TokenInfo, TokenKind, TokenRecord, UserInfo, UserRecord, to_json,
+    MemberRecord, Stored, TokenInfo, TokenKind, TokenRecord, UserInfo, UserRecord, to_json,
 };
 use super::role::Role;
 use super::secrets::{hash_password, random_id, random_secret, sha256_hex};
@@ -163,11 +164,7 @@ impl Identities {
     /// Revokes a key and every refresh token it obtained.
     pub fn revoke_key(&self, store: &Store, id: &str) -> Result<(), AdminError> {
         let _change = self.change();
-        if !self.read().keys.contains_key(id) {
-            return Err(AdminError::NotFound(format!("no key {id}")));
-        }
-        self.delete(store, KIND_KEY, id)?;
-        self.write().keys.remove(id);
+        self.forget(store, KIND_KEY, id, |s| &mut s.keys)?;
         self.drop_tokens_of(store, &format!("{KEY_SUB_PREFIX}{id}"))?;
         Ok(())
     }
@@ -231,11 +228,23 @@ impl Identities {
 
     pub fn revoke_token(&self, store: &Store, id: &str) -> Result<(), AdminError> {
         let _change = self.change();
-        if !self.read().tokens.contains_key(id) {
-            return Err(AdminError::NotFound(format!("no token {id}")));
+        self.forget(store, KIND_TOKEN, id, |s| &mut s.tokens)
+    }
+
+    /// Removes the `kind` record `id` from the index, then from `table` in memory; the caller
+    /// holds the change lock. An unknown id is `NotFound` ("no key …", "no token …").
+    fn forget<T>(
+        &self,
+        store: &Store,
+        kind: &'static str,
+        id: &str,
+        table: impl Fn(&mut Stored) -> &mut BTreeMap<String, T>,
+    ) -> Result<(), AdminError> {
+        if !table(&mut self.write()).contains_key(id) {
+            return Err(AdminError::NotFound(format!("no {kind} {id}")));
         }
-        self.delete(store, KIND_TOKEN, id)?;
-        self.write().tokens.remove(id);
+        self.delete(store, kind, id)?;
+        table(&mut self.write()).remove(id);
         Ok(())
     }
 

@@ -156,7 +156,7 @@ impl Store {
         }
         let now = unix_now();
         let mut batch = self.index.batch();
-        self.link_blob(&mut batch, &digest_key, size, repo, now)?;
+        self.link_blob(&mut batch, &digest_key, size, repo, now, false)?;
         self.index.write_synced(batch)?;
         Ok(Some(size))
     }

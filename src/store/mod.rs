@@ -327,21 +327,10 @@ impl Store {
     }
 
     /// Adds to `batch`: the blob record (with `linked_at = now`, which restarts its GC grace
-    /// period), `repo`'s link to it, and the repository if it is new.
+    /// period), `repo`'s link to it, and the repository if it is new. `pushed` marks a link
+    /// made by a push into `repo` (an upload or a mount), which GC keeps while the push's
+    /// manifest may still arrive (see `kept_for_push`).
     fn link_blob(
-        &self,
-        batch: &mut index::IndexBatch<'_>,
-        digest_key: &str,
-        size: u64,
-        repo: &RepoName,
-        now: u64,
-    ) -> Result<(), StoreError> {
-        self.link_blob_as(batch, digest_key, size, repo, now, false)
-    }
-
-    /// `link_blob`; `pushed` marks a link made by a push into `repo` (an upload or a mount),
-    /// which GC keeps while the push's manifest may still arrive (see `kept_for_push`).
-    fn link_blob_as(
         &self,
         batch: &mut index::IndexBatch<'_>,
         digest_key: &str,
@@ -396,7 +385,7 @@ impl Store {
         self.blobs.commit_ingest(ingest, digest)?;
         let now = unix_now();
         let mut batch = self.index.batch();
-        self.link_blob_as(
+        self.link_blob(
             &mut batch,
             &digest_key,
             size,
@@ -436,7 +425,7 @@ impl Store {
         };
         let now = unix_now();
         let mut batch = self.index.batch();
-        self.link_blob_as(&mut batch, &digest_key, size, repo, now, true)?;
+        self.link_blob(&mut batch, &digest_key, size, repo, now, true)?;
         self.index.write_synced(batch)?;
         Ok(Some(size))
     }
