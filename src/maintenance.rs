@@ -45,7 +45,10 @@ impl Supervisor {
             reap_uploads(a.clone())
         });
         let a = app.clone();
-        supervisor.every(PRUNE_PERIOD, move |_| prune_credentials(a.clone()));
+        // Expired tokens go at start too, not only after the first period.
+        supervisor.repeat(Duration::ZERO, PRUNE_PERIOD, move |_| {
+            prune_credentials(a.clone())
+        });
         let a = app.clone();
         supervisor.every(app.config.gc.interval.0, move |stop| {
             collect_garbage(a.clone(), stop)
@@ -64,12 +67,6 @@ impl Supervisor {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
-    }
-
-    /// A token that is cancelled when the server shuts down, for jobs that check it between
-    /// units of work.
-    pub fn cancellation(&self) -> CancellationToken {
-        self.cancel.clone()
     }
 
     /// Cancels every loop and waits up to `timeout` for the running jobs to finish their
@@ -101,10 +98,19 @@ impl Supervisor {
         F: Fn(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        self.repeat(period, period, job);
+    }
+
+    /// `every`, with the first run `first` after start.
+    fn repeat<F, Fut>(&self, first: Duration, period: Duration, job: F)
+    where
+        F: Fn(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let cancel = self.cancel.clone();
         let period = period.max(Duration::from_secs(1));
         self.tasks.spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

@@ -63,10 +63,7 @@ impl Identities {
 
     /// True if `verify_basic` would answer without running argon2id.
     pub fn is_cheap(&self, user: &str, password: &str) -> bool {
-        matches!(
-            user,
-            JSON_KEY_USER | JSON_KEY_BASE64_USER | ACCESS_TOKEN_USER
-        ) || self.verified.contains_key(&self.cache_key(user, password))
+        is_secret_login(user) || self.verified.contains_key(&self.cache_key(user, password))
     }
 
     fn cache_key(&self, user: &str, password: &str) -> [u8; 32] {
@@ -144,4 +141,13 @@ impl Identities {
         self.subject(&record.subject)
             .ok_or(CredentialError::OrphanToken)
     }
+}
+
+/// A login name that carries a 256-bit secret rather than a password (a key file or an access
+/// token): checked without argon2id, and never guessed per user.
+pub fn is_secret_login(user: &str) -> bool {
+    matches!(
+        user,
+        JSON_KEY_USER | JSON_KEY_BASE64_USER | ACCESS_TOKEN_USER
+    )
 }

@@ -260,10 +260,16 @@ impl Identities {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
-            self.delete(store, KIND_TOKEN, id)?;
-            self.write().tokens.remove(id);
+            self.forget_token(store, id)?;
         }
         Ok(expired.len())
+    }
+
+    /// Deletes one token from the index, then from memory. The caller holds `change`.
+    fn forget_token(&self, store: &Store, id: &str) -> Result<(), StoreError> {
+        self.delete(store, KIND_TOKEN, id)?;
+        self.write().tokens.remove(id);
+        Ok(())
     }
 
     /// Deletes every token whose owner is `subject` (a `Subject::token_sub`). The caller holds
@@ -277,8 +283,7 @@ impl Identities {
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            self.delete(store, KIND_TOKEN, &id)?;
-            self.write().tokens.remove(&id);
+            self.forget_token(store, &id)?;
         }
         Ok(())
     }
@@ -299,8 +304,7 @@ impl Identities {
         theirs.sort();
         let excess = theirs.len() - MAX_REFRESH_TOKENS;
         for (_, id) in theirs.into_iter().take(excess) {
-            self.delete(store, KIND_TOKEN, &id)?;
-            self.write().tokens.remove(&id);
+            self.forget_token(store, &id)?;
         }
         Ok(())
     }

@@ -251,12 +251,7 @@ impl Authorizer {
         peer: IpAddr,
     ) -> Result<Subject, Denial> {
         // Key files and access tokens are 256-bit secrets: only passwords are guessed per user.
-        let password_user = ![
-            keys::JSON_KEY_USER,
-            keys::JSON_KEY_BASE64_USER,
-            keys::ACCESS_TOKEN_USER,
-        ]
-        .contains(&user);
+        let password_user = !credentials::is_secret_login(user);
         if let Some(retry_after) = self.throttle.refused(peer, password_user.then_some(user)) {
             audit_failure(peer, user, "refused: too many failed logins");
             return Err(Denial::Throttled { retry_after });

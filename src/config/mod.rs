@@ -607,9 +607,7 @@ impl Config {
     }
 
     pub fn project(&self, name: &RepoName) -> Option<&ProjectConfig> {
-        self.projects
-            .iter()
-            .find(|p| name.is_within(p.name.get_ref().as_str()))
+        project_of(&self.projects, name)
     }
 }
 
@@ -653,6 +651,13 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
+}
+
+/// The project of `projects` that `name` is under, if any.
+pub fn project_of<'a>(projects: &'a [ProjectConfig], name: &RepoName) -> Option<&'a ProjectConfig> {
+    projects
+        .iter()
+        .find(|p| name.is_within(p.name.get_ref().as_str()))
 }
 
 #[cfg(test)]

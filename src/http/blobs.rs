@@ -35,17 +35,8 @@ pub async fn get(
         return Err(RegistryError::blob_unknown(&digest));
     };
     let digest_str = digest.to_string();
-    let etag = format!("\"{digest_str}\"");
     if etag_matches(parts, &digest_str) {
-        let mut r = empty(StatusCode::NOT_MODIFIED);
-        r.headers_mut().remove(header::CONTENT_LENGTH);
-        set(&mut r, header::ETAG, &etag);
-        set(
-            &mut r,
-            http::HeaderName::from_static("docker-content-digest"),
-            &digest_str,
-        );
-        return Ok(r);
+        return Ok(super::response::not_modified(&digest_str));
     }
     let (status, start, end) = match plan_range(parts, size, head) {
         Ok(plan) => plan,

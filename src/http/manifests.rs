@@ -113,22 +113,13 @@ pub async fn get(
         }
     };
     if etag_matches(parts, &m.digest.to_string()) {
-        return Ok(not_modified(&m));
+        return Ok(super::response::not_modified(&m.digest.to_string()));
     }
     Ok(manifest_response(&m, head))
 }
 
 /// The 304 for a conditional GET whose `If-None-Match` names this manifest: no body, and the
 /// validators a 200 would carry (`ETag`, `Docker-Content-Digest`), so caches can refresh them.
-pub fn not_modified(m: &StoredManifest) -> Resp {
-    let mut r = empty(StatusCode::NOT_MODIFIED);
-    r.headers_mut().remove(header::CONTENT_LENGTH);
-    let digest = m.digest.to_string();
-    set(&mut r, docker_content_digest(), &digest);
-    set(&mut r, header::ETAG, format!("\"{digest}\""));
-    r
-}
-
 pub async fn put(
     app: &Arc<App>,
     repo: &RepoName,

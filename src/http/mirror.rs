@@ -94,7 +94,7 @@ pub async fn get_manifest(
     };
     // A conditional GET is answered like one for a private repository: 304 with validators.
     let mut r = if super::etag_matches(parts, &m.digest.to_string()) {
-        super::manifests::not_modified(&m)
+        super::response::not_modified(&m.digest.to_string())
     } else {
         manifest_response(&m, head)
     };

@@ -44,15 +44,8 @@ pub async fn blocking_admin(
     }
 }
 
-/// Runs blocking store work (synced writes) off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, RegistryError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(e) => Err(RegistryError::internal(format!("storage task failed: {e}"))),
-    }
-}
+/// Runs blocking store work (synced writes) off the async workers: the proxy's helper, shared.
+pub use crate::proxy::blocking::store_work as blocking;
 
 pub fn parse_repo(name: &str) -> Result<RepoName, RegistryError> {
     name.parse().map_err(|e: crate::oci::name::NameError| {
@@ -302,7 +295,8 @@ async fn dispatch_mirror(
         Route::Blob { digest, .. } => mirror::get_blob(app, mirror, digest, parts, head).await,
         Route::Tags { .. } => mirror::list_tags(app, mirror, repo, parts).await,
         Route::Referrers { digest, .. } => referrers::list(app, &mirror.local, digest, parts).await,
-        _ => Err(not_allowed(&parts.method)),
+        // Uploads: a mirror namespace takes none, so no method is allowed here.
+        _ => Err(not_allowed(&parts.method).with_header("allow", "")),
     }
 }
 

@@ -67,6 +67,19 @@ pub fn empty(status: StatusCode) -> Resp {
     r
 }
 
+/// 304 for a blob or manifest the client already has: its validators, no body.
+pub fn not_modified(digest: &str) -> Resp {
+    let mut r = empty(StatusCode::NOT_MODIFIED);
+    r.headers_mut().remove(header::CONTENT_LENGTH);
+    set(&mut r, header::ETAG, format!("\"{digest}\""));
+    set(
+        &mut r,
+        header::HeaderName::from_static("docker-content-digest"),
+        digest,
+    );
+    r
+}
+
 /// Adds a header whose value came from validated data (names, digests, numbers). A value that
 /// is somehow not a valid header is dropped rather than crashing the request.
 pub fn set(r: &mut Resp, name: header::HeaderName, value: impl AsRef<str>) {

@@ -93,7 +93,7 @@ pub async fn locate(
 
 /// Asks the route's upstream whether it has the blob (HEAD): its length if it said, or the
 /// registry error the client should see.
-async fn upstream_size(
+pub(super) async fn upstream_size(
     cx: &Context,
     route: &MirrorRoute,
     digest: &Digest,

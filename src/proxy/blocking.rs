@@ -1,6 +1,7 @@
 //! Store work the proxy runs off the async workers: synced RocksDB writes (caching a manifest,
-//! confirming or forgetting a tag) block, so they go to tokio's blocking pool. The proxy's own
-//! helper, so the pull-through side never reaches into the HTTP layer for it.
+//! confirming or forgetting a tag) block, so they go to tokio's blocking pool. It lives here,
+//! below `http`, so the pull-through side never reaches up into the HTTP layer for it; the
+//! handlers use the same function as `http::blocking`.
 
 use crate::oci::RegistryError;
 use crate::store::StoreError;

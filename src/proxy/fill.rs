@@ -406,7 +406,10 @@ async fn run(
         Some(n) => Some(n),
         // A chunked body: the size is known for sure only once it hashes right; a HEAD may
         // tell it now (and is held to it), so readers can stream meanwhile.
-        None => head_size(cx, route, &suffix).await,
+        None => super::blob::upstream_size(cx, route, &fill.digest)
+            .await
+            .ok()
+            .flatten(),
     };
     let path = fill.path.clone();
     let file = tokio::task::spawn_blocking(move || {
@@ -554,18 +557,6 @@ async fn run(
 }
 
 /// The blob's size from a HEAD upstream, if it answers with one.
-async fn head_size(cx: &Context, route: &MirrorRoute, suffix: &str) -> Option<u64> {
-    let resp = cx
-        .proxy
-        .ask(&cx.metrics, route, Method::HEAD, suffix, &[])
-        .await
-        .ok()?;
-    if resp.status() != StatusCode::OK {
-        return None;
-    }
-    content_length(resp.headers())
-}
-
 pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?

@@ -7,7 +7,7 @@
 
 mod ask;
 pub mod blob;
-mod blocking;
+pub mod blocking;
 pub mod fill;
 pub mod freshness;
 mod manifest_fetch;
@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 pub use route::MirrorRoute;
 pub use route::Namespace;
-use route::{RouteError, Router};
+use route::Router;
 use upstream::{UpstreamClient, UpstreamError, rate_limit_value};
 
 /// How a cached request was answered (the `X-Cache` header and the metrics label).
@@ -95,14 +95,6 @@ impl Proxy {
             manifest_misses: manifest_miss::ManifestMisses::default(),
             tag_lists: tag_list::TagLists::new(&config.upstreams),
         })
-    }
-
-    pub fn resolve(
-        &self,
-        name: &crate::oci::RepoName,
-        ns: Option<&str>,
-    ) -> Result<MirrorRoute, RouteError> {
-        self.router.resolve(name, ns)
     }
 
     /// Where `name` lives (`ns` as in `?ns=`): resolved once per request, before access

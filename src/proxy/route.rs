@@ -106,9 +106,7 @@ impl Router {
 
     /// The project `name` is under, if any.
     pub fn project(&self, name: &RepoName) -> Option<&ProjectConfig> {
-        self.projects
-            .iter()
-            .find(|p| name.is_within(p.name.get_ref().as_str()))
+        crate::config::project_of(&self.projects, name)
     }
 
     fn by_host(&self, host: &str) -> Option<usize> {
