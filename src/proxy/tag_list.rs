@@ -23,7 +23,9 @@ use crate::store::Page;
 
 /// Most upstream pages fetched for one list.
 pub const MAX_PAGES: usize = 100;
-/// Most bytes of upstream responses read for one list, all pages together.
+/// Most bytes of upstream responses read for one list, all pages together. Unlike the page
+/// and tag caps, which cut the list, a list past this budget is not served: the answer is the
+/// last list fetched, else the tags cached here, else 503.
 pub const MAX_LIST_BYTES: usize = 8 << 20;
 /// Most tags kept of one list; beyond it the list is cut (and a warning logged).
 pub const MAX_TAGS: usize = 100_000;
