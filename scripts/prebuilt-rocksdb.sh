@@ -23,4 +23,10 @@ for line in sys.stdin:
   mkdir -p "$dir.tmp" && cp "$out/librocksdb.a" "$dir.tmp/" && mv "$dir.tmp" "$dir"
   rm -rf "$build_target"
 fi
+# RocksDB's own debug information is 97 % of the archive (1.5 GB of 1.55 GB) and ends up in
+# every binary that links it: 500 MB release binaries, 480 MB per test binary. Nobody steps
+# through RocksDB here, so keep its symbols and drop its DWARF, once (a marker says it is done).
+if [ ! -f "$dir/.debug-stripped" ]; then
+  strip --strip-debug "$dir/librocksdb.a" && touch "$dir/.debug-stripped"
+fi
 echo "export ROCKSDB_LIB_DIR='$dir' ROCKSDB_STATIC=1"
