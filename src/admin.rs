@@ -66,6 +66,8 @@ pub enum AdminRequest {
     MemberList {
         project: String,
     },
+    /// `transship cache …`: answered by `cache_admin::apply`, which needs the whole app.
+    Cache(crate::cache_admin::CacheRequest),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +80,19 @@ pub enum AdminResponse {
     Token { id: String, token: String },
     Tokens { tokens: Vec<TokenInfo> },
     Members { members: Vec<MemberInfo> },
+    Cache(crate::cache_admin::CacheAnswer),
     Error { message: String },
+}
+
+/// Applies one request with the whole app at hand (cache requests need its config and router).
+pub fn apply_with_app(app: &App, req: AdminRequest) -> AdminResponse {
+    match req {
+        AdminRequest::Cache(c) => crate::cache_admin::apply(app, c).map_or_else(
+            |message| AdminResponse::Error { message },
+            AdminResponse::Cache,
+        ),
+        req => apply(&app.auth.identities, &app.store, req),
+    }
 }
 
 /// Applies one request.
@@ -125,6 +139,11 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
             members: ids.members(&project),
         }),
+        AdminRequest::Cache(_) => {
+            return AdminResponse::Error {
+                message: "cache requests are answered by apply_with_app".into(),
+            };
+        }
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -170,12 +189,11 @@ async fn serve_one(app: Arc<App>, stream: tokio::net::UnixStream) -> std::io::Re
         Ok(req) => {
             let op = describe(&req);
             let a = app.clone();
-            let answer =
-                tokio::task::spawn_blocking(move || apply(&a.auth.identities, &a.store, req))
-                    .await
-                    .unwrap_or_else(|e| AdminResponse::Error {
-                        message: format!("admin task failed: {e}"),
-                    });
+            let answer = tokio::task::spawn_blocking(move || apply_with_app(&a, req))
+                .await
+                .unwrap_or_else(|e| AdminResponse::Error {
+                    message: format!("admin task failed: {e}"),
+                });
             match &answer {
                 AdminResponse::Error { message } => {
                     tracing::info!(target: "audit", op, error = %message, "audit: admin request refused")
@@ -211,6 +229,7 @@ fn describe(req: &AdminRequest) -> String {
             role,
         } => format!("member set {project} {user} {}", role.as_str()),
         AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
+        AdminRequest::Cache(c) => crate::cache_admin::describe(c),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList
@@ -233,7 +252,8 @@ pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<Admin
         }
         Err(e) => return Err(e),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // Long enough for an eviction of many images on a slow disk.
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache_admin;
 pub mod config;
 pub mod http;
 pub mod maintenance;
@@ -78,10 +79,25 @@ impl App {
         }
     }
 
+    /// Whether `repo` belongs to the pull-through cache (it is in no declared project).
+    pub fn is_cache_repo(&self, repo: &oci::RepoName) -> bool {
+        self.config.project(repo).is_none()
+    }
+
+    /// The cache's limits, as an eviction pass enforces them.
+    pub fn cache_budget(&self) -> store::evict::Budget {
+        let c = &self.config.cache;
+        store::evict::Budget {
+            max_size: c.max_size.map(|m| m.0),
+            evict_to: c.max_size.map_or(0, |m| c.evict_to.of(m.0)),
+            min_free_disk: c.min_free_disk.0,
+        }
+    }
+
     /// `fsck` knowing which repositories are the pull-through cache's.
     pub fn fsck(&self, repair: bool) -> Result<store::fsck::FsckReport, StoreError> {
         self.store
-            .fsck_with(repair, &|repo| self.config.project(repo).is_none())
+            .fsck_with(repair, &|repo| self.is_cache_repo(repo))
     }
 }
 
@@ -91,6 +107,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
         max_manifest_size: config.storage.max_manifest_size.0,
         gc_grace: config.gc.grace_period.0,
         upload_abandon_after: config.uploads.abandon_after.0,
+        cache_max_size: config.cache.max_size.map(|m| m.0),
         upload_limits: store::uploads::UploadLimits {
             max_sessions: config.uploads.max_sessions,
             max_sessions_per_client: config.uploads.max_sessions_per_client,

@@ -13,6 +13,8 @@ use transship::auth::token::rfc3339;
 use transship::config::{Config, HumanDuration, LogFormat};
 use transship::{App, store_options};
 
+mod cache_cli;
+
 /// A container registry appliance: a pull-through cache for Docker Hub and other registries,
 /// and a private OCI registry under PROJECT/IMAGE names, on one storage engine.
 #[derive(Parser)]
@@ -60,6 +62,10 @@ enum Command {
     /// Manage project members and their roles (owner, editor, viewer).
     #[command(subcommand)]
     Member(MemberCommand),
+    /// The pull-through cache: list what is cached, evict, pin, and show tag history. Works
+    /// whether or not the server is running.
+    #[command(subcommand)]
+    Cache(cache_cli::CacheCommand),
 }
 
 #[derive(Subcommand)]
@@ -170,7 +176,7 @@ enum MemberCommand {
 }
 
 #[derive(Args)]
-struct ConfigArgs {
+pub(crate) struct ConfigArgs {
     /// Config file (TOML). Default: the embedded configuration (see config/transship.toml).
     #[arg(long, short = 'c', env = "TRANSSHIP_CONFIG")]
     config: Option<PathBuf>,
@@ -183,7 +189,7 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> anyhow::Result<Config> {
+    pub(crate) fn load(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
             Some(path) => Config::load(path)?,
             None => Config::embedded(),
@@ -251,6 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cmd @ (Command::User(_) | Command::Key(_) | Command::Token(_) | Command::Member(_)) => {
             run_admin(cmd)
         }
+        Command::Cache(cmd) => cache_cli::run(cmd),
         Command::Fsck { config, repair } => {
             let config = config.load()?;
             let store = open_store_offline(&config)?;
@@ -424,7 +431,7 @@ fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        AdminResponse::Key { .. } | AdminResponse::Error { .. } => {}
+        AdminResponse::Key { .. } | AdminResponse::Error { .. } | AdminResponse::Cache(_) => {}
     }
     Ok(ExitCode::SUCCESS)
 }

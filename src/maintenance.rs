@@ -23,6 +23,8 @@ pub struct Supervisor {
 
 /// How often the TLS certificate files are checked for changes.
 const TLS_WATCH_PERIOD: Duration = Duration::from_secs(10);
+/// How often tag-resolution history is pruned to `cache.history_max_age` / `_entries`.
+const HISTORY_PRUNE_PERIOD: Duration = Duration::from_secs(3600);
 /// How often expired tokens and forgotten login failures are pruned.
 const PRUNE_PERIOD: Duration = Duration::from_secs(600);
 
@@ -53,6 +55,7 @@ impl Supervisor {
         supervisor.every(app.config.gc.interval.0, move |stop| {
             collect_garbage(a.clone(), stop)
         });
+        supervisor.cache_lifecycle(app);
         let every = app.config.scrub.interval.0;
         if !every.is_zero() {
             let a = app.clone();
@@ -118,6 +121,52 @@ impl Supervisor {
                     _ = tick.tick() => job(cancel.clone()).await,
                 }
             }
+        });
+    }
+
+    /// The cache's lifecycle: pulls recorded in memory are flushed to the index; eviction
+    /// runs every `cache.check_interval`, and at once when a fill crosses the budget (after
+    /// flushing, so its order is current); tag history is pruned hourly.
+    fn cache_lifecycle(&self, app: &Arc<App>) {
+        let a = app.clone();
+        let flush_every = app.config.cache.access_flush_interval.0;
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + flush_every, flush_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut early = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                    _ = early.tick() => if !a.store.access_log_full() { continue },
+                }
+                let s = a.clone();
+                if let Some(Err(e)) = blocking("access flush", move || s.store.flush_access()).await
+                {
+                    tracing::error!(error = %e, "writing the record of pulls failed");
+                }
+            }
+        });
+        let a = app.clone();
+        let check_every = app.config.cache.check_interval.0;
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(check_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                    () = a.store.eviction_wanted() => {}
+                }
+                enforce_budget(a.clone(), cancel.clone()).await;
+            }
+        });
+        let a = app.clone();
+        self.repeat(Duration::ZERO, HISTORY_PRUNE_PERIOD, move |_| {
+            prune_tag_history(a.clone())
         });
     }
 
@@ -226,6 +275,80 @@ async fn collect_garbage(app: Arc<App>, cancel: CancellationToken) {
         }
         Some(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
         None => {}
+    }
+}
+
+/// One eviction pass (blocking), counted in the metrics and logged when it removed anything.
+async fn enforce_budget(app: Arc<App>, cancel: CancellationToken) {
+    let (a, stop) = (app.clone(), stop_flag(&cancel));
+    let budget = app.cache_budget();
+    let outcome = blocking("eviction", move || {
+        a.store
+            .enforce_budget(&budget, &|r| a.is_cache_repo(r), &stop)
+    })
+    .await;
+    match outcome {
+        Some(Ok(report)) => {
+            let m = &app.metrics;
+            let gauge =
+                |g: &prometheus::IntGauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+            gauge(&m.disk_free_bytes, report.free_disk);
+            gauge(&m.cache_max_bytes, budget.max_size.unwrap_or(0));
+            let u = app.store.last_usage();
+            gauge(&m.cache_cached_bytes, u.cached_bytes);
+            gauge(&m.cache_pinned_bytes, u.pinned_bytes);
+            gauge(&m.cache_pushed_bytes, u.pushed_bytes);
+            gauge(&m.cache_images, u.images);
+            m.cache_pins_over_budget
+                .set(i64::from(report.pins_over_budget));
+            m.cache_evicted_images.inc_by(report.images_evicted);
+            m.cache_evicted_bytes.inc_by(report.bytes_freed);
+            if report.took_census {
+                m.cache_eviction_seconds.observe(report.seconds);
+            }
+            if report.images_evicted > 0 || report.blobs_removed > 0 {
+                tracing::info!(
+                    images = report.images_evicted,
+                    blobs = report.blobs_removed,
+                    bytes = report.bytes_freed,
+                    cached_bytes = report.usage.cached_bytes,
+                    free_disk = report.free_disk,
+                    seconds = report.seconds,
+                    "cache eviction"
+                );
+            }
+            if report.pins_over_budget {
+                tracing::warn!(
+                    pinned_bytes = report.usage.pinned_bytes,
+                    max_size = ?budget.max_size,
+                    "pinned images alone exceed cache.max_size; serving them anyway"
+                );
+            }
+            if report.space_low {
+                tracing::error!(
+                    free_disk = report.free_disk,
+                    min_free_disk = budget.min_free_disk,
+                    "the data directory is short of space and nothing more may be evicted: new fills and pushes are refused"
+                );
+            }
+        }
+        Some(Err(e)) => tracing::error!(error = %e, "cache eviction failed"),
+        None => {}
+    }
+}
+
+async fn prune_tag_history(app: Arc<App>) {
+    let a = app.clone();
+    let c = app.config.cache.clone();
+    match blocking("tag history pruning", move || {
+        a.store
+            .prune_tag_history(c.history_max_age.0.as_secs(), c.history_max_entries)
+    })
+    .await
+    {
+        Some(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned tag history"),
+        Some(Err(e)) => tracing::error!(error = %e, "pruning tag history failed"),
+        _ => {}
     }
 }
 

@@ -33,6 +33,18 @@ pub struct Metrics {
     pub scrub_passes: IntCounter,
     pub scrub_bytes: IntCounter,
     pub scrub_corrupt: IntCounter,
+    pub cache_cached_bytes: IntGauge,
+    pub cache_pinned_bytes: IntGauge,
+    pub cache_pushed_bytes: IntGauge,
+    pub cache_max_bytes: IntGauge,
+    pub cache_images: IntGauge,
+    pub cache_pins_over_budget: IntGauge,
+    pub cache_evicted_images: IntCounter,
+    pub cache_evicted_bytes: IntCounter,
+    pub cache_eviction_seconds: prometheus::Histogram,
+    pub disk_free_bytes: IntGauge,
+    /// Fills and pushes refused because the data directory is short of space.
+    pub space_refusals: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -185,6 +197,61 @@ impl Metrics {
             scrub_corrupt: counter(
                 "transship_scrub_corrupt_total",
                 "Stored blobs scrub found damaged (wrong hash or size, unreadable, missing) and quarantined",
+            ),
+            cache_cached_bytes: gauge(
+                "transship_cache_cached_bytes",
+                "Bytes of cached (pull-through) blobs, counted against cache.max_size (as of the last eviction check that took a census)",
+            ),
+            cache_pinned_bytes: gauge(
+                "transship_cache_pinned_bytes",
+                "Cached bytes held by pins (never evicted)",
+            ),
+            cache_pushed_bytes: gauge(
+                "transship_cache_pushed_bytes",
+                "Bytes of pushed blobs (not in the cache budget, never evicted)",
+            ),
+            cache_max_bytes: gauge(
+                "transship_cache_max_bytes",
+                "cache.max_size in bytes (0: no budget)",
+            ),
+            cache_images: gauge("transship_cache_images", "Cached images (root manifests)"),
+            cache_pins_over_budget: gauge(
+                "transship_cache_pins_over_budget",
+                "1 when pinned bytes alone exceed cache.max_size",
+            ),
+            cache_evicted_images: counter(
+                "transship_cache_evicted_images_total",
+                "Cached images evicted",
+            ),
+            cache_evicted_bytes: counter(
+                "transship_cache_evicted_bytes_total",
+                "Blob bytes freed by eviction",
+            ),
+            cache_eviction_seconds: reg(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "transship_cache_eviction_duration_seconds",
+                        "Time of eviction checks that took a census",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
+                )
+                .expect("valid metric"),
+            ),
+            disk_free_bytes: gauge(
+                "transship_disk_free_bytes",
+                "Free bytes on the data directory's filesystem (as of the last eviction check)",
+            ),
+            space_refusals: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "transship_space_refusals_total",
+                        "Fills and pushes refused because free disk space is below cache.min_free_disk, by kind (fill, push)",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
             ),
             registry: r,
         }

@@ -18,7 +18,7 @@ use crate::oci::RepoName;
 mod units;
 mod users;
 use units::serialize_redacted;
-pub use units::{ByteSize, HumanDuration, IpNet, REDACTED, Secret};
+pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
 
 /// The documented example config; also what `transship serve` runs with when given no file.
@@ -37,6 +37,8 @@ pub struct Config {
     pub gc: GcConfig,
     #[serde(default)]
     pub scrub: ScrubConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     #[serde(default, rename = "project")]
     pub projects: Vec<ProjectConfig>,
     #[serde(default, rename = "upstream")]
@@ -72,6 +74,10 @@ pub struct AuthConfig {
     /// How long failures are remembered, and how long an address stays refused.
     #[serde(default = "default_lockout")]
     pub lockout: HumanDuration,
+    /// Users (and key names) who administer the whole registry: the cache inventory, pins and
+    /// eviction under `/transship/v1/cache/`. Owning a project does not make one an admin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admins: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -84,6 +90,7 @@ impl Default for AuthConfig {
             refresh_token_ttl: default_refresh_ttl(),
             max_failed_logins: default_max_failed_logins(),
             lockout: default_lockout(),
+            admins: Vec::new(),
         }
     }
 }
@@ -258,6 +265,45 @@ impl Default for ScrubConfig {
         Self {
             interval: HumanDuration(Duration::from_secs(24 * 3600)),
             rate: ByteSize(50 << 20),
+        }
+    }
+}
+
+/// The pull-through cache's lifecycle: its byte budget, eviction and tag-history retention
+/// (`store::evict`). Pushed content never counts against the budget and is never evicted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of cached (mirror) blobs allowed; unset means no budget (only `min_free_disk`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+    /// Once over `max_size`, evict until cached bytes are at most this share of it.
+    pub evict_to: Percent,
+    /// Evict cached content while the data directory's filesystem has less free space than
+    /// this; when nothing more can be evicted, refuse new fills (503) and pushes (507).
+    pub min_free_disk: ByteSize,
+    /// How often the budget and the free space are checked (a fill that crosses the budget
+    /// also starts a check at once).
+    pub check_interval: HumanDuration,
+    /// How often the in-memory record of pulls is written to the index (a crash loses at
+    /// most this much of it).
+    pub access_flush_interval: HumanDuration,
+    /// Tag-resolution history older than this is dropped.
+    pub history_max_age: HumanDuration,
+    /// At most this many history entries are kept per tag (the newest).
+    pub history_max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            evict_to: Percent(90),
+            min_free_disk: ByteSize(1 << 30),
+            check_interval: HumanDuration(Duration::from_secs(10)),
+            access_flush_interval: HumanDuration(Duration::from_secs(60)),
+            history_max_age: HumanDuration(Duration::from_secs(90 * 24 * 3600)),
+            history_max_entries: 1000,
         }
     }
 }
@@ -540,6 +586,16 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        if self.cache.check_interval.0 < Duration::from_secs(1)
+            || self.cache.access_flush_interval.0 < Duration::from_secs(1)
+        {
+            return Err(
+                "cache.check_interval and cache.access_flush_interval must be at least 1s".into(),
+            );
+        }
+        if self.cache.history_max_entries == 0 {
+            return Err("cache.history_max_entries must be at least 1".into());
+        }
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

@@ -172,6 +172,35 @@ impl fmt::Display for IpNet {
     }
 }
 
+/// A whole percentage written `"90%"` (0–100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl Percent {
+    /// `self` percent of `n`, rounded down.
+    pub fn of(self, n: u64) -> u64 {
+        (u128::from(n) * u128::from(self.0) / 100) as u64
+    }
+}
+
+impl FromStr for Percent {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        t.strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u8>().ok())
+            .filter(|n| *n <= 100)
+            .map(Self)
+            .ok_or_else(|| format!("invalid percentage {s:?}: expected e.g. \"90%\" (0% to 100%)"))
+    }
+}
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
 macro_rules! serde_via_str {
     ($($t:ty),*) => {$(
         impl Serialize for $t {
@@ -192,7 +221,7 @@ macro_rules! serde_via_str {
         }
     )*};
 }
-serde_via_str!(HumanDuration, ByteSize, IpNet);
+serde_via_str!(HumanDuration, ByteSize, IpNet, Percent);
 
 impl Serialize for RepoName {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

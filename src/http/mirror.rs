@@ -63,6 +63,7 @@ pub async fn get_manifest(
     let served = freshness::manifest(&app.proxy_context(), route, &reference).await?;
     let accept = accept_list(parts);
     let by_tag = matches!(reference, Reference::Tag(_));
+    let served_digest = served.manifest.digest.clone();
     let (m, outcome) = match negotiate(&accept, &served.manifest.media_type, by_tag) {
         Negotiated::Serve => (served.manifest, served.outcome),
         Negotiated::NotAcceptable => {
@@ -92,6 +93,10 @@ pub async fn get_manifest(
             (child.manifest, child.outcome)
         }
     };
+    app.store.note_pull(&route.local, &served_digest, !head);
+    if m.digest != served_digest {
+        app.store.note_pull(&route.local, &m.digest, false);
+    }
     // A conditional GET is answered like one for a private repository: 304 with validators.
     let mut r = if super::etag_matches(parts, &m.digest.to_string()) {
         super::response::not_modified(&m.digest.to_string())
@@ -127,8 +132,21 @@ pub async fn get_blob(
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
+    if !head {
+        app.store.note_pull(&route.local, &digest, false);
+    }
     let cx = app.proxy_context();
-    let (fill, outcome) = match blob::locate(&cx, route, &digest, head).await? {
+    let mut source = blob::locate(&cx, route, &digest, head).await?;
+    if let BlobSource::Stored = source {
+        match serve_local(app, route, &digest, parts, head).await {
+            // Evicted between the lookup and the open: a miss like any other.
+            Err(e) if e.code == ErrorCode::BlobUnknown => {
+                source = blob::locate(&cx, route, &digest, head).await?;
+            }
+            answer => return answer,
+        }
+    }
+    let (fill, outcome) = match source {
         BlobSource::Stored => return serve_local(app, route, &digest, parts, head).await,
         BlobSource::Upstream { size } => {
             let mut r = http::Response::new(ResponseBody::Empty);

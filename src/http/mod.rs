@@ -4,6 +4,7 @@
 
 pub mod blobs;
 pub mod body;
+pub mod cache_admin;
 pub mod forwarded;
 pub mod manifests;
 pub mod members;
@@ -237,6 +238,7 @@ async fn dispatch(
             app.auth.authorize_catalog(&caller).map_err(deny)?;
             tags::catalog(app, parts, &caller).await
         }
+        Route::Cache { what } => cache_admin::serve(app, parts, body, &caller, what).await,
         Route::Members { project, user } => {
             members::serve(app, parts, body, &caller, project, user.as_deref()).await
         }
@@ -316,6 +318,6 @@ fn metrics(app: &App) -> Resp {
     r
 }
 
-fn not_allowed(method: &Method) -> RegistryError {
+pub(crate) fn not_allowed(method: &Method) -> RegistryError {
     RegistryError::unsupported(format!("method {method} is not supported on this endpoint"))
 }

@@ -141,6 +141,16 @@ impl From<StoreError> for RegistryError {
                 format!("error reading the request body: {e}"),
             )
             .with_status(400),
+            e @ StoreError::InsufficientStorage => {
+                RegistryError::new(ErrorCode::InsufficientStorage, e.to_string())
+            }
+            StoreError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                tracing::error!(error = %e, "storage full");
+                RegistryError::new(
+                    ErrorCode::InsufficientStorage,
+                    "the registry's disk is full; nothing was stored, try again later",
+                )
+            }
             e @ (StoreError::Io(_) | StoreError::Index(_)) => {
                 tracing::error!(error = %e, "storage error");
                 RegistryError::internal("internal storage error; see the server log")

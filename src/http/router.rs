@@ -19,6 +19,10 @@ pub enum Route<'a> {
         project: Cow<'a, str>,
         user: Option<Cow<'a, str>>,
     },
+    /// `/transship/v1/cache/<what>`: the cache inventory and control, for registry admins
+    Cache {
+        what: Cow<'a, str>,
+    },
     /// `GET /metrics`
     Metrics,
     /// `GET /healthz`
@@ -56,6 +60,7 @@ impl Route<'_> {
             Route::Catalog => "catalog",
             Route::Token => "token",
             Route::Members { .. } => "members",
+            Route::Cache { .. } => "cache_admin",
             Route::Metrics => "metrics",
             Route::Health => "health",
             Route::Manifest { .. } => "manifest",
@@ -81,6 +86,9 @@ impl Route<'_> {
             Route::Token => "GET, POST",
             Route::Members { user: None, .. } => "GET",
             Route::Members { user: Some(_), .. } => "PUT, DELETE",
+            Route::Cache { what } if what == "images" || what == "history" => "GET",
+            Route::Cache { what } if what == "pins" => "GET, POST, DELETE",
+            Route::Cache { .. } => "POST",
             Route::Manifest { .. } => "GET, HEAD, PUT, DELETE",
             Route::Blob { .. } => "GET, HEAD, DELETE",
             Route::UploadStart { .. } => "POST",
@@ -130,6 +138,7 @@ fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
 }
 
 const MEMBERS_PREFIX: &str = "/transship/v1/projects/";
+const CACHE_PREFIX: &str = "/transship/v1/cache/";
 
 /// `<project>/members` or `<project>/members/<user>`; the project name may hold slashes.
 fn members_route(rest: &str) -> Route<'_> {
@@ -163,6 +172,14 @@ pub fn parse(raw_path: &str) -> Route<'_> {
     }
     if let Some(rest) = raw_path.strip_prefix(MEMBERS_PREFIX) {
         return members_route(rest);
+    }
+    if let Some(what) = raw_path.strip_prefix(CACHE_PREFIX) {
+        return match what {
+            "images" | "history" | "pins" | "evict" => Route::Cache {
+                what: Cow::Borrowed(what),
+            },
+            _ => Route::NotFound,
+        };
     }
     let Some(rest) = raw_path.strip_prefix("/v2/") else {
         return Route::NotFound;
@@ -204,6 +221,7 @@ fn owned(r: Route<'_>) -> Route<'static> {
             project: o(project),
             user: user.map(o),
         },
+        Route::Cache { what } => Route::Cache { what: o(what) },
         Route::Metrics => Route::Metrics,
         Route::Health => Route::Health,
         Route::NotFound => Route::NotFound,

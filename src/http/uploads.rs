@@ -126,6 +126,7 @@ async fn complete(
     spec: ChunkSpec,
     body: &mut RequestBody,
 ) -> Result<u64, StoreError> {
+    room_for_push(app)?;
     let up = app.store.lock_upload(repo, id).await?;
     let up = up.append(spec, body).await?;
     let (app2, d2) = (app.clone(), digest.clone());
@@ -135,6 +136,16 @@ async fn complete(
             "upload commit task failed: {e}"
         )))),
     }
+}
+
+/// Refuses to take more pushed bytes while the data directory is short of space (counted).
+fn room_for_push(app: &App) -> Result<(), StoreError> {
+    app.store.room_for_push().inspect_err(|_| {
+        app.metrics
+            .space_refusals
+            .with_label_values(&["push"])
+            .inc();
+    })
 }
 
 /// Cancels a session (off the async workers: a synced index write and an unlink).
@@ -195,6 +206,7 @@ pub async fn start(
             ))
         })?,
     };
+    room_for_push(app)?;
     let id = new_session(app, repo, algorithm, caller).await?;
     let mut size = 0;
     if content_length(parts).is_some_and(|n| n > 0) {
@@ -224,7 +236,11 @@ pub async fn patch(
 ) -> Result<Resp, RegistryError> {
     let id = upload_id(id)?;
     let spec = chunk_spec(parts)?;
-    let appended = match app.store.lock_upload(repo, id).await {
+    let appended = match room_for_push(app) {
+        Err(e) => Err(e),
+        Ok(()) => app.store.lock_upload(repo, id).await,
+    };
+    let appended = match appended {
         Ok(up) => up.append(spec, &mut body).await.map(|up| up.size()),
         Err(e) => Err(e),
     };

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     NotFound,
     Unknown,
     Unavailable,
+    /// `507`: the registry is out of disk space for new content.
+    InsufficientStorage,
 }
 
 impl ErrorCode {
@@ -55,6 +57,7 @@ impl ErrorCode {
             Self::NotFound => "NOT_FOUND",
             Self::Unknown => "UNKNOWN",
             Self::Unavailable => "UNAVAILABLE",
+            Self::InsufficientStorage => "INSUFFICIENT_STORAGE",
         }
     }
 
@@ -82,6 +85,7 @@ impl ErrorCode {
             Self::TooManyRequests => 429,
             Self::Unknown => 500,
             Self::Unavailable => 503,
+            Self::InsufficientStorage => 507,
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum BlobSource {
 }
 
 /// Decides where the bytes of `digest` in `route` come from (for a HEAD when `head`).
+/// `Retry-After` of a fill refused for lack of disk space: about one eviction check.
+const SPACE_RETRY_AFTER_SECS: u64 = 30;
+
 pub async fn locate(
     cx: &Context,
     route: &MirrorRoute,
@@ -67,6 +70,16 @@ pub async fn locate(
             )
         })?;
         return Ok(BlobSource::Upstream { size });
+    }
+    if in_flight.is_none() && cx.store.space_low() {
+        cx.metrics.space_refusals.with_label_values(&["fill"]).inc();
+        return Err(RegistryError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the cache is short of disk space and cannot fetch {digest} now; cached content is still served"
+            ),
+        )
+        .with_header("retry-after", SPACE_RETRY_AFTER_SECS.to_string()));
     }
     let mut confirmed = false;
     loop {

@@ -84,6 +84,10 @@ pub struct Fill {
     /// started it (its own upstream GET answers for it) and those whose upstream confirmed
     /// with a HEAD that their repository has the blob.
     entitled: Mutex<Vec<(usize, RepoName)>>,
+    /// A read handle on the spool, set before any reader is told bytes exist. Readers share
+    /// it, so the bytes stay readable after the commit renames the spool and even after an
+    /// eviction removes the committed blob while a client is still reading it.
+    spool: std::sync::OnceLock<Arc<File>>,
 }
 
 impl Fill {
@@ -94,6 +98,7 @@ impl Fill {
             path,
             state,
             entitled: Mutex::new(vec![(route.upstream, route.local.clone())]),
+            spool: std::sync::OnceLock::new(),
         }
     }
 
@@ -422,6 +427,10 @@ async fn run(
     .await
     .map_err(|e| FillError::Store(e.to_string()))?
     .map_err(|e| FillError::Store(e.to_string()))?;
+    let readers = file
+        .try_clone()
+        .map_err(|e| FillError::Store(e.to_string()))?;
+    let _ = fill.spool.set(Arc::new(readers));
     fill.state
         .send_replace(FillState::Streaming { size, written: 0 });
     let (tx, writer) = spawn_writer(file, fill.clone());
@@ -697,9 +706,9 @@ impl Follower {
             self.pos,
         );
         let read = tokio::task::spawn_blocking(move || {
-            let file = match file {
+            let file = match file.or_else(|| fill.spool.get().cloned()) {
                 Some(f) => f,
-                // The spool, or the committed blob if the fill finished before we opened it.
+                // Not reached once the spool exists (see `Fill::spool`); kept as a fallback.
                 None => Arc::new(
                     File::open(&fill.path)
                         .ok()

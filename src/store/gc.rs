@@ -24,7 +24,7 @@ use super::{Store, StoreError, unix_now};
 use crate::oci::Digest;
 
 /// Candidates re-checked and removed per hold of the exclusive GC lock.
-const GROUP: usize = 32;
+pub(super) const GROUP: usize = 32;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcReport {
     pub blobs_removed: u64,
@@ -69,6 +69,8 @@ impl Store {
     ) -> Result<GcReport, StoreError> {
         let cutoff = unix_now().saturating_sub(self.options().gc_grace.as_secs());
         let mut report = GcReport::default();
+        // One sweep at a time: GC and eviction plan from scans the other would invalidate.
+        let _sweep = self.sweep_lock.lock().unwrap_or_else(|p| p.into_inner());
         // Files a previous run moved out but did not get to unlink (crash or stop).
         self.blobs.empty_trash()?;
 
@@ -118,13 +120,16 @@ impl Store {
             }
 
             // 3. Re-check and drop from the index, group by group.
-            let candidates: Vec<(String, u64)> = candidates.into_iter().collect();
+            let candidates: Vec<(String, u64, u64)> = candidates
+                .into_iter()
+                .map(|(d, size)| (d, size, cutoff))
+                .collect();
             let mut unindexed = Vec::new();
             for group in candidates.chunks(GROUP) {
                 if should_stop() {
                     break;
                 }
-                self.unindex_group(group, cutoff, &links, &mut unindexed, &mut report)?;
+                self.unindex_group(group, &links, &mut unindexed, &mut report)?;
             }
 
             // 4. Their files, once the index change is durable.
@@ -167,12 +172,12 @@ impl Store {
         Ok(report)
     }
 
-    /// Re-checks one group of candidates under the exclusive GC lock and drops those still
-    /// unreferenced and old (record and links) from the index, with a relaxed write.
-    fn unindex_group(
+    /// Re-checks one group of candidates `(digest, size, newest linked_at allowed)` under the
+    /// exclusive GC lock and drops those still unreferenced and not linked since (record and
+    /// links) from the index, with a relaxed write.
+    pub(super) fn unindex_group(
         &self,
-        group: &[(String, u64)],
-        cutoff: u64,
+        group: &[(String, u64, u64)],
         links: &HashMap<String, Vec<Vec<u8>>>,
         unindexed: &mut Vec<Digest>,
         report: &mut GcReport,
@@ -182,14 +187,14 @@ impl Store {
         {
             let _gc = self.write_gc_lock();
             let (mut bytes, mut count) = (0u64, 0u64);
-            for (digest, size) in group {
+            for (digest, size, cutoff) in group {
                 let still = self.index.get_with(CF_BLOBS, digest.as_bytes(), |v| {
                     index::decode_u64s::<2>(CF_BLOBS, v)
                 })?;
                 let Some(Ok([_, linked_at])) = still else {
                     continue;
                 };
-                if linked_at > cutoff
+                if linked_at > *cutoff
                     || self
                         .index
                         .any_with_prefix(CF_BLOB_REFS, &prefix(&[digest]))?
@@ -228,7 +233,7 @@ impl Store {
     /// Removes the files of blobs just dropped from the index: syncs the WAL (no lock held),
     /// moves each file to `trash/` under the GC lock unless a commit brought the blob back in
     /// the meantime, then unlinks with no lock held.
-    fn remove_unindexed_files(&self, digests: &[Digest]) -> Result<(), StoreError> {
+    pub(super) fn remove_unindexed_files(&self, digests: &[Digest]) -> Result<(), StoreError> {
         if digests.is_empty() {
             return Ok(());
         }

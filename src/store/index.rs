@@ -15,6 +15,11 @@
 //! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
+//! - `access`    repo \0 digest                 → last pulled u64 BE (unix secs), pulls u64 BE
+//!   (cache repositories; manifests and blobs)
+//! - `pins`      repo \0 digest                 → PinRecord JSON (cached images kept from eviction)
+//! - `pins`      repo \0 \0 tag                 → PinRecord JSON (a pinned tag: each digest it
+//!   resolves to while pinned is pinned too)
 //! - `meta`      key                            → value (schema version)
 
 use std::path::Path;
@@ -36,8 +41,10 @@ pub const CF_META: &str = "meta";
 pub const CF_TAG_CHECKS: &str = "tag_checks";
 pub const CF_TAG_HISTORY: &str = "tag_history";
 pub const CF_AUTH: &str = "auth";
+pub const CF_ACCESS: &str = "access";
+pub const CF_PINS: &str = "pins";
 
-const ALL_CFS: [&str; 12] = [
+const ALL_CFS: [&str; 14] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -50,6 +57,8 @@ const ALL_CFS: [&str; 12] = [
     CF_TAG_CHECKS,
     CF_TAG_HISTORY,
     CF_AUTH,
+    CF_ACCESS,
+    CF_PINS,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.

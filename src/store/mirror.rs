@@ -61,6 +61,7 @@ impl Store {
             h.push(0);
             h.extend_from_slice(&unix_micros().to_be_bytes());
             batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
+            self.follow_tag_pin(&mut batch, repo, t, digest)?;
         }
         let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
         self.index.write_synced(batch)?;

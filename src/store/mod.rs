@@ -14,19 +14,23 @@
 //!   while they re-check and drop a blob from the index, so a blob is never collected under a
 //!   push that references it.
 
+pub mod access;
 pub mod auth_records;
 pub mod blobs;
+pub mod evict;
 pub mod fsck;
 pub mod gc;
 pub mod index;
+pub mod inventory;
 pub mod mirror;
 pub mod pagecache;
+pub mod pins;
 pub mod scrub;
 pub mod uploads;
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +73,10 @@ pub enum StoreError {
     Body(std::io::Error),
     #[error("too many upload sessions: {0}")]
     TooManyUploads(String),
+    #[error(
+        "the registry is short of disk space (below cache.min_free_disk, with nothing more it may evict); pushes are refused until space is freed"
+    )]
+    InsufficientStorage,
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -89,6 +97,8 @@ pub struct StoreOptions {
     pub max_manifest_size: u64,
     pub gc_grace: Duration,
     pub upload_abandon_after: Duration,
+    /// `cache.max_size`: a fill that takes stored bytes past it wakes the eviction loop.
+    pub cache_max_size: Option<u64>,
     pub upload_limits: uploads::UploadLimits,
 }
 
@@ -99,6 +109,7 @@ impl Default for StoreOptions {
             max_manifest_size: 4 << 20,
             gc_grace: Duration::from_secs(3600),
             upload_abandon_after: Duration::from_secs(24 * 3600),
+            cache_max_size: None,
             upload_limits: uploads::UploadLimits::default(),
         }
     }
@@ -146,6 +157,17 @@ pub struct Store {
     gc_lock: RwLock<()>,
     stored_bytes: AtomicU64,
     blob_count: AtomicU64,
+    /// Pulls of cached content not yet written to the index.
+    access: access::AccessLog,
+    /// Set by an eviction pass that could not restore `cache.min_free_disk`.
+    space_low: AtomicBool,
+    /// What the last eviction census counted, and the stored bytes after that pass.
+    usage_seen: Mutex<inventory::CacheUsage>,
+    census_stored: AtomicU64,
+    /// Held by a GC run or an eviction pass for its whole length: one sweep at a time.
+    sweep_lock: Mutex<()>,
+    /// Woken when a fill takes stored bytes past `cache_max_size`.
+    eviction_wanted: tokio::sync::Notify,
 }
 
 pub fn unix_now() -> u64 {
@@ -178,6 +200,12 @@ impl Store {
             gc_lock: RwLock::new(()),
             stored_bytes: AtomicU64::new(0),
             blob_count: AtomicU64::new(0),
+            access: access::AccessLog::new(),
+            space_low: AtomicBool::new(false),
+            usage_seen: Mutex::new(inventory::CacheUsage::default()),
+            census_stored: AtomicU64::new(u64::MAX),
+            sweep_lock: Mutex::new(()),
+            eviction_wanted: tokio::sync::Notify::new(),
             index,
             blobs,
             options,
@@ -193,6 +221,11 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.options
+    }
+
+    /// Resolves when a fill took stored bytes past the cache budget (see `commit_blob`).
+    pub async fn eviction_wanted(&self) {
+        self.eviction_wanted.notified().await
     }
 
     /// Bytes and number of blobs in the content-addressed store.
@@ -398,8 +431,11 @@ impl Store {
         }
         self.index.write_synced(batch)?;
         if !known {
-            self.stored_bytes.fetch_add(size, Ordering::Relaxed);
+            let stored = self.stored_bytes.fetch_add(size, Ordering::Relaxed) + size;
             self.blob_count.fetch_add(1, Ordering::Relaxed);
+            if upload_id.is_none() && self.options.cache_max_size.is_some_and(|m| stored > m) {
+                self.eviction_wanted.notify_one();
+            }
         }
         Ok(())
     }

@@ -282,6 +282,7 @@ impl Store {
         algorithm: Algorithm,
         client: Option<&str>,
     ) -> Result<String, StoreError> {
+        self.room_for_push()?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = unix_now();
         let rec = serde_json::to_vec(&UploadRecord {

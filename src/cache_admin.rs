@@ -1,0 +1,266 @@
+//! Operators' view and control of the pull-through cache: the inventory, eviction on demand,
+//! pins and tag history. One request type, answered by `apply` for the `transship cache …`
+//! commands (through the admin socket when the server runs, on the stopped store otherwise)
+//! and for `/transship/v1/cache/…` (registry admins only). Image references are the names
+//! clients pull (`nginx:1.27`, `docker.io/library/nginx@sha256:…`, `ghcr.io/org/app:v1`),
+//! resolved to cache repositories by the same router the registry API uses.
+
+use serde::{Deserialize, Serialize};
+
+use crate::App;
+use crate::auth::token::rfc3339;
+use crate::oci::{Digest, RepoName, Tag};
+use crate::proxy::route::Namespace;
+use crate::store::evict::{EvictReport, Selection};
+use crate::store::inventory::{CacheUsage, CachedImage};
+use crate::store::pins::{PinInfo, PinTarget};
+use crate::store::unix_now;
+
+/// How `cache ls` orders images.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SortKey {
+    /// Largest own bytes first.
+    Size,
+    /// Most recently pulled first.
+    #[default]
+    LastPulled,
+    /// Most pulled first.
+    Pulls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cache_op", rename_all = "snake_case")]
+pub enum CacheRequest {
+    List {
+        #[serde(default)]
+        upstream: Option<String>,
+        #[serde(default)]
+        sort: SortKey,
+    },
+    Evict {
+        #[serde(default)]
+        image: Option<String>,
+        #[serde(default)]
+        older_than_secs: Option<u64>,
+    },
+    Pin {
+        image: String,
+        #[serde(default)]
+        platforms: Vec<String>,
+    },
+    Unpin {
+        image: String,
+    },
+    Pins,
+    History {
+        image: String,
+    },
+}
+
+/// One observed resolution of a tag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resolution {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub at_unix_micros: u64,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cache_result", rename_all = "snake_case")]
+pub enum CacheAnswer {
+    Images {
+        images: Vec<CachedImage>,
+        usage: CacheUsage,
+    },
+    Evicted {
+        report: EvictReport,
+    },
+    Pinned {
+        repository: String,
+        digest: String,
+    },
+    Unpinned {
+        removed: usize,
+    },
+    Pins {
+        pins: Vec<PinInfo>,
+    },
+    History {
+        repository: String,
+        tag: String,
+        resolutions: Vec<Resolution>,
+    },
+}
+
+/// A cache image reference: its cache repository and, if given, tag or digest.
+struct ImageRef {
+    repo: RepoName,
+    target: Option<PinTarget>,
+}
+
+/// Parses `name[:tag|@digest]` and maps the name to its cache repository.
+fn image_ref(app: &App, s: &str) -> Result<ImageRef, String> {
+    let (name, target) = if let Some((n, d)) = s.split_once('@') {
+        let d: Digest = d.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        (n, Some(PinTarget::Digest(d)))
+    } else {
+        match s.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => {
+                let t: Tag = t.parse().map_err(|e| format!("{s:?}: {e}"))?;
+                (n, Some(PinTarget::Tag(t)))
+            }
+            _ => (s, None),
+        }
+    };
+    let name: RepoName = name.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match app.proxy.namespace(&name, None) {
+        Namespace::Mirror(Ok(route)) => Ok(ImageRef {
+            repo: route.local,
+            target,
+        }),
+        Namespace::Mirror(Err(e)) => Err(format!("{s:?}: {e}")),
+        Namespace::Project(p) => Err(format!(
+            "{s:?} is in project {:?}: pushed images are not cache content",
+            p.name.get_ref().as_str()
+        )),
+    }
+}
+
+fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, String> {
+    r.target
+        .clone()
+        .ok_or_else(|| format!("{s:?}: give a tag (IMAGE:TAG) or a digest (IMAGE@sha256:…)"))
+}
+
+/// Answers one request (blocking: it scans the index).
+pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
+    let store = &app.store;
+    let is_cache = |r: &RepoName| app.is_cache_repo(r);
+    let err = |e: crate::store::StoreError| e.to_string();
+    match req {
+        CacheRequest::List { upstream, sort } => {
+            let (mut images, usage) = store.cache_inventory(&is_cache).map_err(err)?;
+            if let Some(u) = upstream {
+                let p = format!("{u}/");
+                images.retain(|i| i.repository.starts_with(&p));
+            }
+            match sort {
+                SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),
+                SortKey::LastPulled => images.sort_by_key(|i| std::cmp::Reverse(i.last_pulled)),
+                SortKey::Pulls => images.sort_by_key(|i| std::cmp::Reverse(i.pulls)),
+            }
+            Ok(CacheAnswer::Images { images, usage })
+        }
+        CacheRequest::Evict {
+            image: Some(image),
+            older_than_secs: None,
+        } => {
+            let r = image_ref(app, &image)?;
+            let digest = match need_target(&r, &image)? {
+                PinTarget::Digest(d) => d,
+                PinTarget::Tag(t) => store
+                    .resolve_tag(&r.repo, &t)
+                    .map_err(err)?
+                    .ok_or_else(|| format!("{image} is not cached"))?,
+            };
+            let report = store
+                .evict_now(Selection::Image(&r.repo, &digest), &is_cache)
+                .map_err(err)?;
+            if report.images_evicted == 0 {
+                return Err(format!(
+                    "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
+                ));
+            }
+            Ok(CacheAnswer::Evicted { report })
+        }
+        CacheRequest::Evict {
+            image: None,
+            older_than_secs: Some(age),
+        } => {
+            let report = store
+                .evict_now(
+                    Selection::PulledBefore(unix_now().saturating_sub(age)),
+                    &is_cache,
+                )
+                .map_err(err)?;
+            Ok(CacheAnswer::Evicted { report })
+        }
+        CacheRequest::Evict { .. } => {
+            Err("give either an image or an age (--older-than), not both or neither".into())
+        }
+        CacheRequest::Pin { image, platforms } => {
+            let r = image_ref(app, &image)?;
+            for p in &platforms {
+                let parts = p.split('/').count();
+                if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
+                    return Err(format!("platform {p:?}: expected os/arch[/variant]"));
+                }
+            }
+            let target = need_target(&r, &image)?;
+            let digest = store.pin(&r.repo, &target, &platforms).map_err(|e| {
+                format!(
+                    "{image}: {e} (only cached images can be pinned: pull or prefetch it first)"
+                )
+            })?;
+            Ok(CacheAnswer::Pinned {
+                repository: r.repo.to_string(),
+                digest: digest.to_string(),
+            })
+        }
+        CacheRequest::Unpin { image } => {
+            let r = image_ref(app, &image)?;
+            let removed = store
+                .unpin(&r.repo, &need_target(&r, &image)?)
+                .map_err(err)?;
+            if removed == 0 {
+                return Err(format!("{image} is not pinned"));
+            }
+            Ok(CacheAnswer::Unpinned { removed })
+        }
+        CacheRequest::Pins => Ok(CacheAnswer::Pins {
+            pins: store.pins().map_err(err)?,
+        }),
+        CacheRequest::History { image } => {
+            let r = image_ref(app, &image)?;
+            let Some(PinTarget::Tag(tag)) = r.target else {
+                return Err(format!("{image:?}: give a tag (IMAGE:TAG)"));
+            };
+            let resolutions = store
+                .tag_history(&r.repo, &tag)
+                .map_err(err)?
+                .into_iter()
+                .map(|(micros, digest)| Resolution {
+                    at: rfc3339(micros / 1_000_000),
+                    at_unix_micros: micros,
+                    digest,
+                })
+                .collect();
+            Ok(CacheAnswer::History {
+                repository: r.repo.to_string(),
+                tag: tag.as_str().to_string(),
+                resolutions,
+            })
+        }
+    }
+}
+
+/// Whether a request changes the cache (for the audit log).
+pub fn describe(req: &CacheRequest) -> String {
+    match req {
+        CacheRequest::List { .. } | CacheRequest::Pins | CacheRequest::History { .. } => {
+            "cache list".into()
+        }
+        CacheRequest::Evict {
+            image,
+            older_than_secs,
+        } => match (image, older_than_secs) {
+            (Some(i), _) => format!("cache evict {i}"),
+            (None, Some(s)) => format!("cache evict --older-than {s}s"),
+            (None, None) => "cache evict".into(),
+        },
+        CacheRequest::Pin { image, .. } => format!("cache pin {image}"),
+        CacheRequest::Unpin { image } => format!("cache unpin {image}"),
+    }
+}

@@ -1,0 +1,399 @@
+//! Eviction: keeps cached content within the byte budget and the data directory's filesystem
+//! above its free-space floor, least recently pulled image first, never touching pushed or
+//! pinned content, online.
+//!
+//! A pass plans from a census (`inventory`) taken with no lock held, simulating reference
+//! counts so that a blob shared with a kept image is never chosen. It then removes the chosen
+//! images' manifests, reverse references, tags and access records in small relaxed batches
+//! (each tag re-checked under its stripe, so a tag that moved meanwhile stays), and hands the
+//! blobs that no cached manifest references any more to the same group-wise removal GC uses:
+//! each is re-checked under the exclusive GC lock (still unreferenced, not linked again since
+//! the census) before it leaves the index, and its file goes only after the WAL is synced.
+//! A pull racing the eviction of its image either finds the manifest and its blobs, or misses
+//! and fetches them again from the upstream, as for any miss. A crash at any point leaves
+//! either the image whole, or a manifest whose blobs a later pull refetches, or orphan files
+//! GC removes — never an index record pointing at a missing file.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::index::{CF_ACCESS, CF_BLOB_REFS, CF_MANIFESTS, CF_TAG_CHECKS, CF_TAGS, key};
+use super::inventory::{CacheUsage, Census};
+use super::{Store, StoreError, unix_now};
+use crate::oci::{Digest, RepoName};
+
+/// Manifests removed per index batch.
+const GROUP: usize = 64;
+
+/// The limits a pass enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Cached bytes allowed; `None`: no budget.
+    pub max_size: Option<u64>,
+    /// Cached bytes to get down to once over `max_size`.
+    pub evict_to: u64,
+    /// Free bytes the data directory's filesystem must keep.
+    pub min_free_disk: u64,
+}
+
+/// What a pass found and did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EvictReport {
+    pub usage: CacheUsage,
+    pub images_evicted: u64,
+    pub manifests_removed: u64,
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    /// Free bytes on the data directory's filesystem after the pass.
+    pub free_disk: u64,
+    /// Pins alone hold more than the budget allows.
+    pub pins_over_budget: bool,
+    /// The free-space floor could not be restored: fills and pushes are refused.
+    pub space_low: bool,
+    /// The pass counted everything (it was over a limit); otherwise `usage` is the last count.
+    pub took_census: bool,
+    pub seconds: f64,
+}
+
+/// Which images to evict.
+#[derive(Clone, Copy)]
+pub enum Selection<'a> {
+    /// Least recently pulled first, until this many bytes are freed.
+    Bytes(u64),
+    /// Every unpinned image not pulled since this Unix time.
+    PulledBefore(u64),
+    /// One image (by root digest) in one repository.
+    Image(&'a RepoName, &'a Digest),
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+pub fn free_disk(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Ok(u64::from(s.f_bavail).saturating_mul(u64::from(s.f_frsize)))
+}
+
+impl Store {
+    /// Whether the data directory is short of space that eviction could not recover: new
+    /// fills and pushes are refused until a pass finds enough free space again.
+    pub fn space_low(&self) -> bool {
+        self.space_low.load(Ordering::Relaxed)
+    }
+
+    /// `Err(InsufficientStorage)` while the data directory is short of space: a push must not
+    /// take the last free bytes the index and the cache need.
+    pub fn room_for_push(&self) -> Result<(), StoreError> {
+        if self.space_low() {
+            return Err(StoreError::InsufficientStorage);
+        }
+        Ok(())
+    }
+
+    /// One eviction pass: frees cached bytes until the budget and the free-space floor hold
+    /// (or nothing more may go), checking `should_stop` between groups.
+    pub fn enforce_budget(
+        &self,
+        budget: &Budget,
+        is_cache_repo: &dyn Fn(&RepoName) -> bool,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<EvictReport, StoreError> {
+        let started = Instant::now();
+        let _sweep = self.sweep_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_access()?;
+        let free = free_disk(self.data_dir())?;
+        let stored = self.usage().0;
+        // Stored bytes unchanged since the last census and enough free space: the census
+        // would find what it found then.
+        if stored == self.census_stored.load(Ordering::Relaxed) && free >= budget.min_free_disk {
+            self.space_low.store(false, Ordering::Relaxed);
+            return Ok(EvictReport {
+                usage: self.last_usage(),
+                free_disk: free,
+                seconds: started.elapsed().as_secs_f64(),
+                ..EvictReport::default()
+            });
+        }
+        let census = self.census(is_cache_repo)?;
+        let usage = census.usage;
+        let need_budget = match budget.max_size {
+            Some(m) if usage.cached_bytes > m => usage.cached_bytes - budget.evict_to.min(m),
+            _ => 0,
+        };
+        let need_disk = budget.min_free_disk.saturating_sub(free);
+        let need = need_budget.max(need_disk);
+        let mut report = if need > 0 {
+            self.evict(census, Selection::Bytes(need), should_stop)?
+        } else {
+            self.forget_stale_access(&census.stale_access)?;
+            EvictReport {
+                usage,
+                ..EvictReport::default()
+            }
+        };
+        report.usage = CacheUsage {
+            cached_bytes: usage.cached_bytes.saturating_sub(report.bytes_freed),
+            images: usage.images.saturating_sub(report.images_evicted),
+            ..usage
+        };
+        report.took_census = true;
+        report.pins_over_budget = budget.max_size.is_some_and(|m| usage.pinned_bytes > m);
+        report.free_disk = free_disk(self.data_dir())?;
+        report.space_low = report.free_disk < budget.min_free_disk;
+        self.space_low.store(report.space_low, Ordering::Relaxed);
+        *self.usage_seen.lock().unwrap_or_else(|p| p.into_inner()) = report.usage;
+        self.census_stored.store(self.usage().0, Ordering::Relaxed);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Makes the next eviction check take a census even if no bytes were stored since the
+    /// last one (pins changed what it reports).
+    pub(super) fn recount_cache_soon(&self) {
+        self.census_stored.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// The usage the last census found (adjusted by what that pass freed).
+    pub fn last_usage(&self) -> CacheUsage {
+        *self.usage_seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Evicts what `selection` names now (`transship cache evict`), pins respected.
+    pub fn evict_now(
+        &self,
+        selection: Selection<'_>,
+        is_cache_repo: &dyn Fn(&RepoName) -> bool,
+    ) -> Result<EvictReport, StoreError> {
+        let started = Instant::now();
+        let _sweep = self.sweep_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.flush_access()?;
+        let census = self.census(is_cache_repo)?;
+        let mut report = self.evict(census, selection, &|| false)?;
+        self.recount_cache_soon();
+        report.free_disk = free_disk(self.data_dir())?;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    fn evict(
+        &self,
+        mut census: Census,
+        selection: Selection<'_>,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<EvictReport, StoreError> {
+        let mut report = EvictReport {
+            usage: census.usage,
+            ..EvictReport::default()
+        };
+        // Plan: simulate reference counts image by image, oldest pull first.
+        let mut order: Vec<usize> = (0..census.images.len())
+            .filter(|&i| !census.images[i].removable.is_empty())
+            .filter(|&i| match &selection {
+                Selection::Bytes(_) => true,
+                Selection::PulledBefore(t) => census.images[i].info.last_pulled < *t,
+                Selection::Image(repo, d) => {
+                    census.images[i].info.repository == repo.as_str()
+                        && census.images[i].info.digest == d.to_string()
+                }
+            })
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&census.images[a].info, &census.images[b].info);
+            (a.last_pulled, &a.repository, &a.digest).cmp(&(
+                b.last_pulled,
+                &b.repository,
+                &b.digest,
+            ))
+        });
+        let mut doomed_members = Vec::new();
+        let mut doomed_blobs: Vec<(String, u64, u64)> = Vec::new();
+        let mut planned = 0u64;
+        for i in order {
+            if let Selection::Bytes(need) = selection
+                && planned >= need
+            {
+                break;
+            }
+            report.images_evicted += 1;
+            for &m in &census.images[i].removable {
+                let member = &mut census.members[m];
+                member.images -= 1;
+                if member.images > 0 {
+                    continue;
+                }
+                doomed_members.push(m);
+                for b in &member.blobs {
+                    let Some(f) = census.blobs.get_mut(b) else {
+                        continue;
+                    };
+                    f.refs = f.refs.saturating_sub(1);
+                    if f.refs == 0 && !f.pushed {
+                        planned += f.size;
+                        doomed_blobs.push((b.clone(), f.size, f.linked_at));
+                    }
+                }
+            }
+        }
+
+        // Manifests, their reverse references, tags and access records.
+        for group in doomed_members.chunks(GROUP) {
+            if should_stop() {
+                break;
+            }
+            report.manifests_removed += self.unindex_manifests(&census, group)?;
+        }
+
+        // Blobs no cached manifest references any more: re-checked under the GC lock.
+        doomed_blobs.sort();
+        doomed_blobs.dedup();
+        let links: HashMap<String, Vec<Vec<u8>>> = doomed_blobs
+            .iter()
+            .filter_map(|(d, _, _)| {
+                census
+                    .blobs
+                    .get_mut(d)
+                    .map(|f| (d.clone(), std::mem::take(&mut f.links)))
+            })
+            .collect();
+        let mut gc = super::gc::GcReport::default();
+        let mut unindexed = Vec::new();
+        for group in doomed_blobs.chunks(super::gc::GROUP) {
+            if should_stop() {
+                break;
+            }
+            self.unindex_group(group, &links, &mut unindexed, &mut gc)?;
+        }
+        self.remove_unindexed_files(&unindexed)?;
+        let gone: Vec<&[u8]> = unindexed
+            .iter()
+            .flat_map(|d| links.get(&d.to_string()).into_iter().flatten())
+            .map(|k| k.as_slice())
+            .collect();
+        self.forget_access(gone.iter().copied())?;
+        self.forget_stale_access(&census.stale_access)?;
+        report.blobs_removed = gc.blobs_removed;
+        report.bytes_freed = gc.bytes_freed;
+        Ok(report)
+    }
+
+    /// Removes cached manifests (with reverse references, access records, and the tags that
+    /// still point at them) in one relaxed batch; durable before any blob file goes, because
+    /// blob removal syncs the WAL first.
+    fn unindex_manifests(&self, census: &Census, group: &[usize]) -> Result<u64, StoreError> {
+        let mut manifest_keys = Vec::new();
+        let mut tag_keys = Vec::new();
+        for &m in group {
+            let member = &census.members[m];
+            manifest_keys.push(key(&[&member.repo, &member.digest]));
+            for img in census
+                .images
+                .iter()
+                .filter(|i| i.info.repository == member.repo && i.info.digest == member.digest)
+            {
+                for t in &img.info.tags {
+                    tag_keys.push((key(&[&member.repo, t]), member.digest.clone()));
+                }
+            }
+        }
+        let _stripes = self.lock_stripes(
+            manifest_keys
+                .iter()
+                .map(|k| k.as_slice())
+                .chain(tag_keys.iter().map(|(k, _)| k.as_slice())),
+        );
+        let mut batch = self.index.batch();
+        for (&m, mk) in group.iter().zip(&manifest_keys) {
+            let member = &census.members[m];
+            batch.delete(CF_MANIFESTS, mk);
+            batch.delete(CF_ACCESS, mk);
+            for b in &member.blobs {
+                batch.delete(CF_BLOB_REFS, &key(&[b, &member.repo, &member.digest]));
+            }
+        }
+        let mut gone_tags = Vec::new();
+        for (tk, digest) in &tag_keys {
+            // A tag that moved since the census points at a kept manifest: it stays.
+            if self.index.get(CF_TAGS, tk)?.as_deref() == Some(digest.as_bytes()) {
+                batch.delete(CF_TAGS, tk);
+                batch.delete(CF_TAG_CHECKS, tk);
+                gone_tags.push(tk);
+            }
+        }
+        self.index.write_relaxed(batch)?;
+        for k in &manifest_keys {
+            self.manifests.invalidate(k);
+        }
+        for k in gone_tags {
+            self.tags.invalidate(k);
+        }
+        Ok(group.len() as u64)
+    }
+
+    fn forget_access<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.index.batch();
+        for k in keys {
+            batch.delete(CF_ACCESS, k);
+        }
+        if !batch.is_empty() {
+            self.index.write_relaxed(batch)?;
+        }
+        Ok(())
+    }
+
+    fn forget_stale_access(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.forget_access(keys.iter().map(|k| k.as_slice()))
+    }
+
+    /// Drops tag-resolution history older than `max_age` seconds and beyond the newest
+    /// `max_entries` per tag. Returns the number of entries removed.
+    pub fn prune_tag_history(&self, max_age: u64, max_entries: usize) -> Result<u64, StoreError> {
+        let cutoff_micros = unix_now().saturating_sub(max_age).saturating_mul(1_000_000);
+        let mut doomed = Vec::new();
+        let mut current: Vec<u8> = Vec::new();
+        let mut run: Vec<(Vec<u8>, u64)> = Vec::new();
+        let flush = |run: &mut Vec<(Vec<u8>, u64)>, doomed: &mut Vec<Vec<u8>>| {
+            let keep_from = run.len().saturating_sub(max_entries);
+            for (i, (k, t)) in run.drain(..).enumerate() {
+                if i < keep_from || t < cutoff_micros {
+                    doomed.push(k);
+                }
+            }
+        };
+        self.index
+            .scan(super::index::CF_TAG_HISTORY, b"", None, |k, _| {
+                if k.len() < 9 {
+                    return true;
+                }
+                let (tag_part, t) = k.split_at(k.len() - 8);
+                let t = u64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
+                if tag_part != current.as_slice() {
+                    flush(&mut run, &mut doomed);
+                    current = tag_part.to_vec();
+                }
+                run.push((k.to_vec(), t));
+                true
+            })?;
+        flush(&mut run, &mut doomed);
+        for chunk in doomed.chunks(1024) {
+            let mut batch = self.index.batch();
+            for k in chunk {
+                batch.delete(super::index::CF_TAG_HISTORY, k);
+            }
+            self.index.write_relaxed(batch)?;
+        }
+        Ok(doomed.len() as u64)
+    }
+}
