@@ -641,3 +641,110 @@ fn kill_9_during_eviction_leaves_a_clean_store() {
     }
     eprintln!("{interrupted} of 4 kills landed part-way through removing files");
 }
+
+#[test]
+fn registry_admins_see_and_pin_the_cache_over_http_and_a_pinned_tag_keeps_each_digest() {
+    if !upstream::available() {
+        return;
+    }
+    use base64::Engine as _;
+    const PASSWORD: &str = "correct horse battery";
+    let up = Distribution::start();
+    let base = random_bytes(4096, 11);
+    let first = seed(&up, 0, &base, 4096);
+    let url = up.url();
+    let server = TestServer::start_with(|c| {
+        let hash = transship::auth::keys::hash_password(PASSWORD);
+        let mut c = test_config(
+            &c.server.data_dir,
+            &format!(
+                "[[user]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n[[user]]\nname = \"bob\"\npassword_hash = \"{hash}\"\n"
+            ),
+        );
+        c.upstreams[0].url = url.clone();
+        // Every pull asks the upstream where the tag points now.
+        c.upstreams[0].tag_ttl = transship::config::HumanDuration(Duration::ZERO);
+        c.auth.admins = vec!["alice".into()];
+        c
+    });
+    let basic = |user: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{PASSWORD}"))
+        )
+    };
+    let alice = Http::for_server(&server).with_auth(&basic("alice"));
+    let bob = Http::for_server(&server).with_auth(&basic("bob"));
+    let anonymous = Http::for_server(&server);
+    pull(&alice, &first);
+
+    // Only admins see the inventory; owning nothing else matters.
+    let r = alice.get("/transship/v1/cache/images?sort=size");
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let images = r.json();
+    assert_eq!(images["images"][0]["repository"], "docker.io/lib/img0", "{images}");
+    assert_eq!(images["images"][0]["digest"], first.digest);
+    assert_eq!(bob.get("/transship/v1/cache/images").status, 403);
+    assert_eq!(anonymous.get("/transship/v1/cache/images").status, 401);
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/pins",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from_static(br#"{"image":"lib/nothing:v1"}"#),
+    );
+    assert_eq!(r.status, 400, "pinning what is not cached");
+    assert!(String::from_utf8_lossy(&r.body).contains("not"), "{:?}", String::from_utf8_lossy(&r.body));
+
+    // Pin the tag, then move it upstream: the new digest is pinned too, and the old one stays.
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/pins",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from_static(br#"{"image":"lib/img0:v1"}"#),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let moved = seed(&up, 0, &random_bytes(4096, 12), 8192);
+    assert_ne!(moved.digest, first.digest);
+    pull(&alice, &moved);
+    let pins = alice.get("/transship/v1/cache/pins").json();
+    let pinned: Vec<&str> = pins["pins"]
+        .as_array()
+        .expect("pins")
+        .iter()
+        .filter_map(|p| p["digest"].as_str())
+        .collect();
+    assert!(pinned.contains(&first.digest.as_str()) && pinned.contains(&moved.digest.as_str()), "{pins}");
+    let history = alice.get("/transship/v1/cache/history?image=lib/img0:v1").json();
+    let seen: Vec<&str> = history["resolutions"]
+        .as_array()
+        .expect("resolutions")
+        .iter()
+        .filter_map(|r| r["digest"].as_str())
+        .collect();
+    assert_eq!(seen, [first.digest.as_str(), moved.digest.as_str()], "{history}");
+    // Both images are pinned, so evicting either is refused; unpinning the tag frees both.
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/evict",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(format!(r#"{{"image":"lib/img0@{}"}}"#, first.digest)),
+    );
+    assert_eq!(r.status, 400, "a pinned image was evicted");
+    assert_eq!(alice.delete("/transship/v1/cache/pins?image=lib/img0:v1").status, 200);
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/evict",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(format!(r#"{{"image":"lib/img0@{}"}}"#, first.digest)),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["report"]["images_evicted"], 1);
+    // Bad input changes nothing and says why.
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/evict",
+        &[("content-type", "application/json")],
+        bytes::Bytes::from_static(br#"{"older_than":"soon"}"#),
+    );
+    assert_eq!(r.status, 400);
+}
