@@ -128,6 +128,19 @@ fn image_ref(app: &App, s: &str) -> Result<ImageRef, String> {
     }
 }
 
+/// The configured upstream whose namespace holds the cache repository `repo` (the longest
+/// matching name); empty for a repository of an upstream no longer configured.
+fn upstream_of(app: &App, repo: &str) -> String {
+    app.config
+        .upstreams
+        .iter()
+        .map(|u| u.name.get_ref().as_str())
+        .filter(|n| repo.strip_prefix(n).is_some_and(|rest| rest.starts_with('/')))
+        .max_by_key(|n| n.len())
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, String> {
     r.target
         .clone()
@@ -142,9 +155,11 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
     match req {
         CacheRequest::List { upstream, sort } => {
             let (mut images, usage) = store.cache_inventory(&is_cache).map_err(err)?;
+            for i in &mut images {
+                i.upstream = upstream_of(app, &i.repository);
+            }
             if let Some(u) = upstream {
-                let p = format!("{u}/");
-                images.retain(|i| i.repository.starts_with(&p));
+                images.retain(|i| i.upstream == u);
             }
             match sort {
                 SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),

@@ -170,11 +170,12 @@ fn print_answer(answer: CacheAnswer) {
     match answer {
         CacheAnswer::Images { images, usage } => {
             println!(
-                "REPOSITORY\tTAGS\tDIGEST\tOWN BYTES\tSHARED BYTES\tLAST PULLED\tPULLS\tPINNED"
+                "UPSTREAM\tREPOSITORY\tTAGS\tDIGEST\tOWN BYTES\tSHARED BYTES\tLAST PULLED\tPULLS\tPINNED"
             );
             for i in &images {
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    i.upstream,
                     i.repository,
                     if i.tags.is_empty() {
                         "-".into()

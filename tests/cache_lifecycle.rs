@@ -282,6 +282,9 @@ fn a_budget_keeps_recent_pinned_and_pushed_images_and_every_shared_layer() {
         .find(|i| i["repository"] == "docker.io/lib/img0")
         .expect("img0 listed");
     assert_eq!(img0["pinned"], "yes");
+    assert_eq!(img0["upstream"], "docker.io");
+    let only = cache_cli(&config, &["ls", "--upstream", "ghcr.io"]);
+    assert_eq!(only["images"].as_array().map(Vec::len), Some(0), "{only}");
     assert!(img0["pulls"].as_u64().unwrap_or(0) >= 1, "{img0}");
     assert_eq!(img0["tags"][0], "v1");
     // What `cache ls` counts is what is on disk.

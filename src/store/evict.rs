@@ -397,3 +397,114 @@ impl Store {
         Ok(doomed.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+    use crate::store::pins::PinTarget;
+
+    const IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    fn blob(store: &Store, repo: &RepoName, bytes: &[u8]) -> Digest {
+        let digest = Digest::sha256_of(bytes);
+        let path = store.ingest_path_for_fill(&format!("fill-test-{}", digest.hex()));
+        std::fs::write(&path, bytes).unwrap();
+        store
+            .commit_blob(&path, &digest, bytes.len() as u64, repo, None)
+            .unwrap();
+        digest
+    }
+
+    fn image(store: &Store, repo: &RepoName, config: &Digest, layer: &Digest) -> (Digest, String) {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{IMAGE}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":3}}]}}"#
+        );
+        let d = Digest::sha256_of(m.as_bytes());
+        store
+            .put_cached_manifest(repo, &d, IMAGE, bytes::Bytes::from(m.clone()), None)
+            .unwrap();
+        (d, m)
+    }
+
+    /// An index of two platforms sharing a config, pinned for one platform: eviction takes the
+    /// other child and its own layer only; the kept child's blobs and the shared one stay.
+    #[test]
+    fn a_platform_pin_keeps_its_child_and_shared_blobs_and_evicts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let repo: RepoName = "docker.io/library/app".parse().unwrap();
+        let config = blob(&store, &repo, b"{}");
+        let amd_layer = blob(&store, &repo, b"amd");
+        let arm_layer = blob(&store, &repo, b"arm");
+        let (amd, _) = image(&store, &repo, &config, &amd_layer);
+        let (arm, _) = image(&store, &repo, &config, &arm_layer);
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{INDEX}","manifests":[{{"mediaType":"{IMAGE}","digest":"{amd}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}},{{"mediaType":"{IMAGE}","digest":"{arm}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}}]}}"#
+        );
+        let index_digest = Digest::sha256_of(index.as_bytes());
+        let tag: Tag = "1".parse().unwrap();
+        store
+            .put_cached_manifest(&repo, &index_digest, INDEX, index.into(), Some(&tag))
+            .unwrap();
+        let everything = |_: &RepoName| true;
+        let (images, usage) = store.cache_inventory(&everything).unwrap();
+        assert_eq!(images.len(), 1, "one image: the index with its children");
+        assert_eq!(images[0].children, 2);
+        assert_eq!(images[0].own_bytes, 2 + 3 + 3);
+        assert_eq!(usage.cached_bytes, 8);
+
+        store
+            .pin(&repo, &PinTarget::Tag(tag.clone()), &["linux/amd64".into()])
+            .unwrap();
+        let (images, usage) = store.cache_inventory(&everything).unwrap();
+        assert_eq!(images[0].pinned, "partial");
+        assert_eq!(usage.pinned_bytes, 2 + 3);
+
+        let report = store
+            .evict_now(Selection::PulledBefore(u64::MAX), &everything)
+            .unwrap();
+        assert_eq!(report.manifests_removed, 1, "only the arm64 child");
+        assert_eq!(report.blobs_removed, 1, "only the arm64 layer");
+        assert!(store.manifest(&repo, &arm).unwrap().is_none());
+        assert!(store.manifest(&repo, &amd).unwrap().is_some());
+        assert_eq!(store.resolve_tag(&repo, &tag).unwrap(), Some(index_digest));
+        assert!(!store.has_blob_anywhere(&arm_layer).unwrap());
+        for kept in [&config, &amd_layer] {
+            assert!(store.blob_size(&repo, kept).unwrap().is_some(), "{kept} was evicted");
+            assert!(store.blobs.contains(kept));
+        }
+
+        // Unpinned, the whole image goes, its tag with it.
+        assert_eq!(store.unpin(&repo, &PinTarget::Tag(tag.clone())).unwrap(), 2);
+        let report = store
+            .evict_now(Selection::PulledBefore(u64::MAX), &everything)
+            .unwrap();
+        assert_eq!(report.images_evicted, 1);
+        assert_eq!(store.resolve_tag(&repo, &tag).unwrap(), None);
+        assert_eq!(store.cache_inventory(&everything).unwrap().1.cached_bytes, 0);
+        assert!(store.fsck_with(false, &everything).unwrap().is_clean());
+    }
+
+    /// A blob a private repository holds is pushed content: never counted, never evicted.
+    #[test]
+    fn pushed_blobs_are_neither_counted_nor_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let cache: RepoName = "docker.io/library/app".parse().unwrap();
+        let private: RepoName = "local/app".parse().unwrap();
+        let config = blob(&store, &cache, b"{}");
+        let layer = blob(&store, &cache, b"abc");
+        image(&store, &cache, &config, &layer);
+        assert!(store.mount_blob(&private, &cache, &layer).unwrap().is_some());
+        let is_cache = |r: &RepoName| r.as_str().starts_with("docker.io/");
+        let (_, usage) = store.cache_inventory(&is_cache).unwrap();
+        assert_eq!((usage.cached_bytes, usage.pushed_bytes), (2, 3));
+        store
+            .evict_now(Selection::PulledBefore(u64::MAX), &is_cache)
+            .unwrap();
+        assert!(store.blob_size(&private, &layer).unwrap().is_some());
+        assert!(!store.has_blob_anywhere(&config).unwrap());
+    }
+}

@@ -22,6 +22,9 @@ use crate::oci::manifest::{ParsedManifest, Platform};
 /// One cached image as `transship cache ls` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedImage {
+    /// The upstream the repository mirrors (filled in by the caller, which knows the config).
+    #[serde(default)]
+    pub upstream: String,
     pub repository: String,
     pub digest: String,
     pub media_type: String,
@@ -319,6 +322,7 @@ impl Store {
                 };
                 images.push(Image {
                     info: CachedImage {
+                        upstream: String::new(),
                         repository: repo.clone(),
                         digest: root.clone(),
                         media_type: f.media_type.clone(),
