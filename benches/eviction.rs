@@ -175,9 +175,13 @@ fn main() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(transship::http::server::serve(app.clone(), listener, async {
-        let _ = stopped.await;
-    }));
+    let server = rt.spawn(transship::http::server::serve(
+        app.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let url = format!("http://{addr}/v2/bench/img0/manifests/v1");
 
     // Without eviction.
@@ -187,7 +191,11 @@ fn main() {
         let from = Instant::now() + Duration::from_millis(500);
         std::thread::sleep(Duration::from_millis(5500));
         stop.store(true, Ordering::Relaxed);
-        figures(rt.block_on(handle).expect("load"), from, Duration::from_secs(5))
+        figures(
+            rt.block_on(handle).expect("load"),
+            from,
+            Duration::from_secs(5),
+        )
     };
 
     // During one pass that evicts every unpinned image.

@@ -88,7 +88,9 @@ pub enum AdminResponse {
 pub fn apply_with_app(app: &App, req: AdminRequest) -> AdminResponse {
     match req {
         AdminRequest::Cache(c) => crate::cache_admin::apply(app, c).map_or_else(
-            |message| AdminResponse::Error { message },
+            |e| AdminResponse::Error {
+                message: e.to_string(),
+            },
             AdminResponse::Cache,
         ),
         req => apply(&app.auth.identities, &app.store, req),

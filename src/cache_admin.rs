@@ -14,7 +14,7 @@ use crate::proxy::route::Namespace;
 use crate::store::evict::{EvictReport, Selection};
 use crate::store::inventory::{CacheUsage, CachedImage};
 use crate::store::pins::{PinInfo, PinTarget};
-use crate::store::unix_now;
+use crate::store::{StoreError, unix_now};
 
 /// How `cache ls` orders images.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -94,6 +94,19 @@ pub enum CacheAnswer {
     },
 }
 
+/// Why a cache request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The request itself is wrong (a malformed reference, a project name, missing fields).
+    #[error("{0}")]
+    Invalid(String),
+    /// What it names is not there (not cached, not pinned).
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A cache image reference: its cache repository and, if given, tag or digest.
 struct ImageRef {
     repo: RepoName,
@@ -101,30 +114,36 @@ struct ImageRef {
 }
 
 /// Parses `name[:tag|@digest]` and maps the name to its cache repository.
-fn image_ref(app: &App, s: &str) -> Result<ImageRef, String> {
+fn image_ref(app: &App, s: &str) -> Result<ImageRef, CacheError> {
     let (name, target) = if let Some((n, d)) = s.split_once('@') {
-        let d: Digest = d.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let d: Digest = d
+            .parse()
+            .map_err(|e| CacheError::Invalid(format!("{s:?}: {e}")))?;
         (n, Some(PinTarget::Digest(d)))
     } else {
         match s.rsplit_once(':') {
             Some((n, t)) if !t.contains('/') => {
-                let t: Tag = t.parse().map_err(|e| format!("{s:?}: {e}"))?;
+                let t: Tag = t
+                    .parse()
+                    .map_err(|e| CacheError::Invalid(format!("{s:?}: {e}")))?;
                 (n, Some(PinTarget::Tag(t)))
             }
             _ => (s, None),
         }
     };
-    let name: RepoName = name.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let name: RepoName = name
+        .parse()
+        .map_err(|e| CacheError::Invalid(format!("{s:?}: {e}")))?;
     match app.proxy.namespace(&name, None) {
         Namespace::Mirror(Ok(route)) => Ok(ImageRef {
             repo: route.local,
             target,
         }),
-        Namespace::Mirror(Err(e)) => Err(format!("{s:?}: {e}")),
-        Namespace::Project(p) => Err(format!(
+        Namespace::Mirror(Err(e)) => Err(CacheError::Invalid(format!("{s:?}: {e}"))),
+        Namespace::Project(p) => Err(CacheError::Invalid(format!(
             "{s:?} is in project {:?}: pushed images are not cache content",
             p.name.get_ref().as_str()
-        )),
+        ))),
     }
 }
 
@@ -135,26 +154,30 @@ fn upstream_of(app: &App, repo: &str) -> String {
         .upstreams
         .iter()
         .map(|u| u.name.get_ref().as_str())
-        .filter(|n| repo.strip_prefix(n).is_some_and(|rest| rest.starts_with('/')))
+        .filter(|n| {
+            repo.strip_prefix(n)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
         .max_by_key(|n| n.len())
         .unwrap_or_default()
         .to_string()
 }
 
-fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, String> {
-    r.target
-        .clone()
-        .ok_or_else(|| format!("{s:?}: give a tag (IMAGE:TAG) or a digest (IMAGE@sha256:…)"))
+fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, CacheError> {
+    r.target.clone().ok_or_else(|| {
+        CacheError::Invalid(format!(
+            "{s:?}: give a tag (IMAGE:TAG) or a digest (IMAGE@sha256:…)"
+        ))
+    })
 }
 
 /// Answers one request (blocking: it scans the index).
-pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
+pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
     let store = &app.store;
     let is_cache = |r: &RepoName| app.is_cache_repo(r);
-    let err = |e: crate::store::StoreError| e.to_string();
     match req {
         CacheRequest::List { upstream, sort } => {
-            let (mut images, usage) = store.cache_inventory(&is_cache).map_err(err)?;
+            let (mut images, usage) = store.cache_inventory(&is_cache)?;
             for i in &mut images {
                 i.upstream = upstream_of(app, &i.repository);
             }
@@ -176,17 +199,14 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
             let digest = match need_target(&r, &image)? {
                 PinTarget::Digest(d) => d,
                 PinTarget::Tag(t) => store
-                    .resolve_tag(&r.repo, &t)
-                    .map_err(err)?
-                    .ok_or_else(|| format!("{image} is not cached"))?,
+                    .resolve_tag(&r.repo, &t)?
+                    .ok_or_else(|| CacheError::NotFound(format!("{image} is not cached")))?,
             };
-            let report = store
-                .evict_now(Selection::Image(&r.repo, &digest), &is_cache)
-                .map_err(err)?;
+            let report = store.evict_now(Selection::Image(&r.repo, &digest), &is_cache)?;
             if report.images_evicted == 0 {
-                return Err(format!(
+                return Err(CacheError::NotFound(format!(
                     "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
-                ));
+                )));
             }
             Ok(CacheAnswer::Evicted { report })
         }
@@ -194,31 +214,34 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
             image: None,
             older_than_secs: Some(age),
         } => {
-            let report = store
-                .evict_now(
-                    Selection::PulledBefore(unix_now().saturating_sub(age)),
-                    &is_cache,
-                )
-                .map_err(err)?;
+            let report = store.evict_now(
+                Selection::PulledBefore(unix_now().saturating_sub(age)),
+                &is_cache,
+            )?;
             Ok(CacheAnswer::Evicted { report })
         }
-        CacheRequest::Evict { .. } => {
-            Err("give either an image or an age (--older-than), not both or neither".into())
-        }
+        CacheRequest::Evict { .. } => Err(CacheError::Invalid(
+            "give either an image or an age (--older-than), not both or neither".into(),
+        )),
         CacheRequest::Pin { image, platforms } => {
             let r = image_ref(app, &image)?;
             for p in &platforms {
                 let parts = p.split('/').count();
                 if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
-                    return Err(format!("platform {p:?}: expected os/arch[/variant]"));
+                    return Err(CacheError::Invalid(format!(
+                        "platform {p:?}: expected os/arch[/variant]"
+                    )));
                 }
             }
             let target = need_target(&r, &image)?;
-            let digest = store.pin(&r.repo, &target, &platforms).map_err(|e| {
-                format!(
-                    "{image}: {e} (only cached images can be pinned: pull or prefetch it first)"
-                )
-            })?;
+            let digest = store
+                .pin(&r.repo, &target, &platforms)
+                .map_err(|e| match e {
+                    StoreError::ManifestUnknown(_) => CacheError::NotFound(format!(
+                        "{image} is not cached (only cached images can be pinned: pull it first)"
+                    )),
+                    e => e.into(),
+                })?;
             Ok(CacheAnswer::Pinned {
                 repository: r.repo.to_string(),
                 digest: digest.to_string(),
@@ -226,25 +249,24 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, String> {
         }
         CacheRequest::Unpin { image } => {
             let r = image_ref(app, &image)?;
-            let removed = store
-                .unpin(&r.repo, &need_target(&r, &image)?)
-                .map_err(err)?;
+            let removed = store.unpin(&r.repo, &need_target(&r, &image)?)?;
             if removed == 0 {
-                return Err(format!("{image} is not pinned"));
+                return Err(CacheError::NotFound(format!("{image} is not pinned")));
             }
             Ok(CacheAnswer::Unpinned { removed })
         }
         CacheRequest::Pins => Ok(CacheAnswer::Pins {
-            pins: store.pins().map_err(err)?,
+            pins: store.pins()?,
         }),
         CacheRequest::History { image } => {
             let r = image_ref(app, &image)?;
             let Some(PinTarget::Tag(tag)) = r.target else {
-                return Err(format!("{image:?}: give a tag (IMAGE:TAG)"));
+                return Err(CacheError::Invalid(format!(
+                    "{image:?}: give a tag (IMAGE:TAG)"
+                )));
             };
             let resolutions = store
-                .tag_history(&r.repo, &tag)
-                .map_err(err)?
+                .tag_history(&r.repo, &tag)?
                 .into_iter()
                 .map(|(micros, digest)| Resolution {
                     at: rfc3339(micros / 1_000_000),

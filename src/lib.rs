@@ -108,6 +108,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
         gc_grace: config.gc.grace_period.0,
         upload_abandon_after: config.uploads.abandon_after.0,
         cache_max_size: config.cache.max_size.map(|m| m.0),
+        cache_min_free_disk: config.cache.min_free_disk.0,
         upload_limits: store::uploads::UploadLimits {
             max_sessions: config.uploads.max_sessions,
             max_sessions_per_client: config.uploads.max_sessions_per_client,

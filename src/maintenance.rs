@@ -162,6 +162,11 @@ impl Supervisor {
                     () = a.store.eviction_wanted() => {}
                 }
                 enforce_budget(a.clone(), cancel.clone()).await;
+                // However often fills ask, at most one pass a second.
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         });
         let a = app.clone();

@@ -685,18 +685,39 @@ fn registry_admins_see_and_pin_the_cache_over_http_and_a_pinned_tag_keeps_each_d
     let r = alice.get("/transship/v1/cache/images?sort=size");
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let images = r.json();
-    assert_eq!(images["images"][0]["repository"], "docker.io/lib/img0", "{images}");
+    assert_eq!(
+        images["images"][0]["repository"], "docker.io/lib/img0",
+        "{images}"
+    );
     assert_eq!(images["images"][0]["digest"], first.digest);
     assert_eq!(bob.get("/transship/v1/cache/images").status, 403);
-    assert_eq!(anonymous.get("/transship/v1/cache/images").status, 401);
+    let r = anonymous.get("/transship/v1/cache/images");
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|c| c.starts_with("Basic ")),
+        "the challenge must ask for what is accepted"
+    );
+    // A form post (what a page could make a browser send) is refused before anything happens.
+    let r = alice.send(
+        "POST",
+        "/transship/v1/cache/evict",
+        &[("content-type", "text/plain")],
+        bytes::Bytes::from_static(br#"{"older_than":"0s"}"#),
+    );
+    assert_eq!(r.status, 400);
     let r = alice.send(
         "POST",
         "/transship/v1/cache/pins",
         &[("content-type", "application/json")],
         bytes::Bytes::from_static(br#"{"image":"lib/nothing:v1"}"#),
     );
-    assert_eq!(r.status, 400, "pinning what is not cached");
-    assert!(String::from_utf8_lossy(&r.body).contains("not"), "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 404, "pinning what is not cached");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("not"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
 
     // Pin the tag, then move it upstream: the new digest is pinned too, and the old one stays.
     let r = alice.send(
@@ -716,15 +737,24 @@ fn registry_admins_see_and_pin_the_cache_over_http_and_a_pinned_tag_keeps_each_d
         .iter()
         .filter_map(|p| p["digest"].as_str())
         .collect();
-    assert!(pinned.contains(&first.digest.as_str()) && pinned.contains(&moved.digest.as_str()), "{pins}");
-    let history = alice.get("/transship/v1/cache/history?image=lib/img0:v1").json();
+    assert!(
+        pinned.contains(&first.digest.as_str()) && pinned.contains(&moved.digest.as_str()),
+        "{pins}"
+    );
+    let history = alice
+        .get("/transship/v1/cache/history?image=lib/img0:v1")
+        .json();
     let seen: Vec<&str> = history["resolutions"]
         .as_array()
         .expect("resolutions")
         .iter()
         .filter_map(|r| r["digest"].as_str())
         .collect();
-    assert_eq!(seen, [first.digest.as_str(), moved.digest.as_str()], "{history}");
+    assert_eq!(
+        seen,
+        [first.digest.as_str(), moved.digest.as_str()],
+        "{history}"
+    );
     // Both images are pinned, so evicting either is refused; unpinning the tag frees both.
     let r = alice.send(
         "POST",
@@ -732,8 +762,13 @@ fn registry_admins_see_and_pin_the_cache_over_http_and_a_pinned_tag_keeps_each_d
         &[("content-type", "application/json")],
         bytes::Bytes::from(format!(r#"{{"image":"lib/img0@{}"}}"#, first.digest)),
     );
-    assert_eq!(r.status, 400, "a pinned image was evicted");
-    assert_eq!(alice.delete("/transship/v1/cache/pins?image=lib/img0:v1").status, 200);
+    assert_eq!(r.status, 404, "a pinned image was evicted");
+    assert_eq!(
+        alice
+            .delete("/transship/v1/cache/pins?image=lib/img0:v1")
+            .status,
+        200
+    );
     let r = alice.send(
         "POST",
         "/transship/v1/cache/evict",

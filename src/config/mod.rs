@@ -74,7 +74,7 @@ pub struct AuthConfig {
     /// How long failures are remembered, and how long an address stays refused.
     #[serde(default = "default_lockout")]
     pub lockout: HumanDuration,
-    /// Users (and key names) who administer the whole registry: the cache inventory, pins and
+    /// Users who administer the whole registry: the cache inventory, pins and
     /// eviction under `/transship/v1/cache/`. Owning a project does not make one an admin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admins: Vec<String>,

@@ -16,7 +16,7 @@ use super::query_one;
 use super::response::{Resp, json};
 use crate::App;
 use crate::auth::Caller;
-use crate::cache_admin::{CacheAnswer, CacheRequest, SortKey};
+use crate::cache_admin::{CacheAnswer, CacheError, CacheRequest, SortKey};
 use crate::config::HumanDuration;
 use crate::oci::{ErrorCode, RegistryError};
 
@@ -64,9 +64,36 @@ pub async fn serve(
     caller: &Caller,
     what: &str,
 ) -> Result<Resp, RegistryError> {
-    app.auth
-        .require_admin(caller)
-        .map_err(|d| super::token::denial_error(app, parts, d, None))?;
+    if let Err(d) = app.auth.require_admin(caller) {
+        let unauthenticated = matches!(d, crate::auth::Denial::Unauthenticated { .. });
+        let e = super::token::denial_error(app, parts, d, None);
+        // Only Basic credentials administer the cache: challenge for them, not for a token.
+        return Err(if unauthenticated {
+            RegistryError {
+                headers: Vec::new(),
+                ..e
+            }
+            .with_header(
+                "www-authenticate",
+                "Basic realm=\"transship cache administration\"",
+            )
+        } else {
+            e
+        });
+    }
+    if parts.method == Method::POST
+        && !parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"))
+    {
+        // Also keeps a browser holding an admin's Basic credentials from being driven by a
+        // plain HTML form here.
+        return Err(bad(
+            "POST bodies here are JSON: send Content-Type: application/json",
+        ));
+    }
     let req = match (&parts.method, what) {
         (&Method::GET | &Method::HEAD, "images") => {
             let sort = match query_one(parts, "sort").as_deref() {
@@ -106,7 +133,7 @@ pub async fn serve(
     };
     let op = crate::cache_admin::describe(&req);
     let a = app.clone();
-    let answer: Result<CacheAnswer, String> =
+    let answer: Result<CacheAnswer, CacheError> =
         tokio::task::spawn_blocking(move || crate::cache_admin::apply(&a, req))
             .await
             .map_err(|e| RegistryError::internal(format!("cache task failed: {e}")))?;
@@ -118,9 +145,13 @@ pub async fn serve(
                 serde_json::to_string(&answer).unwrap_or_default(),
             ))
         }
-        Err(message) => {
-            tracing::info!(target: "audit", op, error = %message, "audit: cache request refused");
-            Err(bad(message))
+        Err(e) => {
+            tracing::info!(target: "audit", op, error = %e, "audit: cache request refused");
+            Err(match e {
+                CacheError::Invalid(m) => bad(m),
+                CacheError::NotFound(m) => RegistryError::new(ErrorCode::NotFound, m),
+                CacheError::Store(e) => e.into(),
+            })
         }
     }
 }

@@ -93,9 +93,12 @@ pub async fn get_manifest(
             (child.manifest, child.outcome)
         }
     };
-    app.store.note_pull(&route.local, &served_digest, !head);
-    if m.digest != served_digest {
-        app.store.note_pull(&route.local, &m.digest, false);
+    // A pull: GETs only (a HEAD checks for updates and pulls nothing).
+    if !head {
+        app.store.note_pull(&route.local, &served_digest, true);
+        if m.digest != served_digest {
+            app.store.note_pull(&route.local, &m.digest, false);
+        }
     }
     // A conditional GET is answered like one for a private repository: 304 with validators.
     let mut r = if super::etag_matches(parts, &m.digest.to_string()) {
@@ -132,11 +135,12 @@ pub async fn get_blob(
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
+    let cx = app.proxy_context();
+    let mut source = blob::locate(&cx, route, &digest, head).await?;
+    // Recorded once the blob is known to be served (not for any digest a client makes up).
     if !head {
         app.store.note_pull(&route.local, &digest, false);
     }
-    let cx = app.proxy_context();
-    let mut source = blob::locate(&cx, route, &digest, head).await?;
     if let BlobSource::Stored = source {
         match serve_local(app, route, &digest, parts, head).await {
             // Evicted between the lookup and the open: a miss like any other.

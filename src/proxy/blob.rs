@@ -71,6 +71,9 @@ pub async fn locate(
         })?;
         return Ok(BlobSource::Upstream { size });
     }
+    if in_flight.is_none() {
+        cx.store.note_space_needed();
+    }
     if in_flight.is_none() && cx.store.space_low() {
         cx.metrics.space_refusals.with_label_values(&["fill"]).inc();
         return Err(RegistryError::new(

@@ -37,6 +37,8 @@ pub(super) struct AccessLog {
     pending: AtomicUsize,
     /// Set once the map is full: the next flush is wanted early.
     full: AtomicBool,
+    /// One flush at a time: each is a read-modify-write of the records it merges.
+    flushing: Mutex<()>,
 }
 
 impl AccessLog {
@@ -45,6 +47,7 @@ impl AccessLog {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             pending: AtomicUsize::new(0),
             full: AtomicBool::new(false),
+            flushing: Mutex::new(()),
         }
     }
 
@@ -111,6 +114,11 @@ impl Store {
     /// Merges the in-memory record of pulls into the index (one relaxed write). Returns the
     /// number of keys written.
     pub fn flush_access(&self) -> Result<usize, StoreError> {
+        let _one = self
+            .access
+            .flushing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let touched = self.access.take();
         if touched.is_empty() {
             return Ok(0);

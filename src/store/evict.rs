@@ -26,8 +26,12 @@ use super::inventory::{CacheUsage, Census};
 use super::{Store, StoreError, unix_now};
 use crate::oci::{Digest, RepoName};
 
-/// Manifests removed per index batch.
-const GROUP: usize = 64;
+/// A census is taken at least this often while anything was stored, so the usage figures
+/// stay current even when nothing needs evicting.
+const CENSUS_REFRESH_SECS: u64 = 300;
+
+/// Manifests removed per index batch (each batch holds their stripes: keep it small).
+const GROUP: usize = 16;
 
 /// The limits a pass enforces.
 #[derive(Debug, Clone, Copy)]
@@ -91,9 +95,21 @@ impl Store {
         self.space_low.load(Ordering::Relaxed)
     }
 
+    /// Wakes the eviction loop if the data directory has less free space than the floor:
+    /// called when a fill or an upload starts (one statvfs), so space is made before the
+    /// next periodic check.
+    pub fn note_space_needed(&self) {
+        if self.options().cache_min_free_disk > 0
+            && free_disk(self.data_dir()).is_ok_and(|f| f < self.options().cache_min_free_disk)
+        {
+            self.eviction_wanted.notify_one();
+        }
+    }
+
     /// `Err(InsufficientStorage)` while the data directory is short of space: a push must not
     /// take the last free bytes the index and the cache need.
     pub fn room_for_push(&self) -> Result<(), StoreError> {
+        self.note_space_needed();
         if self.space_low() {
             return Err(StoreError::InsufficientStorage);
         }
@@ -113,9 +129,15 @@ impl Store {
         self.flush_access()?;
         let free = free_disk(self.data_dir())?;
         let stored = self.usage().0;
-        // Stored bytes unchanged since the last census and enough free space: the census
-        // would find what it found then.
-        if stored == self.census_stored.load(Ordering::Relaxed) && free >= budget.min_free_disk {
+        let estimate = stored.saturating_sub(self.pushed_seen.load(Ordering::Relaxed));
+        let over = budget.max_size.is_some_and(|m| estimate > m);
+        let changes = self.blob_changes.load(Ordering::Relaxed);
+        let unchanged = changes == self.census_changes.load(Ordering::Relaxed);
+        let recent =
+            unix_now().saturating_sub(self.census_at.load(Ordering::Relaxed)) < CENSUS_REFRESH_SECS;
+        // Nothing to evict: skip the census unless its figures (metrics, `space_low`) are
+        // old. Unchanged since the last census: it would find what it found then.
+        if free >= budget.min_free_disk && (unchanged || (!over && recent)) {
             self.space_low.store(false, Ordering::Relaxed);
             return Ok(EvictReport {
                 usage: self.last_usage(),
@@ -124,6 +146,10 @@ impl Store {
                 ..EvictReport::default()
             });
         }
+        // As of the census's start: what this pass removes, or a fill during it, makes the
+        // next check count again (once), so nothing is missed.
+        self.census_changes.store(changes, Ordering::Relaxed);
+        self.census_at.store(unix_now(), Ordering::Relaxed);
         let census = self.census(is_cache_repo)?;
         let usage = census.usage;
         let need_budget = match budget.max_size {
@@ -152,7 +178,9 @@ impl Store {
         report.space_low = report.free_disk < budget.min_free_disk;
         self.space_low.store(report.space_low, Ordering::Relaxed);
         *self.usage_seen.lock().unwrap_or_else(|p| p.into_inner()) = report.usage;
-        self.census_stored.store(self.usage().0, Ordering::Relaxed);
+        self.pushed_seen
+            .store(report.usage.pushed_bytes, Ordering::Relaxed);
+
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
@@ -160,7 +188,7 @@ impl Store {
     /// Makes the next eviction check take a census even if no bytes were stored since the
     /// last one (pins changed what it reports).
     pub(super) fn recount_cache_soon(&self) {
-        self.census_stored.store(u64::MAX, Ordering::Relaxed);
+        self.census_changes.store(u64::MAX, Ordering::Relaxed);
     }
 
     /// The usage the last census found (adjusted by what that pass freed).
@@ -215,23 +243,27 @@ impl Store {
                 &b.digest,
             ))
         });
-        let mut doomed_members = Vec::new();
+        // (member, root of the image it goes with, whether the census saw that root pinned)
+        let mut doomed_members: Vec<(usize, usize, bool)> = Vec::new();
         let mut doomed_blobs: Vec<(String, u64, u64)> = Vec::new();
         let mut planned = 0u64;
+        // Anything linked in or after the census's first second is not its to judge: a
+        // mount or link in that second leaves `linked_at` equal to what the census saw.
+        let newest = census.started.saturating_sub(1);
         for i in order {
             if let Selection::Bytes(need) = selection
                 && planned >= need
             {
                 break;
             }
-            report.images_evicted += 1;
+            let (root, root_pinned) = (census.images[i].root, census.images[i].info.pinned != "no");
             for &m in &census.images[i].removable {
                 let member = &mut census.members[m];
                 member.images -= 1;
                 if member.images > 0 {
                     continue;
                 }
-                doomed_members.push(m);
+                doomed_members.push((m, root, root_pinned));
                 for b in &member.blobs {
                     let Some(f) = census.blobs.get_mut(b) else {
                         continue;
@@ -239,19 +271,26 @@ impl Store {
                     f.refs = f.refs.saturating_sub(1);
                     if f.refs == 0 && !f.pushed {
                         planned += f.size;
-                        doomed_blobs.push((b.clone(), f.size, f.linked_at));
+                        doomed_blobs.push((b.clone(), f.size, f.linked_at.min(newest)));
                     }
                 }
             }
         }
 
         // Manifests, their reverse references, tags and access records.
+        let mut removed_roots = std::collections::HashSet::new();
         for group in doomed_members.chunks(GROUP) {
             if should_stop() {
                 break;
             }
-            report.manifests_removed += self.unindex_manifests(&census, group)?;
+            for (m, root) in self.unindex_manifests(&census, group)? {
+                report.manifests_removed += 1;
+                if m == root {
+                    removed_roots.insert(root);
+                }
+            }
         }
+        report.images_evicted = removed_roots.len() as u64;
 
         // Blobs no cached manifest references any more: re-checked under the GC lock.
         doomed_blobs.sort();
@@ -286,57 +325,103 @@ impl Store {
         Ok(report)
     }
 
-    /// Removes cached manifests (with reverse references, access records, and the tags that
-    /// still point at them) in one relaxed batch; durable before any blob file goes, because
-    /// blob removal syncs the WAL first.
-    fn unindex_manifests(&self, census: &Census, group: &[usize]) -> Result<u64, StoreError> {
-        let mut manifest_keys = Vec::new();
-        let mut tag_keys = Vec::new();
-        for &m in group {
+    /// Removes cached manifests (with reverse references, access records, and every tag of
+    /// their repository still pointing at them) in one relaxed batch; durable before any blob
+    /// file goes, because blob removal syncs the WAL first. Each is re-checked under its
+    /// stripe (and its image root's): a manifest pinned, pulled or fetched again since the
+    /// census stays, and so do its blobs (its reverse references keep them). Returns the
+    /// `(member, root)` pairs removed.
+    fn unindex_manifests(
+        &self,
+        census: &Census,
+        group: &[(usize, usize, bool)],
+    ) -> Result<Vec<(usize, usize)>, StoreError> {
+        // The tags pointing at them, found with no lock held (re-checked below).
+        let mut by_repo: HashMap<&str, Vec<&str>> = HashMap::new();
+        for &(m, _, _) in group {
             let member = &census.members[m];
-            manifest_keys.push(key(&[&member.repo, &member.digest]));
-            for img in census
-                .images
-                .iter()
-                .filter(|i| i.info.repository == member.repo && i.info.digest == member.digest)
-            {
-                for t in &img.info.tags {
-                    tag_keys.push((key(&[&member.repo, t]), member.digest.clone()));
-                }
-            }
+            by_repo
+                .entry(&member.repo)
+                .or_default()
+                .push(&member.digest);
         }
+        let mut tag_keys: Vec<(Vec<u8>, String)> = Vec::new();
+        for (repo, digests) in &by_repo {
+            self.index
+                .scan(CF_TAGS, &super::index::prefix(&[repo]), None, |k, v| {
+                    if let Some(d) = digests.iter().find(|d| d.as_bytes() == v) {
+                        tag_keys.push((k.to_vec(), d.to_string()));
+                    }
+                    true
+                })?;
+        }
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = group
+            .iter()
+            .map(|&(m, r, _)| {
+                let (member, root) = (&census.members[m], &census.members[r]);
+                (
+                    key(&[&member.repo, &member.digest]),
+                    key(&[&root.repo, &root.digest]),
+                )
+            })
+            .collect();
         let _stripes = self.lock_stripes(
-            manifest_keys
-                .iter()
-                .map(|k| k.as_slice())
+            keys.iter()
+                .flat_map(|(m, r)| [m.as_slice(), r.as_slice()])
                 .chain(tag_keys.iter().map(|(k, _)| k.as_slice())),
         );
         let mut batch = self.index.batch();
-        for (&m, mk) in group.iter().zip(&manifest_keys) {
-            let member = &census.members[m];
+        let mut removed = Vec::new();
+        let mut gone_digests = std::collections::HashSet::new();
+        for (&(m, r, root_pinned), (mk, _)) in group.iter().zip(&keys) {
+            let (member, root) = (&census.members[m], &census.members[r]);
+            let pulled = self
+                .index
+                .get(CF_ACCESS, mk)?
+                .and_then(|v| super::index::decode_u64s::<2>(CF_ACCESS, &v).ok())
+                .map_or(0, |[t, _]| t);
+            // Pulled or fetched again, pinned, or its image pinned since the census (a pin
+            // the census saw on the root was a partial one that leaves this child out).
+            if pulled > member.seen_pull
+                || self.is_pinned(&member.repo, &member.digest)?
+                || (!root_pinned && self.is_pinned(&root.repo, &root.digest)?)
+            {
+                continue;
+            }
             batch.delete(CF_MANIFESTS, mk);
             batch.delete(CF_ACCESS, mk);
             for b in &member.blobs {
                 batch.delete(CF_BLOB_REFS, &key(&[b, &member.repo, &member.digest]));
             }
+            gone_digests.insert((member.repo.as_str(), member.digest.as_str()));
+            removed.push((m, r));
         }
         let mut gone_tags = Vec::new();
         for (tk, digest) in &tag_keys {
-            // A tag that moved since the census points at a kept manifest: it stays.
-            if self.index.get(CF_TAGS, tk)?.as_deref() == Some(digest.as_bytes()) {
+            let repo = std::str::from_utf8(&tk[..tk.iter().position(|&b| b == 0).unwrap_or(0)])
+                .unwrap_or_default();
+            // A tag that moved since the scan points at a kept manifest: it stays.
+            if gone_digests.contains(&(repo, digest.as_str()))
+                && self.index.get(CF_TAGS, tk)?.as_deref() == Some(digest.as_bytes())
+            {
                 batch.delete(CF_TAGS, tk);
                 batch.delete(CF_TAG_CHECKS, tk);
                 gone_tags.push(tk);
             }
         }
+        if removed.is_empty() {
+            return Ok(removed);
+        }
         self.index.write_relaxed(batch)?;
-        for k in &manifest_keys {
-            self.manifests.invalidate(k);
+        for (&(m, _, _), (mk, _)) in group.iter().zip(&keys) {
+            if removed.iter().any(|&(r, _)| r == m) {
+                self.manifests.invalidate(mk);
+            }
         }
         for k in gone_tags {
             self.tags.invalidate(k);
         }
-        Ok(group.len() as u64)
+        Ok(removed)
     }
 
     fn forget_access<'a>(
@@ -366,8 +451,10 @@ impl Store {
         let mut run: Vec<(Vec<u8>, u64)> = Vec::new();
         let flush = |run: &mut Vec<(Vec<u8>, u64)>, doomed: &mut Vec<Vec<u8>>| {
             let keep_from = run.len().saturating_sub(max_entries);
+            let newest = run.len().saturating_sub(1);
             for (i, (k, t)) in run.drain(..).enumerate() {
-                if i < keep_from || t < cutoff_micros {
+                // The newest entry stays however old: it says what the tag points at.
+                if i < keep_from || (t < cutoff_micros && i != newest) {
                     doomed.push(k);
                 }
             }
@@ -401,6 +488,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Tag;
     use crate::store::StoreOptions;
     use crate::store::pins::PinTarget;
 
@@ -448,6 +536,12 @@ mod tests {
         store
             .put_cached_manifest(&repo, &index_digest, INDEX, index.into(), Some(&tag))
             .unwrap();
+        // A tag on a child (as `app:1-arm64` would be): it goes with the child.
+        let child_tag: Tag = "1-arm64".parse().unwrap();
+        let arm_bytes = store.manifest(&repo, &arm).unwrap().unwrap().bytes.clone();
+        store
+            .put_cached_manifest(&repo, &arm, IMAGE, arm_bytes, Some(&child_tag))
+            .unwrap();
         let everything = |_: &RepoName| true;
         let (images, usage) = store.cache_inventory(&everything).unwrap();
         assert_eq!(images.len(), 1, "one image: the index with its children");
@@ -460,6 +554,8 @@ mod tests {
             .unwrap();
         let (images, usage) = store.cache_inventory(&everything).unwrap();
         assert_eq!(images[0].pinned, "partial");
+        // Eviction leaves what was linked in its own first second alone.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         assert_eq!(usage.pinned_bytes, 2 + 3);
 
         let report = store
@@ -468,22 +564,46 @@ mod tests {
         assert_eq!(report.manifests_removed, 1, "only the arm64 child");
         assert_eq!(report.blobs_removed, 1, "only the arm64 layer");
         assert!(store.manifest(&repo, &arm).unwrap().is_none());
+        assert_eq!(store.resolve_tag(&repo, &child_tag).unwrap(), None);
         assert!(store.manifest(&repo, &amd).unwrap().is_some());
-        assert_eq!(store.resolve_tag(&repo, &tag).unwrap(), Some(index_digest));
+        assert_eq!(
+            store.resolve_tag(&repo, &tag).unwrap(),
+            Some(index_digest.clone())
+        );
         assert!(!store.has_blob_anywhere(&arm_layer).unwrap());
         for kept in [&config, &amd_layer] {
-            assert!(store.blob_size(&repo, kept).unwrap().is_some(), "{kept} was evicted");
+            assert!(
+                store.blob_size(&repo, kept).unwrap().is_some(),
+                "{kept} was evicted"
+            );
             assert!(store.blobs.contains(kept));
         }
 
-        // Unpinned, the whole image goes, its tag with it.
+        // Two reasons pin the index: dropping one keeps the other.
+        store
+            .pin(&repo, &PinTarget::Digest(index_digest.clone()), &[])
+            .unwrap();
         assert_eq!(store.unpin(&repo, &PinTarget::Tag(tag.clone())).unwrap(), 2);
+        let report = store
+            .evict_now(Selection::PulledBefore(u64::MAX), &everything)
+            .unwrap();
+        assert_eq!(report.images_evicted, 0, "still pinned by digest");
+        // Unpinned, the whole image goes, its tag with it.
+        assert_eq!(
+            store
+                .unpin(&repo, &PinTarget::Digest(index_digest.clone()))
+                .unwrap(),
+            1
+        );
         let report = store
             .evict_now(Selection::PulledBefore(u64::MAX), &everything)
             .unwrap();
         assert_eq!(report.images_evicted, 1);
         assert_eq!(store.resolve_tag(&repo, &tag).unwrap(), None);
-        assert_eq!(store.cache_inventory(&everything).unwrap().1.cached_bytes, 0);
+        assert_eq!(
+            store.cache_inventory(&everything).unwrap().1.cached_bytes,
+            0
+        );
         assert!(store.fsck_with(false, &everything).unwrap().is_clean());
     }
 
@@ -497,10 +617,16 @@ mod tests {
         let config = blob(&store, &cache, b"{}");
         let layer = blob(&store, &cache, b"abc");
         image(&store, &cache, &config, &layer);
-        assert!(store.mount_blob(&private, &cache, &layer).unwrap().is_some());
+        assert!(
+            store
+                .mount_blob(&private, &cache, &layer)
+                .unwrap()
+                .is_some()
+        );
         let is_cache = |r: &RepoName| r.as_str().starts_with("docker.io/");
         let (_, usage) = store.cache_inventory(&is_cache).unwrap();
         assert_eq!((usage.cached_bytes, usage.pushed_bytes), (2, 3));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         store
             .evict_now(Selection::PulledBefore(u64::MAX), &is_cache)
             .unwrap();

@@ -218,6 +218,8 @@ impl Store {
             // Relaxed: the lock covers the decision; `remove_unindexed_files` syncs the WAL
             // before any file goes.
             self.index.write_relaxed(batch)?;
+            self.blob_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.stored_bytes
                 .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
             self.blob_count

@@ -17,7 +17,8 @@
 //! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
 //! - `access`    repo \0 digest                 → last pulled u64 BE (unix secs), pulls u64 BE
 //!   (cache repositories; manifests and blobs)
-//! - `pins`      repo \0 digest                 → PinRecord JSON (cached images kept from eviction)
+//! - `pins`      repo \0 digest \0 reason        → PinRecord JSON (cached images kept from eviction;
+//!   reason `@` for a pin by digest, `:TAG` for one a tag pin made)
 //! - `pins`      repo \0 \0 tag                 → PinRecord JSON (a pinned tag: each digest it
 //!   resolves to while pinned is pinned too)
 //! - `meta`      key                            → value (schema version)

@@ -62,6 +62,8 @@ pub(super) struct Member {
     /// Images it belongs to (a child listed by two indexes belongs to both).
     pub images: u32,
     pub kept: bool,
+    /// Its last pull as the census read it: a later one (or a re-fetch) spares it.
+    pub seen_pull: u64,
 }
 
 /// A stored blob, as the census sees it.
@@ -77,6 +79,8 @@ pub(super) struct BlobFacts {
 
 pub(super) struct Image {
     pub info: CachedImage,
+    /// Index into `Census::members` of the root manifest.
+    pub root: usize,
     /// Indexes into `Census::members`: the members eviction may remove.
     pub removable: Vec<usize>,
 }
@@ -88,6 +92,8 @@ pub(super) struct Census {
     pub usage: CacheUsage,
     /// Access records of content that is no longer cached.
     pub stale_access: Vec<Vec<u8>>,
+    /// Unix time the census began: anything linked since is not its to judge.
+    pub started: u64,
 }
 
 /// What one cached manifest lists.
@@ -122,6 +128,7 @@ impl Store {
         &self,
         is_cache_repo: &dyn Fn(&RepoName) -> bool,
     ) -> Result<Census, StoreError> {
+        let started = super::unix_now();
         let mut cache_repo: HashMap<String, bool> = HashMap::new();
         let mut is_cache = |repo: &str| -> bool {
             *cache_repo
@@ -131,23 +138,18 @@ impl Store {
 
         // Cached manifests, by repository.
         let mut facts: HashMap<String, HashMap<String, Facts>> = HashMap::new();
-        let mut raw = Vec::new();
         self.index.scan(CF_MANIFESTS, b"", None, |k, v| {
-            raw.push((k.to_vec(), v.to_vec()));
-            true
-        })?;
-        for (k, v) in raw {
-            let Some((repo, digest)) = split2(&k) else {
-                continue;
+            let Some((repo, digest)) = split2(k) else {
+                return true;
             };
             if !is_cache(&repo) {
-                continue;
+                return true;
             }
-            let Ok((media_type, bytes)) = decode_manifest(&v) else {
-                continue;
+            let Ok((media_type, bytes)) = decode_manifest(v) else {
+                return true;
             };
             let Ok(p) = ParsedManifest::parse(&bytes, &media_type) else {
-                continue;
+                return true;
             };
             facts.entry(repo).or_default().insert(
                 digest,
@@ -161,7 +163,8 @@ impl Store {
                     blobs: p.referenced_blobs().map(|d| d.digest.to_string()).collect(),
                 },
             );
-        }
+            true
+        })?;
 
         let mut tags: HashMap<(String, String), Vec<String>> = HashMap::new();
         self.index.scan(CF_TAGS, b"", None, |k, v| {
@@ -203,10 +206,13 @@ impl Store {
         }
         let mut linked: HashSet<Vec<u8>> = HashSet::new();
         self.index.scan(CF_LINKS, b"", None, |k, v| {
-            if let Some((_, digest)) = split2(k)
+            if let Some((repo, digest)) = split2(k)
                 && let Some(b) = blobs.get_mut(&digest)
             {
-                if matches!(decode_u64s::<2>(CF_LINKS, v), Ok([_, LINK_PUSHED])) {
+                // A push's link, or any link of a private repository (links made before
+                // pushes were flagged carry no flag).
+                if matches!(decode_u64s::<2>(CF_LINKS, v), Ok([_, LINK_PUSHED])) || !is_cache(&repo)
+                {
                     b.pushed = true;
                 }
                 b.links.push(k.to_vec());
@@ -241,9 +247,30 @@ impl Store {
         let mut pins: HashMap<(String, String), PinRecord> = HashMap::new();
         for p in self.pins()? {
             if let Some(d) = p.digest {
-                pins.insert((p.repository, d), p.record);
+                pins.entry((p.repository, d))
+                    .and_modify(|r| {
+                        // Several reasons: the widest wins (no platform list keeps everything).
+                        if r.platforms.is_empty() || p.record.platforms.is_empty() {
+                            r.platforms.clear();
+                        } else {
+                            r.platforms.extend(p.record.platforms.iter().cloned());
+                        }
+                    })
+                    .or_insert(p.record);
             }
         }
+        // Repositories' creation times: the last pull of content cached before pulls were
+        // recorded is unknown, and it counts as pulled when its repository was created.
+        let mut created: HashMap<String, u64> = HashMap::new();
+        self.index.scan(super::index::CF_REPOS, b"", None, |k, v| {
+            let repo = String::from_utf8_lossy(k).into_owned();
+            if facts.contains_key(&repo)
+                && let Ok([t]) = decode_u64s::<1>(super::index::CF_REPOS, v)
+            {
+                created.insert(repo, t);
+            }
+            true
+        })?;
 
         // Images: roots and their children.
         let mut members: Vec<Member> = Vec::new();
@@ -285,6 +312,9 @@ impl Store {
                                 blobs: mf.blobs.clone(),
                                 images: 0,
                                 kept: false,
+                                seen_pull: access
+                                    .get(&index::key(&[repo, digest]))
+                                    .map_or(0, |a| a.last_pulled),
                             });
                             members.len() - 1
                         });
@@ -296,7 +326,7 @@ impl Store {
                 for (child, platform) in &f.children {
                     add(child, platform.as_ref(), false);
                 }
-                let mut seen = HashSet::new();
+                // Pulls of its manifests here; pulls of blobs only it holds are added below.
                 let mut last_pulled = 0;
                 let mut pulls = 0;
                 for &i in &ids {
@@ -307,20 +337,18 @@ impl Store {
                         .unwrap_or(Access::default());
                     last_pulled = last_pulled.max(a.last_pulled);
                     pulls = pulls.max(a.pulls);
-                    for b in &m.blobs {
-                        if seen.insert(b.clone())
-                            && let Some(a) = access.get(&index::key(&[&m.repo, b]))
-                        {
-                            last_pulled = last_pulled.max(a.last_pulled);
-                        }
-                    }
+                }
+                if last_pulled == 0 {
+                    last_pulled = created.get(repo).copied().unwrap_or(0);
                 }
                 let pinned = match (root_pin, kept_any) {
                     (Some(p), _) if p.platforms.is_empty() => "yes",
                     (_, true) => "partial",
                     _ => "no",
                 };
+                let root_member = ids[0];
                 images.push(Image {
+                    root: root_member,
                     info: CachedImage {
                         upstream: String::new(),
                         repository: repo.clone(),
@@ -382,28 +410,28 @@ impl Store {
             .map(|f| f.size)
             .sum();
         for img in &mut images {
-            let mut seen = HashSet::new();
-            // A blob is the image's own when every cached manifest referencing it belongs to
-            // this image only.
-            let mut in_image: HashMap<&str, u32> = HashMap::new();
+            // Per blob: how many of this image's manifests reference it, and whether all of
+            // them belong to this image alone.
+            let mut in_image: HashMap<&str, (u32, bool)> = HashMap::new();
             for &i in &img.removable {
+                let alone = members[i].images == 1;
                 for b in &members[i].blobs {
-                    *in_image.entry(b.as_str()).or_default() += 1;
+                    let e = in_image.entry(b.as_str()).or_insert((0, true));
+                    e.0 += 1;
+                    e.1 &= alone;
                 }
             }
-            for &i in &img.removable {
-                for b in &members[i].blobs {
-                    if !seen.insert(b.as_str()) {
-                        continue;
+            let repo = img.info.repository.clone();
+            for (b, (count, alone)) in in_image {
+                let Some(f) = blobs.get(b) else { continue };
+                // Its own: no other cached manifest and no push references it.
+                if !f.pushed && alone && count == f.refs {
+                    img.info.own_bytes += f.size;
+                    if let Some(a) = access.get(&index::key(&[&repo, b])) {
+                        img.info.last_pulled = img.info.last_pulled.max(a.last_pulled);
                     }
-                    let Some(f) = blobs.get(b) else { continue };
-                    let only_here = img.removable.iter().all(|&j| members[j].images == 1)
-                        && in_image.get(b.as_str()) == Some(&f.refs);
-                    if !f.pushed && only_here {
-                        img.info.own_bytes += f.size;
-                    } else {
-                        img.info.shared_bytes += f.size;
-                    }
+                } else {
+                    img.info.shared_bytes += f.size;
                 }
             }
             img.removable.retain(|&i| !members[i].kept);
@@ -421,6 +449,7 @@ impl Store {
             blobs,
             usage,
             stale_access,
+            started,
         })
     }
 }

@@ -63,7 +63,25 @@ impl Store {
             batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
             self.follow_tag_pin(&mut batch, repo, t, digest)?;
         }
-        let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
+        // The manifest's stripe too, across the write and the hot-cache insert: an eviction
+        // holds it while it re-checks and removes the manifest, so the two never interleave.
+        let _stripes = self.lock_stripes(
+            tag_key
+                .iter()
+                .map(|k| k.as_slice())
+                .chain([manifest_key.as_slice()]),
+        );
+        // Fetched (or re-pointed) now: a pull, as eviction orders and re-checks them.
+        let pulls = self
+            .index
+            .get(index::CF_ACCESS, &manifest_key)?
+            .and_then(|v| index::decode_u64s::<2>(index::CF_ACCESS, &v).ok())
+            .map_or(0, |[_, n]| n);
+        batch.put(
+            index::CF_ACCESS,
+            &manifest_key,
+            &index::encode_u64s(&[now, pulls]),
+        );
         self.index.write_synced(batch)?;
         if let Some(k) = &tag_key {
             self.tags.insert(k.clone(), digest.clone());
@@ -73,7 +91,7 @@ impl Store {
             media_type: parsed.media_type,
             bytes,
         });
-        self.manifests.insert(manifest_key, m.clone());
+        self.manifests.insert(manifest_key.clone(), m.clone());
         Ok(m)
     }
 

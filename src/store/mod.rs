@@ -97,8 +97,10 @@ pub struct StoreOptions {
     pub max_manifest_size: u64,
     pub gc_grace: Duration,
     pub upload_abandon_after: Duration,
-    /// `cache.max_size`: a fill that takes stored bytes past it wakes the eviction loop.
+    /// `cache.max_size`: a fill that takes cached bytes past it wakes the eviction loop.
     pub cache_max_size: Option<u64>,
+    /// `cache.min_free_disk`: a fill or upload that starts with less free space wakes it too.
+    pub cache_min_free_disk: u64,
     pub upload_limits: uploads::UploadLimits,
 }
 
@@ -110,6 +112,7 @@ impl Default for StoreOptions {
             gc_grace: Duration::from_secs(3600),
             upload_abandon_after: Duration::from_secs(24 * 3600),
             cache_max_size: None,
+            cache_min_free_disk: 0,
             upload_limits: uploads::UploadLimits::default(),
         }
     }
@@ -161,9 +164,16 @@ pub struct Store {
     access: access::AccessLog,
     /// Set by an eviction pass that could not restore `cache.min_free_disk`.
     space_low: AtomicBool,
-    /// What the last eviction census counted, and the stored bytes after that pass.
+    /// What the last eviction census counted.
     usage_seen: Mutex<inventory::CacheUsage>,
-    census_stored: AtomicU64,
+    /// Bumped whenever a blob enters or leaves the index (`blob_changes`), and its value
+    /// when the last census began: equal means a census would find what that one found.
+    blob_changes: AtomicU64,
+    census_changes: AtomicU64,
+    /// Pushed bytes the last census counted: stored minus this estimates cached bytes.
+    pushed_seen: AtomicU64,
+    /// Unix time of the last census.
+    census_at: AtomicU64,
     /// Held by a GC run or an eviction pass for its whole length: one sweep at a time.
     sweep_lock: Mutex<()>,
     /// Woken when a fill takes stored bytes past `cache_max_size`.
@@ -203,7 +213,10 @@ impl Store {
             access: access::AccessLog::new(),
             space_low: AtomicBool::new(false),
             usage_seen: Mutex::new(inventory::CacheUsage::default()),
-            census_stored: AtomicU64::new(u64::MAX),
+            blob_changes: AtomicU64::new(0),
+            census_changes: AtomicU64::new(u64::MAX),
+            pushed_seen: AtomicU64::new(0),
+            census_at: AtomicU64::new(0),
             sweep_lock: Mutex::new(()),
             eviction_wanted: tokio::sync::Notify::new(),
             index,
@@ -432,8 +445,10 @@ impl Store {
         self.index.write_synced(batch)?;
         if !known {
             let stored = self.stored_bytes.fetch_add(size, Ordering::Relaxed) + size;
+            self.blob_changes.fetch_add(1, Ordering::Relaxed);
             self.blob_count.fetch_add(1, Ordering::Relaxed);
-            if upload_id.is_none() && self.options.cache_max_size.is_some_and(|m| stored > m) {
+            let cached = stored.saturating_sub(self.pushed_seen.load(Ordering::Relaxed));
+            if upload_id.is_none() && self.options.cache_max_size.is_some_and(|m| cached > m) {
                 self.eviction_wanted.notify_one();
             }
         }

@@ -59,8 +59,16 @@ pub enum PinTarget {
     Tag(Tag),
 }
 
-fn digest_key(repo: &RepoName, digest: &str) -> Vec<u8> {
-    key(&[repo.as_str(), digest])
+/// Why a digest is pinned: `@` for a pin by digest, `:TAG` for one made by a tag pin. One
+/// record per reason, so unpinning one tag never drops a pin another tag or a digest pin made.
+const BY_DIGEST: &str = "@";
+
+fn via(tag: &str) -> String {
+    format!(":{tag}")
+}
+
+fn digest_key(repo: &RepoName, digest: &str, reason: &str) -> Vec<u8> {
+    key(&[repo.as_str(), digest, reason])
 }
 
 fn tag_key(repo: &RepoName, tag: &str) -> Vec<u8> {
@@ -89,7 +97,16 @@ impl Store {
                 (d, Some(t.as_str().to_string()))
             }
         };
-        if self.manifest(repo, &digest)?.is_none() {
+        let digest_str = digest.to_string();
+        // Under the manifest's stripe: an eviction removing it holds the same stripe and
+        // re-reads the pins there, so the pin either lands first and is seen, or finds the
+        // manifest gone and fails.
+        let manifest_key = key(&[repo.as_str(), &digest_str]);
+        let _g = self.lock_stripe(&manifest_key);
+        if !self
+            .index
+            .exists(super::index::CF_MANIFESTS, &manifest_key)?
+        {
             return Err(StoreError::ManifestUnknown(format!("{repo}@{digest}")));
         }
         let record = PinRecord {
@@ -97,10 +114,11 @@ impl Store {
             platforms: platforms.to_vec(),
             via_tag: tag.clone(),
         };
+        let reason = tag.as_deref().map_or(BY_DIGEST.to_string(), via);
         let mut batch = self.index.batch();
         batch.put(
             CF_PINS,
-            &digest_key(repo, &digest.to_string()),
+            &digest_key(repo, &digest_str, &reason),
             &encode(&record),
         );
         if let Some(t) = &tag {
@@ -111,14 +129,14 @@ impl Store {
         Ok(digest)
     }
 
-    /// Removes a pin. Unpinning a tag also removes the digest pins it made. Returns how many
-    /// pin records were removed.
+    /// Removes a pin. Unpinning a tag also removes the digest pins it made (and only those).
+    /// Returns how many pin records were removed.
     pub fn unpin(&self, repo: &RepoName, target: &PinTarget) -> Result<usize, StoreError> {
         let mut batch = self.index.batch();
         let mut removed = 0;
         match target {
             PinTarget::Digest(d) => {
-                let k = digest_key(repo, &d.to_string());
+                let k = digest_key(repo, &d.to_string(), BY_DIGEST);
                 if self.index.exists(CF_PINS, &k)? {
                     batch.delete(CF_PINS, &k);
                     removed += 1;
@@ -130,11 +148,12 @@ impl Store {
                     batch.delete(CF_PINS, &k);
                     removed += 1;
                 }
+                let reason = via(t.as_str());
                 for p in self.pins_of(repo)? {
-                    if let (Some(d), Some(via)) = (&p.digest, &p.record.via_tag)
-                        && via == t.as_str()
+                    if let Some(d) = &p.digest
+                        && p.record.via_tag.as_deref() == Some(t.as_str())
                     {
-                        batch.delete(CF_PINS, &digest_key(repo, d));
+                        batch.delete(CF_PINS, &digest_key(repo, d, &reason));
                         removed += 1;
                     }
                 }
@@ -157,6 +176,13 @@ impl Store {
         self.scan_pins(b"")
     }
 
+    /// Whether any pin names `digest` in `repo` (read from the index, for re-checks).
+    pub(super) fn is_pinned(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .index
+            .any_with_prefix(CF_PINS, &prefix(&[repo, digest]))?)
+    }
+
     fn scan_pins(&self, p: &[u8]) -> Result<Vec<PinInfo>, StoreError> {
         let mut out = Vec::new();
         self.index.scan(CF_PINS, p, None, |k, v| {
@@ -166,16 +192,16 @@ impl Store {
             let parts: Vec<&[u8]> = k.split(|b| *b == 0).collect();
             let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
             match parts.as_slice() {
-                [repo, digest] => out.push(PinInfo {
-                    repository: s(repo),
-                    digest: Some(s(digest)),
-                    tag: None,
-                    record,
-                }),
                 [repo, [], tag] => out.push(PinInfo {
                     repository: s(repo),
                     digest: None,
                     tag: Some(s(tag)),
+                    record,
+                }),
+                [repo, digest, _reason] => out.push(PinInfo {
+                    repository: s(repo),
+                    digest: Some(s(digest)),
+                    tag: None,
                     record,
                 }),
                 _ => {}
@@ -206,7 +232,7 @@ impl Store {
         };
         batch.put(
             CF_PINS,
-            &digest_key(repo, &digest.to_string()),
+            &digest_key(repo, &digest.to_string(), &via(tag.as_str())),
             &encode(&record),
         );
         Ok(())

@@ -272,6 +272,8 @@ impl Store {
                 batch.delete(CF_LINKS, l);
             }
             self.index.write_synced(batch)?;
+            self.blob_changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.stored_bytes
                 .fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
             self.blob_count
