@@ -26,7 +26,7 @@ use common::*;
 use serde_json::json;
 use transship::auth::basic_header;
 use transship::auth::keys::{Role, Subject, TokenKind, hash_password};
-use transship::config::HumanDuration;
+use transship::config::{HumanDuration, MirrorPull};
 
 /// Names this suite in the CI failure for a missing program (see `skip`).
 const SUITE: &str = "docker";
@@ -184,17 +184,26 @@ impl Drop for Docker {
 // ---------------------------------------------------------------------------------------------
 // transship and what it holds
 
-/// transship whose `docker.io` upstream is `up`, with tags fresh for `tag_ttl`, and `extra`
-/// config appended.
-fn mirror(up: &Distribution, tag_ttl: Duration, extra: &str) -> TestServer {
+/// transship whose `docker.io` upstream is `up`, with tags fresh for `tag_ttl` and pulls
+/// allowed to `pull`, and `extra` config appended.
+fn mirror(up: &Distribution, tag_ttl: Duration, extra: &str, pull: MirrorPull) -> TestServer {
     let url = up.url();
     let extra = extra.to_string();
     TestServer::start_with(move |c| {
         let mut c = test_config(&c.server.data_dir, &extra);
         c.upstreams[0].url = url;
         c.upstreams[0].tag_ttl = HumanDuration(tag_ttl);
+        c.upstreams[0].pull = pull;
         c
     })
+}
+
+/// Config declaring the user alice (`ALICE_PASSWORD`), then `more`.
+fn alice_and(more: &str) -> String {
+    format!(
+        "[[user]]\nname = \"alice\"\npassword_hash = \"{}\"\n\n{more}",
+        hash_password(ALICE_PASSWORD)
+    )
 }
 
 /// The blobs an image pull downloads: its config and layers.
@@ -277,7 +286,7 @@ fn docker_pulls_through_registry_mirrors_and_repulls_from_the_cache() {
     up.seed("library/multi", "v1", &multi);
     up.seed("some/pinned", "v1", &pinned);
     let seeded = up.requests().len();
-    let s = mirror(&up, Duration::from_secs(3600), "");
+    let s = mirror(&up, Duration::from_secs(3600), "", MirrorPull::Anonymous);
     let h = Http::for_server(&s);
     let docker = Docker::start(&s.url(""));
 
@@ -367,7 +376,7 @@ fn docker_pulls_a_cached_tag_during_an_upstream_outage() {
     let app = Layout::single(11, &DOCKER, &LAYERS);
     up.seed("library/app", "latest", &app);
     // Every request revalidates the tag upstream.
-    let s = mirror(&up, Duration::ZERO, "");
+    let s = mirror(&up, Duration::ZERO, "", MirrorPull::Anonymous);
     let h = Http::for_server(&s);
     let docker = Docker::start(&s.url(""));
     let image = &app.images[0];
@@ -412,12 +421,15 @@ fn docker_logs_in_pushes_and_pulls_private_images() {
     let up = Distribution::start();
     let alpine = Layout::single(21, &DOCKER, &LAYERS);
     up.seed("library/alpine", "latest", &alpine);
-    let extra = format!(
-        "[[user]]\nname = \"alice\"\npassword_hash = \"{}\"\n\n\
-         [[project]]\nname = \"{PROJECT}\"\nanonymous = \"none\"\neditors = [\"alice\"]\n",
-        hash_password(ALICE_PASSWORD)
+    let extra = alice_and(&format!(
+        "[[project]]\nname = \"{PROJECT}\"\nanonymous = \"none\"\neditors = [\"alice\"]\n"
+    ));
+    let s = mirror(
+        &up,
+        Duration::from_secs(3600),
+        &extra,
+        MirrorPull::Anonymous,
     );
-    let s = mirror(&up, Duration::from_secs(3600), &extra);
     let (ids, store) = (&s.app.auth.identities, &s.app.store);
     ids.set_user(store, "victor", VICTOR_PASSWORD).unwrap();
     ids.set_member(store, PROJECT, "victor", Role::Viewer)
@@ -605,6 +617,42 @@ fn docker_logs_in_pushes_and_pulls_private_images() {
 
     // The mirror pull with the wrong Docker Hub password still works after all of that.
     docker.remove_all_images();
+    docker.pull("alpine:latest");
+    assert_eq!(
+        docker.image_id("alpine:latest"),
+        alpine.images[0].config_digest
+    );
+}
+
+/// The daemon sends its Docker Hub login (`docker login` with no registry) to the mirror:
+/// with `pull = "authenticated"` on transship's `docker.io` upstream, that login is what lets
+/// the pull through, and without it the pull is refused. (Docker Hub cannot be reached here,
+/// so the login is stored the way `docker login` stores it.)
+#[test]
+fn docker_sends_its_docker_hub_login_to_the_mirror() {
+    if !have_docker() {
+        return;
+    }
+    let up = Distribution::start();
+    let alpine = Layout::single(41, &DOCKER, &LAYERS);
+    up.seed("library/alpine", "latest", &alpine);
+    let extra = alice_and("");
+    let s = mirror(
+        &up,
+        Duration::from_secs(3600),
+        &extra,
+        MirrorPull::Authenticated,
+    );
+    let docker = Docker::start(&s.url(""));
+
+    // No login: transship refuses (and the daemon's Docker Hub fallback fails too).
+    docker.cli().args(["pull", "alpine:latest"]).fails();
+    assert!(up.requests().iter().all(|r| !r.starts_with("GET")));
+
+    let hub = json!({"auths": {"https://index.docker.io/v1/": {
+        "auth": STANDARD.encode(format!("alice:{ALICE_PASSWORD}")),
+    }}});
+    std::fs::write(docker.config_dir().join("config.json"), hub.to_string()).unwrap();
     docker.pull("alpine:latest");
     assert_eq!(
         docker.image_id("alpine:latest"),
