@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod store;
+pub mod systemd;
 
 use std::sync::Arc;
 

@@ -528,7 +528,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let background = transship::maintenance::Supervisor::start(&app);
     let scheme = if app.tls.is_some() { "https" } else { "http" };
     tracing::info!(%listen, scheme, data_dir = %app.config.server.data_dir.display(), "transship serving");
-    transship::http::server::serve(app.clone(), listener, shutdown_signal()).await?;
+    let store = app.store.clone();
+    let systemd = transship::systemd::Service::ready(move || {
+        let (bytes, blobs) = store.usage();
+        format!("serving on {listen}; {blobs} blobs, {bytes} bytes stored")
+    });
+    let stop = async {
+        shutdown_signal().await;
+        if let Some(s) = &systemd {
+            s.stopping();
+        }
+    };
+    transship::http::server::serve(app.clone(), listener, stop).await?;
     // Background jobs stop between units of work; only then is the index flushed.
     background
         .shutdown(app.config.server.shutdown_timeout.0)

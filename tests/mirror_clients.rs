@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::images::*;
-use common::upstream::{self, Distribution};
+use common::upstream::{self, Distribution, assert_one_get_per_blob};
 use common::*;
 use serde_json::{Value, json};
 use transship::config::HumanDuration;
@@ -51,71 +51,19 @@ fn have_containerd() -> bool {
 // ---------------------------------------------------------------------------------------------
 // The upstream: seeding it, and what reached it
 
-/// Pushes `layout` to the upstream with plain registry API calls: blobs, then every image
-/// manifest by digest, then the top under `TAG` (a list's children must exist first).
+/// Pushes `layout` to the upstream under `TAG`.
 fn seed(up: &Distribution, repo: &str, layout: &Layout) {
-    let h = Http::new(&up.url());
-    for (digest, bytes) in &layout.blobs {
-        assert_eq!(&h.push_blob(repo, bytes), digest, "seeding {repo}");
-    }
-    for image in &layout.images {
-        let r = h.push_manifest(repo, &image.digest, layout.format.manifest, &image.manifest);
-        assert_eq!(r.status, 201, "seeding {repo}@{}: {r:?}", image.digest);
-    }
-    let r = h.push_manifest(repo, TAG, layout.top.0, &layout.top.2);
-    assert_eq!(r.status, 201, "seeding {repo}:{TAG}: {r:?}");
-    assert_eq!(
-        r.header("docker-content-digest"),
-        Some(layout.top.1.as_str())
-    );
+    up.seed(repo, TAG, layout);
 }
 
-/// Every request in the upstream's access log so far, as `"METHOD /path?query"`, in order.
-/// Waits until the log stops growing: distribution writes an access-log line just after the
-/// response, so the last one can trail the client that received it.
+/// Every request in the upstream's access log so far, in order.
 fn upstream_requests(up: &Distribution) -> Vec<String> {
-    let read = || {
-        let text = std::fs::read_to_string(up.dir.path().join("registry.log")).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| {
-                ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-                    .iter()
-                    .find_map(|m| {
-                        let start = line.find(&format!("\"{m} "))? + 1;
-                        let len = line[start..].find(" HTTP/")?;
-                        Some(line[start..start + len].to_string())
-                    })
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut last = read();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = read();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
+    up.requests()
 }
 
 /// The requests that reached the upstream after a snapshot of `before` of them.
 fn upstream_requests_since(up: &Distribution, before: usize) -> Vec<String> {
     upstream_requests(up).split_off(before)
-}
-
-/// `requests` (to the upstream) hold exactly one GET of each blob in `fetched`, and no other
-/// request for any blob.
-fn assert_one_get_per_blob(requests: &[String], repo: &str, fetched: &[&String]) {
-    let blob_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/blobs/")).collect();
-    let mut expected: Vec<String> = fetched
-        .iter()
-        .map(|d| format!("GET /v2/{repo}/blobs/{d}"))
-        .collect();
-    expected.sort();
-    let mut got: Vec<String> = blob_requests.iter().map(|r| r.to_string()).collect();
-    got.sort();
-    assert_eq!(got, expected, "blob requests upstream:\n{requests:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,17 +113,6 @@ fn cache_requests(h: &Http, upstream: &str, kind: &str, result: &str) -> u64 {
             "transship_cache_requests_total{{kind=\"{kind}\",result=\"{result}\",upstream=\"{upstream}\"}}"
         ),
     )
-}
-
-/// The mirror now serves `digest` of `repo` (any spelling) from its cache, byte-exact.
-fn assert_cached_blob(h: &Http, repo: &str, digest: &str, bytes: &[u8]) {
-    let r = h.get(&format!("/v2/{repo}/blobs/{digest}"));
-    assert_eq!(
-        (r.status, r.header("x-cache")),
-        (200, Some("HIT")),
-        "{repo}@{digest}"
-    );
-    assert_bytes(&format!("cached {repo}@{digest}"), &r.body, bytes);
 }
 
 /// The mirror now serves manifest `reference` of `repo` from its cache, byte-exact, typed.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{random_bytes, sha256};
+use super::{Http, random_bytes, sha256};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -496,6 +496,17 @@ pub fn assert_bytes(what: &str, actual: &[u8], expected: &[u8]) {
     );
 }
 
+/// The mirror now serves `digest` of `repo` (any spelling) from its cache, byte-exact.
+pub fn assert_cached_blob(h: &Http, repo: &str, digest: &str, bytes: &[u8]) {
+    let r = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (200, Some("HIT")),
+        "{repo}@{digest}"
+    );
+    assert_bytes(&format!("cached {repo}@{digest}"), &r.body, bytes);
+}
+
 /// Every file under `dir/blobs`, by digest (checking each hashes to its name).
 pub fn oci_dir_blobs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -843,18 +854,24 @@ disabled_plugins = [
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // SIGTERM for a clean shutdown; SIGKILL if it does not go.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// Stops a daemon the test started, by its PID: SIGTERM for a clean shutdown, SIGKILL if it
+/// has not exited within `grace`.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    // SAFETY: signalling a child this test started (and has not reaped yet).
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::Http;
+use super::images::Layout;
+
 pub struct Distribution {
     child: Option<Child>,
     pub port: u16,
@@ -95,6 +98,54 @@ impl Distribution {
         self.spawn();
     }
 
+    /// Pushes `layout` with plain registry API calls: blobs, then every image manifest by
+    /// digest, then the top under `tag` (a list's children must exist first).
+    pub fn seed(&self, repo: &str, tag: &str, layout: &Layout) {
+        let h = Http::new(&self.url());
+        for (digest, bytes) in &layout.blobs {
+            assert_eq!(&h.push_blob(repo, bytes), digest, "seeding {repo}");
+        }
+        for image in &layout.images {
+            let r = h.push_manifest(repo, &image.digest, layout.format.manifest, &image.manifest);
+            assert_eq!(r.status, 201, "seeding {repo}@{}: {r:?}", image.digest);
+        }
+        let r = h.push_manifest(repo, tag, layout.top.0, &layout.top.2);
+        assert_eq!(r.status, 201, "seeding {repo}:{tag}: {r:?}");
+        assert_eq!(
+            r.header("docker-content-digest"),
+            Some(layout.top.1.as_str())
+        );
+    }
+
+    /// Every request in the access log so far, as `"METHOD /path?query"`, in order. Waits
+    /// until the log stops growing: distribution writes an access-log line just after the
+    /// response, so the last one can trail the client that received it.
+    pub fn requests(&self) -> Vec<String> {
+        let read = || {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            text.lines()
+                .filter_map(|line| {
+                    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+                        .iter()
+                        .find_map(|m| {
+                            let start = line.find(&format!("\"{m} "))? + 1;
+                            let len = line[start..].find(" HTTP/")?;
+                            Some(line[start..start + len].to_string())
+                        })
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// How many requests with this method reached a path (from the access log).
     pub fn count(&self, method: &str, path: &str) -> usize {
         let needle = format!("\"{method} {path} HTTP/");
@@ -109,4 +160,18 @@ impl Drop for Distribution {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `requests` (to the upstream) hold exactly one GET of each blob in `fetched`, and no other
+/// request for any blob.
+pub fn assert_one_get_per_blob(requests: &[String], repo: &str, fetched: &[&String]) {
+    let blob_requests: Vec<&String> = requests.iter().filter(|r| r.contains("/blobs/")).collect();
+    let mut expected: Vec<String> = fetched
+        .iter()
+        .map(|d| format!("GET /v2/{repo}/blobs/{d}"))
+        .collect();
+    expected.sort();
+    let mut got: Vec<String> = blob_requests.iter().map(|r| r.to_string()).collect();
+    got.sort();
+    assert_eq!(got, expected, "blob requests upstream:\n{requests:#?}");
 }
