@@ -66,6 +66,10 @@ pub enum AdminRequest {
     MemberList {
         project: String,
     },
+    /// `transship export` inside the running server.
+    Export(crate::airgap::ExportOptions),
+    /// `transship import` inside the running server.
+    Import(crate::airgap::ImportOptions),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +82,8 @@ pub enum AdminResponse {
     Token { id: String, token: String },
     Tokens { tokens: Vec<TokenInfo> },
     Members { members: Vec<MemberInfo> },
+    Exported { report: crate::airgap::ExportReport },
+    Imported { report: crate::airgap::ImportReport },
     Error { message: String },
 }
 
@@ -125,6 +131,34 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
             members: ids.members(&project),
         }),
+        AdminRequest::Export(_) | AdminRequest::Import(_) => {
+            return AdminResponse::Error {
+                message: "bundles are exported and imported by `apply_bundle`".into(),
+            };
+        }
+    };
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
+}
+
+/// Applies an export or import: long work on the caller's (blocking) thread that takes only
+/// the store's short per-commit locks, so serving goes on meanwhile.
+pub fn apply_bundle(
+    config: &crate::config::Config,
+    store: &Store,
+    req: AdminRequest,
+) -> AdminResponse {
+    let result = match req {
+        AdminRequest::Export(opts) => crate::airgap::export(config, store, &opts)
+            .map(|report| AdminResponse::Exported { report }),
+        AdminRequest::Import(opts) => crate::airgap::import(config, store, &opts)
+            .map(|report| AdminResponse::Imported { report }),
+        _ => {
+            return AdminResponse::Error {
+                message: "not an export or import".into(),
+            };
+        }
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -170,12 +204,16 @@ async fn serve_one(app: Arc<App>, stream: tokio::net::UnixStream) -> std::io::Re
         Ok(req) => {
             let op = describe(&req);
             let a = app.clone();
-            let answer =
-                tokio::task::spawn_blocking(move || apply(&a.auth.identities, &a.store, req))
-                    .await
-                    .unwrap_or_else(|e| AdminResponse::Error {
-                        message: format!("admin task failed: {e}"),
-                    });
+            let answer = tokio::task::spawn_blocking(move || match req {
+                AdminRequest::Export(_) | AdminRequest::Import(_) => {
+                    apply_bundle(&a.config, &a.store, req)
+                }
+                req => apply(&a.auth.identities, &a.store, req),
+            })
+            .await
+            .unwrap_or_else(|e| AdminResponse::Error {
+                message: format!("admin task failed: {e}"),
+            });
             match &answer {
                 AdminResponse::Error { message } => {
                     tracing::info!(target: "audit", op, error = %message, "audit: admin request refused")
@@ -211,6 +249,8 @@ fn describe(req: &AdminRequest) -> String {
             role,
         } => format!("member set {project} {user} {}", role.as_str()),
         AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
+        AdminRequest::Export(o) => format!("export {}", o.out.display()),
+        AdminRequest::Import(o) => format!("import {}", o.file.display()),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList
@@ -233,7 +273,9 @@ pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<Admin
         }
         Err(e) => return Err(e),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    // An export or import takes as long as its bytes do; everything else answers at once.
+    let bundle = matches!(req, AdminRequest::Export(_) | AdminRequest::Import(_));
+    stream.set_read_timeout((!bundle).then_some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)?;

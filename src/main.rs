@@ -1,5 +1,5 @@
-//! The `transship` command line: serve, check-config, gc, fsck, and the user, key, token and
-//! member administration commands.
+//! The `transship` command line: serve, check-config, gc, fsck, the user, key, token and
+//! member administration commands, and bundle export/import.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +60,46 @@ enum Command {
     /// Manage project members and their roles (owner, editor, viewer).
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Write images from the store to a bundle: an OCI image layout in a tar (`.tar`, or
+    /// zstd-compressed `.tar.zst`), plus FILE.state.json for later deltas. Works whether or not
+    /// the server is running.
+    Export(ExportArgs),
+    /// Import a bundle written by `transship export`: verified whole before anything is
+    /// committed. Works whether or not the server is running.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The bundle to write (`.tar` or `.tar.zst`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images as clients pull them: NAME[:TAG|@DIGEST] (`nginx:1.27`,
+    /// `docker.io/library/nginx:1.27`, `local/app:v1`).
+    images: Vec<String>,
+    /// Every tag in the store.
+    #[arg(long)]
+    all: bool,
+    /// Only these platforms of multi-platform cache images (os/arch[/variant]; repeatable).
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// A delta: leave out what the export that wrote this state file (and its own
+    /// predecessors) carried.
+    #[arg(long)]
+    since: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The bundle (`.tar` or `.tar.zst`).
+    file: PathBuf,
+    /// Do not pin the imported images.
+    #[arg(long)]
+    no_pin: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Subcommand)]
@@ -251,6 +291,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cmd @ (Command::User(_) | Command::Key(_) | Command::Token(_) | Command::Member(_)) => {
             run_admin(cmd)
         }
+        Command::Export(a) => {
+            let opts = transship::airgap::ExportOptions {
+                out: std::path::absolute(&a.out)?,
+                images: a.images,
+                all: a.all,
+                platforms: a.platforms,
+                since: a.since.map(std::path::absolute).transpose()?,
+            };
+            run_bundle(&a.config, AdminRequest::Export(opts))
+        }
+        Command::Import(a) => {
+            let opts = transship::airgap::ImportOptions {
+                file: std::path::absolute(&a.file)?,
+                no_pin: a.no_pin,
+            };
+            run_bundle(&a.config, AdminRequest::Import(opts))
+        }
         Command::Fsck { config, repair } => {
             let config = config.load()?;
             let store = open_store_offline(&config)?;
@@ -424,7 +481,10 @@ fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        AdminResponse::Key { .. } | AdminResponse::Error { .. } => {}
+        AdminResponse::Key { .. }
+        | AdminResponse::Exported { .. }
+        | AdminResponse::Imported { .. }
+        | AdminResponse::Error { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -447,6 +507,28 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
         anyhow::bail!(message);
     }
     Ok(answer)
+}
+
+/// An export or import: by the running server (paths made absolute for it), or on the store
+/// directly when no server runs.
+fn run_bundle(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<ExitCode> {
+    let config = args.load()?;
+    let answer = match transship::admin::call(&config.server.data_dir, &req)
+        .context("talking to the running server")?
+    {
+        Some(answer) => answer,
+        None => {
+            let store = open_store_offline(&config)?;
+            transship::admin::apply_bundle(&config, &store, req)
+        }
+    };
+    match answer {
+        AdminResponse::Exported { report } => println!("{report}"),
+        AdminResponse::Imported { report } => println!("{report}"),
+        AdminResponse::Error { message } => anyhow::bail!(message),
+        _ => anyhow::bail!("unexpected answer from the server"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One line from standard input; on a terminal, prompted for with echo off.

@@ -18,6 +18,7 @@ pub mod auth_records;
 pub mod blobs;
 pub mod fsck;
 pub mod gc;
+pub mod import;
 pub mod index;
 pub mod mirror;
 pub mod pagecache;
