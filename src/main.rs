@@ -499,8 +499,12 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
         Some(answer) => answer,
         None => {
             let store = open_store_offline(&config)?;
-            let ids = Identities::load(&config, &store)?;
-            transship::admin::apply(&ids, &store, req)
+            if let AdminRequest::Export(_) | AdminRequest::Import(_) = req {
+                transship::admin::apply_bundle(&config, &store, req)
+            } else {
+                let ids = Identities::load(&config, &store)?;
+                transship::admin::apply(&ids, &store, req)
+            }
         }
     };
     if let AdminResponse::Error { message } = answer {
@@ -512,20 +516,9 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
 /// An export or import: by the running server (paths made absolute for it), or on the store
 /// directly when no server runs.
 fn run_bundle(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<ExitCode> {
-    let config = args.load()?;
-    let answer = match transship::admin::call(&config.server.data_dir, &req)
-        .context("talking to the running server")?
-    {
-        Some(answer) => answer,
-        None => {
-            let store = open_store_offline(&config)?;
-            transship::admin::apply_bundle(&config, &store, req)
-        }
-    };
-    match answer {
+    match admin(args, req)? {
         AdminResponse::Exported { report } => println!("{report}"),
         AdminResponse::Imported { report } => println!("{report}"),
-        AdminResponse::Error { message } => anyhow::bail!(message),
         _ => anyhow::bail!("unexpected answer from the server"),
     }
     Ok(ExitCode::SUCCESS)
