@@ -358,6 +358,50 @@ fn bundles_carry_a_cache_across_the_gap() {
         "{again}"
     );
 
+    // An image the cache holds only the manifest of cannot be exported, nor a platform that
+    // was never pulled; neither leaves a file behind.
+    sb_a.skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{a_addr}/library/two:{TAG}"))
+        .run();
+    let refused = w.join("refused.tar");
+    let err = fails(transship(
+        &cfg_a,
+        &["export", "--out", refused.to_str().unwrap(), "two:v1"],
+    ));
+    assert!(
+        err.contains("cannot be exported") && err.contains(&two.images[0].layer_digests[0]),
+        "{err}"
+    );
+    let err = fails(transship(
+        &cfg_a,
+        &[
+            "export",
+            "--out",
+            refused.to_str().unwrap(),
+            &format!("multi@{}", multi.images[1].digest),
+        ],
+    ));
+    assert!(err.contains("is not in the store"), "{err}");
+    let err = fails(transship(
+        &cfg_a,
+        &[
+            "export",
+            "--out",
+            refused.to_str().unwrap(),
+            "--platform",
+            "linux/arm64",
+            "multi:v1",
+        ],
+    ));
+    assert!(err.contains("ask for platforms it has"), "{err}");
+    let left: Vec<String> = std::fs::read_dir(w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("refused"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+
     // A delta: A caches one more image; the export since the full one carries only it.
     skopeo_pull(&sb_a, &a_addr, &format!("library/two:{TAG}"), "a-two");
     let delta = w.join("delta.tar");
@@ -467,6 +511,17 @@ fn kill_9_during_an_import_leaves_nothing_servable_and_a_second_import_completes
     // The running server imports from a pipe that delivers half the bundle; then it dies.
     let cfg_y = write_config(&w.join("y"), None);
     let y = start(&cfg_y);
+    let other = Layout::single(151, &OCI, &LAYERS);
+    push(&y.url(""), "local/other", &other);
+    let h = Http::new(&y.url(""));
+    let assert_serves_other = |h: &Http| {
+        let r = h.get(&format!("/v2/local/other/manifests/{TAG}"));
+        assert_eq!(r.status, 200);
+        assert_bytes("other", &r.body, &other.top.2);
+        for (d, b) in &other.blobs {
+            assert_bytes(d, &h.get(&format!("/v2/local/other/blobs/{d}")).body, b);
+        }
+    };
     let fifo = w.join("pipe.tar");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -481,6 +536,9 @@ fn kill_9_during_an_import_leaves_nothing_servable_and_a_second_import_completes
     {
         let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
         std::io::Write::write_all(&mut pipe, &bytes[..bytes.len() / 2]).unwrap();
+        // The import waits for the rest; the server goes on serving meanwhile.
+        assert_serves_other(&h);
+        assert_eq!(h.get("/healthz").status, 200);
         y.kill9();
     }
     assert!(!cli.wait().unwrap().success());
@@ -495,6 +553,7 @@ fn kill_9_during_an_import_leaves_nothing_servable_and_a_second_import_completes
     // Restarted: nothing of the image is served.
     let y = start(&cfg_y);
     let h = Http::new(&y.url(""));
+    assert_serves_other(&h);
     assert_eq!(h.get(&format!("/v2/local/app/manifests/{TAG}")).status, 404);
     for image in &app.images {
         let r = h.get(&format!("/v2/local/app/manifests/{}", image.digest));

@@ -165,7 +165,7 @@ impl Walker<'_> {
                 return Ok(vec![m.digest.clone()]);
             }
             let mut missing = Vec::new();
-            let (mut wanted, mut included) = (0, 0);
+            let mut included = 0;
             for child in parsed.child_manifests() {
                 if kind == Kind::Cache
                     && !self.platforms.is_empty()
@@ -176,7 +176,6 @@ impl Walker<'_> {
                 {
                     continue;
                 }
-                wanted += 1;
                 let Some(cm) = self.store.manifest(repo, &child.digest)? else {
                     // A cache holds the platforms clients pulled; a project holds them all.
                     if kind == Kind::Project {
@@ -202,7 +201,8 @@ impl Walker<'_> {
             if !missing.is_empty() {
                 return Ok(missing);
             }
-            if wanted > 0 && included == 0 {
+            // An index none of whose (wanted) platforms can go is not worth carrying.
+            if included == 0 && !parsed.child_manifests().is_empty() {
                 return Ok(parsed
                     .child_manifests()
                     .iter()
@@ -259,10 +259,15 @@ impl Plan {
         if !missing.is_empty() {
             let list: Vec<String> = missing.iter().take(5).map(|d| d.to_string()).collect();
             return refuse(format!(
-                "{sref} is not complete in the store ({} missing: {}{}); pull it through transship first",
+                "{sref} cannot be exported: {} manifests or blobs it needs are not in the store ({}{}); pull it through transship first{}",
                 missing.len(),
                 list.join(", "),
-                if missing.len() > 5 { ", ..." } else { "" }
+                if missing.len() > 5 { ", ..." } else { "" },
+                if walker.platforms.is_empty() {
+                    ""
+                } else {
+                    ", or ask for platforms it has"
+                }
             ));
         }
         let mut annotations = serde_json::Map::new();

@@ -257,3 +257,109 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn index(repo: &RepoName, n: u32, resolved: Option<u64>) -> ImportedManifest {
+        let bytes = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[],"annotations":{{"n":"{n}"}}}}"#
+        ));
+        ImportedManifest {
+            repo: repo.clone(),
+            digest: Digest::sha256_of(&bytes),
+            parsed: ParsedManifest::parse(&bytes, "").unwrap(),
+            bytes,
+            cached: true,
+            tags: vec![("v1".parse().unwrap(), resolved)],
+        }
+    }
+
+    fn counts(r: ManifestsImported) -> (u64, u64, u64) {
+        (r.manifests_written, r.tags_written, r.tags_kept)
+    }
+
+    #[test]
+    fn cache_tags_keep_the_newest_resolution_and_reimports_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let repo: RepoName = "docker.io/library/x".parse().unwrap();
+        let tag: Tag = "v1".parse().unwrap();
+        let import =
+            |m: &ImportedManifest| counts(store.import_manifests(std::slice::from_ref(m)).unwrap());
+        let tag_now = || store.cached_tag(&repo, &tag).unwrap();
+        let first = index(&repo, 1, Some(1000));
+        assert_eq!(import(&first), (1, 1, 0));
+        assert_eq!(tag_now(), Some((first.digest.clone(), 1000)));
+        assert_eq!(import(&first), (0, 0, 0));
+        // An older bundle that saw the tag elsewhere does not move it back.
+        assert_eq!(import(&index(&repo, 2, Some(900))), (1, 0, 1));
+        assert_eq!(tag_now(), Some((first.digest.clone(), 1000)));
+        // A newer one does, and the history keeps both resolutions with their times.
+        let newer = index(&repo, 3, Some(2000));
+        assert_eq!(import(&newer), (1, 1, 0));
+        assert_eq!(tag_now(), Some((newer.digest.clone(), 2000)));
+        let history = store.tag_history(&repo, &tag).unwrap();
+        assert_eq!(
+            history,
+            vec![
+                (1000 * 1_000_000, first.digest.to_string()),
+                (2000 * 1_000_000, newer.digest.to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_manifest_whose_blobs_are_missing_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let repo: RepoName = "local/app".parse().unwrap();
+        let config = Digest::sha256_of(b"{}");
+        let bytes = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[]}}"#
+        ));
+        let digest = Digest::sha256_of(&bytes);
+        let item = ImportedManifest {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            parsed: ParsedManifest::parse(&bytes, "").unwrap(),
+            bytes,
+            cached: false,
+            tags: vec![("v1".parse().unwrap(), None)],
+        };
+        match store.import_manifests(std::slice::from_ref(&item)) {
+            Err(StoreError::ManifestBlobUnknown(d)) => assert_eq!(d, vec![config.clone()]),
+            other => panic!("{other:?}"),
+        }
+        assert!(store.manifest(&repo, &digest).unwrap().is_none());
+        assert!(
+            store
+                .resolve_tag(&repo, &"v1".parse().unwrap())
+                .unwrap()
+                .is_none()
+        );
+
+        // Once the blob is committed and linked, the same import goes in.
+        let ingest = store.claim_import_ingest();
+        std::fs::write(&ingest.path, b"{}").unwrap();
+        assert!(
+            store
+                .import_blob(Some(&ingest.path), &config, 2, std::slice::from_ref(&repo))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .import_blob(None, &config, 0, std::slice::from_ref(&repo))
+                .unwrap()
+        );
+        assert_eq!(store.blob_size(&repo, &config).unwrap(), Some(2));
+        let r = store.import_manifests(std::slice::from_ref(&item)).unwrap();
+        assert_eq!(counts(r), (1, 1, 0));
+        assert_eq!(
+            store.resolve_tag(&repo, &"v1".parse().unwrap()).unwrap(),
+            Some(digest)
+        );
+    }
+}
