@@ -472,6 +472,42 @@ fn bundles_carry_a_cache_across_the_gap() {
     succeeds(transship(&cfg_c, &["import", delta.to_str().unwrap()]));
     assert_fsck_clean(&cfg_c);
 
+    // D's upstream is configured but unreachable: imported tags are served as long as they
+    // are fresh or within stale_if_error, digests always.
+    let cfg_d = write_config(&w.join("d"), Some("http://127.0.0.1:9"));
+    let report = succeeds(transship(&cfg_d, &["import", full.to_str().unwrap()]));
+    assert!(!report.contains("note:"), "{report}");
+    let d = start(&cfg_d);
+    let hd = Http::new(&d.url(""));
+    let r = hd.get(&format!("/v2/library/one/manifests/{TAG}"));
+    assert_eq!(r.status, 200);
+    assert_bytes("one through D", &r.body, &one.top.2);
+    drop(d);
+    // A bundle whose tags were resolved long ago: E is told they need an upstream that
+    // answers, or offline = true.
+    let mut aged_bytes = std::fs::read(&full).unwrap();
+    let pattern = format!("\"io.transship.resolved\":\"{resolved}\"");
+    let mut replaced = 0;
+    while let Some(at) = aged_bytes
+        .windows(pattern.len())
+        .position(|w| w == pattern.as_bytes())
+    {
+        let with = b"\"io.transship.resolved\":\"1000000000\"";
+        assert_eq!(with.len(), pattern.len());
+        aged_bytes[at..at + with.len()].copy_from_slice(with);
+        replaced += 1;
+    }
+    assert!(replaced > 0);
+    let aged = w.join("aged.tar");
+    std::fs::write(&aged, &aged_bytes).unwrap();
+    let cfg_e = write_config(&w.join("e"), Some("http://127.0.0.1:9"));
+    let report = succeeds(transship(&cfg_e, &["import", aged.to_str().unwrap()]));
+    assert!(
+        report.contains("served only while it answers")
+            && report.contains("docker.io/library/one:v1"),
+        "{report}"
+    );
+
     // B kept each tag with the time A resolved it.
     assert!(b.terminate().success());
     assert_fsck_clean(&cfg_b);

@@ -386,6 +386,17 @@ fn entry_ref(
     Ok(Some((StoreRef { repo, reference }, kind, resolved)))
 }
 
+/// Whether a cache tag resolved at `at` is already too old for its upstream to serve it stale:
+/// then only an upstream that answers (or `offline = true`) lets clients have it by tag.
+fn served_only_online(config: &Config, router: &Router, repo: &RepoName, at: u64) -> bool {
+    let Ok(route) = router.resolve(repo, None) else {
+        return false;
+    };
+    config.upstreams.get(route.upstream).is_some_and(|u| {
+        !u.offline && crate::store::unix_now().saturating_sub(at) > u.stale_if_error.0.as_secs()
+    })
+}
+
 fn list(missing: &BTreeSet<String>) -> String {
     let mut s: Vec<&str> = missing.iter().take(LIST).map(|d| d.as_str()).collect();
     let more = missing.len().saturating_sub(LIST);
@@ -452,6 +463,7 @@ pub fn import(
         }
     }
     let mut images = Vec::new();
+    let mut stale = Vec::new();
     for desc in &index.manifests {
         let Some((sref, kind, resolved)) = entry_ref(&router, desc)? else {
             report.notes.push(format!(
@@ -464,6 +476,9 @@ pub fn import(
             && let Reference::Tag(t) = &sref.reference
         {
             plan.manifests[i].tags.push((t.clone(), resolved));
+            if resolved.is_some_and(|at| served_only_online(config, &router, &sref.repo, at)) {
+                stale.push(sref.to_string());
+            }
         }
         images.push(ImportedImage {
             repo: sref.repo.to_string(),
@@ -480,6 +495,13 @@ pub fn import(
             "the bundle needs content that neither it nor this store holds (import the bundles it was exported after first); nothing was imported. Missing: {}",
             list(&plan.missing)
         )));
+    }
+    if !stale.is_empty() {
+        report.notes.push(format!(
+            "{} imported tags were resolved longer than stale_if_error ago and their upstream is not offline: they are served only while it answers (set offline = true on an air-gapped site): {}",
+            stale.len(),
+            stale.join(", ")
+        ));
     }
     let Plan {
         manifests, blobs, ..
