@@ -68,6 +68,10 @@ pub enum AdminRequest {
     },
     /// `transship cache …`: answered by `cache_admin::apply`, which needs the whole app.
     Cache(crate::cache_admin::CacheRequest),
+    /// `transship export` inside the running server.
+    Export(crate::airgap::ExportOptions),
+    /// `transship import` inside the running server.
+    Import(crate::airgap::ImportOptions),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +85,8 @@ pub enum AdminResponse {
     Tokens { tokens: Vec<TokenInfo> },
     Members { members: Vec<MemberInfo> },
     Cache(crate::cache_admin::CacheAnswer),
+    Exported { report: crate::airgap::ExportReport },
+    Imported { report: crate::airgap::ImportReport },
     Error { message: String },
 }
 
@@ -93,6 +99,9 @@ pub fn apply_with_app(app: &App, req: AdminRequest) -> AdminResponse {
             },
             AdminResponse::Cache,
         ),
+        req @ (AdminRequest::Export(_) | AdminRequest::Import(_)) => {
+            apply_bundle(&app.config, &app.store, req)
+        }
         req => apply(&app.auth.identities, &app.store, req),
     }
 }
@@ -144,6 +153,34 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::Cache(_) => {
             return AdminResponse::Error {
                 message: "cache requests are answered by apply_with_app".into(),
+            };
+        }
+        AdminRequest::Export(_) | AdminRequest::Import(_) => {
+            return AdminResponse::Error {
+                message: "bundles are exported and imported by `apply_bundle`".into(),
+            };
+        }
+    };
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
+}
+
+/// Applies an export or import: long work on the caller's (blocking) thread that takes only
+/// the store's short per-commit locks, so serving goes on meanwhile.
+pub fn apply_bundle(
+    config: &crate::config::Config,
+    store: &Store,
+    req: AdminRequest,
+) -> AdminResponse {
+    let result = match req {
+        AdminRequest::Export(opts) => crate::airgap::export(config, store, &opts)
+            .map(|report| AdminResponse::Exported { report }),
+        AdminRequest::Import(opts) => crate::airgap::import(config, store, &opts)
+            .map(|report| AdminResponse::Imported { report }),
+        _ => {
+            return AdminResponse::Error {
+                message: "not an export or import".into(),
             };
         }
     };
@@ -232,6 +269,8 @@ fn describe(req: &AdminRequest) -> String {
         } => format!("member set {project} {user} {}", role.as_str()),
         AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
         AdminRequest::Cache(c) => crate::cache_admin::describe(c),
+        AdminRequest::Export(o) => format!("export {}", o.out.display()),
+        AdminRequest::Import(o) => format!("import {}", o.file.display()),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList
@@ -254,8 +293,10 @@ pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<Admin
         }
         Err(e) => return Err(e),
     };
-    // Long enough for an eviction of many images on a slow disk.
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    // An export or import takes as long as its bytes do; an eviction of many images on a
+    // slow disk may take minutes; everything else answers at once.
+    let bundle = matches!(req, AdminRequest::Export(_) | AdminRequest::Import(_));
+    stream.set_read_timeout((!bundle).then_some(Duration::from_secs(600)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)?;

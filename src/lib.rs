@@ -2,6 +2,7 @@
 //! registry on one storage engine. `App::build` wires the parts; nothing else lives here.
 
 pub mod admin;
+pub mod airgap;
 pub mod auth;
 pub mod cache_admin;
 pub mod config;

@@ -1,5 +1,5 @@
-//! The `transship` command line: serve, check-config, gc, fsck, and the user, key, token and
-//! member administration commands.
+//! The `transship` command line: serve, check-config, gc, fsck, the user, key, token and
+//! member administration commands, and bundle export/import.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +66,46 @@ enum Command {
     /// whether or not the server is running.
     #[command(subcommand)]
     Cache(cache_cli::CacheCommand),
+    /// Write images from the store to a bundle: an OCI image layout in a tar (`.tar`, or
+    /// zstd-compressed `.tar.zst`), plus FILE.state.json for later deltas. Works whether or not
+    /// the server is running.
+    Export(ExportArgs),
+    /// Import a bundle written by `transship export`: verified whole before anything is
+    /// committed. Works whether or not the server is running.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The bundle to write (`.tar` or `.tar.zst`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images as clients pull them: NAME[:TAG|@DIGEST] (`nginx:1.27`,
+    /// `docker.io/library/nginx:1.27`, `local/app:v1`).
+    images: Vec<String>,
+    /// Every tag in the store.
+    #[arg(long)]
+    all: bool,
+    /// Only these platforms of multi-platform cache images (os/arch[/variant]; repeatable).
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// A delta: leave out what the export that wrote this state file (and its own
+    /// predecessors) carried.
+    #[arg(long)]
+    since: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The bundle (`.tar` or `.tar.zst`).
+    file: PathBuf,
+    /// Do not pin the imported images.
+    #[arg(long)]
+    no_pin: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[derive(Subcommand)]
@@ -258,6 +298,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_admin(cmd)
         }
         Command::Cache(cmd) => cache_cli::run(cmd),
+        Command::Export(a) => {
+            let opts = transship::airgap::ExportOptions {
+                out: std::path::absolute(&a.out)?,
+                images: a.images,
+                all: a.all,
+                platforms: a.platforms,
+                since: a.since.map(std::path::absolute).transpose()?,
+            };
+            run_bundle(&a.config, AdminRequest::Export(opts))
+        }
+        Command::Import(a) => {
+            let opts = transship::airgap::ImportOptions {
+                file: std::path::absolute(&a.file)?,
+                no_pin: a.no_pin,
+            };
+            run_bundle(&a.config, AdminRequest::Import(opts))
+        }
         Command::Fsck { config, repair } => {
             let config = config.load()?;
             let store = open_store_offline(&config)?;
@@ -431,7 +488,11 @@ fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        AdminResponse::Key { .. } | AdminResponse::Error { .. } | AdminResponse::Cache(_) => {}
+        AdminResponse::Key { .. }
+        | AdminResponse::Exported { .. }
+        | AdminResponse::Imported { .. }
+        | AdminResponse::Cache(_)
+        | AdminResponse::Error { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -446,14 +507,29 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
         Some(answer) => answer,
         None => {
             let store = open_store_offline(&config)?;
-            let ids = Identities::load(&config, &store)?;
-            transship::admin::apply(&ids, &store, req)
+            if let AdminRequest::Export(_) | AdminRequest::Import(_) = req {
+                transship::admin::apply_bundle(&config, &store, req)
+            } else {
+                let ids = Identities::load(&config, &store)?;
+                transship::admin::apply(&ids, &store, req)
+            }
         }
     };
     if let AdminResponse::Error { message } = answer {
         anyhow::bail!(message);
     }
     Ok(answer)
+}
+
+/// An export or import: by the running server (paths made absolute for it), or on the store
+/// directly when no server runs.
+fn run_bundle(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<ExitCode> {
+    match admin(args, req)? {
+        AdminResponse::Exported { report } => println!("{report}"),
+        AdminResponse::Imported { report } => println!("{report}"),
+        _ => anyhow::bail!("unexpected answer from the server"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One line from standard input; on a terminal, prompted for with echo off.

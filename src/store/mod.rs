@@ -20,6 +20,7 @@ pub mod blobs;
 pub mod evict;
 pub mod fsck;
 pub mod gc;
+pub mod import;
 pub mod index;
 pub mod inventory;
 pub mod mirror;
