@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;
@@ -28,6 +29,8 @@ pub struct App {
     pub tls: Option<http::tls::Tls>,
     pub metrics: Arc<Metrics>,
     pub auth: Authorizer,
+    /// The console's sessions.
+    pub console: console::Console,
 }
 
 /// Why the app could not be assembled from its config.
@@ -63,6 +66,7 @@ impl App {
             proxy,
             tls,
             metrics: Arc::new(Metrics::new()),
+            console: console::Console::default(),
             config,
         }))
     }

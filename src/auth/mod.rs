@@ -11,6 +11,7 @@
 //! With no users or keys at all and a listener beyond loopback, pushes are refused outright.
 //! Every denial logs one audit line (`target: audit`) with who, what and why; secrets never.
 
+mod browse;
 mod credentials;
 mod identities;
 pub mod jwt;

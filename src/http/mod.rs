@@ -194,6 +194,12 @@ async fn dispatch(
         Route::Token => return token::serve(app, parts, body, peer).await,
         Route::Health if get => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         Route::Metrics if get => return Ok(metrics(app)),
+        // Pages for browsers (and their JSON form): never a path of the registry API.
+        Route::NotFound => {
+            if let Some(form) = crate::console::wants(method, parts.uri.path(), &parts.headers) {
+                return Ok(crate::console::serve(app, form, parts, body, peer).await);
+            }
+        }
         _ => {}
     }
     let repo = route.name().map(parse_repo).transpose()?;

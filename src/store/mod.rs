@@ -16,6 +16,7 @@
 
 pub mod auth_records;
 pub mod blobs;
+pub mod browse;
 pub mod fsck;
 pub mod gc;
 pub mod index;
