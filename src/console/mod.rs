@@ -478,6 +478,19 @@ async fn page(app: &Arc<App>, form: Form, who: &Who, parts: &Parts) -> Result<Re
         })
     })
     .await?;
+    // Deleting takes a signed-in caller (a session's CSRF token, or credentials on the
+    // request): an anonymous page offers no delete buttons even where anonymous push is on.
+    let built = match built {
+        Built::Repository(mut r) if who.anonymous() => {
+            r.can_delete = false;
+            Built::Repository(r)
+        }
+        Built::Image(mut i) if who.anonymous() => {
+            i.can_delete = false;
+            Built::Image(i)
+        }
+        other => other,
+    };
     let ctx = who.ctx();
     Ok(match built {
         Built::Home(h) => render(form, StatusCode::OK, &h, || pages::home(&ctx, &h)),

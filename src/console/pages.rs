@@ -130,7 +130,7 @@ pub fn listing(ctx: &Ctx, l: &Listing) -> Markup {
                     thead { tr { th { "Repository" } th { "Created" } } }
                     tbody {
                         @for r in &l.repositories {
-                            tr { td { a href={ "/" (r.name) } { (r.name) } } td.muted { (r.created) } }
+                            tr { td { a href={ "/" (r.name) } { (r.name) } } td.muted.when { (r.created) } }
                         }
                     }
                 } }
@@ -144,7 +144,7 @@ fn manifest_cells(repo: &str, m: &ManifestRow) -> Markup {
     html! {
         td.digest { a href={ "/" (repo) "@" (m.digest) } title=(m.digest) { (short(&m.digest)) } }
         td { code { (m.media_type.as_deref().unwrap_or("–")) } }
-        td { (size(m.size)) }
+        td.size { (size(m.size)) }
         td {
             @for p in &m.platforms { span.tag.platform { (p) } }
             @if let Some(a) = &m.artifact_type { span.muted { (a) } }
@@ -171,7 +171,7 @@ fn cache_section(c: &CacheInfo) -> Markup {
                 thead { tr { th { "Tag" } th { "Seen upstream" } th { "Pointed at" } } }
                 tbody {
                     @for h in &c.history {
-                        tr { td { span.tag { (h.tag) } } td { (h.at) } td.digest { (h.digest) } }
+                        tr { td { span.tag { (h.tag) } } td.when { (h.at) } td.digest { (h.digest) } }
                     }
                 }
             } }
@@ -255,7 +255,7 @@ pub fn image(ctx: &Ctx, i: &Image) -> Markup {
                     thead { tr { th { "Platform" } th { "Digest" } th { "Size" } } }
                     tbody {
                         @for p in &i.platforms {
-                            tr { td { span.tag.platform { (p.platform) } } td.digest { a href={ "/" (i.repository) "@" (p.digest) } { (p.digest) } } td { (size(p.size)) } }
+                            tr { td { span.tag.platform { (p.platform) } } td.digest { a href={ "/" (i.repository) "@" (p.digest) } { (p.digest) } } td.size { (size(p.size)) } }
                         }
                     }
                 } }
@@ -281,7 +281,7 @@ pub fn image(ctx: &Ctx, i: &Image) -> Markup {
                     thead { tr { th { "#" } th { "Digest" } th { "Media type" } th { "Size" } } }
                     tbody {
                         @for (n, l) in i.layers.iter().enumerate() {
-                            tr { td { (n + 1) } td.digest { (l.digest) } td { code { (l.media_type) } } td { (human_bytes(l.size)) } }
+                            tr { td { (n + 1) } td.digest { (l.digest) } td { code { (l.media_type) } } td.size { (human_bytes(l.size)) } }
                         }
                     }
                 } }
@@ -297,7 +297,7 @@ pub fn image(ctx: &Ctx, i: &Image) -> Markup {
                             tr {
                                 td.digest { a href={ "/" (i.repository) "@" (r.digest) } { (r.digest) } }
                                 td { code { (r.artifact_type.as_deref().unwrap_or("–")) } }
-                                td { (size(r.size)) }
+                                td.size { (size(r.size)) }
                                 td { (pairs(&r.annotations)) }
                             }
                         }

@@ -271,8 +271,20 @@ fn manifest_row(
         media_type: Some(m.media_type.clone()),
         size,
         platforms,
-        artifact_type: parsed.and_then(|p| p.effective_artifact_type().map(str::to_string)),
+        artifact_type: parsed.and_then(artifact_type),
     }
+}
+
+/// The artifact type of an artifact; `None` for a container image (whose config type is
+/// the image config's).
+fn artifact_type(p: &ParsedManifest) -> Option<String> {
+    const IMAGE_CONFIGS: [&str; 2] = [
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.docker.container.image.v1+json",
+    ];
+    p.effective_artifact_type()
+        .filter(|t| !IMAGE_CONFIGS.contains(t))
+        .map(str::to_string)
 }
 
 fn image_size(p: &ParsedManifest) -> u64 {
@@ -474,9 +486,7 @@ pub fn image(
         size,
         tags,
         pull: pull_line(host, repo.as_str(), &format!("@{digest_s}")),
-        artifact_type: parsed
-            .as_ref()
-            .and_then(|p| p.effective_artifact_type().map(str::to_string)),
+        artifact_type: parsed.as_ref().and_then(artifact_type),
         subject: parsed
             .as_ref()
             .and_then(|p| p.subject.as_ref().map(|s| s.digest.to_string())),
