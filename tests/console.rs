@@ -197,6 +197,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     // The repository page of the multi-arch image: tag, digest, both platforms, pull line.
     let dom = b.goto(&format!("{base}/local/multi"));
     b.screenshot("02-repository-multi-arch");
+    b.screenshot_at("02-repository-multi-arch-phone", 390);
     assert!(dom.contains(">v1<"), "{dom}");
     assert!(dom.contains(&index), "{dom}");
     assert!(
@@ -493,4 +494,51 @@ fn a_cache_page_shows_what_a_tag_pointed_at_upstream() {
     );
     // Issue-9 inventory figures are not recorded yet: present, and empty.
     assert!(v["cache"]["pull_count"].is_null());
+}
+
+/// A timing script, not a test (`--run-ignored only`): how long the repository page of a
+/// repository with 1,000 tags (each on its own manifest) takes to render, as HTML and JSON.
+#[test]
+#[ignore = "a bench figure, run by hand"]
+fn bench_repository_page_with_1000_tags() {
+    let s = TestServer::start();
+    let h = Http::for_server(&s);
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let layer = random_bytes(1000, 1);
+    let c = h.push_blob("local/many", config);
+    let l = h.push_blob("local/many", &layer);
+    for i in 0..1000 {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":{}}}],"annotations":{{"n":"{i}"}}}}"#,
+            config.len(),
+            layer.len()
+        );
+        let r = h.push_manifest(
+            "local/many",
+            &format!("t{i:04}"),
+            OCI_MANIFEST,
+            m.as_bytes(),
+        );
+        assert_eq!(r.status, 201);
+    }
+    for (what, accept) in [("html", "text/html"), ("json", "application/json")] {
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            let r = h.send("GET", "/local/many", &[("accept", accept)], Bytes::new());
+            times.push(started.elapsed());
+            assert_eq!(r.status, 200);
+            assert!(text(&r).contains("t0999"));
+        }
+        times.sort();
+        eprintln!(
+            "repository page, 1000 tags, {what}: median {:?}, min {:?}, max {:?}, {} bytes",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1],
+            h.send("GET", "/local/many", &[("accept", accept)], Bytes::new())
+                .body
+                .len()
+        );
+    }
 }

@@ -142,8 +142,8 @@ pub fn listing(ctx: &Ctx, l: &Listing) -> Markup {
 
 fn manifest_cells(repo: &str, m: &ManifestRow) -> Markup {
     html! {
-        td.digest { a href={ "/" (repo) "@" (m.digest) } title=(m.digest) { (short(&m.digest)) } }
-        td { code { (m.media_type.as_deref().unwrap_or("–")) } }
+        td.short { a href={ "/" (repo) "@" (m.digest) } title=(m.digest) { (short(&m.digest)) } }
+        td.mt { code { (m.media_type.as_deref().unwrap_or("–")) } }
         td.size { (size(m.size)) }
         td {
             @for p in &m.platforms { span.tag.platform { (p) } }
@@ -196,7 +196,7 @@ pub fn repository(ctx: &Ctx, r: &Repository) -> Markup {
                 p.muted { "No tags." }
             } @else {
                 div.scroll { table.tags {
-                    thead { tr { th { "Tag" } th { "Digest" } th { "Media type" } th { "Size" } th { "Platforms" } @if r.can_delete { th {} } } }
+                    thead { tr { th { "Tag" } th { "Digest" } th.mt { "Media type" } th { "Size" } th { "Platforms" } @if r.can_delete { th {} } } }
                     tbody {
                         @for t in &r.tags {
                             tr {
@@ -213,7 +213,7 @@ pub fn repository(ctx: &Ctx, r: &Repository) -> Markup {
             @if !r.untagged.is_empty() {
                 h2 { "Other manifests" }
                 div.scroll { table.untagged {
-                    thead { tr { th { "Digest" } th { "Media type" } th { "Size" } th { "Platforms / artifact" } } }
+                    thead { tr { th { "Digest" } th.mt { "Media type" } th { "Size" } th { "Platforms / artifact" } } }
                     tbody {
                         @for m in &r.untagged { tr { (manifest_cells(&r.name, m)) } }
                     }

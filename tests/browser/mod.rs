@@ -238,8 +238,18 @@ impl Browser {
         ))
     }
 
-    /// A PNG of the whole page, kept as `<name>.png`.
+    /// A PNG of the whole page at a desktop width, kept as `<name>.png`.
     pub fn screenshot(&mut self, name: &str) -> PathBuf {
+        self.screenshot_at(name, 1280)
+    }
+
+    /// A PNG of the whole page laid out `width` CSS pixels wide (390: a phone).
+    pub fn screenshot_at(&mut self, name: &str, width: u64) -> PathBuf {
+        let mobile = width < 640;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": width, "height": 900, "deviceScaleFactor": 1, "mobile": mobile }),
+        );
         let height = self
             .eval("Math.ceil(document.documentElement.scrollHeight)")
             .as_u64()
@@ -247,7 +257,7 @@ impl Browser {
             .clamp(300, 6000);
         self.call(
             "Emulation.setDeviceMetricsOverride",
-            json!({ "width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile }),
         );
         let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }));
         self.call(
