@@ -15,7 +15,7 @@ use common::upstream::{self, Distribution};
 use common::*;
 use serde_json::Value;
 use transship::auth::basic_header;
-use transship::auth::keys::{Role, hash_password};
+use transship::auth::keys::{Role, Subject, TokenKind, hash_password};
 use transship::config::HumanDuration;
 
 const SUITE: &str = "console";
@@ -345,6 +345,55 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     );
     assert_eq!(r.status, 303, "{}", text(&r));
     assert_eq!(eddie.get("/v2/team/app/manifests/v1").status, 404);
+    // An image (by digest) goes the same way, with its confirmation page first.
+    let page = anon.send(
+        "GET",
+        &format!("/-/delete?repo=team/app&ref={v2}"),
+        &[("accept", "text/html"), ("cookie", &cookie)],
+        Bytes::new(),
+    );
+    assert!(text(&page).contains("Delete image"), "{}", text(&page));
+    let r = form(
+        &anon,
+        "/-/delete",
+        Some(&cookie),
+        &[("repo", "team/app"), ("ref", &v2), ("csrf", csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", text(&r));
+    assert_eq!(
+        eddie.get(&format!("/v2/team/app/manifests/{v2}")).status,
+        404
+    );
+
+    // An access token signs in as its user.
+    let (_, token) = s
+        .app
+        .auth
+        .identities
+        .create_token(
+            &s.app.store,
+            &Subject::User("victor".into()),
+            TokenKind::Access,
+            Duration::from_secs(3600),
+            "",
+        )
+        .unwrap();
+    let r = form(
+        &anon,
+        "/-/login",
+        None,
+        &[("user", "oauth2accesstoken"), ("password", &token)],
+    );
+    assert_eq!(r.status, 303, "{}", text(&r));
+    let victor_cookie = session_cookie(&r);
+    let page = anon.send(
+        "GET",
+        "/team/app",
+        &[("accept", "text/html"), ("cookie", &victor_cookie)],
+        Bytes::new(),
+    );
+    assert_eq!(page.status, 200);
+    assert!(text(&page).contains("victor"));
 
     // Key files are for machines: the login form refuses them.
     let key = s
@@ -428,6 +477,11 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     let r = anon.send("GET", "/v2/", &[("accept", "text/html")], Bytes::new());
     assert_eq!(r.status, 401, "the registry still challenges: {}", text(&r));
     assert_eq!(anon.get("/local/multi").status, 404, "no Accept: no page");
+    let metrics = anon.get("/metrics");
+    assert!(
+        text(&metrics).contains(r#"route="console""#),
+        "console requests are counted as such"
+    );
 }
 
 #[test]

@@ -145,7 +145,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     } else {
         resp.map(|b| b.counted(&app.metrics.bytes_sent))
     };
-    let label = route.label();
+    let label = if route == Route::NotFound
+        && crate::console::wants(&parts.method, parts.uri.path(), &parts.headers).is_some()
+    {
+        "console"
+    } else {
+        route.label()
+    };
     app.metrics
         .requests
         .with_label_values(&[
