@@ -165,6 +165,26 @@ fn form(h: &Http, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> 
     h.send("POST", path, &headers, body)
 }
 
+/// Posts the sign-in form.
+fn sign_in(h: &Http, user: &str, password: &str) -> Resp {
+    form(
+        h,
+        "/-/login",
+        None,
+        &[("user", user), ("password", password)],
+    )
+}
+
+/// A page as the holder of `cookie` sees it.
+fn page_as(h: &Http, path: &str, cookie: &str) -> Resp {
+    h.send(
+        "GET",
+        path,
+        &[("accept", "text/html"), ("cookie", cookie)],
+        Bytes::new(),
+    )
+}
+
 fn text(r: &Resp) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
 }
@@ -325,12 +345,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     }
     assert_eq!(eddie.get("/v2/team/app/manifests/v1").status, 200);
     // With the token of its own session's page, the same POST works.
-    let page = anon.send(
-        "GET",
-        "/-/delete?repo=team/app&ref=v1",
-        &[("accept", "text/html"), ("cookie", &cookie)],
-        Bytes::new(),
-    );
+    let page = page_as(&anon, "/-/delete?repo=team/app&ref=v1", &cookie);
     let page = text(&page);
     let csrf = page
         .split(r#"name="csrf" value=""#)
@@ -346,12 +361,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     assert_eq!(r.status, 303, "{}", text(&r));
     assert_eq!(eddie.get("/v2/team/app/manifests/v1").status, 404);
     // An image (by digest) goes the same way, with its confirmation page first.
-    let page = anon.send(
-        "GET",
-        &format!("/-/delete?repo=team/app&ref={v2}"),
-        &[("accept", "text/html"), ("cookie", &cookie)],
-        Bytes::new(),
-    );
+    let page = page_as(&anon, &format!("/-/delete?repo=team/app&ref={v2}"), &cookie);
     assert!(text(&page).contains("Delete image"), "{}", text(&page));
     let r = form(
         &anon,
@@ -378,20 +388,10 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
             "",
         )
         .unwrap();
-    let r = form(
-        &anon,
-        "/-/login",
-        None,
-        &[("user", "oauth2accesstoken"), ("password", &token)],
-    );
+    let r = sign_in(&anon, "oauth2accesstoken", &token);
     assert_eq!(r.status, 303, "{}", text(&r));
     let victor_cookie = session_cookie(&r);
-    let page = anon.send(
-        "GET",
-        "/team/app",
-        &[("accept", "text/html"), ("cookie", &victor_cookie)],
-        Bytes::new(),
-    );
+    let page = page_as(&anon, "/team/app", &victor_cookie);
     assert_eq!(page.status, 200);
     assert!(text(&page).contains("victor"));
 
@@ -403,20 +403,10 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
         .create_key(&s.app.store, "team", Role::Editor, "ci")
         .unwrap();
     let key = serde_json::to_string(&key).unwrap();
-    let r = form(
-        &anon,
-        "/-/login",
-        None,
-        &[("user", "_json_key"), ("password", &key)],
-    );
+    let r = sign_in(&anon, "_json_key", &key);
     assert_eq!(r.status, 403, "{}", text(&r));
     assert!(r.header("set-cookie").is_none());
-    let r = form(
-        &anon,
-        "/-/login",
-        None,
-        &[("user", "victor"), ("password", "wrong")],
-    );
+    let r = sign_in(&anon, "victor", "wrong");
     assert_eq!(r.status, 401);
     assert!(r.header("set-cookie").is_none());
 
