@@ -419,6 +419,12 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     assert_eq!(v["tags"][0]["tag"], "v1");
     assert_eq!(v["tags"][0]["digest"], index.as_str());
     assert_eq!(v["tags"][0]["media_type"], OCI_INDEX);
+    assert!(
+        v["tags"][0]["pushed"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "push time: {v}"
+    );
     assert_eq!(
         v["tags"][0]["platforms"],
         serde_json::json!(["linux/amd64", "linux/arm64"])
@@ -436,6 +442,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
         serde_json::json!(["/bin/app-amd64"])
     );
     assert_eq!(v["layers"][0]["digest"], children[0].1.as_str());
+    assert!(v["pushed"].is_string(), "{v}");
     assert_eq!(
         anon.send("GET", "/team/app", &JSON, Bytes::new()).status,
         401

@@ -145,6 +145,7 @@ fn manifest_cells(repo: &str, m: &ManifestRow) -> Markup {
         td.short { a href={ "/" (repo) "@" (m.digest) } title=(m.digest) { (short(&m.digest)) } }
         td.mt { code { (m.media_type.as_deref().unwrap_or("–")) } }
         td.size { (size(m.size)) }
+        td.when.mt { (m.pushed.as_deref().unwrap_or("–")) }
         td {
             @for p in &m.platforms { span.tag.platform { (p) } }
             @if let Some(a) = &m.artifact_type { span.muted { (a) } }
@@ -196,7 +197,7 @@ pub fn repository(ctx: &Ctx, r: &Repository) -> Markup {
                 p.muted { "No tags." }
             } @else {
                 div.scroll { table.tags {
-                    thead { tr { th { "Tag" } th { "Digest" } th.mt { "Media type" } th { "Size" } th { "Platforms" } @if r.can_delete { th {} } } }
+                    thead { tr { th { "Tag" } th { "Digest" } th.mt { "Media type" } th { "Size" } th.mt { "Pushed" } th { "Platforms" } @if r.can_delete { th {} } } }
                     tbody {
                         @for t in &r.tags {
                             tr {
@@ -213,7 +214,7 @@ pub fn repository(ctx: &Ctx, r: &Repository) -> Markup {
             @if !r.untagged.is_empty() {
                 h2 { "Other manifests" }
                 div.scroll { table.untagged {
-                    thead { tr { th { "Digest" } th.mt { "Media type" } th { "Size" } th { "Platforms / artifact" } } }
+                    thead { tr { th { "Digest" } th.mt { "Media type" } th { "Size" } th.mt { "Pushed" } th { "Platforms / artifact" } } }
                     tbody {
                         @for m in &r.untagged { tr { (manifest_cells(&r.name, m)) } }
                     }
@@ -243,6 +244,7 @@ pub fn image(ctx: &Ctx, i: &Image) -> Markup {
                 dt { "Media type" } dd { code { (i.media_type) } }
                 @if let Some(a) = &i.artifact_type { dt { "Artifact type" } dd { code { (a) } } }
                 dt { "Size" } dd { (size(i.size)) " (manifest " (human_bytes(i.manifest_size)) ")" }
+                @if let Some(p) = &i.pushed { dt { "Pushed" } dd { (p) } }
                 @if let Some(s) = &i.subject { dt { "Subject" } dd { a.digest href={ "/" (i.repository) "@" (s) } { (s) } } }
                 @if !i.annotations.is_empty() { dt { "Annotations" } dd { (pairs(&i.annotations)) } }
             }

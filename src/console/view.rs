@@ -71,6 +71,8 @@ pub struct ManifestRow {
     /// `os/architecture[/variant]` of an index's children.
     pub platforms: Vec<String>,
     pub artifact_type: Option<String>,
+    /// When the manifest was last written here (pushed, or cached from upstream).
+    pub pushed: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,6 +116,7 @@ pub struct Image {
     pub media_type: String,
     pub manifest_size: u64,
     pub size: Option<u64>,
+    pub pushed: Option<String>,
     pub tags: Vec<String>,
     pub pull: String,
     pub artifact_type: Option<String>,
@@ -253,6 +256,7 @@ fn manifest_row(
     m: &StoredManifest,
     parsed: Option<&ParsedManifest>,
     sizes: &HashMap<String, u64>,
+    pushed: Option<u64>,
 ) -> ManifestRow {
     let (size, platforms) = match parsed {
         Some(p) if p.is_index() => {
@@ -272,6 +276,7 @@ fn manifest_row(
         size,
         platforms,
         artifact_type: parsed.and_then(artifact_type),
+        pushed: pushed.map(rfc3339),
     }
 }
 
@@ -317,6 +322,7 @@ pub fn repository(
 ) -> Result<Repository, StoreError> {
     let manifests = app.store.manifests_of(repo)?;
     let tags = app.store.tags_with_digests(repo)?;
+    let pushed = app.store.pushed_times(repo)?;
     let parsed: Vec<Option<ParsedManifest>> = manifests.iter().map(|m| parse(m)).collect();
     let sizes: HashMap<String, u64> = manifests
         .iter()
@@ -330,7 +336,11 @@ pub fn repository(
     let rows: HashMap<String, ManifestRow> = manifests
         .iter()
         .zip(&parsed)
-        .map(|(m, p)| (m.digest.to_string(), manifest_row(m, p.as_ref(), &sizes)))
+        .map(|(m, p)| {
+            let digest = m.digest.to_string();
+            let row = manifest_row(m, p.as_ref(), &sizes, pushed.get(&digest).copied());
+            (digest, row)
+        })
         .collect();
     let tagged: std::collections::HashSet<&str> = tags.iter().map(|(_, d)| d.as_str()).collect();
     let mut untagged: Vec<ManifestRow> = rows
@@ -349,6 +359,7 @@ pub fn repository(
                 size: None,
                 platforms: Vec::new(),
                 artifact_type: None,
+                pushed: None,
             }),
         })
         .collect();
@@ -484,6 +495,7 @@ pub fn image(
         media_type: m.media_type.clone(),
         manifest_size: m.bytes.len() as u64,
         size,
+        pushed: app.store.pushed_at(repo, digest)?.map(rfc3339),
         tags,
         pull: pull_line(host, repo.as_str(), &format!("@{digest_s}")),
         artifact_type: parsed.as_ref().and_then(artifact_type),

@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::index::{self, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REPOS, CF_TAG_HISTORY, CF_TAGS};
+use std::collections::HashMap;
+
+use super::index::{
+    self, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_PUSHED, CF_REPOS, CF_TAG_HISTORY, CF_TAGS,
+};
 use super::{Store, StoreError, StoredManifest, decode_manifest};
 use crate::oci::{Digest, RepoName};
 
@@ -87,6 +91,32 @@ impl Store {
             true
         })?;
         Ok(out)
+    }
+
+    /// When each manifest of `repo` was last written (pushed, or cached from upstream), unix
+    /// seconds by digest (one scan of `pushed`).
+    pub fn pushed_times(&self, repo: &RepoName) -> Result<HashMap<String, u64>, StoreError> {
+        let p = index::prefix(&[repo.as_str()]);
+        let mut out = HashMap::new();
+        self.index.scan(CF_PUSHED, &p, None, |k, v| {
+            if let (Ok(digest), Ok([t])) = (
+                std::str::from_utf8(&k[p.len()..]),
+                index::decode_u64s::<1>(CF_PUSHED, v),
+            ) {
+                out.insert(digest.to_string(), t);
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// When the manifest `digest` of `repo` was last written.
+    pub fn pushed_at(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let k = index::key(&[repo.as_str(), &digest.to_string()]);
+        let rec = self
+            .index
+            .get_with(CF_PUSHED, &k, |v| index::decode_u64s::<1>(CF_PUSHED, v))?;
+        Ok(rec.transpose()?.map(|[t]| t))
     }
 
     /// Every observed resolution of every tag of the mirror repository `repo`, by tag and
@@ -245,6 +275,13 @@ mod tests {
             .unwrap();
         assert_eq!(visible.len(), 1);
         assert!(store.repo_created(&repo).unwrap().is_some());
+        let pushed = store.pushed_times(&repo).unwrap();
+        assert_eq!(pushed.len(), 2, "{pushed:?}");
+        assert_eq!(
+            store.pushed_at(&repo, &d1).unwrap(),
+            pushed.get(&d1.to_string()).copied()
+        );
+        assert!(store.pushed_at(&repo, &d3).unwrap().is_none());
         assert_eq!(store.linked_bytes(&repo).unwrap(), (0, 0));
     }
 }

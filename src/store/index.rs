@@ -13,6 +13,7 @@
 //! - `repos`     repo                           → created u64 BE
 //! - `tag_checks` repo \0 tag                   → checked_at u64 BE (mirror tags: last upstream check)
 //! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
+//! - `pushed`    repo \0 digest                 → u64 BE unix secs (when the manifest was last written)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
 //! - `meta`      key                            → value (schema version)
@@ -36,8 +37,9 @@ pub const CF_META: &str = "meta";
 pub const CF_TAG_CHECKS: &str = "tag_checks";
 pub const CF_TAG_HISTORY: &str = "tag_history";
 pub const CF_AUTH: &str = "auth";
+pub const CF_PUSHED: &str = "pushed";
 
-const ALL_CFS: [&str; 12] = [
+const ALL_CFS: [&str; 13] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -50,6 +52,7 @@ const ALL_CFS: [&str; 12] = [
     CF_TAG_CHECKS,
     CF_TAG_HISTORY,
     CF_AUTH,
+    CF_PUSHED,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.

@@ -578,6 +578,7 @@ impl Store {
             &manifest_key,
             &encode_manifest(&parsed.media_type, &bytes),
         );
+        batch.put(index::CF_PUSHED, &manifest_key, &index::encode_u64s(&[now]));
         for k in &tag_keys {
             batch.put(CF_TAGS, k, digest_key.as_bytes());
         }
@@ -651,6 +652,7 @@ impl Store {
             })?;
         let mut batch = self.index.batch();
         batch.delete(CF_MANIFESTS, &manifest_key);
+        batch.delete(index::CF_PUSHED, &manifest_key);
         for k in &tag_keys {
             batch.delete(CF_TAGS, k);
         }
