@@ -593,3 +593,47 @@ fn bench_repository_page_with_1000_tags() {
         );
     }
 }
+
+#[test]
+fn signing_in_over_tls_sets_a_secure_cookie() {
+    use http_body_util::{BodyExt, Full};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new("console test CA");
+    let tls = ca.issue_into(dir.path());
+    let s = TestServer::start_with(move |c| {
+        let mut c = test_config(&c.server.data_dir, &config());
+        c.server.tls = Some(tls);
+        c
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([("user", "victor"), ("password", PASSWORD)])
+        .finish();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://127.0.0.1:{}/-/login", s.addr.port()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let (status, cookie) = rt.block_on(async {
+        let r = common::tls::client(&ca.pem, false)
+            .request(req)
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let cookie = r
+            .headers()
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().to_string());
+        let _ = r.into_body().collect().await;
+        (status, cookie)
+    });
+    assert_eq!(status, 303);
+    let cookie = cookie.expect("a session cookie");
+    for part in ["Secure", "HttpOnly", "SameSite=Lax"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+}
