@@ -525,6 +525,9 @@ fn a_cache_page_shows_what_a_tag_pointed_at_upstream() {
         at_first.is_some() && at_second.is_some() && at_first < at_second,
         "both resolutions, oldest first: {dom}"
     );
+    // Named the way clients pull it, the repository leads to its page.
+    b.goto(&format!("{}/library/app", base.trim_end_matches('/')));
+    assert!(b.url().ends_with("/docker.io/library/app"), "{}", b.url());
     let dom = b.goto(&format!("{}/docker.io", base.trim_end_matches('/')));
     assert!(dom.contains(r#"href="/docker.io/library/app""#), "{dom}");
 

@@ -451,6 +451,8 @@ enum Built {
     Listing(view::Listing),
     Repository(Box<view::Repository>),
     Image(Box<view::Image>),
+    /// A cache repository under a name clients pull it by: its page is elsewhere.
+    Moved(String),
     Hidden,
 }
 
@@ -472,8 +474,12 @@ async fn page(app: &Arc<App>, form: Form, who: &Who, parts: &Parts) -> Result<Re
                 Some(seen) if app.store.repo_exists(&repo)? => Built::Repository(Box::new(
                     view::repository(app, &caller, &repo, &seen, &host)?,
                 )),
-                _ => view::listing(app, &caller, repo.as_str())?
-                    .map_or(Built::Hidden, Built::Listing),
+                _ => match view::listing(app, &caller, repo.as_str())? {
+                    Some(l) => Built::Listing(l),
+                    None => {
+                        view::canonical(app, &caller, &repo)?.map_or(Built::Hidden, Built::Moved)
+                    }
+                },
             },
         })
     })
@@ -497,6 +503,7 @@ async fn page(app: &Arc<App>, form: Form, who: &Who, parts: &Parts) -> Result<Re
         Built::Listing(l) => render(form, StatusCode::OK, &l, || pages::listing(&ctx, &l)),
         Built::Repository(r) => render(form, StatusCode::OK, &r, || pages::repository(&ctx, &r)),
         Built::Image(i) => render(form, StatusCode::OK, &i, || pages::image(&ctx, &i)),
+        Built::Moved(to) => redirect(&to, None),
         Built::Hidden => not_visible(form, who, parts.uri.path()),
     })
 }

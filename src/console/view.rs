@@ -199,6 +199,25 @@ pub fn visible<'a>(app: &'a App, caller: &Caller, repo: &RepoName) -> Option<Vis
         })
 }
 
+/// The canonical page of a cache repository named the way clients pull it
+/// (`/library/nginx`, `/nginx` → `/docker.io/library/nginx`), if it is cached and visible.
+pub fn canonical(
+    app: &App,
+    caller: &Caller,
+    repo: &RepoName,
+) -> Result<Option<String>, StoreError> {
+    let Namespace::Mirror(Ok(route)) = app.proxy.namespace(repo, None) else {
+        return Ok(None);
+    };
+    if route.local == *repo
+        || visible(app, caller, &route.local).is_none()
+        || !app.store.repo_exists(&route.local)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(format!("/{}", route.local)))
+}
+
 pub fn home(app: &App, caller: &Caller) -> Home {
     let projects = app
         .config
