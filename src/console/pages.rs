@@ -220,6 +220,7 @@ pub fn repository(ctx: &Ctx, r: &Repository) -> Markup {
                     }
                 } }
             }
+            @if r.truncated { p.muted { "The lists stop here; the repository holds more." } }
             @if let Some(c) = &r.cache { (cache_section(c)) }
         },
     )

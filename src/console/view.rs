@@ -18,6 +18,8 @@ use crate::store::{StoreError, StoredManifest};
 const MAX_CONFIG: u64 = 1024 * 1024;
 /// The most repositories a listing shows.
 pub const MAX_LISTED: usize = 5_000;
+/// The most tags, and manifests, a repository page shows.
+pub const MAX_ROWS: usize = 10_000;
 
 #[derive(Debug, Serialize)]
 pub struct Home {
@@ -53,6 +55,8 @@ pub struct Repository {
     pub untagged: Vec<ManifestRow>,
     pub can_delete: bool,
     pub cache: Option<CacheInfo>,
+    /// True if the repository has more tags or manifests than the page shows.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -339,8 +343,11 @@ pub fn repository(
     seen: &Visible<'_>,
     host: &str,
 ) -> Result<Repository, StoreError> {
-    let manifests = app.store.manifests_of(repo)?;
-    let tags = app.store.tags_with_digests(repo)?;
+    let mut manifests = app.store.manifests_of(repo, MAX_ROWS + 1)?;
+    let mut tags = app.store.tags_with_digests(repo, MAX_ROWS + 1)?;
+    let truncated = manifests.len() > MAX_ROWS || tags.len() > MAX_ROWS;
+    manifests.truncate(MAX_ROWS);
+    tags.truncate(MAX_ROWS);
     let pushed = app.store.pushed_times(repo)?;
     let parsed: Vec<Option<ParsedManifest>> = manifests.iter().map(|m| parse(m)).collect();
     let sizes: HashMap<String, u64> = manifests
@@ -418,6 +425,7 @@ pub fn repository(
         untagged,
         can_delete: app.auth.may(caller, repo, &seen.namespace, Action::Delete),
         cache,
+        truncated,
     })
 }
 
@@ -447,13 +455,7 @@ pub fn image(
     };
     let parsed = parse(&m);
     let digest_s = digest.to_string();
-    let tags = app
-        .store
-        .tags_with_digests(repo)?
-        .into_iter()
-        .filter(|(_, d)| *d == digest_s)
-        .map(|(t, _)| t)
-        .collect();
+    let tags = app.store.tags_pointing_at(repo, digest)?;
     let referrers = app
         .store
         .referrers(repo, digest, None)?

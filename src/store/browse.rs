@@ -57,8 +57,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Every tag of `repo` with the digest it points at, in ASCII order (one scan of `tags`).
-    pub fn tags_with_digests(&self, repo: &RepoName) -> Result<Vec<(String, String)>, StoreError> {
+    /// The tags of `repo` with the digest each points at, in ASCII order, at most `n` (one
+    /// scan of `tags`).
+    pub fn tags_with_digests(
+        &self,
+        repo: &RepoName,
+        n: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let p = index::prefix(&[repo.as_str()]);
         let mut out = Vec::new();
         self.index.scan(CF_TAGS, &p, None, |k, v| {
@@ -67,14 +72,38 @@ impl Store {
             {
                 out.push((tag.to_string(), digest.to_string()));
             }
+            out.len() < n
+        })?;
+        Ok(out)
+    }
+
+    /// The tags of `repo` pointing at `digest` (one scan of `tags`).
+    pub fn tags_pointing_at(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Vec<String>, StoreError> {
+        let p = index::prefix(&[repo.as_str()]);
+        let d = digest.to_string();
+        let mut out = Vec::new();
+        self.index.scan(CF_TAGS, &p, None, |k, v| {
+            if v == d.as_bytes()
+                && let Ok(tag) = std::str::from_utf8(&k[p.len()..])
+            {
+                out.push(tag.to_string());
+            }
             true
         })?;
         Ok(out)
     }
 
-    /// Every manifest stored in `repo` (one scan of `manifests`); records that do not decode
-    /// are skipped (fsck reports them).
-    pub fn manifests_of(&self, repo: &RepoName) -> Result<Vec<Arc<StoredManifest>>, StoreError> {
+    /// The manifests stored in `repo`, at most `n` (one scan of `manifests`); records that do
+    /// not decode are skipped (fsck reports them).
+    pub fn manifests_of(
+        &self,
+        repo: &RepoName,
+        n: usize,
+    ) -> Result<Vec<Arc<StoredManifest>>, StoreError> {
         let p = index::prefix(&[repo.as_str()]);
         let mut out = Vec::new();
         self.index.scan(CF_MANIFESTS, &p, None, |k, v| {
@@ -88,7 +117,7 @@ impl Store {
                     bytes: Bytes::from(bytes),
                 }));
             }
-            true
+            out.len() < n
         })?;
         Ok(out)
     }
@@ -230,14 +259,14 @@ mod tests {
             .unwrap();
 
         assert_eq!(
-            store.tags_with_digests(&repo).unwrap(),
+            store.tags_with_digests(&repo, 10).unwrap(),
             vec![
                 ("latest".to_string(), d2.to_string()),
                 ("v2".to_string(), d2.to_string())
             ]
         );
         let mut digests: Vec<String> = store
-            .manifests_of(&repo)
+            .manifests_of(&repo, 10)
             .unwrap()
             .iter()
             .map(|m| m.digest.to_string())
@@ -274,6 +303,13 @@ mod tests {
             .repos_under("docker.io/library", 10, |n| n.ends_with("app2"))
             .unwrap();
         assert_eq!(visible.len(), 1);
+        assert_eq!(store.tags_with_digests(&repo, 1).unwrap().len(), 1);
+        assert_eq!(store.manifests_of(&repo, 1).unwrap().len(), 1);
+        assert_eq!(
+            store.tags_pointing_at(&repo, &d2).unwrap(),
+            vec!["latest", "v2"]
+        );
+        assert!(store.tags_pointing_at(&repo, &d1).unwrap().is_empty());
         assert!(store.repo_created(&repo).unwrap().is_some());
         let pushed = store.pushed_times(&repo).unwrap();
         assert_eq!(pushed.len(), 2, "{pushed:?}");
