@@ -375,6 +375,17 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
         404
     );
 
+    // Signing someone out takes their page's token too; with it, the session ends.
+    assert_eq!(form(&anon, "/-/logout", Some(&cookie), &[]).status, 403);
+    assert_eq!(page_as(&anon, "/team/app", &cookie).status, 200);
+    let r = form(&anon, "/-/logout", Some(&cookie), &[("csrf", csrf)]);
+    assert_eq!(r.status, 303);
+    assert!(
+        r.header("set-cookie")
+            .is_some_and(|c| c.contains("Max-Age=0"))
+    );
+    assert_eq!(page_as(&anon, "/team/app", &cookie).status, 401);
+
     // An access token signs in as its user.
     let (_, token) = s
         .app

@@ -386,6 +386,10 @@ fn forged(form: Form, who: &Who) -> Resp {
 
 async fn logout(app: &App, form: Form, who: &Who, body: RequestBody) -> Resp {
     let fields = read_form(body).await.unwrap_or_default();
+    // A session that already ended (expired, or the server restarted): nothing to end.
+    if who.session.is_none() {
+        return redirect("/", Some(session::clear_cookie(app.tls.is_some())));
+    }
     let Some((cookie, _)) = checked_session(who, &fields) else {
         return forged(form, who);
     };
