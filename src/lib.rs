@@ -6,6 +6,7 @@ pub mod airgap;
 pub mod auth;
 pub mod cache_admin;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;
@@ -31,6 +32,8 @@ pub struct App {
     pub tls: Option<http::tls::Tls>,
     pub metrics: Arc<Metrics>,
     pub auth: Authorizer,
+    /// The console's sessions.
+    pub console: console::Console,
 }
 
 /// Why the app could not be assembled from its config.
@@ -66,6 +69,7 @@ impl App {
             proxy,
             tls,
             metrics: Arc::new(Metrics::new()),
+            console: console::Console::default(),
             config,
         }))
     }

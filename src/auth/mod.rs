@@ -12,6 +12,7 @@
 //! Every denial logs one audit line (`target: audit`) with who, what and why; secrets never.
 
 mod admins;
+mod browse;
 mod credentials;
 mod identities;
 pub mod jwt;

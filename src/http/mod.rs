@@ -146,7 +146,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     } else {
         resp.map(|b| b.counted(&app.metrics.bytes_sent))
     };
-    let label = route.label();
+    let label = if route == Route::NotFound
+        && crate::console::wants(&parts.method, parts.uri.path(), &parts.headers).is_some()
+    {
+        "console"
+    } else {
+        route.label()
+    };
     app.metrics
         .requests
         .with_label_values(&[
@@ -195,6 +201,12 @@ async fn dispatch(
         Route::Token => return token::serve(app, parts, body, peer).await,
         Route::Health if get => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         Route::Metrics if get => return Ok(metrics(app)),
+        // Pages for browsers (and their JSON form): never a path of the registry API.
+        Route::NotFound => {
+            if let Some(form) = crate::console::wants(method, parts.uri.path(), &parts.headers) {
+                return Ok(crate::console::serve(app, form, parts, body, peer).await);
+            }
+        }
         _ => {}
     }
     let repo = route.name().map(parse_repo).transpose()?;

@@ -137,6 +137,23 @@ impl Store {
         Ok(touched.len())
     }
 
+    /// The pulls recorded for a repository: the latest, and the count of every manifest in it.
+    pub fn repo_pulls(&self, repo: &RepoName) -> Result<Access, StoreError> {
+        let mut total = Access::default();
+        self.index.scan(
+            CF_ACCESS,
+            &super::index::prefix(&[repo.as_str()]),
+            None,
+            |_, v| {
+                let a = decode(v);
+                total.last_pulled = total.last_pulled.max(a.last_pulled);
+                total.pulls += a.pulls;
+                true
+            },
+        )?;
+        Ok(total)
+    }
+
     /// Every recorded access, keyed `repo \0 digest`.
     pub(super) fn all_access(&self) -> Result<HashMap<Vec<u8>, Access>, StoreError> {
         let mut out = HashMap::new();

@@ -389,6 +389,7 @@ impl Store {
                 continue;
             }
             batch.delete(CF_MANIFESTS, mk);
+            batch.delete(super::index::CF_PUSHED, mk);
             batch.delete(CF_ACCESS, mk);
             for b in &member.blobs {
                 batch.delete(CF_BLOB_REFS, &key(&[b, &member.repo, &member.digest]));

@@ -206,6 +206,7 @@ impl Store {
                     r.problems.push(format!("manifest {label}: {p}"));
                     if repair {
                         fix.delete(CF_MANIFESTS, &k);
+                        fix.delete(index::CF_PUSHED, &k);
                         r.repairs.push(format!("removed manifest record {label}"));
                     }
                 }

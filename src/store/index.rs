@@ -13,6 +13,7 @@
 //! - `repos`     repo                           → created u64 BE
 //! - `tag_checks` repo \0 tag                   → checked_at u64 BE (mirror tags: last upstream check)
 //! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
+//! - `pushed`    repo \0 digest                 → u64 BE unix secs (when the manifest was last written)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
 //! - `access`    repo \0 digest                 → last pulled u64 BE (unix secs), pulls u64 BE
@@ -44,8 +45,9 @@ pub const CF_TAG_HISTORY: &str = "tag_history";
 pub const CF_AUTH: &str = "auth";
 pub const CF_ACCESS: &str = "access";
 pub const CF_PINS: &str = "pins";
+pub const CF_PUSHED: &str = "pushed";
 
-const ALL_CFS: [&str; 14] = [
+const ALL_CFS: [&str; 15] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -60,6 +62,7 @@ const ALL_CFS: [&str; 14] = [
     CF_AUTH,
     CF_ACCESS,
     CF_PINS,
+    CF_PUSHED,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.

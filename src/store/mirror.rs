@@ -45,6 +45,7 @@ impl Store {
             &manifest_key,
             &super::encode_manifest(&parsed.media_type, &bytes),
         );
+        batch.put(index::CF_PUSHED, &manifest_key, &index::encode_u64s(&[now]));
         for d in parsed.referenced_blobs() {
             batch.put(
                 CF_BLOB_REFS,

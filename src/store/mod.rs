@@ -17,6 +17,7 @@
 pub mod access;
 pub mod auth_records;
 pub mod blobs;
+pub mod browse;
 pub mod evict;
 pub mod fsck;
 pub mod gc;
@@ -629,6 +630,7 @@ impl Store {
             &manifest_key,
             &encode_manifest(&parsed.media_type, &bytes),
         );
+        batch.put(index::CF_PUSHED, &manifest_key, &index::encode_u64s(&[now]));
         for k in &tag_keys {
             batch.put(CF_TAGS, k, digest_key.as_bytes());
         }
@@ -702,6 +704,7 @@ impl Store {
             })?;
         let mut batch = self.index.batch();
         batch.delete(CF_MANIFESTS, &manifest_key);
+        batch.delete(index::CF_PUSHED, &manifest_key);
         for k in &tag_keys {
             batch.delete(CF_TAGS, k);
         }
