@@ -66,6 +66,8 @@ pub enum AdminRequest {
     MemberList {
         project: String,
     },
+    /// `transship prefetch`: answered with a stream of lines (`crate::prefetch::Line`).
+    Prefetch(crate::prefetch::PrefetchRequest),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +127,9 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
             members: ids.members(&project),
         }),
+        AdminRequest::Prefetch(_) => Ok(AdminResponse::Error {
+            message: "prefetch runs on the server's runtime, not here".into(),
+        }),
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -167,6 +172,9 @@ async fn serve_one(app: Arc<App>, stream: tokio::net::UnixStream) -> std::io::Re
         .read_line(&mut line)
         .await?;
     let answer = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::Prefetch(req)) => {
+            return crate::prefetch::serve_admin(app, req, write).await;
+        }
         Ok(req) => {
             let op = describe(&req);
             let a = app.clone();
@@ -211,6 +219,7 @@ fn describe(req: &AdminRequest) -> String {
             role,
         } => format!("member set {project} {user} {}", role.as_str()),
         AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
+        AdminRequest::Prefetch(r) => format!("prefetch {}", r.images.join(" ")),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList
@@ -218,20 +227,27 @@ fn describe(req: &AdminRequest) -> String {
     }
 }
 
-/// Sends a request to a running server. `Ok(None)` if none is listening on `data_dir`.
-pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
-    let path = socket_path(data_dir);
-    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
-        Ok(s) => s,
+/// Connects to the admin socket of the server running on `data_dir`; `Ok(None)` if none is
+/// listening there.
+pub fn connect(data_dir: &Path) -> std::io::Result<Option<std::os::unix::net::UnixStream>> {
+    match std::os::unix::net::UnixStream::connect(socket_path(data_dir)) {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(None);
+            Ok(None)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends a request to a running server. `Ok(None)` if none is listening on `data_dir`.
+pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
+    let Some(mut stream) = connect(data_dir)? else {
+        return Ok(None);
     };
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;

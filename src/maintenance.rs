@@ -59,6 +59,16 @@ impl Supervisor {
             supervisor.every(every, move |stop| scrub(a.clone(), stop));
         }
         supervisor.admin_socket(app);
+        if !app.config.warm.is_empty() {
+            let (cx, lists, stop) = (
+                app.proxy_context(),
+                app.config.warm.clone(),
+                supervisor.cancel.clone(),
+            );
+            supervisor
+                .tasks
+                .spawn(crate::proxy::warm::keep(cx, lists, stop));
+        }
         supervisor
     }
 

@@ -74,29 +74,7 @@ fn seed(up: &Distribution, repo: &str, layout: &Layout) {
 /// Waits until the log stops growing: distribution writes an access-log line just after the
 /// response, so the last one can trail the client that received it.
 fn upstream_requests(up: &Distribution) -> Vec<String> {
-    let read = || {
-        let text = std::fs::read_to_string(up.dir.path().join("registry.log")).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| {
-                ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-                    .iter()
-                    .find_map(|m| {
-                        let start = line.find(&format!("\"{m} "))? + 1;
-                        let len = line[start..].find(" HTTP/")?;
-                        Some(line[start..start + len].to_string())
-                    })
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut last = read();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = read();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
+    up.requests()
 }
 
 /// The requests that reached the upstream after a snapshot of `before` of them.

@@ -17,9 +17,11 @@ use crate::oci::RepoName;
 
 mod units;
 mod users;
+mod warm;
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
+pub use warm::{MIN_WARM_INTERVAL, WarmConfig};
 
 /// The documented example config; also what `transship serve` runs with when given no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/transship.toml");
@@ -45,6 +47,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default, rename = "user", skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserConfig>,
+    /// Images the server keeps current on its own (`[[warm]]`).
+    #[serde(default, rename = "warm", skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<WarmConfig>,
 }
 
 /// The token service and login hardening.
@@ -540,6 +545,7 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        warm::validate(&self.warm, &self.upstreams)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

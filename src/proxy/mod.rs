@@ -12,9 +12,11 @@ pub mod fill;
 pub mod freshness;
 mod manifest_fetch;
 pub mod manifest_miss;
+pub mod prefetch;
 pub mod route;
 pub mod tag_list;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +116,11 @@ impl Proxy {
 
     pub fn config(&self, upstream: usize) -> &UpstreamConfig {
         &self.configs[upstream]
+    }
+
+    /// How many upstreams are configured (indexes `0..upstream_count()`).
+    pub fn upstream_count(&self) -> usize {
+        self.configs.len()
     }
 
     pub fn upstream_name(&self, upstream: usize) -> &str {

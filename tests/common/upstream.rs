@@ -103,6 +103,35 @@ impl Distribution {
             .matches(&needle)
             .count()
     }
+
+    /// Every request in the access log so far, as `"METHOD /path?query"`, in order. Waits
+    /// until the log stops growing: distribution writes an access-log line just after the
+    /// response, so the last one can trail the client that received it.
+    pub fn requests(&self) -> Vec<String> {
+        let read = || {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            text.lines()
+                .filter_map(|line| {
+                    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+                        .iter()
+                        .find_map(|m| {
+                            let start = line.find(&format!("\"{m} "))? + 1;
+                            let len = line[start..].find(" HTTP/")?;
+                            Some(line[start..start + len].to_string())
+                        })
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
 }
 
 impl Drop for Distribution {
