@@ -167,6 +167,10 @@ pub async fn serve_admin(
     }
 }
 
+/// Images per admin-socket request (a reference is at most about 450 bytes, a request line
+/// at most 64 KiB).
+const IMAGES_PER_REQUEST: usize = 100;
+
 /// Longest silence from the server before the command gives up (a fill may queue for a
 /// while, but progress normally comes several times a second).
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
@@ -259,9 +263,20 @@ fn parse_list(text: &str) -> Vec<String> {
 /// the summary rendered. True if every image was prefetched.
 pub fn command(config: Config, req: PrefetchRequest) -> Result<bool, PrefetchCommandError> {
     let mut view = progress::Renderer::new(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let served = call_server(&config.server.data_dir, &req, &mut |l| view.line(&l))?;
-    if !served {
-        run_local(config, req, &mut |l| view.line(&l))?;
+    // A long list goes to the server in several requests: each must fit one admin line.
+    for (i, images) in req.images.chunks(IMAGES_PER_REQUEST).enumerate() {
+        let part = PrefetchRequest {
+            images: images.to_vec(),
+            ..req.clone()
+        };
+        if !call_server(&config.server.data_dir, &part, &mut |l| view.line(&l))? {
+            if i > 0 {
+                // The server went away mid-list: what it did not do is not done.
+                return Err(PrefetchCommandError::Truncated);
+            }
+            run_local(config, req, &mut |l| view.line(&l))?;
+            break;
+        }
     }
     Ok(view.finish())
 }
