@@ -169,6 +169,7 @@ fn prefetch_online_and_offline_then_serve_without_the_upstream() {
             "multi:v1",
             "--platform",
             "linux/arm64",
+            "--pin",
         ],
     );
     assert!(
