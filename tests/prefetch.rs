@@ -369,3 +369,36 @@ fn a_warm_list_keeps_a_moved_tag_current_and_checks_an_unmoved_one_with_head_onl
     }
     assert_eq!(server.terminate().code(), Some(0), "stops promptly");
 }
+
+/// Layers big enough that a fill takes a while, so a prefetch and a pull overlap.
+const BIG: LayerRecipe = LayerRecipe {
+    app_bin: 24_000_000,
+    data_bin: 20_001,
+    readme: "prefetch e2e big image",
+};
+
+#[test]
+fn a_prefetch_and_a_client_pull_at_once_fetch_each_blob_once() {
+    if !have() {
+        return;
+    }
+    let up = Distribution::start();
+    let sb = Sandbox::insecure(&[format!("127.0.0.1:{}", up.port)], EGRESS);
+    let big = Layout::single(81, &OCI, &BIG);
+    seed(&sb, &up, "library/big", &big);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &up, "");
+    let server = BinaryServer::start(&config, &dir.path().join("transship.log"));
+    let prefetcher = std::thread::spawn(move || prefetch_ok(&config, &["big:v1"]));
+    let got = pull(&sb, &server, &format!("library/big:{TAG}"), &[]);
+    let stdout = prefetcher.join().expect("prefetch thread");
+    assert!(stdout.contains("prefetched 1 images: 3 blobs"), "{stdout}");
+    assert_same_layout(got.path(), &big);
+    for d in big.blobs.keys() {
+        assert_eq!(gets(&up, "library/big", &format!("blobs/{d}")), 1, "{d}");
+    }
+    assert_eq!(
+        gets(&up, "library/big", &format!("manifests/{}", big.top.1)),
+        1
+    );
+}
