@@ -545,7 +545,7 @@ impl Config {
             ));
         }
         self.validate_auth()?;
-        warm::validate(&self.warm, &self.upstreams)?;
+        warm::validate(self)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HumanDuration, UpstreamConfig};
+use super::{Config, HumanDuration, project_of};
 use crate::oci::image_ref::{ImageRef, PlatformSpec};
 
 /// The shortest `interval` accepted.
@@ -41,9 +41,10 @@ impl WarmConfig {
     }
 }
 
-/// Checks every `[[warm]]` entry against the syntax and the configured upstreams.
-pub fn validate(warm: &[WarmConfig], upstreams: &[UpstreamConfig]) -> Result<(), String> {
-    for (i, w) in warm.iter().enumerate() {
+/// Checks every `[[warm]]` entry against the syntax, the configured upstreams and projects.
+pub fn validate(config: &Config) -> Result<(), String> {
+    let upstreams = &config.upstreams;
+    for (i, w) in config.warm.iter().enumerate() {
         let at = format!("warm entry {}", i + 1);
         if w.images.is_empty() {
             return Err(format!("{at}: images is empty"));
@@ -57,7 +58,15 @@ pub fn validate(warm: &[WarmConfig], upstreams: &[UpstreamConfig]) -> Result<(),
         }
         for image in &w.images {
             let r: ImageRef = image.parse().map_err(|e| format!("{at}: {e}"))?;
-            let Some(host) = r.host else { continue };
+            let Some(host) = r.host else {
+                if let Some(p) = project_of(&config.projects, &r.path) {
+                    return Err(format!(
+                        "{at}: {image:?} is in project {:?}, not on an upstream",
+                        p.name.get_ref().as_str()
+                    ));
+                }
+                continue;
+            };
             let bare = host.split(':').next().unwrap_or(&host);
             let known = upstreams.iter().any(|u| {
                 std::iter::once(u.name.get_ref().as_str())
@@ -72,4 +81,49 @@ pub fn validate(warm: &[WarmConfig], upstreams: &[UpstreamConfig]) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(warm: &str) -> Result<Config, String> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[[project]]\nname = \"local\"\n\
+             [[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\naliases = [\"index.docker.io\"]\ndefault = true\n\
+             [[upstream]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\n{warm}"
+        );
+        Config::parse(&text, "t").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn warm_lists_name_images_on_configured_upstreams() {
+        let c = parse(
+            "[[warm]]\nimages = [\"nginx:1.27\", \"GHCR.IO/org/app:v2\", \"index.docker.io/library/alpine\"]\nplatforms = [\"linux/arm/v7\"]\ninterval = \"1s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.warm[0].interval.0, Duration::from_secs(1));
+        assert_eq!(c.warm[0].platform_specs()[0].to_string(), "linux/arm/v7");
+        let c = parse("[[warm]]\nimages = [\"nginx\"]\n").unwrap();
+        assert_eq!(c.warm[0].interval.0, Duration::from_secs(900));
+        assert!(c.warm[0].platforms.is_empty());
+        for (bad, says) in [
+            ("images = []", "images is empty"),
+            (
+                "images = [\"quay.io/x:1\"]",
+                "no upstream named \"quay.io\"",
+            ),
+            ("images = [\"local/app:v1\"]", "in project \"local\""),
+            ("images = [\"Nginx\"]", "invalid image reference"),
+            ("images = [\"nginx\"]\ninterval = \"500ms\"", "at least 1s"),
+            (
+                "images = [\"nginx\"]\nplatforms = [\"linux\"]",
+                "invalid platform",
+            ),
+            ("images = [\"nginx\"]\nevery = \"1m\"", "unknown field"),
+        ] {
+            let e = parse(&format!("[[warm]]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -52,7 +52,11 @@ impl FromStr for ImageRef {
         // `name@digest`, else `name:tag` where the ':' comes after the last '/' (a host's port
         // has a '/' after it).
         let (name, reference) = match text.split_once('@') {
-            Some((name, digest)) => (name, Some(digest)),
+            // `name:tag@digest`: the digest is what is fetched; the tag is only a label.
+            Some((name, digest)) => match name.rfind(':') {
+                Some(i) if !name[i..].contains('/') => (&name[..i], Some(digest)),
+                _ => (name, Some(digest)),
+            },
             None => match text.rfind(':') {
                 Some(i) if !text[i..].contains('/') => (&text[..i], Some(&text[i + 1..])),
                 _ => (text, None),
@@ -176,6 +180,7 @@ mod tests {
         assert_eq!(r.host.as_deref(), Some("ghcr.io"));
         assert_eq!(r.reference, Reference::Digest(d.parse().unwrap()));
         assert_eq!(r.to_string(), format!("ghcr.io/org/x@{d}"));
+        assert_eq!(parse(&format!("ghcr.io/org/x:v1@{d}")), r);
         let r = parse("localhost:5000/app");
         assert_eq!(
             (r.host.as_deref(), r.path.as_str()),
