@@ -21,7 +21,7 @@ mod warm;
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
-pub use warm::{MIN_WARM_INTERVAL, WarmConfig};
+pub use warm::WarmConfig;
 
 /// The documented example config; also what `transship serve` runs with when given no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/transship.toml");

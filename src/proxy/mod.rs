@@ -2,7 +2,8 @@
 //! keeping tags fresh without wasting the upstream's rate limit (`freshness`), one upstream
 //! lookup per manifest the cache cannot answer (`manifest_miss`, fetching through
 //! `manifest_fetch`), the upstream's tag lists (`tag_list`), and one download per blob however
-//! many clients wait for it (`fill`). Handlers ask `Proxy` for content; it never touches
+//! many clients wait for it (`fill`); whole images fetched ahead of any pull (`prefetch`) and
+//! kept current (`warm`). Handlers ask `Proxy` for content; it never touches
 //! RocksDB directly (the `Store` does) and never forwards a client's credentials.
 
 mod ask;
