@@ -304,7 +304,7 @@ fn a_warm_list_keeps_a_moved_tag_current_and_checks_an_unmoved_one_with_head_onl
     if !have() {
         return;
     }
-    let up = Distribution::start();
+    let mut up = Distribution::start();
     let sb = Sandbox::insecure(&[format!("127.0.0.1:{}", up.port)], EGRESS);
     let first = Layout::single(41, &OCI, &LAYERS);
     let second = Layout::single(51, &OCI, &LAYERS);
@@ -315,7 +315,8 @@ fn a_warm_list_keeps_a_moved_tag_current_and_checks_an_unmoved_one_with_head_onl
         &up,
         "[[warm]]\nimages = [\"warm:v1\"]\ninterval = \"1s\"\n",
     );
-    let server = BinaryServer::start(&config, &dir.path().join("transship.log"));
+    let log = dir.path().join("transship.log");
+    let server = BinaryServer::start(&config, &log);
     let h = Http::new(&server.url(""));
     let fetched = |layout: &Layout| {
         layout
@@ -367,7 +368,28 @@ fn a_warm_list_keeps_a_moved_tag_current_and_checks_an_unmoved_one_with_head_onl
         assert_eq!(r.header("x-cache"), Some("HIT"), "{d}");
         assert_bytes(d, &r.body, bytes);
     }
-    assert_eq!(server.terminate().code(), Some(0), "stops promptly");
+
+    // The upstream goes away: the failure is logged and retried, and serving goes on.
+    up.stop();
+    let logged = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    eventually("a failed warm check is logged", || {
+        logged("warm list: cannot refresh") && logged("warm list: retrying failed images")
+    });
+    let r = manifest(&h);
+    assert_eq!(
+        (r.status, r.header("docker-content-digest")),
+        (200, Some(second.top.1.as_str()))
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+    // Shutdown did not have to wait out `server.shutdown_timeout` for the warm loop.
+    assert!(
+        logged("background jobs stopped"),
+        "the warm loop held up shutdown"
+    );
 }
 
 /// Layers big enough that a fill takes a while, so a prefetch and a pull overlap.
