@@ -72,6 +72,8 @@ pub enum AdminRequest {
     Export(crate::airgap::ExportOptions),
     /// `transship import` inside the running server.
     Import(crate::airgap::ImportOptions),
+    /// `transship prefetch`: answered with a stream of lines (`crate::prefetch::Line`).
+    Prefetch(crate::prefetch::PrefetchRequest),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +162,9 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
                 message: "bundles are exported and imported by `apply_bundle`".into(),
             };
         }
+        AdminRequest::Prefetch(_) => Ok(AdminResponse::Error {
+            message: "prefetch runs on the server's runtime, not here".into(),
+        }),
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -225,6 +230,9 @@ async fn serve_one(app: Arc<App>, stream: tokio::net::UnixStream) -> std::io::Re
         .read_line(&mut line)
         .await?;
     let answer = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::Prefetch(req)) => {
+            return crate::prefetch::serve_admin(app, req, write).await;
+        }
         Ok(req) => {
             let op = describe(&req);
             let a = app.clone();
@@ -271,6 +279,7 @@ fn describe(req: &AdminRequest) -> String {
         AdminRequest::Cache(c) => crate::cache_admin::describe(c),
         AdminRequest::Export(o) => format!("export {}", o.out.display()),
         AdminRequest::Import(o) => format!("import {}", o.file.display()),
+        AdminRequest::Prefetch(r) => format!("prefetch {}", r.images.join(" ")),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList
@@ -278,20 +287,27 @@ fn describe(req: &AdminRequest) -> String {
     }
 }
 
-/// Sends a request to a running server. `Ok(None)` if none is listening on `data_dir`.
-pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
-    let path = socket_path(data_dir);
-    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
-        Ok(s) => s,
+/// Connects to the admin socket of the server running on `data_dir`; `Ok(None)` if none is
+/// listening there.
+pub fn connect(data_dir: &Path) -> std::io::Result<Option<std::os::unix::net::UnixStream>> {
+    match std::os::unix::net::UnixStream::connect(socket_path(data_dir)) {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(None);
+            Ok(None)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends a request to a running server. `Ok(None)` if none is listening on `data_dir`.
+pub fn call(data_dir: &Path, req: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
+    let Some(mut stream) = connect(data_dir)? else {
+        return Ok(None);
     };
     // An export or import takes as long as its bytes do; an eviction of many images on a
     // slow disk may take minutes; everything else answers at once.

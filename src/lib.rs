@@ -11,6 +11,7 @@ pub mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod oci;
+pub mod prefetch;
 pub mod proxy;
 pub mod store;
 pub mod systemd;

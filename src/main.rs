@@ -73,6 +73,24 @@ enum Command {
     /// Import a bundle written by `transship export`: verified whole before anything is
     /// committed. Works whether or not the server is running.
     Import(ImportArgs),
+    /// Fetch images into the cache through their upstreams, as a pull would (by tag or
+    /// digest; for an index, the --platform children or all). Works through the running
+    /// server, or on the store when none runs. Exits 1 if any image failed.
+    Prefetch {
+        /// Image references: nginx:1.27, docker.io/library/nginx:1.27, ghcr.io/org/x@sha256:…
+        images: Vec<String>,
+        /// A file of image references, one per line (# comments).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// os/arch[/variant] to fetch of an index (repeatable; default: every platform).
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Pin the prefetched images.
+        #[arg(long)]
+        pin: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Args)]
@@ -314,6 +332,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 no_pin: a.no_pin,
             };
             run_bundle(&a.config, AdminRequest::Import(opts))
+        }
+        Command::Prefetch {
+            mut images,
+            file,
+            platforms,
+            pin,
+            config,
+        } => {
+            let config = config.load()?;
+            if let Some(file) = file {
+                images.extend(transship::prefetch::read_list(&file)?);
+            }
+            if images.is_empty() {
+                anyhow::bail!("no images given (name them, or --file LIST)");
+            }
+            let req = transship::prefetch::PrefetchRequest {
+                images,
+                platforms,
+                pin,
+            };
+            Ok(if transship::prefetch::command(config, req)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Fsck { config, repair } => {
             let config = config.load()?;

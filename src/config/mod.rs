@@ -17,9 +17,11 @@ use crate::oci::RepoName;
 
 mod units;
 mod users;
+mod warm;
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
+pub use warm::WarmConfig;
 
 /// The documented example config; also what `transship serve` runs with when given no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/transship.toml");
@@ -47,6 +49,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default, rename = "user", skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserConfig>,
+    /// Images the server keeps current on its own (`[[warm]]`).
+    #[serde(default, rename = "warm", skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<WarmConfig>,
 }
 
 /// The token service and login hardening.
@@ -596,6 +601,7 @@ impl Config {
         if self.cache.history_max_entries == 0 {
             return Err("cache.history_max_entries must be at least 1".into());
         }
+        warm::validate(self)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

@@ -83,7 +83,7 @@ impl ManifestMisses {
         route: &MirrorRoute,
         reference: &Reference,
     ) -> Result<Served, RegistryError> {
-        let (lookup, joined) = self.join_or_start(cx, route, reference);
+        let (lookup, joined) = self.join_or_start(cx, route, reference, false);
         let served = lookup.await?;
         Ok(if joined && served.outcome == CacheOutcome::Miss {
             Served {
@@ -95,13 +95,26 @@ impl ManifestMisses {
         })
     }
 
+    /// Asks the upstream about `tag` now, however recently it was confirmed (a warm list's
+    /// check): a HEAD, and a GET only if the tag moved. Joins a lookup already running.
+    pub async fn revalidate(
+        &self,
+        cx: &Context,
+        route: &MirrorRoute,
+        tag: &Tag,
+    ) -> Result<Served, RegistryError> {
+        let (lookup, _) = self.join_or_start(cx, route, &Reference::Tag(tag.clone()), true);
+        lookup.await
+    }
+
     /// The running lookup for this key (`true`), or a new one (`false`) that removes itself
-    /// from the map when it ends.
+    /// from the map when it ends. `revalidate` skips the `tag_ttl` shortcut.
     fn join_or_start(
         &self,
         cx: &Context,
         route: &MirrorRoute,
         reference: &Reference,
+        revalidate: bool,
     ) -> (SharedLookup, bool) {
         let key = format!("{}\0{reference}", route.local);
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,7 +131,7 @@ impl ManifestMisses {
         // The task's `Leave` waits for this lock, so it cannot remove the entry before it is in.
         let task = tokio::spawn(async move {
             let _leave = leave;
-            look_up(&cx2, &route2, &ref2).await
+            look_up(&cx2, &route2, &ref2, revalidate).await
         });
         let lookup = async move {
             task.await.unwrap_or_else(|e| {
@@ -165,10 +178,11 @@ async fn look_up(
     cx: &Context,
     route: &MirrorRoute,
     reference: &Reference,
+    revalidate: bool,
 ) -> Result<Served, RegistryError> {
     match reference {
         Reference::Digest(digest) => digest_miss(cx, route, digest).await,
-        Reference::Tag(tag) => tag_miss(cx, route, tag).await,
+        Reference::Tag(tag) => tag_miss(cx, route, tag, revalidate).await,
     }
 }
 
@@ -216,12 +230,19 @@ fn cached_tag(
         .map(|manifest| CachedTag { manifest, checked }))
 }
 
-/// A manifest by tag: still fresh here, or revalidated with the upstream.
-async fn tag_miss(cx: &Context, route: &MirrorRoute, tag: &Tag) -> Result<Served, RegistryError> {
+/// A manifest by tag: still fresh here (unless `revalidate`), or revalidated with the upstream.
+async fn tag_miss(
+    cx: &Context,
+    route: &MirrorRoute,
+    tag: &Tag,
+    revalidate: bool,
+) -> Result<Served, RegistryError> {
     let config = cx.proxy.config(route.upstream);
     let cached = cached_tag(cx, route, tag)?;
     match &cached {
-        Some(c) if tag_is_fresh(config, c.checked) => return Ok(Served::hit(c.manifest.clone())),
+        Some(c) if (!revalidate || config.offline) && tag_is_fresh(config, c.checked) => {
+            return Ok(Served::hit(c.manifest.clone()));
+        }
         None if config.offline || cx.proxy.recently_not_found(route, tag.as_str()) => {
             return Err(not_found(route, tag, false));
         }

@@ -2,7 +2,8 @@
 //! keeping tags fresh without wasting the upstream's rate limit (`freshness`), one upstream
 //! lookup per manifest the cache cannot answer (`manifest_miss`, fetching through
 //! `manifest_fetch`), the upstream's tag lists (`tag_list`), and one download per blob however
-//! many clients wait for it (`fill`). Handlers ask `Proxy` for content; it never touches
+//! many clients wait for it (`fill`); whole images fetched ahead of any pull (`prefetch`) and
+//! kept current (`warm`). Handlers ask `Proxy` for content; it never touches
 //! RocksDB directly (the `Store` does) and never forwards a client's credentials.
 
 mod ask;
@@ -12,9 +13,11 @@ pub mod fill;
 pub mod freshness;
 mod manifest_fetch;
 pub mod manifest_miss;
+pub mod prefetch;
 pub mod route;
 pub mod tag_list;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +117,11 @@ impl Proxy {
 
     pub fn config(&self, upstream: usize) -> &UpstreamConfig {
         &self.configs[upstream]
+    }
+
+    /// How many upstreams are configured (indexes `0..upstream_count()`).
+    pub fn upstream_count(&self) -> usize {
+        self.configs.len()
     }
 
     pub fn upstream_name(&self, upstream: usize) -> &str {
