@@ -18,6 +18,7 @@ use crate::auth::keys::{
     AdminError, Identities, KeyFile, KeyInfo, MemberInfo, Role, Subject, TokenInfo, TokenKind,
     UserInfo,
 };
+use crate::events::listing::EventInfo;
 use crate::store::Store;
 
 pub const SOCKET: &str = "admin.sock";
@@ -66,6 +67,12 @@ pub enum AdminRequest {
     MemberList {
         project: String,
     },
+    EventsList {
+        failed: bool,
+    },
+    EventsRetry {
+        endpoint: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +85,8 @@ pub enum AdminResponse {
     Token { id: String, token: String },
     Tokens { tokens: Vec<TokenInfo> },
     Members { members: Vec<MemberInfo> },
+    Events { events: Vec<EventInfo> },
+    Retried { count: usize },
     Error { message: String },
 }
 
@@ -125,6 +134,13 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
             members: ids.members(&project),
         }),
+        AdminRequest::EventsList { failed } => crate::events::listing::list(store, failed)
+            .map(|events| AdminResponse::Events { events })
+            .map_err(AdminError::from),
+        AdminRequest::EventsRetry { endpoint } => store
+            .retry_dead_letters(endpoint.as_deref())
+            .map(|count| AdminResponse::Retried { count })
+            .map_err(AdminError::from),
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -211,6 +227,8 @@ fn describe(req: &AdminRequest) -> String {
             role,
         } => format!("member set {project} {user} {}", role.as_str()),
         AdminRequest::MemberRemove { project, user } => format!("member remove {project} {user}"),
+        AdminRequest::EventsRetry { .. } => "events retry".into(),
+        AdminRequest::EventsList { .. } => "events list".into(),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList

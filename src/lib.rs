@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;
@@ -95,5 +96,6 @@ pub fn store_options(config: &Config) -> StoreOptions {
             max_sessions: config.uploads.max_sessions,
             max_sessions_per_client: config.uploads.max_sessions_per_client,
         },
+        event_kinds: events::recorded_kinds(&config.notify),
     }
 }

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub scrub_passes: IntCounter,
     pub scrub_bytes: IntCounter,
     pub scrub_corrupt: IntCounter,
+    /// Event deliveries by endpoint and outcome (delivered, failed, dead_lettered).
+    pub events: IntCounterVec,
+    /// Outbox events an endpoint has not reached yet.
+    pub events_pending: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -185,6 +189,16 @@ impl Metrics {
             scrub_corrupt: counter(
                 "transship_scrub_corrupt_total",
                 "Stored blobs scrub found damaged (wrong hash or size, unreadable, missing) and quarantined",
+            ),
+            events: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_events_total", "Notification deliveries by endpoint and outcome: delivered, failed (an attempt; retried), dead_lettered"), &["endpoint", "outcome"])
+                    .expect("valid metric"),
+            ),
+            events_pending: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("transship_events_pending", "Outbox events an endpoint has not delivered yet"), &["endpoint"])
+                    .expect("valid metric"),
             ),
             registry: r,
         }

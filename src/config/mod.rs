@@ -15,8 +15,10 @@ use toml::Spanned;
 
 use crate::oci::RepoName;
 
+mod notify;
 mod units;
 mod users;
+pub use notify::{NotifyConfig, NotifyEvent, NotifyFormat};
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
@@ -45,6 +47,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default, rename = "user", skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<UserConfig>,
+    /// Webhook endpoints for registry events.
+    #[serde(default, rename = "notify", skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyConfig>,
 }
 
 /// The token service and login hardening.
@@ -540,6 +545,7 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        notify::validate(&self.notify)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }
@@ -612,7 +618,7 @@ impl Config {
 }
 
 /// Keys whose values are secrets: never quoted in an error.
-const SECRET_KEYS: &[&str] = &["password", "password_hash"];
+const SECRET_KEYS: &[&str] = &["password", "password_hash", "secret"];
 const SECRET_HINT: &str = "password and password_hash take a string";
 
 /// True if the line holding `offset` assigns a secret key.

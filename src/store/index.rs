@@ -15,7 +15,10 @@
 //! - `tag_history` repo \0 tag \0 µs u64 BE     → digest (every observed mirror resolution)
 //! - `uploads`   upload id                      → UploadRecord JSON
 //! - `auth`      kind \0 id                      → identity record JSON (users, keys, tokens, members)
-//! - `meta`      key                            → value (schema version)
+//! - `meta`      key                            → value (schema version, events instance id)
+//! - `events`    seq u64 BE                     → EventRecord JSON (the notification outbox)
+//! - `event_cursors` endpoint                   → seq u64 BE (last event the endpoint is done with)
+//! - `event_dead` endpoint \0 seq u64 BE        → state u8 (0 dead, 1 retry), EventRecord JSON
 
 use std::path::Path;
 
@@ -36,8 +39,11 @@ pub const CF_META: &str = "meta";
 pub const CF_TAG_CHECKS: &str = "tag_checks";
 pub const CF_TAG_HISTORY: &str = "tag_history";
 pub const CF_AUTH: &str = "auth";
+pub const CF_EVENTS: &str = "events";
+pub const CF_EVENT_CURSORS: &str = "event_cursors";
+pub const CF_EVENT_DEAD: &str = "event_dead";
 
-const ALL_CFS: [&str; 12] = [
+const ALL_CFS: [&str; 15] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -50,6 +56,9 @@ const ALL_CFS: [&str; 12] = [
     CF_TAG_CHECKS,
     CF_TAG_HISTORY,
     CF_AUTH,
+    CF_EVENTS,
+    CF_EVENT_CURSORS,
+    CF_EVENT_DEAD,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.
@@ -232,6 +241,14 @@ impl Index {
             false
         })?;
         Ok(found)
+    }
+
+    /// Calls `f` with the last key of `cf`, if it has any.
+    pub fn scan_last(&self, cf: &'static str, f: impl FnOnce(&[u8])) -> Result<(), IndexError> {
+        if let Some(item) = self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+            f(&item?.0);
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<(), IndexError> {

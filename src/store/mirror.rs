@@ -11,6 +11,7 @@ use super::index::{
     self, CF_BLOB_REFS, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_TAG_CHECKS, CF_TAG_HISTORY, CF_TAGS,
     key,
 };
+use super::outbox::EventKind;
 use super::{Store, StoreError, StoredManifest, unix_now};
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::{Digest, RepoName, Tag};
@@ -62,6 +63,13 @@ impl Store {
             h.extend_from_slice(&unix_micros().to_be_bytes());
             batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
         }
+        let size = bytes.len();
+        let _fill = self.record_events(&mut batch, EventKind::CacheFill, || {
+            self.manifest_fill_events(repo, digest, &parsed.media_type, size, tag)
+        });
+        let _moved = self.record_events(&mut batch, EventKind::TagMoved, || {
+            self.tag_moved_events(repo, tag, digest, &parsed.media_type, size)
+        });
         let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
         self.index.write_synced(batch)?;
         if let Some(k) = &tag_key {

@@ -20,6 +20,7 @@ pub mod fsck;
 pub mod gc;
 pub mod index;
 pub mod mirror;
+pub mod outbox;
 pub mod pagecache;
 pub mod scrub;
 pub mod uploads;
@@ -90,6 +91,8 @@ pub struct StoreOptions {
     pub gc_grace: Duration,
     pub upload_abandon_after: Duration,
     pub upload_limits: uploads::UploadLimits,
+    /// The event kinds some notification endpoint wants: only these are recorded.
+    pub event_kinds: outbox::Kinds,
 }
 
 impl Default for StoreOptions {
@@ -100,6 +103,7 @@ impl Default for StoreOptions {
             gc_grace: Duration::from_secs(3600),
             upload_abandon_after: Duration::from_secs(24 * 3600),
             upload_limits: uploads::UploadLimits::default(),
+            event_kinds: outbox::Kinds::default(),
         }
     }
 }
@@ -146,6 +150,7 @@ pub struct Store {
     gc_lock: RwLock<()>,
     stored_bytes: AtomicU64,
     blob_count: AtomicU64,
+    outbox: outbox::Outbox,
 }
 
 pub fn unix_now() -> u64 {
@@ -168,6 +173,7 @@ impl Store {
             })
             .build();
         let small = (options.manifest_cache_bytes / 512).max(1024);
+        let outbox = outbox::Outbox::open(&index, options.event_kinds)?;
         let store = Self {
             data_dir: data_dir.to_path_buf(),
             uploads: uploads::Uploads::new(options.upload_limits),
@@ -178,6 +184,7 @@ impl Store {
             gc_lock: RwLock::new(()),
             stored_bytes: AtomicU64::new(0),
             blob_count: AtomicU64::new(0),
+            outbox,
             index,
             blobs,
             options,
@@ -396,6 +403,9 @@ impl Store {
         if let Some(id) = upload_id {
             batch.delete(index::CF_UPLOADS, id.as_bytes());
         }
+        let _events = self.record_events(&mut batch, outbox::EventKind::CacheFill, || {
+            outbox::blob_fill_events(repo, digest, size, upload_id)
+        });
         self.index.write_synced(batch)?;
         if !known {
             self.stored_bytes.fetch_add(size, Ordering::Relaxed);
@@ -597,6 +607,9 @@ impl Store {
             );
         }
         self.note_repo(&mut batch, repo, now)?;
+        let _events = self.record_events(&mut batch, outbox::EventKind::Push, || {
+            outbox::push_events(repo, &digest, &parsed.media_type, bytes.len(), &tags)
+        });
 
         let _stripes = self.lock_stripes(tag_keys.iter().map(|k| k.as_slice()));
         self.index.write_synced(batch)?;
@@ -625,6 +638,9 @@ impl Store {
                 }
                 let mut batch = self.index.batch();
                 batch.delete(CF_TAGS, &k);
+                let _events = self.record_events(&mut batch, outbox::EventKind::Delete, || {
+                    self.tag_delete_events(repo, t)
+                });
                 self.index.write_synced(batch)?;
                 self.tags.invalidate(&k);
                 Ok(())
@@ -669,6 +685,17 @@ impl Store {
                 );
             }
         }
+        let _events = self.record_events(&mut batch, outbox::EventKind::Delete, || {
+            let size = bytes.len();
+            vec![outbox::manifest_event(
+                outbox::EventKind::Delete,
+                repo,
+                digest,
+                &media_type,
+                size,
+                None,
+            )]
+        });
         let _stripes = self.lock_stripes(
             tag_keys
                 .iter()
