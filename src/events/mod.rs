@@ -15,7 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::App;
 use crate::config::{NotifyConfig, NotifyEvent};
-use crate::store::outbox::{EventKind, Kinds};
+use crate::oci::{Reference, RepoName};
+use crate::store::StoredManifest;
+use crate::store::outbox::{EventKind, Kinds, manifest_event};
 
 pub fn kind_of(e: NotifyEvent) -> EventKind {
     match e {
@@ -77,4 +79,33 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
         };
         tasks.spawn(task.run(cancel.clone()));
     }
+}
+
+/// Records a pull (a manifest GET) if an endpoint wants pulls: on the blocking pool, after the
+/// response is decided, in a write that does not wait for the disk (a crash can lose it).
+pub fn pulled(app: &App, repo: &RepoName, m: &Arc<StoredManifest>, reference: &Reference) {
+    if !app.store.outbox().records(EventKind::Pull) {
+        return;
+    }
+    let tag = match reference {
+        Reference::Tag(t) => Some(t.clone()),
+        Reference::Digest(_) => None,
+    };
+    let (store, repo, m) = (app.store.clone(), repo.clone(), m.clone());
+    tokio::task::spawn_blocking(move || {
+        let make = || {
+            let size = m.bytes.len();
+            vec![manifest_event(
+                EventKind::Pull,
+                &repo,
+                &m.digest,
+                &m.media_type,
+                size,
+                tag.as_ref(),
+            )]
+        };
+        if let Err(e) = store.record_events_relaxed(EventKind::Pull, make) {
+            tracing::warn!(error = %e, "cannot record a pull event");
+        }
+    });
 }

@@ -206,6 +206,11 @@ impl Outbox {
         })
     }
 
+    /// Whether events of `kind` are recorded (some endpoint wants them).
+    pub fn records(&self, kind: EventKind) -> bool {
+        self.kinds.contains(kind)
+    }
+
     /// A stable prefix for event ids: unique to this data directory.
     pub fn instance(&self) -> &str {
         &self.instance
@@ -516,7 +521,7 @@ impl Store {
 }
 
 /// A manifest event: `repo@digest` (and `:tag`).
-pub(crate) fn manifest_event(
+pub fn manifest_event(
     action: EventKind,
     repo: &RepoName,
     digest: &Digest,
