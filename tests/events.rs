@@ -361,6 +361,13 @@ fn acknowledged_pushes_and_deletes_survive_kill_9_and_a_down_receiver_in_every_f
         "nothing pending"
     );
     server.terminate();
+    // Bounded: what every endpoint delivered left the outbox.
+    let store = transship::store::Store::open(
+        &dir.path().join("data"),
+        transship::store::StoreOptions::default(),
+    )
+    .unwrap();
+    assert!(store.events_after(0, 10).unwrap().0.is_empty());
 }
 
 fn leak(s: &str) -> &'static str {

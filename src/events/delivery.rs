@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::format::{self, Body};
 use crate::config::{NotifyConfig, NotifyFormat};
 use crate::metrics::Metrics;
-use crate::store::outbox::{Kinds, StoredEvent};
+use crate::store::outbox::{Kinds, PRUNE_BATCH, StoredEvent};
 use crate::store::{Store, StoreError};
 
 /// Events read from the outbox at a time.
@@ -110,6 +110,8 @@ pub struct Task {
     /// Every endpoint's cursor (for pruning) and this one's index in it.
     pub cursors: Arc<Vec<AtomicU64>>,
     pub index: usize,
+    /// Outbox events up to here were pruned by this task.
+    pub pruned: AtomicU64,
 }
 
 enum Outcome {
@@ -210,7 +212,7 @@ impl Task {
         if complete && upto > self.cursors[self.index].load(Ordering::Acquire) {
             self.advance(upto).await?;
         }
-        Ok(())
+        self.prune().await
     }
 
     fn body_for(&self, ev: &StoredEvent) -> Option<Body> {
@@ -232,7 +234,8 @@ impl Task {
         Ok(())
     }
 
-    /// Drops outbox events every endpoint is past.
+    /// Drops outbox events every endpoint is past (the outbox stays as long as the slowest
+    /// endpoint's backlog, which `max_age` bounds).
     async fn prune(&self) -> Result<(), DeliveryError> {
         let min = self
             .cursors
@@ -240,8 +243,15 @@ impl Task {
             .map(|c| c.load(Ordering::Acquire))
             .min()
             .unwrap_or(0);
+        let after = self.pruned.load(Ordering::Acquire);
+        if min <= after {
+            return Ok(());
+        }
         let s = self.store.clone();
-        blocking(move || s.prune_events(min)).await?;
+        let n = blocking(move || s.prune_events(after, min)).await?;
+        if n < PRUNE_BATCH {
+            self.pruned.store(min, Ordering::Release);
+        }
         Ok(())
     }
 

@@ -58,7 +58,7 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
         }
     };
     if endpoints.is_empty() {
-        while let Ok(n) = app.store.prune_events(u64::MAX) {
+        while let Ok(n) = app.store.prune_events(0, u64::MAX) {
             if n == 0 {
                 break;
             }
@@ -76,6 +76,7 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
             client: client.clone(),
             cursors: cursors.clone(),
             index,
+            pruned: AtomicU64::new(0),
         };
         tasks.spawn(task.run(cancel.clone()));
     }

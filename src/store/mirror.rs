@@ -63,6 +63,7 @@ impl Store {
             h.extend_from_slice(&unix_micros().to_be_bytes());
             batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
         }
+        let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
         let size = bytes.len();
         let _fill = self.record_events(&mut batch, EventKind::CacheFill, || {
             self.manifest_fill_events(repo, digest, &parsed.media_type, size, tag)
@@ -70,7 +71,6 @@ impl Store {
         let _moved = self.record_events(&mut batch, EventKind::TagMoved, || {
             self.tag_moved_events(repo, tag, digest, &parsed.media_type, size)
         });
-        let _stripes = self.lock_stripes(tag_key.iter().map(|k| k.as_slice()));
         self.index.write_synced(batch)?;
         if let Some(k) = &tag_key {
             self.tags.insert(k.clone(), digest.clone());

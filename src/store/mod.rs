@@ -607,11 +607,12 @@ impl Store {
             );
         }
         self.note_repo(&mut batch, repo, now)?;
+
+        let _stripes = self.lock_stripes(tag_keys.iter().map(|k| k.as_slice()));
+        // Numbered under the tags' locks: events of one tag are in the order of its writes.
         let _events = self.record_events(&mut batch, outbox::EventKind::Push, || {
             outbox::push_events(repo, &digest, &parsed.media_type, bytes.len(), &tags)
         });
-
-        let _stripes = self.lock_stripes(tag_keys.iter().map(|k| k.as_slice()));
         self.index.write_synced(batch)?;
         for k in &tag_keys {
             self.tags.insert(k.clone(), digest.clone());
@@ -685,6 +686,12 @@ impl Store {
                 );
             }
         }
+        let _stripes = self.lock_stripes(
+            tag_keys
+                .iter()
+                .map(|k| k.as_slice())
+                .chain([manifest_key.as_slice()]),
+        );
         let _events = self.record_events(&mut batch, outbox::EventKind::Delete, || {
             let size = bytes.len();
             vec![outbox::manifest_event(
@@ -696,12 +703,6 @@ impl Store {
                 None,
             )]
         });
-        let _stripes = self.lock_stripes(
-            tag_keys
-                .iter()
-                .map(|k| k.as_slice())
-                .chain([manifest_key.as_slice()]),
-        );
         self.index.write_synced(batch)?;
         self.manifests.invalidate(&manifest_key);
         for k in &tag_keys {

@@ -175,6 +175,8 @@ pub struct Outbox {
 }
 
 const INSTANCE_KEY: &[u8] = b"events_instance";
+/// Outbox events removed by one `prune_events` at most.
+pub const PRUNE_BATCH: usize = 10_000;
 const DEAD: u8 = 0;
 const RETRY: u8 = 1;
 
@@ -435,13 +437,14 @@ impl Store {
         Ok(cursors)
     }
 
-    /// Removes outbox events up to and including `upto` (every endpoint is past them).
-    /// Returns how many went.
-    pub fn prune_events(&self, upto: u64) -> Result<usize, StoreError> {
+    /// Removes outbox events after `after` up to and including `upto` (every endpoint is
+    /// past them), at most `PRUNE_BATCH` at a time. Returns how many went.
+    pub fn prune_events(&self, after: u64, upto: u64) -> Result<usize, StoreError> {
         let mut batch = self.index.batch();
         let mut n = 0;
-        self.index.scan(CF_EVENTS, b"", None, |k, _| {
-            if seq_of(k).is_none_or(|s| s > upto) || n >= 10_000 {
+        let start = seq_key(after.saturating_add(1));
+        self.index.scan(CF_EVENTS, b"", Some(&start), |k, _| {
+            if seq_of(k).is_none_or(|s| s > upto) || n >= PRUNE_BATCH {
                 return false;
             }
             batch.delete(CF_EVENTS, k);
@@ -739,7 +742,7 @@ mod tests {
         assert_eq!(s.retry_dead_letters(None).unwrap(), 1);
         let dead = s.dead_letters(Some("a")).unwrap();
         assert!(dead[0].retry && dead[0].event.seq == 2);
-        assert_eq!(s.prune_events(2).unwrap(), 2);
+        assert_eq!(s.prune_events(0, 2).unwrap(), 2);
         let seqs: Vec<u64> = s
             .events_after(0, 10)
             .unwrap()
