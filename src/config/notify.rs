@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{HumanDuration, Secret, has_userinfo, redact_url};
 
 /// One notification endpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
     /// Names the endpoint in the outbox, metrics and `transship events`; default: the URL.
@@ -40,6 +40,23 @@ pub struct NotifyConfig {
     /// the listen address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+}
+
+/// Header values may be credentials: only their names are shown.
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("format", &self.format)
+            .field("events", &self.events)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("max_age", &self.max_age)
+            .field("host", &self.host)
+            .finish()
+    }
 }
 
 impl NotifyConfig {
@@ -181,5 +198,21 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn secret_and_header_values_are_never_rendered() {
+        let text = format!(
+            "{}\n[[notify]]\nurl = \"http://127.0.0.1:1/\"\nformat = \"distribution\"\nsecret = \"hmac-key-1\"\nheaders = {{ Authorization = \"Bearer tok-2\" }}\n",
+            super::super::EMBEDDED_DEFAULT
+        );
+        let c = super::super::Config::parse(&text, "test").unwrap();
+        assert_eq!(c.notify[0].secret.as_ref().unwrap().expose(), "hmac-key-1");
+        let shown = format!("{}{:?}", c.to_toml(), c);
+        assert!(
+            !shown.contains("hmac-key-1") && !shown.contains("tok-2"),
+            "{shown}"
+        );
+        assert!(shown.contains("Authorization"));
     }
 }
