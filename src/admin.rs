@@ -1,5 +1,6 @@
 //! Administration of identities (users, service-account keys, access tokens, project members)
-//! for the `transship user|key|token|member` commands. One request type, applied either by the
+//! for the `transship user|key|token|member` commands, and of the notification outbox for
+//! `transship events ls|retry`. One request type, applied either by the
 //! running server, which listens for it on `<data_dir>/admin.sock` (a Unix socket only its
 //! owner may open: file permissions are the authentication), or, when no server runs, directly
 //! on the store. Either way the change goes through `Identities`, so a running server never

@@ -424,6 +424,29 @@ fn dead_letters_after_max_age_are_listed_and_retried() {
     wait_until("the dead letter to go", || {
         transship(&["events", "ls", "--failed"], &config).is_empty()
     });
+
+    // A retry asked for while the server is stopped goes to the store directly and is
+    // delivered when the server is back.
+    receiver.state.fail_all.store(true, Ordering::SeqCst);
+    let (_, digest2) = push_image(&h, "local/dead", "v2", 8);
+    wait_until("the second event to be dead-lettered", || {
+        transship(&["events", "ls", "--failed"], &config).contains(&digest2)
+    });
+    server.terminate();
+    receiver.state.fail_all.store(false, Ordering::SeqCst);
+    transship(&["events", "retry", "--endpoint", "hook"], &config);
+    assert!(
+        transship(&["events", "ls", "--failed"], &config).contains("\tretrying"),
+        "marked for retry"
+    );
+    let server = BinaryServer::start(&config, &dir.path().join("log"));
+    wait_until("the second retried event", || {
+        distinct(&receiver, "/hook").len() >= 2
+    });
+    assert_eq!(
+        distinct(&receiver, "/hook")[1]["digest"],
+        format!("registry.test/local/dead@{digest2}")
+    );
     server.terminate();
 }
 
