@@ -1,5 +1,6 @@
 //! Administration of identities (users, service-account keys, access tokens, project members)
-//! for the `transship user|key|token|member` commands. One request type, applied either by the
+//! for the `transship user|key|token|member` commands, and of the notification outbox for
+//! `transship events ls|retry`. One request type, applied either by the
 //! running server, which listens for it on `<data_dir>/admin.sock` (a Unix socket only its
 //! owner may open: file permissions are the authentication), or, when no server runs, directly
 //! on the store. Either way the change goes through `Identities`, so a running server never
@@ -18,6 +19,7 @@ use crate::auth::keys::{
     AdminError, Identities, KeyFile, KeyInfo, MemberInfo, Role, Subject, TokenInfo, TokenKind,
     UserInfo,
 };
+use crate::events::listing::EventInfo;
 use crate::store::Store;
 
 pub const SOCKET: &str = "admin.sock";
@@ -74,6 +76,12 @@ pub enum AdminRequest {
     Import(crate::airgap::ImportOptions),
     /// `transship prefetch`: answered with a stream of lines (`crate::prefetch::Line`).
     Prefetch(crate::prefetch::PrefetchRequest),
+    EventsList {
+        failed: bool,
+    },
+    EventsRetry {
+        endpoint: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +97,8 @@ pub enum AdminResponse {
     Cache(crate::cache_admin::CacheAnswer),
     Exported { report: crate::airgap::ExportReport },
     Imported { report: crate::airgap::ImportReport },
+    Events { events: Vec<EventInfo> },
+    Retried { count: usize },
     Error { message: String },
 }
 
@@ -165,6 +175,13 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::Prefetch(_) => Ok(AdminResponse::Error {
             message: "prefetch runs on the server's runtime, not here".into(),
         }),
+        AdminRequest::EventsList { failed } => crate::events::listing::list(store, failed)
+            .map(|events| AdminResponse::Events { events })
+            .map_err(AdminError::from),
+        AdminRequest::EventsRetry { endpoint } => store
+            .retry_dead_letters(endpoint.as_deref())
+            .map(|count| AdminResponse::Retried { count })
+            .map_err(AdminError::from),
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -280,6 +297,8 @@ fn describe(req: &AdminRequest) -> String {
         AdminRequest::Export(o) => format!("export {}", o.out.display()),
         AdminRequest::Import(o) => format!("import {}", o.file.display()),
         AdminRequest::Prefetch(r) => format!("prefetch {}", r.images.join(" ")),
+        AdminRequest::EventsRetry { .. } => "events retry".into(),
+        AdminRequest::EventsList { .. } => "events list".into(),
         AdminRequest::UserList
         | AdminRequest::KeyList
         | AdminRequest::TokenList

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cache_admin;
 pub mod config;
 pub mod console;
+pub mod events;
 pub mod http;
 pub mod maintenance;
 pub mod metrics;
@@ -120,5 +121,6 @@ pub fn store_options(config: &Config) -> StoreOptions {
             max_sessions: config.uploads.max_sessions,
             max_sessions_per_client: config.uploads.max_sessions_per_client,
         },
+        event_kinds: events::recorded_kinds(&config.notify),
     }
 }

@@ -1,5 +1,5 @@
-//! The `transship` command line: serve, check-config, gc, fsck, the user, key, token and
-//! member administration commands, and bundle export/import.
+//! The `transship` command line: serve, check-config, gc, fsck, the user, key, token,
+//! member and events administration commands, cache, prefetch, and bundle export/import.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,6 +91,10 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Notification events: what the outbox still holds for each `[[notify]]` endpoint, what
+    /// was dead-lettered, and sending dead letters again.
+    #[command(subcommand)]
+    Events(EventsCommand),
 }
 
 #[derive(Args)]
@@ -124,6 +128,25 @@ struct ImportArgs {
     no_pin: bool,
     #[command(flatten)]
     config: ConfigArgs,
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// List events not yet delivered, per endpoint (with --failed: dead letters).
+    Ls {
+        #[arg(long)]
+        failed: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Deliver dead-lettered events again (each gets another max_age of attempts).
+    Retry {
+        /// Only this endpoint's (its name, or its URL when it has none).
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -312,9 +335,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        cmd @ (Command::User(_) | Command::Key(_) | Command::Token(_) | Command::Member(_)) => {
-            run_admin(cmd)
-        }
+        cmd @ (Command::User(_)
+        | Command::Key(_)
+        | Command::Token(_)
+        | Command::Member(_)
+        | Command::Events(_)) => run_admin(cmd),
         Command::Cache(cmd) => cache_cli::run(cmd),
         Command::Export(a) => {
             let opts = transship::airgap::ExportOptions {
@@ -480,6 +505,12 @@ fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Member(MemberCommand::List { project, config }) => {
             (config, AdminRequest::MemberList { project })
         }
+        Command::Events(EventsCommand::Ls { failed, config }) => {
+            (config, AdminRequest::EventsList { failed })
+        }
+        Command::Events(EventsCommand::Retry { endpoint, config }) => {
+            (config, AdminRequest::EventsRetry { endpoint })
+        }
         _ => anyhow::bail!("not an administration command"),
     };
     match admin(&config, req)? {
@@ -531,6 +562,22 @@ fn run_admin(cmd: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        AdminResponse::Events { events } => {
+            for e in events {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}{}",
+                    e.endpoint,
+                    e.id,
+                    e.time,
+                    e.action,
+                    e.repository,
+                    e.tag.as_deref().unwrap_or("-"),
+                    e.digest.as_deref().unwrap_or("-"),
+                    if e.retrying { "\tretrying" } else { "" }
+                );
+            }
+        }
+        AdminResponse::Retried { count } => eprintln!("{count} events queued for redelivery"),
         AdminResponse::Key { .. }
         | AdminResponse::Exported { .. }
         | AdminResponse::Imported { .. }

@@ -1,7 +1,7 @@
 //! Background work the server does besides answering requests: the upload reaper, pruning of
 //! expired tokens and forgotten login failures, garbage collection, scrubbing, TLS certificate
-//! reload (on a timer and on SIGHUP), the admin socket and the `[[warm]]` lists. One
-//! `Supervisor` starts every loop,
+//! reload (on a timer and on SIGHUP), the admin socket, the `[[warm]]` lists and event
+//! delivery. One `Supervisor` starts every loop,
 //! cancels them together on shutdown and waits for them, so the index is flushed only once no
 //! background job can still write to it. Loops never run blocking work on the async workers:
 //! each unit goes through `spawn_blocking`, and long jobs (GC, scrub) check for shutdown
@@ -73,6 +73,7 @@ impl Supervisor {
                 .tasks
                 .spawn(crate::proxy::warm::keep(cx, lists, stop));
         }
+        crate::events::start(app, &supervisor.cancel, &supervisor.tasks);
         supervisor
     }
 

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub disk_free_bytes: IntGauge,
     /// Fills and pushes refused because the data directory is short of space.
     pub space_refusals: IntCounterVec,
+    /// Event deliveries by endpoint and outcome (delivered, failed, dead_lettered).
+    pub events: IntCounterVec,
+    /// Outbox events an endpoint has not reached yet.
+    pub events_pending: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -252,6 +256,16 @@ impl Metrics {
                     &["kind"],
                 )
                 .expect("valid metric"),
+            ),
+            events: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_events_total", "Notification deliveries by endpoint and outcome: delivered, failed (an attempt; retried), dead_lettered"), &["endpoint", "outcome"])
+                    .expect("valid metric"),
+            ),
+            events_pending: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("transship_events_pending", "Outbox events an endpoint has not delivered yet"), &["endpoint"])
+                    .expect("valid metric"),
             ),
             registry: r,
         }

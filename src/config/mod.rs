@@ -15,9 +15,11 @@ use toml::Spanned;
 
 use crate::oci::RepoName;
 
+mod notify;
 mod units;
 mod users;
 mod warm;
+pub use notify::{NotifyConfig, NotifyEvent, NotifyFormat};
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
@@ -52,6 +54,9 @@ pub struct Config {
     /// Images the server keeps current on its own (`[[warm]]`).
     #[serde(default, rename = "warm", skip_serializing_if = "Vec::is_empty")]
     pub warm: Vec<WarmConfig>,
+    /// Webhook endpoints for registry events.
+    #[serde(default, rename = "notify", skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifyConfig>,
 }
 
 /// The token service and login hardening.
@@ -602,6 +607,7 @@ impl Config {
             return Err("cache.history_max_entries must be at least 1".into());
         }
         warm::validate(self)?;
+        notify::validate(&self.notify)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }
@@ -674,7 +680,7 @@ impl Config {
 }
 
 /// Keys whose values are secrets: never quoted in an error.
-const SECRET_KEYS: &[&str] = &["password", "password_hash"];
+const SECRET_KEYS: &[&str] = &["password", "password_hash", "secret"];
 const SECRET_HINT: &str = "password and password_hash take a string";
 
 /// True if the line holding `offset` assigns a secret key.

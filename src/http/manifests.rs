@@ -115,6 +115,9 @@ pub async fn get(
     if etag_matches(parts, &m.digest.to_string()) {
         return Ok(super::response::not_modified(&m.digest.to_string()));
     }
+    if !head {
+        crate::events::pulled(app, repo, &m, &reference);
+    }
     Ok(manifest_response(&m, head))
 }
 

@@ -104,6 +104,9 @@ pub async fn get_manifest(
     let mut r = if super::etag_matches(parts, &m.digest.to_string()) {
         super::response::not_modified(&m.digest.to_string())
     } else {
+        if !head {
+            crate::events::pulled(app, &route.local, &m, &reference);
+        }
         manifest_response(&m, head)
     };
     mark(app, &mut r, route, "manifest", outcome);

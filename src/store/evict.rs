@@ -413,6 +413,32 @@ impl Store {
         if removed.is_empty() {
             return Ok(removed);
         }
+        // `cache.evict` for each image whose root goes (with a tag it had), in the same batch.
+        let _events = self.record_events(&mut batch, super::outbox::EventKind::CacheEvict, || {
+            removed
+                .iter()
+                .filter(|(m, r)| m == r)
+                .map(|&(m, _)| {
+                    let member = &census.members[m];
+                    let tag = tag_keys
+                        .iter()
+                        .find(|(k, d)| {
+                            *d == member.digest
+                                && k.starts_with(&super::index::prefix(&[&member.repo]))
+                        })
+                        .and_then(|(k, _)| k.rsplit(|&b| b == 0).next())
+                        .map(|t| String::from_utf8_lossy(t).into_owned());
+                    super::outbox::EventRecord {
+                        digest: Some(member.digest.clone()),
+                        tag,
+                        ..super::outbox::EventRecord::new(
+                            super::outbox::EventKind::CacheEvict,
+                            &member.repo,
+                        )
+                    }
+                })
+                .collect()
+        });
         self.index.write_relaxed(batch)?;
         for (&(m, _, _), (mk, _)) in group.iter().zip(&keys) {
             if removed.iter().any(|&(r, _)| r == m) {

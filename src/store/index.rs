@@ -22,7 +22,10 @@
 //!   reason `@` for a pin by digest, `:TAG` for one a tag pin made)
 //! - `pins`      repo \0 \0 tag                 → PinRecord JSON (a pinned tag: each digest it
 //!   resolves to while pinned is pinned too)
-//! - `meta`      key                            → value (schema version)
+//! - `meta`      key                            → value (schema version, events instance id)
+//! - `events`    seq u64 BE                     → EventRecord JSON (the notification outbox)
+//! - `event_cursors` endpoint                   → seq u64 BE (last event the endpoint is done with)
+//! - `event_dead` endpoint \0 seq u64 BE        → state u8 (0 dead, 1 retry), EventRecord JSON
 
 use std::path::Path;
 
@@ -46,8 +49,11 @@ pub const CF_AUTH: &str = "auth";
 pub const CF_ACCESS: &str = "access";
 pub const CF_PINS: &str = "pins";
 pub const CF_PUSHED: &str = "pushed";
+pub const CF_EVENTS: &str = "events";
+pub const CF_EVENT_CURSORS: &str = "event_cursors";
+pub const CF_EVENT_DEAD: &str = "event_dead";
 
-const ALL_CFS: [&str; 15] = [
+const ALL_CFS: [&str; 18] = [
     CF_BLOBS,
     CF_LINKS,
     CF_MANIFESTS,
@@ -63,6 +69,9 @@ const ALL_CFS: [&str; 15] = [
     CF_ACCESS,
     CF_PINS,
     CF_PUSHED,
+    CF_EVENTS,
+    CF_EVENT_CURSORS,
+    CF_EVENT_DEAD,
 ];
 
 /// Bumped when a key or value layout changes; opening an index of another version is refused.
@@ -245,6 +254,14 @@ impl Index {
             false
         })?;
         Ok(found)
+    }
+
+    /// Calls `f` with the last key of `cf`, if it has any.
+    pub fn scan_last(&self, cf: &'static str, f: impl FnOnce(&[u8])) -> Result<(), IndexError> {
+        if let Some(item) = self.db.iterator_cf(self.cf(cf), IteratorMode::End).next() {
+            f(&item?.0);
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<(), IndexError> {

@@ -11,6 +11,7 @@ use super::index::{
     self, CF_BLOB_REFS, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_TAG_CHECKS, CF_TAG_HISTORY, CF_TAGS,
     key,
 };
+use super::outbox::EventKind;
 use super::{Store, StoreError, StoredManifest, unix_now};
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::{Digest, RepoName, Tag};
@@ -83,6 +84,13 @@ impl Store {
             &manifest_key,
             &index::encode_u64s(&[now, pulls]),
         );
+        let size = bytes.len();
+        let _fill = self.record_events(&mut batch, EventKind::CacheFill, || {
+            self.manifest_fill_events(repo, digest, &parsed.media_type, size, tag)
+        });
+        let _moved = self.record_events(&mut batch, EventKind::TagMoved, || {
+            self.tag_moved_events(repo, tag, digest, &parsed.media_type, size)
+        });
         self.index.write_synced(batch)?;
         if let Some(k) = &tag_key {
             self.tags.insert(k.clone(), digest.clone());

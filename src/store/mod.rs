@@ -25,6 +25,7 @@ pub mod import;
 pub mod index;
 pub mod inventory;
 pub mod mirror;
+pub mod outbox;
 pub mod pagecache;
 pub mod pins;
 pub mod scrub;
@@ -104,6 +105,8 @@ pub struct StoreOptions {
     /// `cache.min_free_disk`: a fill or upload that starts with less free space wakes it too.
     pub cache_min_free_disk: u64,
     pub upload_limits: uploads::UploadLimits,
+    /// The event kinds some notification endpoint wants: only these are recorded.
+    pub event_kinds: outbox::Kinds,
 }
 
 impl Default for StoreOptions {
@@ -116,6 +119,7 @@ impl Default for StoreOptions {
             cache_max_size: None,
             cache_min_free_disk: 0,
             upload_limits: uploads::UploadLimits::default(),
+            event_kinds: outbox::Kinds::default(),
         }
     }
 }
@@ -180,6 +184,7 @@ pub struct Store {
     sweep_lock: Mutex<()>,
     /// Woken when a fill takes stored bytes past `cache_max_size`.
     eviction_wanted: tokio::sync::Notify,
+    outbox: outbox::Outbox,
 }
 
 pub fn unix_now() -> u64 {
@@ -202,6 +207,7 @@ impl Store {
             })
             .build();
         let small = (options.manifest_cache_bytes / 512).max(1024);
+        let outbox = outbox::Outbox::open(&index, options.event_kinds)?;
         let store = Self {
             data_dir: data_dir.to_path_buf(),
             uploads: uploads::Uploads::new(options.upload_limits),
@@ -221,6 +227,7 @@ impl Store {
             census_at: AtomicU64::new(0),
             sweep_lock: Mutex::new(()),
             eviction_wanted: tokio::sync::Notify::new(),
+            outbox,
             index,
             blobs,
             options,
@@ -444,6 +451,9 @@ impl Store {
         if let Some(id) = upload_id {
             batch.delete(index::CF_UPLOADS, id.as_bytes());
         }
+        let _events = self.record_events(&mut batch, outbox::EventKind::CacheFill, || {
+            outbox::blob_fill_events(repo, digest, size, upload_id)
+        });
         self.index.write_synced(batch)?;
         if !known {
             let stored = self.stored_bytes.fetch_add(size, Ordering::Relaxed) + size;
@@ -653,6 +663,10 @@ impl Store {
         self.note_repo(&mut batch, repo, now)?;
 
         let _stripes = self.lock_stripes(tag_keys.iter().map(|k| k.as_slice()));
+        // Numbered under the tags' locks: events of one tag are in the order of its writes.
+        let _events = self.record_events(&mut batch, outbox::EventKind::Push, || {
+            outbox::push_events(repo, &digest, &parsed.media_type, bytes.len(), &tags)
+        });
         self.index.write_synced(batch)?;
         for k in &tag_keys {
             self.tags.insert(k.clone(), digest.clone());
@@ -679,6 +693,9 @@ impl Store {
                 }
                 let mut batch = self.index.batch();
                 batch.delete(CF_TAGS, &k);
+                let _events = self.record_events(&mut batch, outbox::EventKind::Delete, || {
+                    self.tag_delete_events(repo, t)
+                });
                 self.index.write_synced(batch)?;
                 self.tags.invalidate(&k);
                 Ok(())
@@ -730,6 +747,17 @@ impl Store {
                 .map(|k| k.as_slice())
                 .chain([manifest_key.as_slice()]),
         );
+        let _events = self.record_events(&mut batch, outbox::EventKind::Delete, || {
+            let size = bytes.len();
+            vec![outbox::manifest_event(
+                outbox::EventKind::Delete,
+                repo,
+                digest,
+                &media_type,
+                size,
+                None,
+            )]
+        });
         self.index.write_synced(batch)?;
         self.manifests.invalidate(&manifest_key);
         for k in &tag_keys {

@@ -1,0 +1,353 @@
+//! One delivery task per `[[notify]]` endpoint: reads the outbox in sequence order from the
+//! endpoint's cursor, POSTs each wanted event, retries a failure with capped exponential
+//! backoff until the event is `max_age` old, then dead-letters it and moves on. The cursor
+//! advances only after an event is delivered or dead-lettered, so a crash means redelivery
+//! (at least once), never loss. The task shares nothing with the request path but the
+//! outbox: a slow or dead receiver delays only its own endpoint.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+
+use super::format::{self, Body};
+use crate::config::{NotifyConfig, NotifyFormat};
+use crate::metrics::Metrics;
+use crate::store::outbox::{Kinds, PRUNE_BATCH, StoredEvent};
+use crate::store::{Store, StoreError};
+
+/// Events read from the outbox at a time.
+const BATCH: usize = 64;
+/// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often an idle task looks at the outbox without being woken (a safety net).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("receiver answered {0}")]
+    Status(http::StatusCode),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An endpoint as the delivery task uses it.
+pub struct Endpoint {
+    pub id: String,
+    pub url: http::Uri,
+    pub format: NotifyFormat,
+    pub kinds: Kinds,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub secret: Option<String>,
+    pub timeout: Duration,
+    pub max_age: Duration,
+    pub host: String,
+}
+
+impl Endpoint {
+    pub fn from_config(c: &NotifyConfig, default_host: &str) -> Option<Self> {
+        Some(Self {
+            id: c.id().to_string(),
+            url: c.url.parse().ok()?,
+            format: c.format,
+            kinds: c.events.iter().map(|e| super::kind_of(*e)).collect(),
+            headers: c
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        http::HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect(),
+            secret: c.secret.as_ref().map(|s| s.expose().to_string()),
+            timeout: c.timeout.0,
+            max_age: c.max_age.0,
+            host: c.host.clone().unwrap_or_else(|| default_host.to_string()),
+        })
+    }
+}
+
+pub fn client() -> HttpsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// What one task needs.
+pub struct Task {
+    pub endpoint: Arc<Endpoint>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub client: HttpsClient,
+    /// Every endpoint's cursor (for pruning) and this one's index in it.
+    pub cursors: Arc<Vec<AtomicU64>>,
+    pub index: usize,
+    /// Outbox events up to here were pruned by this task.
+    pub pruned: AtomicU64,
+}
+
+enum Outcome {
+    Delivered,
+    DeadLettered,
+    Cancelled,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, DeliveryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DeliveryError::Request(format!("store task failed: {e}")))?
+        .map_err(DeliveryError::from)
+}
+
+impl Task {
+    fn label(&self, outcome: &str) {
+        self.metrics
+            .events
+            .with_label_values(&[self.endpoint.id.as_str(), outcome])
+            .inc();
+    }
+
+    /// Runs until `cancel`; store errors are logged and retried after a pause.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut seen_retry = 0;
+        while !cancel.is_cancelled() {
+            match self.round(&cancel, &mut seen_retry).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint.id, error = %e, "event delivery");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers what the outbox holds for this endpoint, or waits for more.
+    async fn round(
+        &self,
+        cancel: &CancellationToken,
+        seen_retry: &mut u64,
+    ) -> Result<(), DeliveryError> {
+        let outbox = self.store.outbox();
+        let woken = outbox.notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let generation = outbox.retry_generation();
+        if generation != *seen_retry {
+            *seen_retry = generation;
+            self.deliver_retries(cancel).await?;
+        }
+        let cursor = self.cursors[self.index].load(Ordering::Acquire);
+        let s = self.store.clone();
+        let (events, upto) = blocking(move || s.events_after(cursor, BATCH)).await?;
+        let pending = upto.saturating_sub(cursor);
+        self.metrics
+            .events_pending
+            .with_label_values(&[self.endpoint.id.as_str()])
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        if events.is_empty() {
+            if upto > cursor {
+                // Only numbers whose batch failed: nothing to deliver, move past them.
+                self.advance(upto).await?;
+            }
+            self.prune().await?;
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = &mut woken => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            return Ok(());
+        }
+        let complete = events.len() < BATCH;
+        for ev in events {
+            let seq = ev.seq;
+            if let Some(body) = self.body_for(&ev) {
+                let deadline = UNIX_EPOCH + Duration::from_millis(ev.record.time_ms);
+                match self
+                    .deliver(&ev, &body, deadline + self.endpoint.max_age, cancel)
+                    .await
+                {
+                    Outcome::Delivered => {}
+                    Outcome::Cancelled => return Ok(()),
+                    Outcome::DeadLettered => {
+                        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
+                        blocking(move || s.dead_letter(&id, &ev)).await?;
+                    }
+                }
+            }
+            self.advance(seq).await?;
+        }
+        if complete && upto > self.cursors[self.index].load(Ordering::Acquire) {
+            self.advance(upto).await?;
+        }
+        self.prune().await
+    }
+
+    fn body_for(&self, ev: &StoredEvent) -> Option<Body> {
+        if !self.endpoint.kinds.contains(ev.record.action) {
+            return None;
+        }
+        format::render(
+            self.endpoint.format,
+            &self.endpoint.host,
+            self.store.outbox().instance(),
+            ev,
+        )
+    }
+
+    async fn advance(&self, seq: u64) -> Result<(), DeliveryError> {
+        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
+        blocking(move || s.set_event_cursor(&id, seq)).await?;
+        self.cursors[self.index].store(seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops outbox events every endpoint is past (the outbox stays as long as the slowest
+    /// endpoint's backlog, which `max_age` bounds).
+    async fn prune(&self) -> Result<(), DeliveryError> {
+        let min = self
+            .cursors
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(0);
+        let after = self.pruned.load(Ordering::Acquire);
+        if min <= after {
+            return Ok(());
+        }
+        let s = self.store.clone();
+        let n = blocking(move || s.prune_events(after, min)).await?;
+        if n < PRUNE_BATCH {
+            self.pruned.store(min, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Dead letters `transship events retry` marked: each gets another `max_age` of tries.
+    async fn deliver_retries(&self, cancel: &CancellationToken) -> Result<(), DeliveryError> {
+        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
+        let dead = blocking(move || s.dead_letters(Some(&id))).await?;
+        for d in dead.into_iter().filter(|d| d.retry) {
+            let Some(body) = self.body_for(&d.event) else {
+                continue;
+            };
+            let deadline = SystemTime::now() + self.endpoint.max_age;
+            let (s, id, ev) = (
+                self.store.clone(),
+                self.endpoint.id.clone(),
+                d.event.clone(),
+            );
+            match self.deliver(&d.event, &body, deadline, cancel).await {
+                Outcome::Cancelled => return Ok(()),
+                Outcome::Delivered => {
+                    blocking(move || s.forget_dead_letter(&id, ev.seq)).await?;
+                }
+                Outcome::DeadLettered => blocking(move || s.dead_letter(&id, &ev)).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries until delivered, `deadline` passes (dead letter) or shutdown.
+    async fn deliver(
+        &self,
+        ev: &StoredEvent,
+        body: &Body,
+        deadline: SystemTime,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let attempt = tokio::select! {
+                () = cancel.cancelled() => return Outcome::Cancelled,
+                r = self.post(ev, body) => r,
+            };
+            match attempt {
+                Ok(()) => {
+                    self.label("delivered");
+                    return Outcome::Delivered;
+                }
+                Err(e) => {
+                    self.label("failed");
+                    tracing::warn!(endpoint = %self.endpoint.id, seq = ev.seq, action = ev.record.action.as_str(), error = %e, "event delivery failed");
+                }
+            }
+            let left = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            if left.is_zero() {
+                self.label("dead_lettered");
+                tracing::error!(endpoint = %self.endpoint.id, seq = ev.seq, action = ev.record.action.as_str(), repository = %ev.record.repository, "event dead-lettered after max_age; `transship events retry` sends it again");
+                return Outcome::DeadLettered;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Outcome::Cancelled,
+                () = tokio::time::sleep(backoff.min(left)) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn post(&self, ev: &StoredEvent, body: &Body) -> Result<(), DeliveryError> {
+        let ep = &self.endpoint;
+        let mut req = http::Request::post(ep.url.clone())
+            .header(http::header::CONTENT_TYPE, body.content_type)
+            .header(
+                "x-transship-event-id",
+                format::event_id(self.store.outbox().instance(), ev.seq),
+            )
+            .header("x-transship-event", ev.record.action.as_str())
+            .body(Full::new(Bytes::from(body.bytes.clone())))
+            .map_err(|e| DeliveryError::Request(e.to_string()))?;
+        let headers = req.headers_mut();
+        for (k, v) in &ep.headers {
+            headers.insert(k.clone(), v.clone());
+        }
+        if let Some(secret) = &ep.secret
+            && let Ok(v) = http::HeaderValue::from_str(&format::signature(secret, &body.bytes))
+        {
+            headers.insert("x-transship-signature", v);
+        }
+        let resp = tokio::time::timeout(ep.timeout, self.client.request(req))
+            .await
+            .map_err(|_| DeliveryError::Timeout(ep.timeout))?
+            .map_err(|e| DeliveryError::Request(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(DeliveryError::Status(resp.status()))
+        }
+    }
+}
