@@ -108,6 +108,9 @@ struct ExportArgs {
     /// Every tag in the store.
     #[arg(long)]
     all: bool,
+    /// Every pinned tag and digest of the cache (`transship cache pins`).
+    #[arg(long)]
+    pinned: bool,
     /// Only these platforms of multi-platform cache images (os/arch[/variant]; repeatable).
     #[arg(long = "platform")]
     platforms: Vec<String>,
@@ -346,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out: std::path::absolute(&a.out)?,
                 images: a.images,
                 all: a.all,
+                pinned: a.pinned,
                 platforms: a.platforms,
                 since: a.since.map(std::path::absolute).transpose()?,
             };

@@ -302,6 +302,21 @@ fn bundles_carry_a_cache_across_the_gap() {
         pins.contains(&format!("docker.io/library/one:{TAG}")),
         "imported tag not pinned: {pins}"
     );
+    // What is pinned travels on: `export --pinned` carries the imported cache images.
+    let onward = work.path().join("onward.tar");
+    let report = succeeds(transship(
+        &cfg_b,
+        &["export", "--out", onward.to_str().unwrap(), "--pinned"],
+    ));
+    assert!(report.contains("exported"), "{report}");
+    let inspected = Tool::new("skopeo", EGRESS)
+        .args(["inspect", "--raw"])
+        .arg(format!(
+            "oci-archive:{}:docker.io/library/one:{TAG}",
+            onward.display()
+        ))
+        .run();
+    assert!(inspected.contains("schemaVersion"), "{inspected}");
 
     let sb_b = Sandbox::insecure(std::slice::from_ref(&b_addr), EGRESS);
     let got = skopeo_pull(&sb_b, &b_addr, &format!("library/one:{TAG}"), "b-one");

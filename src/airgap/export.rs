@@ -36,6 +36,9 @@ pub struct ExportOptions {
     /// Every tag in the store.
     #[serde(default)]
     pub all: bool,
+    /// Every pinned tag and digest of the cache.
+    #[serde(default)]
+    pub pinned: bool,
     /// `os/arch[/variant]`: for cache indexes, only these platforms.
     #[serde(default)]
     pub platforms: Vec<String>,
@@ -352,6 +355,31 @@ impl<R: Read> Read for Verified<R> {
 }
 
 /// Writes the bundle `opts.out` and its state file.
+/// What the cache's pins name: each pinned tag, and each pinned digest (those a tag pin made
+/// while the tag moved too, so older images it kept travel with it).
+fn pinned_refs(store: &Store, router: &Router) -> Result<Vec<(StoreRef, Kind)>, AirgapError> {
+    let mut out: Vec<(StoreRef, Kind)> = Vec::new();
+    for pin in store.pins()? {
+        let Ok(repo) = pin.repository.parse::<RepoName>() else {
+            continue;
+        };
+        let Some(kind) = kind_of_stored(router, &repo) else {
+            continue;
+        };
+        let reference = match (&pin.tag, &pin.digest) {
+            (Some(t), _) => t.parse().ok().map(Reference::Tag),
+            (None, Some(d)) => d.parse().ok().map(Reference::Digest),
+            (None, None) => None,
+        };
+        let Some(reference) = reference else { continue };
+        let sref = StoreRef { repo, reference };
+        if !out.iter().any(|(r, _)| r.to_string() == sref.to_string()) {
+            out.push((sref, kind));
+        }
+    }
+    Ok(out)
+}
+
 pub fn export(
     config: &Config,
     store: &Store,
@@ -363,9 +391,11 @@ pub fn export(
         .iter()
         .map(|p| PlatformFilter::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
-    if opts.all != opts.images.is_empty() {
+    let sources =
+        usize::from(opts.all) + usize::from(opts.pinned) + usize::from(!opts.images.is_empty());
+    if sources != 1 {
         return Err(AirgapError::Usage(
-            "name the images to export, or pass --all (not both)".into(),
+            "name the images to export, or pass --all or --pinned (one of the three)".into(),
         ));
     }
     let carried = match &opts.since {
@@ -374,6 +404,8 @@ pub fn export(
     };
     let refs = if opts.all {
         every_tag(store, &router)?
+    } else if opts.pinned {
+        pinned_refs(store, &router)?
     } else {
         opts.images
             .iter()
@@ -390,7 +422,7 @@ pub fn export(
     };
     let mut plan = Plan::default();
     for (sref, kind) in &refs {
-        plan.add(&walker, sref, *kind, !opts.all)?;
+        plan.add(&walker, sref, *kind, !opts.all && !opts.pinned)?;
     }
     if plan.refs.is_empty() {
         return Err(AirgapError::Refused("nothing to export".into()));
