@@ -634,6 +634,51 @@ mod tests {
         assert!(store.fsck_with(false, &everything).unwrap().is_clean());
     }
 
+    /// A child listed by two indexes belongs to both images: evicting one leaves it (and its
+    /// blobs) to the other; evicting the other too removes it.
+    #[test]
+    fn a_child_shared_by_two_indexes_stays_until_both_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let repo: RepoName = "docker.io/library/app".parse().unwrap();
+        let config = blob(&store, &repo, b"{}");
+        let layer = blob(&store, &repo, b"abc");
+        let (child, _) = image(&store, &repo, &config, &layer);
+        let mut roots = Vec::new();
+        for (n, tag) in ["a", "b"].into_iter().enumerate() {
+            let index = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{INDEX}","annotations":{{"n":"{n}"}},"manifests":[{{"mediaType":"{IMAGE}","digest":"{child}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+            );
+            let d = Digest::sha256_of(index.as_bytes());
+            let tag: Tag = tag.parse().unwrap();
+            store
+                .put_cached_manifest(&repo, &d, INDEX, index.into(), Some(&tag))
+                .unwrap();
+            roots.push(d);
+        }
+        let everything = |_: &RepoName| true;
+        let (images, _) = store.cache_inventory(&everything).unwrap();
+        assert_eq!(images.len(), 2);
+        assert!(
+            images
+                .iter()
+                .all(|i| i.own_bytes == 0 && i.shared_bytes == 5)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let first = store
+            .evict_now(Selection::Image(&repo, &roots[0]), &everything)
+            .unwrap();
+        assert_eq!((first.images_evicted, first.manifests_removed), (1, 1));
+        assert_eq!(first.blobs_removed, 0);
+        assert!(store.manifest(&repo, &child).unwrap().is_some());
+        let second = store
+            .evict_now(Selection::Image(&repo, &roots[1]), &everything)
+            .unwrap();
+        assert_eq!((second.images_evicted, second.manifests_removed), (1, 2));
+        assert_eq!(second.blobs_removed, 2);
+        assert!(store.fsck_with(false, &everything).unwrap().is_clean());
+    }
+
     /// A blob a private repository holds is pushed content: never counted, never evicted.
     #[test]
     fn pushed_blobs_are_neither_counted_nor_evicted() {
