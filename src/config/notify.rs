@@ -60,9 +60,20 @@ impl std::fmt::Debug for NotifyConfig {
 }
 
 impl NotifyConfig {
-    /// The endpoint's stable name.
-    pub fn id(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.url)
+    /// The endpoint's stable name: `name`, else the URL's origin and a short hash of the whole
+    /// URL. Never the path or query, which often carry a webhook's secret token: the id shows
+    /// up in metrics labels, logs and `transship events ls`.
+    pub fn id(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        use sha2::Digest as _;
+        let start = self.url.find("://").map_or(0, |i| i + 3);
+        let end = self.url[start..]
+            .find(['/', '?', '#'])
+            .map_or(self.url.len(), |j| start + j);
+        let hash = sha2::Sha256::digest(self.url.as_bytes());
+        format!("{}#{}", &self.url[..end], hex::encode(&hash[..4]))
     }
 }
 
@@ -141,7 +152,7 @@ pub(super) fn validate(endpoints: &[NotifyConfig]) -> Result<(), String> {
         if endpoints[..i].iter().any(|m| m.id() == id) {
             return Err(format!(
                 "notify endpoint {:?} is declared twice (give each a distinct name)",
-                redact_url(id)
+                redact_url(&id)
             ));
         }
         for (k, v) in &n.headers {
@@ -181,7 +192,13 @@ mod tests {
     #[test]
     fn defaults_and_rules() {
         let n = parse("[[notify]]\nurl = \"http://127.0.0.1:1/hook\"\nformat = \"gcr\"\n").unwrap();
-        assert_eq!(n[0].id(), "http://127.0.0.1:1/hook");
+        // No name: the origin and a hash, never the path (it may hold a token).
+        assert!(
+            n[0].id().starts_with("http://127.0.0.1:1#"),
+            "{}",
+            n[0].id()
+        );
+        assert!(!n[0].id().contains("hook"));
         assert!(
             !n[0].events.contains(&NotifyEvent::Pull),
             "pull is off by default"

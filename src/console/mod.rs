@@ -51,6 +51,8 @@ pub enum ConsoleError {
     Store(#[from] StoreError),
     #[error("console task failed: {0}")]
     Task(String),
+    #[error("too many pages are being built at once")]
+    Busy,
 }
 
 /// Who is looking at a page.
@@ -159,6 +161,18 @@ pub async fn serve(
         )),
     };
     result.unwrap_or_else(|e| {
+        if matches!(e, ConsoleError::Busy) {
+            let mut r = message(
+                form,
+                &who,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                "Too many pages are being built at once; try again in a moment.",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            return r;
+        }
         tracing::error!(error = %e, path, "console page failed");
         message(
             form,
@@ -203,6 +217,10 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
@@ -413,10 +431,18 @@ fn host(parts: &Parts) -> String {
         .to_string()
 }
 
-/// Runs a page builder (index reads, a config blob read) on the blocking pool.
+/// Page builds running at once, at most: they share the blocking pool with the registry's
+/// own store work, so a crawler (or anyone) cannot take it over.
+const MAX_BUILDS: usize = 4;
+
+static BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_BUILDS);
+
+/// Runs a page builder (index reads, a config blob read) on the blocking pool, if one of the
+/// `MAX_BUILDS` slots is free (`Busy`, answered 503 with `Retry-After`, otherwise).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ConsoleError> + Send + 'static,
 ) -> Result<T, ConsoleError> {
+    let _slot = BUILDS.try_acquire().map_err(|_| ConsoleError::Busy)?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ConsoleError::Task(e.to_string()))?

@@ -297,8 +297,18 @@ fn manifest_row(
             let size = children
                 .iter()
                 .map(|c| sizes.get(&c.digest.to_string()).copied())
-                .sum::<Option<u64>>();
-            (size, children.iter().filter_map(platform).collect())
+                .try_fold(0u64, |a, s| s.map(|s| a.saturating_add(s)));
+            let mut platforms: Vec<String> = Vec::new();
+            for p in children.iter().filter_map(platform) {
+                if !platforms.contains(&p) {
+                    platforms.push(p);
+                }
+                if platforms.len() == MAX_PLATFORMS {
+                    platforms.push("…".into());
+                    break;
+                }
+            }
+            (size, platforms)
         }
         Some(p) => (Some(image_size(p)), Vec::new()),
         None => (None, Vec::new()),
@@ -322,18 +332,43 @@ fn artifact_type(p: &ParsedManifest) -> Option<String> {
     ];
     p.effective_artifact_type()
         .filter(|t| !IMAGE_CONFIGS.contains(t))
-        .map(str::to_string)
+        .map(bounded)
 }
 
 fn image_size(p: &ParsedManifest) -> u64 {
-    p.config.iter().chain(&p.layers).map(|d| d.size).sum()
+    // Sizes are what the manifest declares: sum without trusting them not to overflow.
+    p.config
+        .iter()
+        .chain(&p.layers)
+        .fold(0u64, |a, d| a.saturating_add(d.size))
+}
+
+/// Longest manifest-supplied string shown (platform parts, artifact types): manifests come
+/// from pushers and upstreams, and a page repeats them per row.
+const MAX_FIELD: usize = 128;
+/// Platforms listed per manifest row.
+const MAX_PLATFORMS: usize = 32;
+/// Children of an index shown on its page (each one a manifest read).
+const MAX_CHILDREN: usize = 256;
+
+/// `s`, cut to `MAX_FIELD` characters.
+fn bounded(s: &str) -> String {
+    match s.char_indices().nth(MAX_FIELD) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
 }
 
 fn platform(d: &Descriptor) -> Option<String> {
     let p = d.platform.as_ref()?;
     Some(match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
+        Some(v) => format!(
+            "{}/{}/{}",
+            bounded(&p.os),
+            bounded(&p.architecture),
+            bounded(v)
+        ),
+        None => format!("{}/{}", bounded(&p.os), bounded(&p.architecture)),
     })
 }
 
@@ -485,14 +520,22 @@ pub fn image(
     if let Some(p) = &parsed {
         if p.is_index() {
             let mut total = Some(0u64);
-            for child in p.child_manifests() {
+            let mut seen = std::collections::HashSet::new();
+            // Each distinct child once, at most MAX_CHILDREN of them: an index may list one
+            // large child thousands of times.
+            for child in p
+                .child_manifests()
+                .iter()
+                .filter(|c| seen.insert(c.digest.to_string()))
+                .take(MAX_CHILDREN)
+            {
                 let child_size = app
                     .store
                     .manifest(repo, &child.digest)?
                     .as_deref()
                     .and_then(parse)
                     .map(|c| image_size(&c));
-                total = total.zip(child_size).map(|(a, b)| a + b);
+                total = total.zip(child_size).map(|(a, b)| a.saturating_add(b));
                 platforms.push(PlatformRow {
                     platform: platform(child).unwrap_or_else(|| "-".into()),
                     digest: child.digest.to_string(),

@@ -60,7 +60,7 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn from_config(c: &NotifyConfig, default_host: &str) -> Option<Self> {
         Some(Self {
-            id: c.id().to_string(),
+            id: c.id(),
             url: c.url.parse().ok()?,
             format: c.format,
             kinds: c.events.iter().map(|e| super::kind_of(*e)).collect(),

@@ -420,13 +420,16 @@ impl Store {
                 .filter(|(m, r)| m == r)
                 .map(|&(m, _)| {
                     let member = &census.members[m];
-                    let tag = tag_keys
+                    // A tag this batch removes (not one that moved away meanwhile).
+                    let tag = gone_tags
                         .iter()
-                        .find(|(k, d)| {
-                            *d == member.digest
+                        .find(|k| {
+                            tag_keys
+                                .iter()
+                                .any(|(tk, d)| tk == **k && *d == member.digest)
                                 && k.starts_with(&super::index::prefix(&[&member.repo]))
                         })
-                        .and_then(|(k, _)| k.rsplit(|&b| b == 0).next())
+                        .and_then(|k| k.rsplit(|&b| b == 0).next())
                         .map(|t| String::from_utf8_lossy(t).into_owned());
                     super::outbox::EventRecord {
                         digest: Some(member.digest.clone()),

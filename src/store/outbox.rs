@@ -184,6 +184,23 @@ impl Outbox {
     pub(crate) fn open(index: &Index, kinds: Kinds) -> Result<Self, IndexError> {
         let mut last = 0;
         index.scan_last(CF_EVENTS, |k| last = seq_of(k).unwrap_or(0))?;
+        // Pruning can leave the outbox empty: numbering must still go on above everything an
+        // endpoint has passed or holds as a dead letter, or new events would sort below its
+        // cursor and never be sent.
+        index.scan(CF_EVENT_CURSORS, b"", None, |_, v| {
+            if let Ok(b) = <[u8; 8]>::try_from(v) {
+                last = last.max(u64::from_be_bytes(b));
+            }
+            true
+        })?;
+        index.scan(CF_EVENT_DEAD, b"", None, |k, _| {
+            if let Some(b) = k.get(k.len().saturating_sub(8)..)
+                && let Ok(b) = <[u8; 8]>::try_from(b)
+            {
+                last = last.max(u64::from_be_bytes(b));
+            }
+            true
+        })?;
         let instance = match index.get(CF_META, INSTANCE_KEY)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
             None => {
@@ -805,5 +822,34 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, vec![3]);
+    }
+
+    /// Everything delivered and pruned, then a restart: new events are numbered above the
+    /// cursors, so the endpoints see them (they used to start again at 1, below every cursor).
+    #[test]
+    fn numbering_goes_on_above_the_cursors_after_the_outbox_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let kinds = [EventKind::Push].into_iter().collect();
+        {
+            let s = store(dir.path(), kinds);
+            s.open_event_cursors(&["a"]).unwrap();
+            for i in 0..3 {
+                write(&s, EventKind::Push, &format!("p/{i}"));
+            }
+            s.set_event_cursor("a", 3).unwrap();
+            assert_eq!(s.prune_events(0, 3).unwrap(), 3);
+            s.flush().unwrap();
+        }
+        let s = store(dir.path(), kinds);
+        assert_eq!(s.open_event_cursors(&["a"]).unwrap(), vec![3]);
+        write(&s, EventKind::Push, "p/after-restart");
+        let after: Vec<u64> = s
+            .events_after(3, 10)
+            .unwrap()
+            .0
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(after, vec![4]);
     }
 }
