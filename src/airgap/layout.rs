@@ -74,10 +74,12 @@ impl BundleWriter {
         let mut tmp_name = name.to_os_string();
         tmp_name.push(format!(".partial-{}", uuid::Uuid::new_v4()));
         let tmp = dest.with_file_name(tmp_name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        // A bundle may hold private project images: readable by its owner (and group) only.
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            0o640,
+        )
+        .open(&tmp)?;
         let out = BufWriter::with_capacity(1 << 20, file);
         let sink = if is_zstd_name(dest) {
             Sink::Zstd(zstd::Encoder::new(out, 3)?)

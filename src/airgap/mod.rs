@@ -122,11 +122,11 @@ pub struct ImportedImage {
     pub tag: Option<String>,
 }
 
-/// Pins what an import brought in, so eviction keeps it: a tagged image by its tag (the
-/// digests the tag resolves to while pinned stay too), an image imported by digest by its
-/// digest. Pinning what is already pinned only adds the same reason again.
+/// Pins what an import brought in, so eviction keeps it: exactly the digest imported (a
+/// tagged one with the tag as its reason, and the tag pinned so what it moves to stays too).
+/// Every image is tried; the first failure is reported after.
 pub fn pin_imported(store: &Store, images: &[ImportedImage]) -> Result<(), StoreError> {
-    use crate::store::pins::PinTarget;
+    let mut first_error = None;
     for image in images {
         let (Ok(repo), Ok(digest)) = (
             image.repo.parse::<RepoName>(),
@@ -134,13 +134,13 @@ pub fn pin_imported(store: &Store, images: &[ImportedImage]) -> Result<(), Store
         ) else {
             continue;
         };
-        let target = match image.tag.as_deref().map(str::parse::<crate::oci::Tag>) {
-            Some(Ok(tag)) => PinTarget::Tag(tag),
-            _ => PinTarget::Digest(digest),
-        };
-        store.pin(&repo, &target, &[])?;
+        let tag = image.tag.as_deref().and_then(|t| t.parse::<Tag>().ok());
+        if let Err(e) = store.pin_exact(&repo, &digest, tag.as_ref()) {
+            tracing::error!(repository = %repo, %digest, error = %e, "pinning an imported image failed");
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -145,6 +145,13 @@ pub async fn serve(
             let next = safe_next(crate::http::query_one(parts, "next").as_deref());
             Ok(login_page(form, &who, StatusCode::OK, &next, None))
         }
+        (&Method::POST, "/-/login") if cross_site(parts) => Ok(message(
+            form,
+            &who,
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "Sign in from this site's own page.",
+        )),
         (&Method::POST, "/-/login") => Ok(login(app, form, &who, body, peer).await),
         (&Method::POST, "/-/logout") => Ok(logout(app, form, &who, body).await),
         (&Method::GET | &Method::HEAD, "/-/delete") => confirm_delete(app, form, &who, parts).await,
@@ -436,6 +443,24 @@ fn host(parts: &Parts) -> String {
 const MAX_BUILDS: usize = 4;
 
 static BUILDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_BUILDS);
+
+/// Whether a POST comes from another site's page (a forged sign-in that would log the
+/// victim into the attacker's account): browsers say so in `Sec-Fetch-Site`, and older ones
+/// send an `Origin` naming another host.
+fn cross_site(parts: &Parts) -> bool {
+    let h = &parts.headers;
+    if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (h.get(header::ORIGIN).and_then(|v| v.to_str().ok()), host) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_none_or(|(_, authority)| authority != host),
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
 
 /// Runs a page builder (index reads, a config blob read) on the blocking pool, if one of the
 /// `MAX_BUILDS` slots is free (`Busy`, answered 503 with `Retry-After`, otherwise).

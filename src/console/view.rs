@@ -388,29 +388,61 @@ pub fn repository(
     seen: &Visible<'_>,
     host: &str,
 ) -> Result<Repository, StoreError> {
-    let mut manifests = app.store.manifests_of(repo, MAX_ROWS + 1)?;
-    let mut tags = app.store.tags_with_digests(repo, MAX_ROWS + 1)?;
-    let truncated = manifests.len() > MAX_ROWS || tags.len() > MAX_ROWS;
-    manifests.truncate(MAX_ROWS);
-    tags.truncate(MAX_ROWS);
     let pushed = app.store.pushed_times(repo)?;
-    let parsed: Vec<Option<ParsedManifest>> = manifests.iter().map(|m| parse(m)).collect();
-    let sizes: HashMap<String, u64> = manifests
-        .iter()
-        .zip(&parsed)
-        .filter_map(|(m, p)| {
-            p.as_ref()
-                .filter(|p| !p.is_index())
-                .map(|p| (m.digest.to_string(), image_size(p)))
-        })
-        .collect();
-    let rows: HashMap<String, ManifestRow> = manifests
-        .iter()
-        .zip(&parsed)
-        .map(|(m, p)| {
-            let digest = m.digest.to_string();
-            let row = manifest_row(m, p.as_ref(), &sizes, pushed.get(&digest).copied());
-            (digest, row)
+    // Each manifest is summarised as it is read and its bytes dropped: a page holds rows, not
+    // up to MAX_ROWS manifests of up to max_manifest_size each.
+    struct Summary {
+        row: ManifestRow,
+        /// An image's size, or an index's children (at most MAX_CHILDREN; `None` if more).
+        size: Option<u64>,
+        children: Option<Vec<String>>,
+    }
+    let mut summaries: Vec<Summary> = Vec::new();
+    let mut images: HashMap<String, u64> = HashMap::new();
+    let read = app.store.visit_manifests(repo, MAX_ROWS + 1, |m| {
+        if summaries.len() == MAX_ROWS {
+            return;
+        }
+        let parsed = parse(&m);
+        let digest = m.digest.to_string();
+        let children = parsed.as_ref().filter(|p| p.is_index()).map(|p| {
+            p.child_manifests()
+                .iter()
+                .map(|c| c.digest.to_string())
+                .collect::<Vec<_>>()
+        });
+        let size = parsed.as_ref().filter(|p| !p.is_index()).map(image_size);
+        if let Some(size) = size {
+            images.insert(digest.clone(), size);
+        }
+        let row = manifest_row(
+            &m,
+            parsed.as_ref(),
+            &HashMap::new(),
+            pushed.get(&digest).copied(),
+        );
+        summaries.push(Summary {
+            row,
+            size,
+            children: children.filter(|c| c.len() <= MAX_CHILDREN),
+        });
+    })?;
+    let mut tags = app.store.tags_with_digests(repo, MAX_ROWS + 1)?;
+    let truncated = read > MAX_ROWS || tags.len() > MAX_ROWS;
+    tags.truncate(MAX_ROWS);
+    let rows: HashMap<String, ManifestRow> = summaries
+        .into_iter()
+        .map(|s| {
+            let mut row = s.row;
+            // An index's size: its children's, when every one is an image stored here.
+            row.size = s.size.or_else(|| {
+                s.children.as_ref().and_then(|c| {
+                    c.iter()
+                        .map(|d| images.get(d).copied())
+                        .try_fold(0u64, |a, s| s.map(|s| a.saturating_add(s)))
+                })
+            });
+            (row.digest.clone(), row)
         })
         .collect();
     let tagged: std::collections::HashSet<&str> = tags.iter().map(|(_, d)| d.as_str()).collect();

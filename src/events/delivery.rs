@@ -302,6 +302,17 @@ impl Task {
                 Err(e) => {
                     self.label("failed");
                     tracing::warn!(endpoint = %self.endpoint.id, seq = ev.seq, action = ev.record.action.as_str(), error = %e, "event delivery failed");
+                    // A receiver that refuses this event for what it is (400, 404, 413, 422…)
+                    // will refuse it again: dead-letter it now rather than hold every later
+                    // event behind it for max_age. Timeouts, 408, 425, 429 and 5xx are retried.
+                    if let DeliveryError::Status(st) = e
+                        && st.is_client_error()
+                        && !matches!(st.as_u16(), 408 | 425 | 429)
+                    {
+                        self.label("dead_lettered");
+                        tracing::error!(endpoint = %self.endpoint.id, seq = ev.seq, status = st.as_u16(), "event refused by the receiver; dead-lettered (`transship events retry` sends it again)");
+                        return Outcome::DeadLettered;
+                    }
                 }
             }
             let left = deadline

@@ -85,16 +85,11 @@ pub fn pin_prefetched(
     digest: &Digest,
     tag: Option<&Tag>,
 ) -> Result<(), String> {
-    use crate::store::pins::PinTarget;
-    // By tag when there is one, so the digests it moves to while pinned stay too. An index
-    // fetched for some platforms is pinned whole: what was not fetched is not cached anyway.
-    let target = match tag {
-        Some(t) => PinTarget::Tag(t.clone()),
-        None => PinTarget::Digest(digest.clone()),
-    };
+    // Exactly what was fetched, with the tag pinned too when there is one, so the digests it
+    // moves to while pinned stay. An index fetched for some platforms is pinned whole: what
+    // was not fetched is not cached anyway.
     app.store
-        .pin(repository, &target, &[])
-        .map(|_| ())
+        .pin_exact(repository, digest, tag)
         .map_err(|e| format!("pinning {repository}: {e}"))
 }
 

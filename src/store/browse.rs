@@ -97,28 +97,41 @@ impl Store {
         Ok(out)
     }
 
-    /// The manifests stored in `repo`, at most `n` (one scan of `manifests`); records that do
-    /// not decode are skipped (fsck reports them).
-    pub fn manifests_of(
+    /// The first `n` manifests of `repo` (digest order), each handed to `f` as it is read and
+    /// dropped after: a caller keeps what it needs of each, not every manifest's bytes.
+    pub fn visit_manifests(
         &self,
         repo: &RepoName,
         n: usize,
-    ) -> Result<Vec<Arc<StoredManifest>>, StoreError> {
+        mut f: impl FnMut(StoredManifest),
+    ) -> Result<usize, StoreError> {
         let p = index::prefix(&[repo.as_str()]);
-        let mut out = Vec::new();
+        let mut seen = 0;
         self.index.scan(CF_MANIFESTS, &p, None, |k, v| {
             let digest = std::str::from_utf8(&k[p.len()..])
                 .ok()
                 .and_then(|d| d.parse::<Digest>().ok());
             if let (Some(digest), Ok((media_type, bytes))) = (digest, decode_manifest(v)) {
-                out.push(Arc::new(StoredManifest {
+                seen += 1;
+                f(StoredManifest {
                     digest,
                     media_type,
                     bytes: Bytes::from(bytes),
-                }));
+                });
             }
-            out.len() < n
+            seen < n
         })?;
+        Ok(seen)
+    }
+
+    /// `visit_manifests`, collected (for small `n`).
+    pub fn manifests_of(
+        &self,
+        repo: &RepoName,
+        n: usize,
+    ) -> Result<Vec<Arc<StoredManifest>>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_manifests(repo, n, |m| out.push(Arc::new(m)))?;
         Ok(out)
     }
 

@@ -197,6 +197,9 @@ impl Store {
                     );
                 }
                 self.note_repo(&mut batch, &m.repo, now)?;
+                // Brought in now: as recent as a pull, for eviction's order (an import is
+                // pinned too unless --no-pin).
+                batch.put(index::CF_ACCESS, &manifest_key, &index::encode_u64s(&[now, 0]));
                 cached_manifests.push((
                     manifest_key,
                     Arc::new(StoredManifest {
@@ -225,7 +228,9 @@ impl Store {
                     })?
                     .transpose()?
                     .map(|[t]| t);
-                let resolved = resolved.unwrap_or(now);
+                // Never in the future: a skewed clock or a crafted bundle must not keep a tag
+                // "fresh" forever or win over every later resolution here.
+                let resolved = resolved.unwrap_or(now).min(now);
                 let newer_here = current.is_some() && checked.is_some_and(|c| c >= resolved);
                 if newer_here {
                     if !same {
@@ -239,6 +244,8 @@ impl Store {
                 h.push(0);
                 h.extend_from_slice(&resolved.saturating_mul(1_000_000).to_be_bytes());
                 batch.put(CF_TAG_HISTORY, &h, digest_key.as_bytes());
+                // A pinned tag keeps what it moves to, here as on a fetch.
+                self.follow_tag_pin(&mut batch, &m.repo, tag, &m.digest)?;
                 if !same {
                     new_tags.push((tag_key, m.digest.clone()));
                 }
@@ -248,13 +255,18 @@ impl Store {
         if batch.is_empty() {
             return Ok(out);
         }
-        let _stripes = self.lock_stripes(new_tags.iter().map(|(k, _)| k.as_slice()));
+        let _stripes = self.lock_stripes(
+            new_tags
+                .iter()
+                .map(|(k, _)| k.as_slice())
+                .chain(cached_manifests.iter().map(|(k, _)| k.as_slice())),
+        );
         self.index.write_synced(batch)?;
         for (k, d) in &new_tags {
             self.tags.insert(k.clone(), d.clone());
         }
-        for (k, m) in cached_manifests {
-            self.manifests.insert(k, m);
+        for (k, m) in &cached_manifests {
+            self.manifests.insert(k.clone(), m.clone());
         }
         Ok(out)
     }

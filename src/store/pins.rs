@@ -129,6 +129,41 @@ impl Store {
         Ok(digest)
     }
 
+    /// Pins exactly `digest` (with `tag` as its reason and a pin on the tag, if given), as an
+    /// import or a prefetch brought it in: no re-resolution of the tag, which may already
+    /// point elsewhere here.
+    pub fn pin_exact(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        tag: Option<&Tag>,
+    ) -> Result<(), StoreError> {
+        let digest_str = digest.to_string();
+        let manifest_key = key(&[repo.as_str(), &digest_str]);
+        let _g = self.lock_stripe(&manifest_key);
+        if !self.index.exists(super::index::CF_MANIFESTS, &manifest_key)? {
+            return Err(StoreError::ManifestUnknown(format!("{repo}@{digest}")));
+        }
+        let record = PinRecord {
+            pinned_at: unix_now(),
+            platforms: Vec::new(),
+            via_tag: tag.map(|t| t.as_str().to_string()),
+        };
+        let reason = tag.map_or(BY_DIGEST.to_string(), |t| via(t.as_str()));
+        let mut batch = self.index.batch();
+        batch.put(
+            CF_PINS,
+            &digest_key(repo, &digest_str, &reason),
+            &encode(&record),
+        );
+        if let Some(t) = tag {
+            batch.put(CF_PINS, &tag_key(repo, t.as_str()), &encode(&record));
+        }
+        self.index.write_synced(batch)?;
+        self.recount_cache_soon();
+        Ok(())
+    }
+
     /// Removes a pin. Unpinning a tag also removes the digest pins it made (and only those).
     /// Returns how many pin records were removed.
     pub fn unpin(&self, repo: &RepoName, target: &PinTarget) -> Result<usize, StoreError> {
