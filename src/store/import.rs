@@ -199,7 +199,11 @@ impl Store {
                 self.note_repo(&mut batch, &m.repo, now)?;
                 // Brought in now: as recent as a pull, for eviction's order (an import is
                 // pinned too unless --no-pin).
-                batch.put(index::CF_ACCESS, &manifest_key, &index::encode_u64s(&[now, 0]));
+                batch.put(
+                    index::CF_ACCESS,
+                    &manifest_key,
+                    &index::encode_u64s(&[now, 0]),
+                );
                 cached_manifests.push((
                     manifest_key,
                     Arc::new(StoredManifest {

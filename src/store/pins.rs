@@ -141,7 +141,10 @@ impl Store {
         let digest_str = digest.to_string();
         let manifest_key = key(&[repo.as_str(), &digest_str]);
         let _g = self.lock_stripe(&manifest_key);
-        if !self.index.exists(super::index::CF_MANIFESTS, &manifest_key)? {
+        if !self
+            .index
+            .exists(super::index::CF_MANIFESTS, &manifest_key)?
+        {
             return Err(StoreError::ManifestUnknown(format!("{repo}@{digest}")));
         }
         let record = PinRecord {
