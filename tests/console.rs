@@ -387,7 +387,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     assert_eq!(page_as(&anon, "/team/app", &cookie).status, 401);
 
     // An access token signs in as its user.
-    let (_, token) = s
+    let (token_id, token) = s
         .app
         .auth
         .identities
@@ -405,6 +405,40 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     let page = page_as(&anon, "/team/app", &victor_cookie);
     assert_eq!(page.status, 200);
     assert!(text(&page).contains("victor"));
+    // Revoking the token ends the session it opened.
+    s.app
+        .auth
+        .identities
+        .revoke_token(&s.app.store, &token_id)
+        .unwrap();
+    assert_eq!(page_as(&anon, "/team/app", &victor_cookie).status, 401);
+    // A password session ends when the password is reset.
+    let ids = &s.app.auth.identities;
+    ids.set_user(&s.app.store, "walt", "walt's first password")
+        .unwrap();
+    ids.set_member(&s.app.store, "team", "walt", Role::Viewer)
+        .unwrap();
+    let r = sign_in(&anon, "walt", "walt's first password");
+    assert_eq!(r.status, 303, "{}", text(&r));
+    let password_cookie = session_cookie(&r);
+    assert_eq!(page_as(&anon, "/team/app", &password_cookie).status, 200);
+    ids.set_user(&s.app.store, "walt", "walt's second password")
+        .unwrap();
+    assert_eq!(page_as(&anon, "/team/app", &password_cookie).status, 401);
+    // A sign-in form posted from another site is refused (it would sign the victim in as
+    // whoever the attacker chose).
+    let r = anon.send(
+        "POST",
+        "/-/login",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("accept", "text/html"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        Bytes::from_static(b"user=walt&password=walt%27s%20second%20password"),
+    );
+    assert_eq!(r.status, 403, "{}", text(&r));
+    assert!(r.header("set-cookie").is_none());
 
     // Key files are for machines: the login form refuses them.
     let key = s

@@ -83,3 +83,55 @@ impl Authorizer {
         })
     }
 }
+
+/// What a console session was opened with, re-checked on every request: the session ends when
+/// that credential changes (a password reset, a user removed and added again) or goes (an
+/// access token revoked or expired), not only at its own expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialMark {
+    /// A password: a fingerprint of the stored hash it was checked against.
+    Password([u8; 32]),
+    /// An access token, by id.
+    Token(String),
+}
+
+impl super::identities::Identities {
+    /// The mark of a credential that just signed in as `user` (see `CredentialMark`).
+    pub fn credential_mark(&self, user: &str, password: &str) -> Option<CredentialMark> {
+        use sha2::Digest as _;
+        if user == crate::config::ACCESS_TOKEN_USER {
+            let rest = password
+                .trim()
+                .strip_prefix(super::records::TokenKind::Access.prefix())?;
+            return Some(CredentialMark::Token(rest.split_once('_')?.0.to_string()));
+        }
+        let hash = self.password_hash_of(user)?;
+        Some(CredentialMark::Password(
+            sha2::Sha256::digest(hash.as_bytes()).into(),
+        ))
+    }
+
+    /// Whether the credential a session was opened with still stands for `sub`.
+    pub fn credential_holds(&self, mark: &CredentialMark, sub: &str) -> bool {
+        use sha2::Digest as _;
+        match mark {
+            // A user's `sub` is their name.
+            CredentialMark::Password(fp) => self
+                .password_hash_of(sub)
+                .is_some_and(|h| <[u8; 32]>::from(sha2::Sha256::digest(h.as_bytes())) == *fp),
+            CredentialMark::Token(id) => self
+                .read()
+                .tokens
+                .get(id)
+                .is_some_and(|t| t.subject == sub && t.expires > crate::store::unix_now()),
+        }
+    }
+
+    /// The stored or configured password hash of user `name`.
+    fn password_hash_of(&self, name: &str) -> Option<String> {
+        if let Some(u) = self.read().users.get(name) {
+            return Some(u.password_hash.clone());
+        }
+        self.config_users.get(name).cloned()
+    }
+}

@@ -13,6 +13,7 @@
 
 mod admins;
 mod browse;
+pub use browse::CredentialMark;
 mod credentials;
 mod identities;
 pub mod jwt;

@@ -89,8 +89,20 @@ fn subject_name(s: &Subject) -> String {
 async fn who(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> {
     if let Some(cookie) = session::cookie_value(&parts.headers)
         && let Some(s) = app.console.sessions.get(&cookie)
-        && let Some(caller) = app.auth.session_caller(&s.sub, peer.ip())
     {
+        // The credential it was opened with must still hold (not reset, revoked, expired),
+        // and so must the user; otherwise the session ends here.
+        let holds = s
+            .mark
+            .as_ref()
+            .is_some_and(|m| app.auth.identities.credential_holds(m, &s.sub));
+        let caller = holds
+            .then(|| app.auth.session_caller(&s.sub, peer.ip()))
+            .flatten();
+        let Some(caller) = caller else {
+            app.console.sessions.close(&cookie);
+            return who_without_session(app, parts, peer).await;
+        };
         let name = match &caller.identity {
             Identity::Subject(sub) => Some(subject_name(sub)),
             _ => None,
@@ -101,6 +113,11 @@ async fn who(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> 
             name,
         });
     }
+    who_without_session(app, parts, peer).await
+}
+
+/// The caller from the `Authorization` header, else anonymous.
+async fn who_without_session(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> {
     let caller = app
         .auth
         .authenticate(parts.headers.get(header::AUTHORIZATION), peer.ip(), false)
@@ -380,7 +397,8 @@ async fn login(app: &App, form: Form, who: &Who, body: RequestBody, peer: Socket
     );
     match app.auth.console_login(user, password, peer.ip()).await {
         Ok(subject) => {
-            let cookie = app.console.sessions.open(&subject.token_sub());
+            let mark = app.auth.identities.credential_mark(user, password);
+            let cookie = app.console.sessions.open(&subject.token_sub(), mark);
             let secure = app.tls.is_some();
             tracing::info!(target: "audit", user = %subject, peer = %peer.ip(), "console sign-in");
             redirect(

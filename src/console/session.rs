@@ -1,7 +1,8 @@
 //! Console sessions: a random 256-bit id in an HttpOnly cookie, looked up in a table held in
 //! memory. Keeping them server-side makes them revocable (sign-out removes the entry; a
-//! removed user's sessions stop resolving) and lets them expire on the server whatever the
-//! browser does. The table is bounded (`MAX_SESSIONS`): when full, expired entries go first,
+//! session ends at the first request after its user is removed, its password reset or the
+//! access token it was opened with revoked or expired: `CredentialMark`) and lets them expire
+//! on the server whatever the browser does. The table is bounded (`MAX_SESSIONS`): when full, expired entries go first,
 //! then the one closest to expiry. A restart signs everyone out, which is acceptable for a
 //! console. Each session carries its own CSRF token for the forms it posts.
 
@@ -26,6 +27,8 @@ pub struct Session {
     pub sub: String,
     /// Sent back in every form the session posts.
     pub csrf: String,
+    /// The credential it was opened with, re-checked on every request.
+    pub mark: Option<crate::auth::CredentialMark>,
     expires: Instant,
 }
 
@@ -60,12 +63,13 @@ impl Sessions {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a session for `sub`; returns the cookie value.
-    pub fn open(&self, sub: &str) -> String {
+    /// Opens a session for `sub`, signed in with the credential `mark`; returns the cookie.
+    pub fn open(&self, sub: &str, mark: Option<crate::auth::CredentialMark>) -> String {
         let cookie = hex::encode(random_bytes::<32>());
         let session = Session {
             sub: sub.to_string(),
             csrf: hex::encode(random_bytes::<32>()),
+            mark,
             expires: Instant::now() + self.ttl,
         };
         let mut table = self.lock();
@@ -152,7 +156,7 @@ mod tests {
     #[test]
     fn sessions_open_resolve_close_and_expire() {
         let s = Sessions::new(Duration::from_secs(60), 10);
-        let c = s.open("alice");
+        let c = s.open("alice", None);
         let got = s.get(&c).expect("open session");
         assert_eq!(got.sub, "alice");
         assert!(csrf_matches(&got, &got.csrf));
@@ -163,7 +167,7 @@ mod tests {
         assert!(s.get(&c).is_none());
 
         let expired = Sessions::new(Duration::ZERO, 10);
-        let c = expired.open("bob");
+        let c = expired.open("bob", None);
         assert!(
             expired.get(&c).is_none(),
             "a session past its expiry is gone"
@@ -174,8 +178,8 @@ mod tests {
     #[test]
     fn the_table_is_bounded() {
         let s = Sessions::new(Duration::from_secs(60), 3);
-        let first = s.open("u0");
-        let cookies: Vec<String> = (1..5).map(|i| s.open(&format!("u{i}"))).collect();
+        let first = s.open("u0", None);
+        let cookies: Vec<String> = (1..5).map(|i| s.open(&format!("u{i}"), None)).collect();
         assert_eq!(s.len(), 3);
         assert!(s.get(&first).is_none(), "the oldest session made room");
         assert!(s.get(&cookies[3]).is_some());
