@@ -38,6 +38,8 @@ struct ReceiverState {
     fail_next: AtomicUsize,
     /// Answer 500 to everything.
     fail_all: AtomicBool,
+    /// Answer this status (a refusal) instead of 500 when failing; 0 for 500.
+    fail_with: std::sync::atomic::AtomicU16,
 }
 
 /// A webhook receiver on a fixed loopback port that can be down (not listening).
@@ -147,7 +149,11 @@ async fn record(
         body,
         accepted: !fail,
     });
-    let status = if fail { 500 } else { 200 };
+    let status = match state.fail_with.load(Ordering::SeqCst) {
+        _ if !fail => 200,
+        0 => 500,
+        refusal => refusal,
+    };
     http::Response::builder()
         .status(status)
         .body(Full::new(Bytes::new()))
@@ -447,6 +453,35 @@ fn dead_letters_after_max_age_are_listed_and_retried() {
         distinct(&receiver, "/hook")[1]["digest"],
         format!("registry.test/local/dead@{digest2}")
     );
+    server.terminate();
+}
+
+/// A receiver that refuses an event for what it is (a 4xx) gets it once: it is dead-lettered
+/// at once and the next event goes through, instead of waiting out `max_age` (24h here).
+#[test]
+fn a_refused_event_is_dead_lettered_at_once_and_the_next_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut receiver = Receiver::down();
+    receiver.state.fail_with.store(422, Ordering::SeqCst);
+    receiver.state.fail_next.store(1, Ordering::SeqCst);
+    receiver.up();
+    let extra = format!(
+        "[[notify]]\nname = \"strict\"\nurl = \"{}\"\nformat = \"cloudevents\"\nsecret = \"{SECRET}\"\n",
+        receiver.url("/strict")
+    );
+    let config = config_in(dir.path(), "http://127.0.0.1:9", &extra);
+    let server = BinaryServer::start(&config, &dir.path().join("log"));
+    let h = Http::new(&server.url(""));
+    let (_, first) = push_image(&h, "local/strict", "v1", 21);
+    let (_, second) = push_image(&h, "local/strict", "v2", 22);
+    wait_until("the second push delivered", || {
+        distinct(&receiver, "/strict")
+            .iter()
+            .any(|b| b["data"]["digest"] == second.as_str())
+    });
+    assert_eq!(receiver.refused(), 1, "the refused event was sent once");
+    let failed = transship(&["events", "ls", "--failed"], &config);
+    assert!(failed.contains(&first), "{failed}");
     server.terminate();
 }
 

@@ -27,6 +27,8 @@ const BATCH: usize = 64;
 /// First retry delay; doubled after each failure up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a dead letter `transship events retry` marked is tried again.
+const RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// How often an idle task looks at the outbox without being woken (a safety net).
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -112,6 +114,10 @@ pub struct Task {
     pub index: usize,
     /// Outbox events up to here were pruned by this task.
     pub pruned: AtomicU64,
+    /// The last event ran out its `max_age` without being delivered: until one is delivered
+    /// again, events already past their own `max_age` are dead-lettered without a POST each
+    /// (a black-holed receiver would otherwise cost a full `timeout` per backlogged event).
+    pub receiver_down: std::sync::atomic::AtomicBool,
 }
 
 enum Outcome {
@@ -255,7 +261,9 @@ impl Task {
         Ok(())
     }
 
-    /// Dead letters `transship events retry` marked: each gets another `max_age` of tries.
+    /// Dead letters `transship events retry` marked: each gets `RETRY_BUDGET` (at most its
+    /// `max_age`) of tries, so a retry while the receiver is still down holds new events back
+    /// for minutes, not days.
     async fn deliver_retries(&self, cancel: &CancellationToken) -> Result<(), DeliveryError> {
         let (s, id) = (self.store.clone(), self.endpoint.id.clone());
         let dead = blocking(move || s.dead_letters(Some(&id))).await?;
@@ -263,7 +271,7 @@ impl Task {
             let Some(body) = self.body_for(&d.event) else {
                 continue;
             };
-            let deadline = SystemTime::now() + self.endpoint.max_age;
+            let deadline = SystemTime::now() + self.endpoint.max_age.min(RETRY_BUDGET);
             let (s, id, ev) = (
                 self.store.clone(),
                 self.endpoint.id.clone(),
@@ -289,6 +297,10 @@ impl Task {
         cancel: &CancellationToken,
     ) -> Outcome {
         let mut backoff = FIRST_BACKOFF;
+        if self.receiver_down.load(Ordering::Acquire) && deadline <= SystemTime::now() {
+            self.label("dead_lettered");
+            return Outcome::DeadLettered;
+        }
         loop {
             let attempt = tokio::select! {
                 () = cancel.cancelled() => return Outcome::Cancelled,
@@ -297,6 +309,7 @@ impl Task {
             match attempt {
                 Ok(()) => {
                     self.label("delivered");
+                    self.receiver_down.store(false, Ordering::Release);
                     return Outcome::Delivered;
                 }
                 Err(e) => {
@@ -319,6 +332,7 @@ impl Task {
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
             if left.is_zero() {
+                self.receiver_down.store(true, Ordering::Release);
                 self.label("dead_lettered");
                 tracing::error!(endpoint = %self.endpoint.id, seq = ev.seq, action = ev.record.action.as_str(), repository = %ev.record.repository, "event dead-lettered after max_age; `transship events retry` sends it again");
                 return Outcome::DeadLettered;

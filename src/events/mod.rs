@@ -77,6 +77,7 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
             cursors: cursors.clone(),
             index,
             pruned: AtomicU64::new(0),
+            receiver_down: std::sync::atomic::AtomicBool::new(false),
         };
         tasks.spawn(task.run(cancel.clone()));
     }
