@@ -31,6 +31,8 @@ use crate::store::import::{ClaimedIngest, ImportedManifest};
 const MAX_INDEX: u64 = 16 << 20;
 const MAX_META: u64 = 64 << 20;
 const MAX_LAYOUT: u64 = 64 << 10;
+/// Largest tar extension entry (long name, PAX record) accepted; a bundle needs none.
+const MAX_EXTENSION: u64 = 64 << 10;
 /// Nested indexes deeper than this are refused.
 const MAX_DEPTH: usize = 4;
 /// Copy buffer for staging blobs.
@@ -225,9 +227,23 @@ struct BundleFiles {
 fn read_bundle(path: &Path, staging: &mut Staging<'_>) -> Result<BundleFiles, AirgapError> {
     let mut archive = layout::open_bundle(path).map_err(AirgapError::io(path.display()))?;
     let mut out = BundleFiles::default();
-    for entry in archive.entries().map_err(damaged)? {
+    // Raw entries: the tar crate would read GNU long-name and PAX extension entries whole,
+    // whatever size they claim. A bundle's names are short; extension entries are skipped,
+    // and refused when larger than a header could need.
+    for entry in archive.entries().map_err(damaged)?.raw(true) {
         let mut entry = entry.map_err(damaged)?;
-        if !entry.header().entry_type().is_file() {
+        let kind = entry.header().entry_type();
+        if kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions()
+        {
+            if entry.header().size().map_err(damaged)? > MAX_EXTENSION {
+                return Err(refused("the bundle has an oversized tar extension header"));
+            }
+            continue;
+        }
+        if !kind.is_file() {
             continue;
         }
         let name = entry
@@ -533,4 +549,40 @@ pub fn import(
         report.pinned = true;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PAX extension entry claiming far more than any header needs is refused before it is
+    /// read (the tar crate would read it whole), and nothing is stored.
+    #[test]
+    fn an_oversized_extension_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("crafted.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&bundle).unwrap());
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::XHeader);
+            h.set_size(1 << 20);
+            h.set_cksum();
+            b.append(&h, std::io::repeat(b'a').take(1 << 20)).unwrap();
+            b.finish().unwrap();
+        }
+        let mut config = Config::embedded();
+        config.server.data_dir = dir.path().join("data");
+        let store = Store::open(&config.server.data_dir, crate::store_options(&config)).unwrap();
+        let err = import(
+            &config,
+            &store,
+            &ImportOptions {
+                file: bundle,
+                no_pin: false,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("oversized"), "{err}");
+        assert_eq!(store.usage(), (0, 0));
+    }
 }

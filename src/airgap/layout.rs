@@ -163,7 +163,11 @@ pub fn open_bundle(path: &Path) -> io::Result<tar::Archive<Box<dyn Read + Send>>
     let zstd = head == ZSTD_MAGIC;
     let stream = io::Cursor::new(head).chain(file);
     let reader: Box<dyn Read + Send> = if zstd {
-        Box::new(zstd::Decoder::new(stream)?)
+        // A bundle is input from elsewhere: cap the decoder's window (16 MiB; our writer's
+        // level uses far less) so a crafted frame cannot make it allocate 128 MiB or more.
+        let mut d = zstd::Decoder::new(stream)?;
+        d.window_log_max(24)?;
+        Box::new(d)
     } else {
         Box::new(io::BufReader::with_capacity(1 << 20, stream))
     };
