@@ -97,6 +97,15 @@ impl Store {
                 let _ = std::fs::remove_file(path);
             }
             if unlinked.is_empty() {
+                // Nothing to link, but restart its GC grace period: the bundle's manifests,
+                // committed next, will reference it.
+                let mut batch = self.index.batch();
+                batch.put(
+                    super::index::CF_BLOBS,
+                    digest_key.as_bytes(),
+                    &index::encode_u64s(&[size, unix_now()]),
+                );
+                self.index.write_relaxed(batch)?;
                 return Ok(false);
             }
         } else {
