@@ -755,6 +755,33 @@ fn registry_admins_see_and_pin_the_cache_over_http_and_a_pinned_tag_keeps_each_d
         [first.digest.as_str(), moved.digest.as_str()],
         "{history}"
     );
+    // The tag goes upstream: pinned, it keeps being served (stale) rather than forgotten.
+    let r = Http::new(&up.url()).delete(&format!("/v2/lib/img0/manifests/{}", moved.digest));
+    assert_eq!(
+        r.status,
+        202,
+        "deleting upstream: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let get_tag = || {
+        alice.send(
+            "GET",
+            "/v2/lib/img0/manifests/v1",
+            &[("accept", OCI_MANIFEST)],
+            bytes::Bytes::new(),
+        )
+    };
+    let r = get_tag();
+    assert_eq!(
+        r.status,
+        200,
+        "a pinned tag gone upstream: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(moved.digest.as_str())
+    );
     // Both images are pinned, so evicting either is refused; unpinning the tag frees both.
     let r = alice.send(
         "POST",

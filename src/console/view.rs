@@ -257,7 +257,13 @@ pub fn listing(app: &App, caller: &Caller, prefix: &str) -> Result<Option<Listin
     let mut repositories: Vec<RepoEntry> = app
         .store
         .repos_under(prefix, MAX_LISTED + 1, |name| {
+            // A token lists only what its own scopes let it pull, not all its user may.
             app.auth.may_list(caller, name)
+                && (!matches!(caller.identity, crate::auth::Identity::Token(_))
+                    || name.parse::<RepoName>().is_ok_and(|r| {
+                        let ns = app.proxy.namespace(&r, None);
+                        app.auth.may(caller, &r, &ns, crate::auth::Action::Pull)
+                    }))
         })?
         .into_iter()
         .map(|(name, created)| RepoEntry {

@@ -310,7 +310,7 @@ async fn tag_lookup_failed(
     miss: Miss,
 ) -> Result<Served, RegistryError> {
     match miss {
-        Miss::NotFound { repository } => tag_gone(cx, route, tag, repository).await,
+        Miss::NotFound { repository } => tag_gone(cx, route, tag, cached, repository).await,
         Miss::Unavailable(why) | Miss::Invalid(why) => {
             stale_or_unavailable(cx, route, tag, cached, &why)
         }
@@ -334,15 +334,21 @@ fn stale_or_unavailable(
     }
 }
 
-/// Upstream says the tag does not exist (any more): forget it, remember the 404 briefly.
+/// Upstream says the tag does not exist (any more), or refuses to say: forget it and remember
+/// the 404 briefly — unless the tag is pinned, which keeps serving what it resolved to.
 async fn tag_gone(
     cx: &Context,
     route: &MirrorRoute,
     tag: &Tag,
+    cached: Option<&CachedTag>,
     repository: bool,
 ) -> Result<Served, RegistryError> {
     let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
-    store_work(move || app2.store.forget_cached_tag(&repo, &t)).await?;
+    let forgotten = store_work(move || app2.store.forget_cached_tag(&repo, &t)).await?;
+    if !forgotten && let Some(c) = cached {
+        tracing::warn!(repo = %route.local, %tag, "the upstream no longer serves a pinned tag; serving the pinned image");
+        return Ok(Served::stale(c.manifest.clone()));
+    }
     cx.proxy.remember_not_found(route, tag.as_str());
     Err(not_found(route, tag, repository))
 }

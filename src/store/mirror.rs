@@ -135,8 +135,13 @@ impl Store {
         Ok(self.index.write_relaxed(batch)?)
     }
 
-    /// Forgets a cached tag that upstream no longer has.
-    pub fn forget_cached_tag(&self, repo: &RepoName, tag: &Tag) -> Result<(), StoreError> {
+    /// Forgets a cached tag that upstream no longer has — unless it is pinned: a pin keeps
+    /// what the tag resolved to being served, whatever the upstream says (or whether its
+    /// credentials still work). Returns whether it was forgotten.
+    pub fn forget_cached_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
+        if self.is_tag_pinned(repo, tag)? {
+            return Ok(false);
+        }
         let k = key(&[repo.as_str(), tag.as_str()]);
         let _g = self.lock_stripe(&k);
         let mut batch = self.index.batch();
@@ -144,7 +149,7 @@ impl Store {
         batch.delete(CF_TAG_CHECKS, &k);
         self.index.write_synced(batch)?;
         self.tags.invalidate(&k);
-        Ok(())
+        Ok(true)
     }
 
     /// The observed resolutions of a mirror tag, oldest first: `(unix microseconds, digest)`.

@@ -214,6 +214,11 @@ impl Store {
         self.scan_pins(b"")
     }
 
+    /// Whether `tag` of `repo` is pinned.
+    pub fn is_tag_pinned(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
+        Ok(self.index.exists(CF_PINS, &tag_key(repo, tag.as_str()))?)
+    }
+
     /// Whether any pin names `digest` in `repo` (read from the index, for re-checks).
     pub(super) fn is_pinned(&self, repo: &str, digest: &str) -> Result<bool, StoreError> {
         Ok(self
