@@ -197,22 +197,32 @@ impl Task {
             return Ok(());
         }
         let complete = events.len() < BATCH;
+        // Events this endpoint does not want are passed over without a cursor write each
+        // (pull events can be many): the cursor moves past them with the next delivered one,
+        // or once at the end of the batch.
+        let mut passed = None;
         for ev in events {
             let seq = ev.seq;
-            if let Some(body) = self.body_for(&ev) {
-                let deadline = UNIX_EPOCH + Duration::from_millis(ev.record.time_ms);
-                match self
-                    .deliver(&ev, &body, deadline + self.endpoint.max_age, cancel)
-                    .await
-                {
-                    Outcome::Delivered => {}
-                    Outcome::Cancelled => return Ok(()),
-                    Outcome::DeadLettered => {
-                        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
-                        blocking(move || s.dead_letter(&id, &ev)).await?;
-                    }
+            let Some(body) = self.body_for(&ev) else {
+                passed = Some(seq);
+                continue;
+            };
+            let deadline = UNIX_EPOCH + Duration::from_millis(ev.record.time_ms);
+            match self
+                .deliver(&ev, &body, deadline + self.endpoint.max_age, cancel)
+                .await
+            {
+                Outcome::Delivered => {}
+                Outcome::Cancelled => return Ok(()),
+                Outcome::DeadLettered => {
+                    let (s, id) = (self.store.clone(), self.endpoint.id.clone());
+                    blocking(move || s.dead_letter(&id, &ev)).await?;
                 }
             }
+            self.advance(seq).await?;
+            passed = None;
+        }
+        if let Some(seq) = passed {
             self.advance(seq).await?;
         }
         if complete && upto > self.cursors[self.index].load(Ordering::Acquire) {

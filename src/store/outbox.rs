@@ -270,7 +270,8 @@ pub struct EventsGuard<'a> {
 
 impl Drop for EventsGuard<'_> {
     fn drop(&mut self) {
-        if let Some(o) = self.outbox {
+        // Nothing allocated (the kind wanted, but this write raised no event): nobody to wake.
+        if let Some(o) = self.outbox.filter(|_| !self.seqs.is_empty()) {
             let mut s = o.seqs();
             for seq in &self.seqs {
                 s.in_flight.remove(seq);
