@@ -83,11 +83,16 @@ impl BundleState {
     pub fn save(&self, path: &Path) -> Result<(), AirgapError> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other);
         let write = || -> std::io::Result<()> {
+            // A fresh name each time, created new (never following a link someone left there).
             let mut tmp = path.as_os_str().to_os_string();
-            tmp.push(".partial");
+            tmp.push(format!(".partial-{}", uuid::Uuid::new_v4()));
             let tmp = PathBuf::from(tmp);
             {
-                let mut f = std::fs::File::create(&tmp)?;
+                let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new().write(true).create_new(true),
+                    0o640,
+                )
+                .open(&tmp)?;
                 std::io::Write::write_all(&mut f, &json?)?;
                 f.sync_all()?;
             }

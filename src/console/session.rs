@@ -20,6 +20,9 @@ pub const COOKIE: &str = "transship_session";
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions held at once, over all users.
 pub const MAX_SESSIONS: usize = 10_000;
+/// Sessions one user holds at once: a new one beyond this ends that user's oldest, so no
+/// account can fill the table and sign everyone else out.
+pub const MAX_PER_SUBJECT: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -73,6 +76,16 @@ impl Sessions {
             expires: Instant::now() + self.ttl,
         };
         let mut table = self.lock();
+        let own: Vec<([u8; 32], Instant)> = table
+            .iter()
+            .filter(|(_, s)| s.sub == sub)
+            .map(|(k, s)| (*k, s.expires))
+            .collect();
+        if own.len() >= MAX_PER_SUBJECT
+            && let Some((k, _)) = own.iter().min_by_key(|(_, e)| *e)
+        {
+            table.remove(k);
+        }
         if table.len() >= self.max {
             let now = Instant::now();
             table.retain(|_, s| s.expires > now);
@@ -205,5 +218,19 @@ mod tests {
         }
         assert!(!set_cookie("abc", false, SESSION_TTL).contains("Secure"));
         assert!(clear_cookie(false).contains("Max-Age=0"));
+    }
+
+    /// One user opening session after session ends their own oldest, not anyone else's.
+    #[test]
+    fn one_user_cannot_crowd_out_the_others() {
+        let s = Sessions::new(Duration::from_secs(60), 100);
+        let other = s.open("bob", None);
+        let first = s.open("mallory", None);
+        for _ in 0..MAX_PER_SUBJECT * 3 {
+            s.open("mallory", None);
+        }
+        assert!(s.get(&other).is_some(), "another user's session was ended");
+        assert!(s.get(&first).is_none(), "the flooding user's oldest stays");
+        assert_eq!(s.len(), MAX_PER_SUBJECT + 1);
     }
 }
