@@ -658,3 +658,44 @@ fn config_info(app: &App, repo: &RepoName, d: &Descriptor) -> Result<ConfigInfo,
     info.labels = annotations(c["Labels"].as_object());
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// Manifest-supplied strings and platform lists are cut to their bounds on a row.
+    #[test]
+    fn a_row_bounds_what_the_manifest_supplies() {
+        let long = "x".repeat(MAX_FIELD * 10);
+        let children: Vec<String> = (0..MAX_PLATFORMS * 2)
+            .map(|i| {
+                format!(
+                    r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{:064x}","size":1,"platform":{{"os":"{long}","architecture":"a{i}"}}}}"#,
+                    i
+                )
+            })
+            .collect();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+            children.join(",")
+        );
+        let m = StoredManifest {
+            digest: Digest::sha256_of(index.as_bytes()),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            bytes: Bytes::from(index),
+        };
+        let row = manifest_row(&m, parse(&m).as_ref(), &HashMap::new(), None);
+        assert_eq!(
+            row.platforms.len(),
+            MAX_PLATFORMS + 1,
+            "the cap and an ellipsis"
+        );
+        assert_eq!(row.platforms.last().map(String::as_str), Some("…"));
+        assert!(
+            row.platforms[0].chars().count() <= 2 * (MAX_FIELD + 1) + 1,
+            "{}",
+            row.platforms[0].len()
+        );
+    }
+}

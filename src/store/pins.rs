@@ -97,35 +97,7 @@ impl Store {
                 (d, Some(t.as_str().to_string()))
             }
         };
-        let digest_str = digest.to_string();
-        // Under the manifest's stripe: an eviction removing it holds the same stripe and
-        // re-reads the pins there, so the pin either lands first and is seen, or finds the
-        // manifest gone and fails.
-        let manifest_key = key(&[repo.as_str(), &digest_str]);
-        let _g = self.lock_stripe(&manifest_key);
-        if !self
-            .index
-            .exists(super::index::CF_MANIFESTS, &manifest_key)?
-        {
-            return Err(StoreError::ManifestUnknown(format!("{repo}@{digest}")));
-        }
-        let record = PinRecord {
-            pinned_at: unix_now(),
-            platforms: platforms.to_vec(),
-            via_tag: tag.clone(),
-        };
-        let reason = tag.as_deref().map_or(BY_DIGEST.to_string(), via);
-        let mut batch = self.index.batch();
-        batch.put(
-            CF_PINS,
-            &digest_key(repo, &digest_str, &reason),
-            &encode(&record),
-        );
-        if let Some(t) = &tag {
-            batch.put(CF_PINS, &tag_key(repo, t), &encode(&record));
-        }
-        self.index.write_synced(batch)?;
-        self.recount_cache_soon();
+        self.write_pin(repo, &digest, tag.as_deref(), platforms)?;
         Ok(digest)
     }
 
@@ -138,6 +110,20 @@ impl Store {
         digest: &Digest,
         tag: Option<&Tag>,
     ) -> Result<(), StoreError> {
+        self.write_pin(repo, digest, tag.map(Tag::as_str), &[])
+    }
+
+    /// Writes the pin of `digest` (for the reason `tag`, with a pin on the tag too, or by
+    /// digest) in one synced batch. Under the manifest's stripe: an eviction removing it holds
+    /// the same stripe and re-reads the pins there, so the pin either lands first and is seen,
+    /// or finds the manifest gone and fails.
+    fn write_pin(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        tag: Option<&str>,
+        platforms: &[String],
+    ) -> Result<(), StoreError> {
         let digest_str = digest.to_string();
         let manifest_key = key(&[repo.as_str(), &digest_str]);
         let _g = self.lock_stripe(&manifest_key);
@@ -149,10 +135,10 @@ impl Store {
         }
         let record = PinRecord {
             pinned_at: unix_now(),
-            platforms: Vec::new(),
-            via_tag: tag.map(|t| t.as_str().to_string()),
+            platforms: platforms.to_vec(),
+            via_tag: tag.map(str::to_string),
         };
-        let reason = tag.map_or(BY_DIGEST.to_string(), |t| via(t.as_str()));
+        let reason = tag.map_or(BY_DIGEST.to_string(), via);
         let mut batch = self.index.batch();
         batch.put(
             CF_PINS,
@@ -160,7 +146,7 @@ impl Store {
             &encode(&record),
         );
         if let Some(t) = tag {
-            batch.put(CF_PINS, &tag_key(repo, t.as_str()), &encode(&record));
+            batch.put(CF_PINS, &tag_key(repo, t), &encode(&record));
         }
         self.index.write_synced(batch)?;
         self.recount_cache_soon();
