@@ -58,6 +58,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, watch};
 use transship::config::{HumanDuration, UpstreamConfig};
 use transship::proxy::fill::FillState;
+use transship::proxy::tail::Piece;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The only token the injector accepts.
@@ -1544,10 +1545,15 @@ fn two_readers(s: &TestServer, path: &str, gate: &Gate) -> [Pulled; 2] {
     ]
 }
 
-#[test]
-fn coalesced_readers_share_one_upstream_download() {
+/// A mirror whose upstream holds `library/x`'s blob of `len` random bytes after `at` bytes
+/// until the returned gate opens: (upstream, server, blob, digest, blob path, gate).
+fn held_blob(
+    len: usize,
+    seed: u64,
+    at: usize,
+) -> (Injector, TestServer, Bytes, String, String, Gate) {
     let up = Injector::start();
-    let blob = Bytes::from(random_bytes(200_000, 11));
+    let blob = Bytes::from(random_bytes(len, seed));
     let d = sha256(&blob);
     let path = blob_path("library/x", &d);
     let gate = Gate::new();
@@ -1555,11 +1561,17 @@ fn coalesced_readers_share_one_upstream_download() {
         &path,
         Behavior::Held {
             body: blob.clone(),
-            at: 50_000,
+            at,
             gate: gate.clone(),
         },
     );
     let s = mirror(&up, |_| {});
+    (up, s, blob, d, path, gate)
+}
+
+#[test]
+fn coalesced_readers_share_one_upstream_download() {
+    let (up, s, blob, d, path, gate) = held_blob(200_000, 11, 50_000);
 
     let [a, b] = two_readers(&s, &path, &gate);
     assert_eq!((a.status, a.x_cache()), (200, Some("MISS")));
@@ -1567,6 +1579,67 @@ fn coalesced_readers_share_one_upstream_download() {
     assert!(a.body.is_ok_and(|x| x == blob));
     assert!(b.body.is_ok_and(|x| x == blob));
     assert_eq!(up.requests(&path).len(), 1);
+    wait_fills_done(&s);
+    assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
+}
+
+/// Readers take recent bytes from the fill's memory and older ones from its spool: a reader
+/// that joins once the first megabytes have left memory (the fill keeps a few MiB), one that
+/// joins inside what memory still holds, and the one that started the fill all receive the
+/// exact bytes, each from its own offset, across the switch from spool to memory.
+#[test]
+fn late_readers_read_what_left_memory_from_the_spool() {
+    const HELD_AT: usize = 12 << 20;
+    let (up, s, blob, d, path, gate) = held_blob(24 << 20, 23, HELD_AT);
+    let digest: transship::oci::Digest = d.parse().expect("digest");
+    let url = s.url(&path);
+    let first = std::thread::spawn(move || pull(&url));
+    wait_until("the fill received everything before the gate", || {
+        s.app.proxy.fills.in_flight_for(&digest).is_some_and(|f| {
+            matches!(*f.subscribe().borrow(),
+                FillState::Streaming { received, .. } if received == HELD_AT as u64)
+        })
+    });
+    // The oldest bytes have left memory for the spool; the newest are still in memory.
+    let fill = s.app.proxy.fills.in_flight_for(&digest).expect("fill");
+    assert!(matches!(fill.tail_piece(1_000, 2_000), Piece::Spool { .. }));
+    let newest = (HELD_AT - 1_000) as u64;
+    assert!(matches!(
+        fill.tail_piece(newest, newest + 10),
+        Piece::Memory(_)
+    ));
+    drop(fill);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let late = |from: usize| {
+        let (url, tx) = (s.url(&path), tx.clone());
+        std::thread::spawn(move || {
+            request(
+                "GET",
+                &url,
+                &[("range", format!("bytes={from}-").as_str())],
+                Some(tx),
+            )
+        })
+    };
+    let (early_offset, recent_offset) = (1_000, HELD_AT - 1_000_000);
+    let (early, recent) = (late(early_offset), late(recent_offset));
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("late readers get response headers while the upstream holds the body");
+    }
+    gate.open();
+    let first = first.join().expect("first reader");
+    assert_eq!((first.status, first.x_cache()), (200, Some("MISS")));
+    assert!(first.body.is_ok_and(|b| b == blob), "the first reader");
+    for (reader, from) in [(early, early_offset), (recent, recent_offset)] {
+        let got = reader.join().expect("late reader");
+        assert_eq!(got.status, 206, "Range from {from}");
+        assert!(
+            got.body.is_ok_and(|b| b == blob.slice(from..)),
+            "the reader from byte {from} got other bytes"
+        );
+    }
+    assert_eq!(up.requests(&path).len(), 1, "one upstream download");
     wait_fills_done(&s);
     assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
 }

@@ -19,10 +19,10 @@ use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{Negotiated, negotiate};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
 use crate::proxy::blob::{self, BlobSource};
-use crate::proxy::fill;
 use crate::proxy::freshness;
 use crate::proxy::tag_list;
 use crate::proxy::{CacheOutcome, MirrorRoute};
+use crate::proxy::{fill, follow};
 
 /// The `OCI-Namespace` header: the upstream that answered.
 fn oci_namespace() -> HeaderName {
@@ -175,7 +175,7 @@ pub async fn get_blob(
         ResponseBody::Empty
     } else {
         ResponseBody::Stream {
-            stream: Box::pin(fill::follow(cx, fill.clone(), rx, start, end)),
+            stream: Box::pin(follow::follow(cx, fill.clone(), rx, start, end)),
             remaining: end - start,
             sent: app.metrics.bytes_sent.clone(),
         }

@@ -1,7 +1,8 @@
 //! Single-flight blob fills. One upstream download per digest, however many clients ask: the
 //! first request starts a detached fill task; every request (first included) follows it. The
-//! task writes to `ingest/fill-<uuid>` while hashing; readers follow the growing file from
-//! byte 0 or their Range as bytes land, so headers go out as soon as the upstream answers. The
+//! task writes to `ingest/fill-<uuid>` while hashing; readers follow the download from byte 0
+//! or their Range as bytes land (`follow`: the recent bytes from memory, older ones from the
+//! spool), so headers go out as soon as the upstream answers. The
 //! fill continues when clients disconnect, resumes a dropped upstream body with a Range
 //! request, and commits only after digest and size are verified. No reader receives the last
 //! byte before the whole blob is verified, so a corrupt upstream body never looks complete: on
@@ -14,24 +15,26 @@
 //! up to `QUEUE_TIMEOUT`. An upstream body without `Content-Length` is spooled with its size
 //! unknown (unless a HEAD tells it); its readers then start once it is verified. File writes,
 //! hashing and reads of the spool run off the async workers: one blocking writer per fill,
-//! fed in batches. However the fill task ends (error, panic, cancellation), a guard gives its
+//! fed in batches; the same batches go to the fill's in-memory tail as they arrive. However the fill task ends (error, panic, cancellation), a guard gives its
 //! readers a final state and removes exactly its own entry from the table.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream};
+use futures_util::FutureExt;
 use http::{Method, StatusCode, header};
 use http_body_util::BodyExt;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::Context;
 use super::MirrorRoute;
+use super::tail::{Piece, Tail};
 use super::upstream::UpstreamClient;
 use crate::config::Config;
 use crate::oci::{Digest, Digester, RepoName};
@@ -43,9 +46,10 @@ pub enum FillState {
     Queued,
     Connecting,
     /// `size` is `None` when the upstream announced no length: readers wait for `Verified`.
+    /// `received` bytes have arrived: readers find them in the tail or the spool.
     Streaming {
         size: Option<u64>,
-        written: u64,
+        received: u64,
     },
     /// Every byte arrived and hashes to the digest: readers may finish. The blob is being
     /// made durable and committed; late joiners keep reading the spool meanwhile.
@@ -88,6 +92,10 @@ pub struct Fill {
     /// it, so the bytes stay readable after the commit renames the spool and even after an
     /// eviction removes the committed blob while a client is still reading it.
     spool: std::sync::OnceLock<Arc<File>>,
+    /// The most recently received bytes, for readers that keep up.
+    tail: Mutex<Tail>,
+    /// How much of the blob the writer has put in the spool.
+    written: AtomicU64,
 }
 
 impl Fill {
@@ -99,7 +107,49 @@ impl Fill {
             state,
             entitled: Mutex::new(vec![(route.upstream, route.local.clone())]),
             spool: std::sync::OnceLock::new(),
+            tail: Mutex::new(Tail::default()),
+            written: AtomicU64::new(0),
         }
+    }
+
+    /// Where the bytes at `pos` (up to `limit`, all arrived) are: in memory or in the spool.
+    pub fn tail_piece(&self, pos: u64, limit: u64) -> Piece {
+        self.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(pos, limit)
+    }
+
+    /// The shared read handle on the spool, once it exists.
+    pub fn spool(&self) -> Option<Arc<File>> {
+        self.spool.get().cloned()
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Hands the next received batch to readers: into the tail (dropping what the spool holds
+    /// beyond the budget), then announces it.
+    fn received(&self, batch: &[Bytes], received: u64) {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).push(
+            batch,
+            self.written.load(Ordering::Acquire),
+            TAIL_BUDGET,
+        );
+        // Only while streaming: a final state set meanwhile is never overwritten.
+        self.state.send_if_modified(|s| match s {
+            FillState::Streaming { received: r, .. } => {
+                *r = received;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// The fill is over: its bytes are in the spool (or nowhere), so the tail's memory goes.
+    fn release_tail(&self) {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<FillState> {
@@ -162,12 +212,9 @@ pub const MAX_UNSIZED_BLOB: u64 = 16 << 30;
 const WRITE_BATCH: usize = 1 << 20;
 /// Batches queued for the writer before the download waits for the disk.
 const WRITE_QUEUE: usize = 8;
-/// Largest piece a reader takes from the spool at once.
-const READ_PIECE: u64 = 512 << 10;
-/// Smallest piece a caught-up reader sends after its first (unless the blob is complete).
-const BATCH: u64 = 256 << 10;
-/// Longest a reader holds back bytes it has while waiting for a full batch.
-const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// Received bytes a fill keeps in memory for readers that keep up, beyond those the writer has
+/// not yet put in the spool (at most `WRITE_QUEUE` batches, which are kept regardless).
+const TAIL_BUDGET: usize = 4 << 20;
 
 impl Fills {
     pub fn new(config: &Config) -> Self {
@@ -249,6 +296,7 @@ impl Fills {
             match outcome {
                 Ok(size) => {
                     f.state.send_replace(FillState::Done { size });
+                    f.release_tail();
                 }
                 Err(e) => {
                     if matches!(
@@ -264,6 +312,7 @@ impl Fills {
                     let path = f.path.clone();
                     let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
                     f.state.send_replace(FillState::Failed(e));
+                    f.release_tail();
                 }
             }
             drop(guard);
@@ -316,8 +365,8 @@ struct Spooled {
     digest: Digest,
 }
 
-/// The fill's blocking writer: writes and hashes the batches it is sent, in order, and tells
-/// readers how much of the spool is on disk.
+/// The fill's blocking writer: writes and hashes the batches it is sent, in order, and records
+/// how much of the spool is on disk (so the tail knows what it may drop).
 fn spawn_writer(
     file: File,
     fill: Arc<Fill>,
@@ -335,14 +384,7 @@ fn spawn_writer(
                 hasher.update(&data);
                 len += data.len() as u64;
             }
-            // Only while streaming: a final state set meanwhile is never overwritten.
-            fill.state.send_if_modified(|s| match s {
-                FillState::Streaming { written, .. } => {
-                    *written = len;
-                    true
-                }
-                _ => false,
-            });
+            fill.written.store(len, Ordering::Release);
         }
         Ok(Spooled {
             file,
@@ -432,7 +474,7 @@ async fn run(
         .map_err(|e| FillError::Store(e.to_string()))?;
     let _ = fill.spool.set(Arc::new(readers));
     fill.state
-        .send_replace(FillState::Streaming { size, written: 0 });
+        .send_replace(FillState::Streaming { size, received: 0 });
     let (tx, writer) = spawn_writer(file, fill.clone());
     let mut received = 0u64;
     let mut body = resp.into_body();
@@ -473,6 +515,7 @@ async fn run(
                 if got > want {
                     return Err(FillError::SizeMismatch { want, got });
                 }
+                fill.received(&batch, got);
                 if tx.send(batch).await.is_err() {
                     // The writer stopped: its error says why.
                     drop(tx);
@@ -598,145 +641,6 @@ pub async fn wait_for_size(rx: &mut watch::Receiver<FillState>) -> Result<u64, F
     }
 }
 
-/// A reader following a fill: bytes `pos..end` of the blob, as they land.
-pub fn follow(
-    cx: Context,
-    fill: Arc<Fill>,
-    rx: watch::Receiver<FillState>,
-    pos: u64,
-    end: u64,
-) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    let follower = Follower {
-        cx,
-        fill,
-        rx,
-        file: None,
-        pos,
-        end,
-        finished: false,
-        sent_any: false,
-    };
-    futures_util::stream::unfold(follower, |mut f| async move {
-        let item = f.next().await?;
-        Some((item, f))
-    })
-}
-
-struct Follower {
-    cx: Context,
-    fill: Arc<Fill>,
-    rx: watch::Receiver<FillState>,
-    file: Option<Arc<File>>,
-    pos: u64,
-    end: u64,
-    finished: bool,
-    sent_any: bool,
-}
-
-impl Follower {
-    async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
-        if self.finished || self.pos >= self.end {
-            return None;
-        }
-        loop {
-            let avail = match &*self.rx.borrow_and_update() {
-                // The last byte is held back until the blob is verified: no client ever
-                // receives a complete body that failed verification.
-                FillState::Streaming {
-                    written,
-                    size: Some(size),
-                } => (*written).min(size.saturating_sub(1)),
-                FillState::Verified { size } | FillState::Done { size } => *size,
-                FillState::Queued
-                | FillState::Connecting
-                | FillState::Streaming { size: None, .. } => 0,
-                FillState::Failed(e) => {
-                    self.finished = true;
-                    return Some(Err(std::io::Error::other(e.to_string())));
-                }
-            };
-            // The first piece goes out at once (time to first byte); after that a reader that
-            // has caught up waits for a worthwhile batch instead of one upstream frame each.
-            let done = matches!(
-                *self.rx.borrow(),
-                FillState::Verified { .. } | FillState::Done { .. }
-            );
-            let wanted = if self.sent_any {
-                BATCH.min(self.end - self.pos)
-            } else {
-                1
-            };
-            if self.pos < avail
-                && (done || avail.min(self.end) - self.pos >= wanted || avail >= self.end)
-            {
-                self.sent_any = true;
-                return Some(self.read(avail).await);
-            }
-            // Bytes are waiting but not yet a batch: wait a little for more, then send what
-            // there is, so a stalled upstream never starves a reader of bytes already here.
-            let changed = if self.pos < avail {
-                match tokio::time::timeout(BATCH_WAIT, self.rx.changed()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        self.sent_any = true;
-                        return Some(self.read(avail).await);
-                    }
-                }
-            } else {
-                self.rx.changed().await
-            };
-            // The Fill (and so the sender) lives as long as this reader, and the fill's guard
-            // always leaves a final state, so this only errs if that guarantee broke.
-            if changed.is_err() {
-                self.finished = true;
-                return Some(Err(std::io::Error::other(
-                    "fill ended before the blob was complete",
-                )));
-            }
-        }
-    }
-
-    /// Reads the next piece from the spool (or the committed blob) off the async workers.
-    async fn read(&mut self, avail: u64) -> Result<Bytes, std::io::Error> {
-        let n = (avail.min(self.end) - self.pos).min(READ_PIECE);
-        let (file, cx, fill, pos) = (
-            self.file.clone(),
-            self.cx.clone(),
-            self.fill.clone(),
-            self.pos,
-        );
-        let read = tokio::task::spawn_blocking(move || {
-            let file = match file.or_else(|| fill.spool.get().cloned()) {
-                Some(f) => f,
-                // Not reached once the spool exists (see `Fill::spool`); kept as a fallback.
-                None => Arc::new(
-                    File::open(&fill.path)
-                        .ok()
-                        .or_else(|| cx.store.open_blob(&fill.digest).ok())
-                        .ok_or_else(|| std::io::Error::other("blob vanished during fill"))?,
-                ),
-            };
-            let mut buf = vec![0u8; n as usize];
-            file.read_exact_at(&mut buf, pos)?;
-            Ok::<_, std::io::Error>((file, buf))
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        match read {
-            Ok((file, buf)) => {
-                self.file = Some(file);
-                self.pos += n;
-                Ok(Bytes::from(buf))
-            }
-            Err(e) => {
-                self.finished = true;
-                Err(e)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -775,7 +679,7 @@ mod tests {
             let _guard = guard;
             f.state.send_replace(FillState::Streaming {
                 size: Some(10),
-                written: 5,
+                received: 5,
             });
             panic!("injected");
         });

@@ -10,12 +10,14 @@ mod ask;
 pub mod blob;
 pub mod blocking;
 pub mod fill;
+pub mod follow;
 pub mod freshness;
 mod manifest_fetch;
 pub mod manifest_miss;
 pub mod prefetch;
 pub mod route;
 pub mod tag_list;
+pub mod tail;
 pub mod upstream;
 pub mod warm;
 

@@ -367,12 +367,12 @@ async fn fetch_blob(
         match state {
             FillState::Done { size } => break Ok(size),
             FillState::Failed(e) => break Err(e),
-            FillState::Streaming { written, .. } | FillState::Verified { size: written } => {
-                if written > counted {
+            FillState::Streaming { received, .. } | FillState::Verified { size: received } => {
+                if received > counted {
                     tally
                         .fetched
-                        .fetch_add(written - counted, Ordering::Relaxed);
-                    counted = written;
+                        .fetch_add(received - counted, Ordering::Relaxed);
+                    counted = received;
                     tally.report(false);
                 }
             }
