@@ -365,43 +365,71 @@ struct Spooled {
     digest: Digest,
 }
 
-/// The fill's blocking writer: writes and hashes the batches it is sent, in order, and records
-/// how much of the spool is on disk (so the tail knows what it may drop).
-fn spawn_writer(
-    file: File,
-    fill: Arc<Fill>,
-) -> (
-    mpsc::Sender<Vec<Bytes>>,
-    tokio::task::JoinHandle<std::io::Result<Spooled>>,
-) {
-    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
-    let handle = tokio::task::spawn_blocking(move || {
-        let mut hasher = Digester::new(fill.digest.algorithm());
-        let mut len = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
-            for data in batch {
-                file.write_all_at(&data, len)?;
-                hasher.update(&data);
-                len += data.len() as u64;
-            }
-            fill.written.store(len, Ordering::Release);
-        }
-        Ok(Spooled {
-            file,
-            len,
-            digest: hasher.finish(),
-        })
-    });
-    (tx, handle)
+/// The fill's two blocking workers, fed the same batches in order: one writes them to the
+/// spool and records how much is on disk (so the tail knows what it may drop), the other
+/// hashes them. Apart, they run on both cores: hashing is the costliest step of a fill.
+struct SpoolWriter {
+    to_disk: mpsc::Sender<Vec<Bytes>>,
+    to_hash: mpsc::Sender<Vec<Bytes>>,
+    disk: tokio::task::JoinHandle<std::io::Result<(File, u64)>>,
+    hash: tokio::task::JoinHandle<Digest>,
 }
 
-async fn writer_result(
-    handle: tokio::task::JoinHandle<std::io::Result<Spooled>>,
-) -> Result<Spooled, FillError> {
-    handle
-        .await
-        .map_err(|e| FillError::Store(e.to_string()))?
-        .map_err(|e| FillError::Store(e.to_string()))
+impl SpoolWriter {
+    fn spawn(file: File, fill: Arc<Fill>) -> Self {
+        let (to_disk, mut disk_rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let (to_hash, mut hash_rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let algorithm = fill.digest.algorithm();
+        let disk = tokio::task::spawn_blocking(move || {
+            let mut len = 0u64;
+            while let Some(batch) = disk_rx.blocking_recv() {
+                for data in batch {
+                    file.write_all_at(&data, len)?;
+                    len += data.len() as u64;
+                }
+                fill.written.store(len, Ordering::Release);
+            }
+            Ok((file, len))
+        });
+        let hash = tokio::task::spawn_blocking(move || {
+            let mut hasher = Digester::new(algorithm);
+            while let Some(batch) = hash_rx.blocking_recv() {
+                for data in batch {
+                    hasher.update(&data);
+                }
+            }
+            hasher.finish()
+        });
+        Self {
+            to_disk,
+            to_hash,
+            disk,
+            hash,
+        }
+    }
+
+    /// Hands a batch to both workers; false if either stopped (`finish` says why).
+    async fn send(&self, batch: Vec<Bytes>) -> bool {
+        self.to_hash.send(batch.clone()).await.is_ok() && self.to_disk.send(batch).await.is_ok()
+    }
+
+    /// Waits for both workers to finish what they were sent.
+    async fn finish(self) -> Result<Spooled, FillError> {
+        let Self {
+            to_disk,
+            to_hash,
+            disk,
+            hash,
+        } = self;
+        drop((to_disk, to_hash));
+        let store_error = |e: &dyn std::fmt::Display| FillError::Store(e.to_string());
+        let (file, len) = disk
+            .await
+            .map_err(|e| store_error(&e))?
+            .map_err(|e| store_error(&e))?;
+        let digest = hash.await.map_err(|e| store_error(&e))?;
+        Ok(Spooled { file, len, digest })
+    }
 }
 
 async fn run(
@@ -475,7 +503,7 @@ async fn run(
     let _ = fill.spool.set(Arc::new(readers));
     fill.state
         .send_replace(FillState::Streaming { size, received: 0 });
-    let (tx, writer) = spawn_writer(file, fill.clone());
+    let writer = SpoolWriter::spawn(file, fill.clone());
     let mut received = 0u64;
     let mut body = resp.into_body();
     let mut resumes = 0;
@@ -516,10 +544,9 @@ async fn run(
                     return Err(FillError::SizeMismatch { want, got });
                 }
                 fill.received(&batch, got);
-                if tx.send(batch).await.is_err() {
-                    // The writer stopped: its error says why.
-                    drop(tx);
-                    writer_result(writer).await?;
+                if !writer.send(batch).await {
+                    // A worker stopped: the writer's error says why.
+                    writer.finish().await?;
                     return Err(FillError::Store("the spool writer stopped".into()));
                 }
                 received = got;
@@ -576,8 +603,7 @@ async fn run(
             }
         }
     }
-    drop(tx);
-    let spooled = writer_result(writer).await?;
+    let spooled = writer.finish().await?;
     if spooled.digest != fill.digest {
         return Err(FillError::DigestMismatch {
             expected: fill.digest.to_string(),

@@ -1,6 +1,6 @@
 //! A client's view of a fill: bytes `pos..end` of the blob as they arrive. A reader that keeps
 //! up takes the fill's in-memory tail (the upstream's own buffers, no copy); one that fell
-//! behind reads the spool on the blocking pool. The last byte waits until the blob is
+//! behind reads the spool: inline when the pages are cached, else on the blocking pool. The last byte waits until the blob is
 //! verified, so no client ever receives a complete body that failed verification.
 
 use std::fs::File;
@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use super::Context;
 use super::fill::{Fill, FillState};
 use super::tail::Piece;
+use crate::store::pagecache;
 
 /// Largest piece a reader takes from the spool at once.
-const READ_PIECE: u64 = 512 << 10;
+const READ_PIECE: u64 = 256 << 10;
 /// Smallest batch a caught-up reader waits for after its first piece (unless the blob is
 /// complete), so a client gets worthwhile writes rather than one upstream frame each.
 const BATCH: u64 = 256 << 10;
@@ -137,6 +138,16 @@ impl Follower {
             Piece::Spool { upto } => upto,
         };
         let n = (upto - self.pos).min(READ_PIECE);
+        // Just written, the spool is nearly always in the page cache: read it here without a
+        // hop to the blocking pool when that needs no wait for the disk.
+        if let Some(file) = self.file.clone().or_else(|| self.fill.spool()) {
+            let mut buf = vec![0u8; n as usize];
+            if let Ok(true) = pagecache::read_if_cached(&file, self.pos, &mut buf) {
+                self.file = Some(file);
+                self.pos += n;
+                return Ok(Bytes::from(buf));
+            }
+        }
         let (file, cx, fill, pos) = (
             self.file.clone(),
             self.cx.clone(),
