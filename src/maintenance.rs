@@ -24,8 +24,9 @@ pub struct Supervisor {
 
 /// How often the TLS certificate files are checked for changes.
 const TLS_WATCH_PERIOD: Duration = Duration::from_secs(10);
-/// How often tag-resolution history is pruned to `cache.history_max_age` / `_entries`.
-const HISTORY_PRUNE_PERIOD: Duration = Duration::from_secs(3600);
+/// How often tag-resolution history (to `cache.history_max_age` / `_entries`) and dead letters
+/// (to `MAX_DEAD_LETTERS` per endpoint) are pruned.
+const HOURLY_PRUNE_PERIOD: Duration = Duration::from_secs(3600);
 /// How often expired tokens and forgotten login failures are pruned.
 const PRUNE_PERIOD: Duration = Duration::from_secs(600);
 
@@ -74,6 +75,8 @@ impl Supervisor {
                 .spawn(crate::proxy::warm::keep(cx, lists, stop));
         }
         crate::events::start(app, &supervisor.cancel, &supervisor.tasks);
+        let a = app.clone();
+        supervisor.every(HOURLY_PRUNE_PERIOD, move |_| prune_dead_letters(a.clone()));
         supervisor
     }
 
@@ -182,7 +185,7 @@ impl Supervisor {
             }
         });
         let a = app.clone();
-        self.repeat(Duration::ZERO, HISTORY_PRUNE_PERIOD, move |_| {
+        self.repeat(Duration::ZERO, HOURLY_PRUNE_PERIOD, move |_| {
             prune_tag_history(a.clone())
         });
     }
@@ -365,6 +368,22 @@ async fn prune_tag_history(app: Arc<App>) {
     {
         Some(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned tag history"),
         Some(Err(e)) => tracing::error!(error = %e, "pruning tag history failed"),
+        _ => {}
+    }
+}
+
+/// Hourly: each endpoint keeps its newest `MAX_DEAD_LETTERS` dead letters.
+async fn prune_dead_letters(app: Arc<App>) {
+    let keep = crate::store::outbox::MAX_DEAD_LETTERS;
+    match blocking("dead letter pruning", move || {
+        app.store.prune_dead_letters(keep)
+    })
+    .await
+    {
+        Some(Ok(n)) if n > 0 => {
+            tracing::warn!(removed = n, keep, "dropped the oldest dead-lettered events")
+        }
+        Some(Err(e)) => tracing::error!(error = %e, "pruning dead letters failed"),
         _ => {}
     }
 }

@@ -179,6 +179,9 @@ const INSTANCE_KEY: &[u8] = b"events_instance";
 pub const PRUNE_BATCH: usize = 10_000;
 const DEAD: u8 = 0;
 const RETRY: u8 = 1;
+/// Dead letters kept per endpoint: `prune_dead_letters` drops the oldest beyond this, so a
+/// receiver that refuses everything for months cannot grow the index without bound.
+pub const MAX_DEAD_LETTERS: usize = 10_000;
 
 impl Outbox {
     pub(crate) fn open(index: &Index, kinds: Kinds) -> Result<Self, IndexError> {
@@ -294,6 +297,12 @@ fn dead_key(endpoint: &str, seq: u64) -> Vec<u8> {
     let mut k = index::prefix(&[endpoint]);
     k.extend_from_slice(&seq_key(seq));
     k
+}
+
+/// Where a dead letter's key splits: `endpoint \0 seq` (the seq's bytes may hold zeros, so
+/// split by length).
+fn dead_key_split(k: &[u8]) -> Option<usize> {
+    k.len().checked_sub(9).filter(|i| k[*i] == 0)
 }
 
 fn decode(cf: &'static str, seq: u64, v: &[u8]) -> Result<EventRecord, IndexError> {
@@ -492,14 +501,47 @@ impl Store {
         Ok(self.index.write_synced(b)?)
     }
 
+    /// Drops each endpoint's oldest dead letters beyond `keep`; returns how many went.
+    pub fn prune_dead_letters(&self, keep: usize) -> Result<usize, StoreError> {
+        let mut counts: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+        self.index.scan(CF_EVENT_DEAD, b"", None, |k, _| {
+            if let Some(split) = dead_key_split(k) {
+                *counts.entry(k[..=split].to_vec()).or_default() += 1;
+            }
+            true
+        })?;
+        let mut removed = 0;
+        for (prefix, count) in counts {
+            let mut excess = count.saturating_sub(keep);
+            while excess > 0 {
+                let mut batch = self.index.batch();
+                let mut n = 0;
+                self.index.scan(CF_EVENT_DEAD, &prefix, None, |k, _| {
+                    if n == excess.min(PRUNE_BATCH) {
+                        return false;
+                    }
+                    batch.delete(CF_EVENT_DEAD, k);
+                    n += 1;
+                    true
+                })?;
+                if n == 0 {
+                    break;
+                }
+                self.index.write_relaxed(batch)?;
+                excess -= n;
+                removed += n;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Dead letters, of one endpoint or all, oldest first per endpoint.
     pub fn dead_letters(&self, endpoint: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
         let p = endpoint.map(|e| index::prefix(&[e])).unwrap_or_default();
         let mut out = Vec::new();
         let mut bad = None;
         self.index.scan(CF_EVENT_DEAD, &p, None, |k, v| {
-            // endpoint \0 seq: the seq's bytes may hold zeros, so split by length.
-            let Some(split) = k.len().checked_sub(9).filter(|i| k[*i] == 0) else {
+            let Some(split) = dead_key_split(k) else {
                 return true;
             };
             let (Some(seq), Some((state, json))) = (seq_of(&k[split + 1..]), v.split_first())
@@ -823,6 +865,30 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, vec![3]);
+    }
+
+    #[test]
+    fn only_the_newest_dead_letters_of_each_endpoint_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), [EventKind::Push].into_iter().collect());
+        for i in 0..7 {
+            write(&s, EventKind::Push, &format!("p/{i}"));
+        }
+        let events = s.events_after(0, 10).unwrap().0;
+        for e in &events {
+            s.dead_letter("a", e).unwrap();
+        }
+        s.dead_letter("b", &events[0]).unwrap();
+        assert_eq!(s.prune_dead_letters(3).unwrap(), 4);
+        let kept: Vec<(String, u64)> = s
+            .dead_letters(None)
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.endpoint, d.event.seq))
+            .collect();
+        let want = [("a", 5), ("a", 6), ("a", 7), ("b", 1)].map(|(e, n)| (e.to_string(), n));
+        assert_eq!(kept, want);
+        assert_eq!(s.prune_dead_letters(3).unwrap(), 0);
     }
 
     /// Everything delivered and pruned, then a restart: new events are numbered above the
