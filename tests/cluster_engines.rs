@@ -34,6 +34,18 @@ fn objects(s3: &SeaweedFs, prefix: Option<&str>) -> Objects {
     .expect("valid options")
 }
 
+/// A SeaweedFS started for the test with `BUCKET` in it, and the blob store on it (None, after
+/// a loud skip, where SeaweedFS cannot run outside CI).
+fn bucket(prefix: Option<&str>) -> Option<(SeaweedFs, Objects)> {
+    if !SeaweedFs::available() {
+        return None;
+    }
+    let s3 = SeaweedFs::start();
+    s3.create_bucket(BUCKET);
+    let o = objects(&s3, prefix);
+    Some((s3, o))
+}
+
 /// `data` as a stream of uneven chunks (as a network would hand it over).
 fn chunked(
     data: &[u8],
@@ -70,15 +82,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_multipart_blob_round_trips_byte_exact_with_ranges_listing_and_a_presigned_url() {
-    if !SeaweedFs::available() {
+    let Some((s3, o)) = bucket(Some("team/reg")) else {
         return;
-    }
-    let s3 = SeaweedFs::start();
-    s3.create_bucket(BUCKET);
+    };
     // Three parts of 5 MiB (two full, one partial).
     let data = random_bytes(2 * MIN_PART_SIZE + 3 * 1024 * 1024 + 17, 1);
     let digest = Digest::sha256_of(&data);
-    let o = objects(&s3, Some("team/reg"));
     runtime().block_on(async {
         o.put_verified(&digest, data.len() as u64, chunked(&data))
             .await
@@ -154,12 +163,9 @@ fn a_multipart_blob_round_trips_byte_exact_with_ranges_listing_and_a_presigned_u
 
 #[test]
 fn wrong_bytes_leave_no_object_and_no_multipart_upload() {
-    if !SeaweedFs::available() {
+    let Some((s3, o)) = bucket(None) else {
         return;
-    }
-    let s3 = SeaweedFs::start();
-    s3.create_bucket(BUCKET);
-    let o = objects(&s3, None);
+    };
     let big = random_bytes(3 * MIN_PART_SIZE + 5, 2);
     let small = random_bytes(1000, 3);
     runtime().block_on(async {
@@ -209,6 +215,43 @@ fn wrong_bytes_leave_no_object_and_no_multipart_upload() {
         let listed: HashSet<Digest> = o.list().map(|b| b.expect("listed").digest).collect().await;
         assert_eq!(listed, HashSet::from([digest, small_digest]));
         assert_eq!(s3.multipart_uploads(BUCKET), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn a_cancelled_put_leaves_no_multipart_upload_behind() {
+    let Some((s3, o)) = bucket(None) else {
+        return;
+    };
+    let data = random_bytes(3 * MIN_PART_SIZE, 4);
+    let digest = Digest::sha256_of(&data);
+    runtime().block_on(async {
+        // Two parts' worth of bytes, then a source that never sends more: the put is dropped
+        // there (as a fill or push is at shutdown).
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut reached_tx = Some(reached_tx);
+        let stalling = chunked(&data[..2 * MIN_PART_SIZE + 10]).chain(stream::poll_fn(move |_| {
+            if let Some(tx) = reached_tx.take() {
+                let _ = tx.send(());
+            }
+            std::task::Poll::Pending
+        }));
+        let put = o.put_verified(&digest, data.len() as u64, stalling);
+        tokio::select! {
+            r = put => panic!("a stalled put ended: {r:?}"),
+            r = reached_rx => r.expect("the source reached its stall"),
+        }
+        // The put future is dropped: its multipart upload existed and is aborted.
+        let mut left = s3.multipart_uploads(BUCKET);
+        for _ in 0..200 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            left = s3.multipart_uploads(BUCKET);
+        }
+        assert_eq!(left, Vec::<String>::new());
+        assert_eq!(o.head(&digest).await.expect("head"), None);
     });
 }
 

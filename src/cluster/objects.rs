@@ -164,7 +164,10 @@ impl Objects {
             }
         }
         let upload = self.s3.put_multipart(&key).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let mut guard = AbortOnDrop(None);
+        let writer = guard
+            .0
+            .insert(WriteMultipart::new_with_chunk_size(upload, self.part_size));
         for piece in first.freeze() {
             writer.put(piece);
         }
@@ -178,17 +181,17 @@ impl Objects {
             check.finish()
         }
         .await;
-        match streamed {
-            Ok(()) => {
+        // Disarmed: from here on the upload is completed or aborted explicitly.
+        match (streamed, guard.0.take()) {
+            (Ok(()), Some(writer)) => {
                 writer.finish().await?;
                 Ok(())
             }
-            Err(e) => {
-                if let Err(abort) = writer.abort().await {
-                    tracing::warn!(%digest, error = %abort, "cannot abort a refused multipart upload; the bucket's lifecycle rule or GC must remove it");
-                }
+            (Err(e), Some(writer)) => {
+                abort(writer, digest).await;
                 Err(e)
             }
+            (result, None) => result,
         }
     }
 
@@ -268,6 +271,30 @@ impl Objects {
             )
             .await?;
         Ok(url.to_string())
+    }
+}
+
+/// A multipart upload that is aborted when `put_verified`'s future is dropped before the upload
+/// ends (a fill or push cancelled at shutdown), so no parts are left behind in the bucket.
+struct AbortOnDrop(Option<WriteMultipart>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = writer.abort().await {
+                    tracing::warn!(error = %e, "cannot abort a cancelled multipart upload; the bucket's lifecycle rule or GC must remove it");
+                }
+            });
+        }
+    }
+}
+
+async fn abort(writer: WriteMultipart, digest: &Digest) {
+    if let Err(e) = writer.abort().await {
+        tracing::warn!(%digest, error = %e, "cannot abort a refused multipart upload; the bucket's lifecycle rule or GC must remove it");
     }
 }
 
