@@ -5,6 +5,7 @@ pub mod admin;
 pub mod airgap;
 pub mod auth;
 pub mod cache_admin;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod events;
@@ -49,10 +50,15 @@ pub enum BuildError {
     Tls(#[from] http::tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthBuildError),
+    #[error("{}", config::CLUSTER_UNAVAILABLE)]
+    ClusterUnavailable,
 }
 
 impl App {
     pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
+        if config.storage.is_cluster() {
+            return Err(BuildError::ClusterUnavailable);
+        }
         let store = Arc::new(Store::open(
             &config.server.data_dir,
             store_options(&config),

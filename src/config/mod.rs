@@ -16,10 +16,12 @@ use toml::Spanned;
 use crate::oci::RepoName;
 
 mod notify;
+mod storage;
 mod units;
 mod users;
 mod warm;
 pub use notify::{NotifyConfig, NotifyEvent, NotifyFormat};
+pub use storage::{CLUSTER_UNAVAILABLE, PostgresConfig, S3Config, S3Credentials};
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
@@ -208,6 +210,12 @@ pub enum LogFormat {
 pub struct StorageConfig {
     pub manifest_cache: ByteSize,
     pub max_manifest_size: ByteSize,
+    /// The cluster profile's bucket (with `postgres`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+    /// The cluster profile's metadata database (with `s3`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConfig>,
 }
 
 impl Default for StorageConfig {
@@ -215,6 +223,8 @@ impl Default for StorageConfig {
         Self {
             manifest_cache: ByteSize(64 << 20),
             max_manifest_size: ByteSize(4 << 20),
+            s3: None,
+            postgres: None,
         }
     }
 }
@@ -608,6 +618,7 @@ impl Config {
         }
         warm::validate(self)?;
         notify::validate(&self.notify)?;
+        storage::validate(&self.storage)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

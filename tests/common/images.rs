@@ -861,9 +861,14 @@ impl Drop for Containerd {
 /// Stops a daemon the test started, by its PID: SIGTERM for a clean shutdown, SIGKILL if it
 /// has not exited within `grace`.
 pub fn stop_child(child: &mut Child, grace: Duration) {
+    stop_child_with(child, libc::SIGTERM, grace);
+}
+
+/// `stop_child` with the daemon's own shutdown signal (e.g. SIGINT for PostgreSQL).
+pub fn stop_child_with(child: &mut Child, signal: libc::c_int, grace: Duration) {
     // SAFETY: signalling a child this test started (and has not reaped yet).
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(child.id() as libc::pid_t, signal);
     }
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {

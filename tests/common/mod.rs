@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use transship::App;
 use transship::config::Config;
 
+pub mod engines;
 pub mod images;
 pub mod tls;
 pub mod upstream;

@@ -1,0 +1,86 @@
+//! Schema migrations: numbered SQL files in `src/cluster/migrations/`, embedded in the binary
+//! and applied at start, each once, in order. Replicas starting together serialise on an
+//! advisory lock, and all pending migrations run in one transaction with the
+//! `schema_migrations` rows that record them, so a crash leaves the schema as it was. A database
+//! migrated by a newer binary is refused rather than used with a schema this one does not know.
+
+use super::pg::PgError;
+
+/// One embedded migration.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration this binary knows, in order. Never edit one that has shipped: add the next.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("migrations/0001_init.sql"),
+}];
+
+/// The advisory lock key replicas take while migrating ("tsmigrat" in ASCII).
+const LOCK_KEY: i64 = 0x7473_6d69_6772_6174;
+
+/// The schema version this binary expects.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Applies what is pending; returns the versions applied (none when the schema is current).
+pub async fn apply(client: &mut deadpool_postgres::Client) -> Result<Vec<i32>, PgError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    if current > latest() {
+        return Err(PgError::SchemaTooNew {
+            database: current,
+            binary: latest(),
+        });
+    }
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        tx.batch_execute(m.sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )
+        .await?;
+        applied.push(m.version);
+    }
+    tx.commit().await?;
+    if !applied.is_empty() {
+        tracing::info!(versions = ?applied, "applied database migrations");
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_up_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1, "{}", m.name);
+            assert!(!m.sql.trim().is_empty(), "{}", m.name);
+        }
+        assert_eq!(latest(), MIGRATIONS.len() as i32);
+    }
+}

@@ -1,0 +1,11 @@
+//! The cluster profile's building blocks: several replicas serving one registry from an
+//! S3-compatible bucket (`objects`) and a PostgreSQL database (`pg` and its parts). Nothing here
+//! is wired into the server yet; `Store` will gain a cluster implementation on top of it. Like
+//! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
+
+pub mod fill_lease;
+pub mod migrate;
+pub mod objects;
+pub mod pg;
+pub mod signing_key;
+pub mod tags;

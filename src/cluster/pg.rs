@@ -1,0 +1,94 @@
+//! The metadata database: a pool of PostgreSQL connections (`Db`), opened with the schema
+//! migrated to what this binary knows (`migrate`). Everything replicas must agree on lives
+//! there; the operations on it are in sibling modules (`fill_lease`, `tags`, `signing_key`).
+//! Time is always the database's `now()`, never a replica's clock.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::migrate;
+
+/// How long a caller waits for a free connection before the request fails.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+/// How long opening one connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/dbname` or `host=... dbname=...`, without a password.
+    pub url: String,
+    pub password: Option<String>,
+    /// Connections kept at most.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &self.url)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("storage.postgres.url: {0}")]
+    Url(#[source] tokio_postgres::Error),
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error(
+        "the database's schema is version {database}, newer than this binary knows ({binary}): upgrade transship before pointing it at this database"
+    )]
+    SchemaTooNew { database: i32, binary: i32 },
+    #[error("the database holds an unexpected value: {0}")]
+    Corrupt(String),
+}
+
+/// The pooled database, its schema current.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+impl Db {
+    /// Connects and brings the schema up to date (see `migrate::apply`).
+    pub async fn open(options: &PgOptions) -> Result<Self, PgError> {
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(PgError::Url)?;
+        if let Some(password) = &options.password {
+            config.password(password);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("transship");
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()?;
+        let db = Self { pool };
+        migrate::apply(&mut db.client().await?).await?;
+        Ok(db)
+    }
+
+    /// A connection from the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
+        Ok(self.pool.get().await?)
+    }
+}
