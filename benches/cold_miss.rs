@@ -285,14 +285,15 @@ impl Bench<'_> {
     fn table(&mut self, title: &str, upstream: &str, shaper: Option<&Shaper>) -> Vec<Row> {
         println!("\ncold miss on an uncached 256 MiB layer, {title} (fresh caches for every row)");
         println!(
-            "{:<34} {:>9} {:>11} {:>11} {:>14} {:>13} {:>15}",
+            "{:<34} {:>9} {:>11} {:>11} {:>14} {:>13} {:>15} {:>10}",
             "case",
             "wall",
             "TTFB med.",
             "TTFB max",
             "upstream GETs",
             "upstream MiB",
-            "upstream conns"
+            "upstream conns",
+            "peak RSS"
         );
         let mut rows = Vec::new();
         for (name, clients) in [
@@ -327,8 +328,10 @@ impl Bench<'_> {
             let conns = shaper
                 .zip(conns_before)
                 .map_or("-".to_string(), |(s, c)| (s.connections() - c).to_string());
+            // Read before stopping: VmHWM is gone with the process.
+            let rss = proc.peak_rss_mib();
             println!(
-                "{:<34} {:>8.2}s {:>9.1}ms {:>9.1}ms {:>14} {:>13.0} {conns:>15}",
+                "{:<34} {:>8.2}s {:>9.1}ms {:>9.1}ms {:>14} {:>13.0} {conns:>15} {rss:>6.1} MiB",
                 format!("{name}, {clients} client(s)"),
                 p.wall.as_secs_f64(),
                 p.ttfb_median.as_secs_f64() * 1000.0,
@@ -338,6 +341,7 @@ impl Bench<'_> {
             );
             let warm = (clients == 1 && shaper.is_none()).then(|| pulls(self.rt, &url, 1).wall);
             if name == "transship" {
+                // Read again: the warm pull may have raised it.
                 self.ts_rss = self.ts_rss.max(proc.peak_rss_mib());
             }
             drop(proc);
