@@ -7,10 +7,19 @@
 //! - small blob (4 KiB) GET req/s, 32 connections                       [>= 0.5x nginx]
 //! - manifest GET by tag req/s, 64 connections                          [>= 0.5x nginx]
 //! - monolithic push of 256 MiB, wall time                              [>= 2.5x distribution]
-//! - transship peak RSS over the whole run                              [<= 100 MiB]
 //! - small blob (4 KiB) GET req/s, 32 connections, while another client reads the 256 MiB
-//!   blob cold (its file dropped from the page cache before every read), as a ratio to the
-//!   same run with the blob cached: a cold read must not stall the other requests
+//!   blob cold (its file dropped from the page cache before every read, checked), as a ratio
+//!   to the same run with the blob cached, and wrk's p99 latency in both: a cold read must
+//!   not stall the other requests                                 [>= 0.8x the hot run]
+//!   The cold run is repeated with the server's disk reads limited to 200 MB/s (`slow_disk`:
+//!   a block-I/O cgroup, root only), since this machine's disk answers from the host's cache.
+//! - HTTPS (issue 14), transship (rustls) vs nginx (OpenSSL, TLSv1.3 only), the same
+//!   self-signed certificate, both with access logs and keep-alive, as many worker threads /
+//!   processes as cores: 256 MiB GET at 1 and 8 connections (GB/s)       [>= 1.0x nginx]
+//!   4 KiB blob GET and manifest GET by tag over HTTP/1.1 (wrk) and over HTTP/2 (h2load,
+//!   8 connections x 8 streams)                                   [h2: >= 0.9x nginx]
+//!   transship is restarted on the same data with `[server.tls]` for these cases.
+//! - transship peak RSS (VmHWM) over the whole run, both processes    [<= 64 MiB]
 //!
 //! `BENCH_SECONDS` sets the duration of each wrk run (default 8). `BENCH_FILTER` runs only the
 //! GET cases whose label contains it (the push case only if it contains "push"). wrk runs on
@@ -32,8 +41,15 @@ const LARGE: usize = 256 << 20;
 const SMALL: usize = 4 << 10;
 const REPO: &str = "local/bench";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The read rate of the slow-disk rows of the cold-read case (bytes per second): above the
+/// reader's 150 MB/s, so it reads as much as in the other rows, each 2 MiB window ~10 ms.
+const SLOW_DISK: u64 = 200_000_000;
 
 mod common;
+#[path = "load/https.rs"]
+mod https;
+#[path = "load/slow_disk.rs"]
+mod slow_disk;
 
 use common::{Proc, free_port, random_bytes, sha256, upload_put_url};
 
@@ -145,6 +161,8 @@ impl Pusher {
 struct WrkResult {
     requests_per_sec: f64,
     bytes_per_sec: f64,
+    /// The 99th percentile of request latency, in milliseconds.
+    p99_ms: f64,
 }
 
 fn parse_size(s: &str) -> f64 {
@@ -170,15 +188,9 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[&str]) -> WrkResult
         &format!("{seconds}s"),
         "--timeout",
         "30s",
+        "--latency",
     ]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd
-        .arg(url)
-        .output()
-        .expect("wrk (run ./scripts/bench, which installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = load_tool_output(cmd, headers, url, "wrk");
     let field = |name: &str| {
         text.lines()
             .find(|l| l.trim_start().starts_with(name))
@@ -194,6 +206,31 @@ fn wrk(url: &str, connections: u32, seconds: u64, headers: &[&str]) -> WrkResult
         bytes_per_sec: field("Transfer/sec:")
             .map(|v| parse_size(&v))
             .unwrap_or(0.0),
+        p99_ms: field("99%").map_or(f64::NAN, |v| parse_ms(&v)),
+    }
+}
+
+/// Runs a load generator (`cmd`, its options set) with `headers` against `url`; its output.
+fn load_tool_output(mut cmd: Command, headers: &[&str], url: &str, package: &str) -> String {
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run ./scripts/bench, which installs {package})"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A wrk latency ("635.91us", "1.20ms", "2.00s") in milliseconds.
+fn parse_ms(s: &str) -> f64 {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    n * match unit {
+        "us" => 0.001,
+        "s" => 1000.0,
+        "m" => 60_000.0,
+        _ => 1.0,
     }
 }
 
@@ -206,18 +243,26 @@ fn evict(path: &Path) {
     // SAFETY: a plain syscall on an open descriptor.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(rc, 0, "posix_fadvise on {}", path.display());
+    // On tmpfs (or with the pages held elsewhere) nothing is dropped and "cold" would be hot.
+    let len = f.metadata().map_or(0, |m| m.len()) as usize;
+    assert!(
+        !transship::store::pagecache::file_range_resident(&f, 0, len, &mut Vec::new()),
+        "{} is still wholly in the page cache after POSIX_FADV_DONTNEED (tmpfs?)",
+        path.display()
+    );
 }
 
 /// 4 KiB blob req/s (32 connections) while another client reads the large blob in a loop at a
 /// fixed rate (the same for both runs, so the reader costs the same CPU), its file evicted
-/// from the page cache before every read when `cold`.
+/// from the page cache before every read when `cold`. Returns wrk's figures and the large
+/// reads started.
 fn small_while_large(
     small_url: &str,
     large_url: &str,
     large_file: &Path,
     cold: bool,
     seconds: u64,
-) -> f64 {
+) -> (WrkResult, u32) {
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (stop, url, file) = (
@@ -246,8 +291,8 @@ fn small_while_large(
     std::thread::sleep(Duration::from_millis(300));
     let r = wrk(small_url, 32, seconds, &[]);
     stop.store(true, Ordering::Relaxed);
-    reader.join().expect("reader");
-    r.requests_per_sec
+    let reads = reader.join().expect("reader");
+    (r, reads)
 }
 
 fn main() {
@@ -313,13 +358,19 @@ fn main() {
     std::fs::write(blobs_dir.join(&large_d), &large).expect("large");
     std::fs::write(blobs_dir.join(&small_d), &small).expect("small");
     std::fs::write(manifests_dir.join("latest"), &manifest).expect("manifest");
+    let nginx_tls_port = free_port();
+    let certificate = https::self_signed(d);
     let nginx_conf = d.join("nginx.conf");
     std::fs::write(
         &nginx_conf,
         format!(
-            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {d}/nginx-access.log;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n  default_type application/octet-stream;\n  client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n  uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    root {www};\n    location /v2/{REPO}/manifests/ {{ default_type {OCI_MANIFEST}; }}\n  }}\n}}\n",
+            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log {d}/nginx-access.log;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n  default_type application/octet-stream;\n  client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n  uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n  server {{\n    listen 127.0.0.1:{nginx_port};\n    {content}\n  }}\n  server {{\n    {tls}\n    {content}\n  }}\n}}\n",
             d = d.display(),
-            www = www.display()
+            content = format!(
+                "root {};\n    location /v2/{REPO}/manifests/ {{ default_type {OCI_MANIFEST}; }}",
+                www.display()
+            ),
+            tls = https::nginx_listen(nginx_tls_port, &certificate),
         ),
     )
     .expect("nginx config");
@@ -347,7 +398,8 @@ fn main() {
 
     // Pushes: 3 fresh 256 MiB blobs each, median wall time; then the content the GETs read.
     let pusher = Pusher::new();
-    let push_files: Vec<(PathBuf, String)> = (0..3)
+    let time_pushes = filter.is_empty() || filter.contains("push");
+    let push_files: Vec<(PathBuf, String)> = (0..if time_pushes { 3 } else { 0 })
         .map(|i| {
             let data = random_bytes(LARGE, 100 + i);
             let path = d.join(format!("push-{i}"));
@@ -356,7 +408,6 @@ fn main() {
         })
         .collect();
     let mut push_times = Vec::new();
-    let time_pushes = filter.is_empty() || filter.contains("push");
     for r in &registries {
         if time_pushes {
             let mut times: Vec<Duration> = push_files
@@ -458,7 +509,8 @@ fn main() {
     }
 
     // Small requests next to a cold large read: transship and nginx (whose sendfile also
-    // reads on its worker), each as a ratio to the same run with the large blob cached.
+    // reads on its worker), each as a ratio to the same run with the large blob cached; then
+    // again with the server's disk reads limited, so that a cold read takes real time.
     let label = "4 KiB GET while 256 MiB read cold";
     if label.contains(filter.as_str()) {
         let hex = large_d.trim_start_matches("sha256:");
@@ -469,32 +521,214 @@ fn main() {
                 d.join("transship-data/blobs/sha256")
                     .join(&hex[..2])
                     .join(hex),
+                transship.pid(),
             ),
-            ("nginx", &bases[2], blobs_dir.join(&large_d)),
+            ("nginx", &bases[2], blobs_dir.join(&large_d), nginx.pid()),
         ];
+        let throttle = slow_disk::Throttle::new(&peers[0].2, SLOW_DISK);
+        match &throttle {
+            Ok(t) => println!(
+                "\nslow disk: the server in a block-I/O cgroup with {}",
+                t.describe()
+            ),
+            Err(e) => println!("\nslow-disk rows SKIPPED: {e} (needs root and a blkio/io cgroup)"),
+        }
         println!(
-            "\n{:<40} {:>12} {:>12} {:>10}",
-            "4 KiB GET req/s, 32 conns, while", "256 MiB hot", "256 MiB cold", "cold/hot"
+            "{:<58} {:>10} {:>8} {:>9} {:>11}",
+            "4 KiB GET, 32 conns, while a client reads 256 MiB",
+            "req/s",
+            "vs hot",
+            "p99",
+            "large reads"
         );
-        for (name, base, file) in &peers {
+        for (name, base, file, pid) in &peers {
             let small_url = format!("{base}/v2/{REPO}/blobs/{small_d}");
             let large_url = format!("{base}/v2/{REPO}/blobs/{large_d}");
-            let hot = small_while_large(&small_url, &large_url, file, false, seconds);
-            let cold = small_while_large(&small_url, &large_url, file, true, seconds);
-            println!(
-                "{:<40} {hot:>12.0} {cold:>12.0} {:>9.2}x",
-                format!("{label} ({name})"),
-                cold / hot
+            let (hot, hot_reads) = small_while_large(&small_url, &large_url, file, false, seconds);
+            let row = |what: &str, r: &WrkResult, reads: u32, target: &str| {
+                println!(
+                    "{:<58} {:>10.0} {:>7.2}x {:>7.2}ms {:>11} {target}",
+                    format!("{name}: {what}"),
+                    r.requests_per_sec,
+                    r.requests_per_sec / hot.requests_per_sec,
+                    r.p99_ms,
+                    reads
+                );
+            };
+            row("256 MiB hot", &hot, hot_reads, "");
+            let (cold, cold_reads) = small_while_large(&small_url, &large_url, file, true, seconds);
+            row(
+                "256 MiB cold (page cache dropped)",
+                &cold,
+                cold_reads,
+                "[target >= 0.8x]",
             );
+            if let Ok(t) = &throttle {
+                t.attach(*pid);
+                let (slow, slow_reads) =
+                    small_while_large(&small_url, &large_url, file, true, seconds);
+                t.detach_all();
+                row(
+                    &format!("256 MiB cold, disk reads <= {} MB/s", SLOW_DISK / 1_000_000),
+                    &slow,
+                    slow_reads,
+                    "[target >= 0.8x]",
+                );
+            }
         }
     }
-    println!(
-        "\ntransship peak RSS over the whole run: {:.1} MiB",
-        transship.peak_rss_mib()
-    );
+    // Read before stopping: VmHWM is gone with the process.
+    let mut ts_rss = transship.peak_rss_mib();
+    drop(transship);
     println!(
         "distribution peak RSS: {:.1} MiB",
         distribution.peak_rss_mib()
     );
+    drop(distribution);
+
+    let https = Https {
+        data_dir: d.join("transship-data"),
+        certificate: &certificate,
+        nginx: format!("https://127.0.0.1:{nginx_tls_port}"),
+        large: format!("/v2/{REPO}/blobs/{large_d}"),
+        small: format!("/v2/{REPO}/blobs/{small_d}"),
+        manifest: format!("/v2/{REPO}/manifests/latest"),
+        accept: &accept,
+        seconds,
+    };
+    if let Some(rss) = https.run(d, &filter) {
+        ts_rss = ts_rss.max(rss);
+    }
+    println!(
+        "\ntransship peak RSS (VmHWM) over the whole run: {ts_rss:.1} MiB  [target <= 64 MiB]"
+    );
     drop(nginx);
+}
+
+/// How the HTTPS cases load a server.
+enum Load {
+    /// wrk over HTTP/1.1, this many connections, reported in GB/s.
+    Throughput(u32),
+    /// wrk over HTTP/1.1, this many connections, reported in req/s.
+    H1(u32),
+    /// h2load: this many connections times this many concurrent streams, in req/s.
+    H2(u32, u32),
+}
+
+/// The HTTPS comparison: transship with `[server.tls]` on the data the plain cases used, and
+/// nginx's TLS server block on the same files.
+struct Https<'a> {
+    data_dir: PathBuf,
+    certificate: &'a https::Certificate,
+    nginx: String,
+    large: String,
+    small: String,
+    manifest: String,
+    accept: &'a str,
+    seconds: u64,
+}
+
+impl Https<'_> {
+    /// Runs the cases whose label contains `filter` (none: transship is not started); returns
+    /// the TLS transship's peak RSS.
+    fn run(&self, d: &Path, filter: &str) -> Option<f64> {
+        let no_headers: &[&str] = &[];
+        let accept = &[self.accept][..];
+        let cases = [
+            (
+                "HTTPS 256 MiB GET, HTTP/1.1, 1 conn (GB/s)",
+                &self.large,
+                Load::Throughput(1),
+                no_headers,
+            ),
+            (
+                "HTTPS 256 MiB GET, HTTP/1.1, 8 conns (GB/s)",
+                &self.large,
+                Load::Throughput(8),
+                no_headers,
+            ),
+            (
+                "HTTPS 4 KiB GET, HTTP/1.1, 32 conns (req/s)",
+                &self.small,
+                Load::H1(32),
+                no_headers,
+            ),
+            (
+                "HTTPS manifest by tag, HTTP/1.1, 64 conns (req/s)",
+                &self.manifest,
+                Load::H1(64),
+                accept,
+            ),
+            (
+                "HTTPS 4 KiB GET, HTTP/2, 8 conns x 8 streams (req/s)",
+                &self.small,
+                Load::H2(8, 8),
+                no_headers,
+            ),
+            (
+                "HTTPS manifest by tag, HTTP/2, 8x8 streams (req/s)",
+                &self.manifest,
+                Load::H2(8, 8),
+                accept,
+            ),
+        ];
+        if !cases.iter().any(|c| c.0.contains(filter)) {
+            return None;
+        }
+        let port = free_port();
+        let cfg = d.join("transship-tls.toml");
+        std::fs::write(
+            &cfg,
+            https::transship_config(port, &self.data_dir, self.certificate),
+        )
+        .expect("transship TLS config");
+        let transship = Proc::spawn(
+            "transship",
+            Command::new(env!("CARGO_BIN_EXE_transship"))
+                .args(["serve", "--config"])
+                .arg(&cfg),
+            &d.join("transship-tls.log"),
+            Some(port),
+        );
+        let bases = [format!("https://127.0.0.1:{port}"), self.nginx.clone()];
+        println!(
+            "\nHTTPS, same certificate (ECDSA P-256): transship {}; nginx {}",
+            https::negotiated(&format!("{}{}", bases[0], self.small)),
+            https::negotiated(&format!("{}{}", bases[1], self.small))
+        );
+        println!(
+            "{:<54} {:>12} {:>12} {:>10}",
+            "case", "transship", "nginx", "ts/nginx"
+        );
+        for (label, path, load, headers) in &cases {
+            if !label.contains(filter) {
+                continue;
+            }
+            let vals: Vec<f64> = bases
+                .iter()
+                .map(|b| {
+                    let url = format!("{b}{path}");
+                    match load {
+                        Load::Throughput(c) => {
+                            wrk(&url, *c, self.seconds, headers).bytes_per_sec / 1e9
+                        }
+                        Load::H1(c) => wrk(&url, *c, self.seconds, headers).requests_per_sec,
+                        Load::H2(c, m) => https::h2load(&url, *c, *m, self.seconds, headers),
+                    }
+                })
+                .collect();
+            let precision = if matches!(load, Load::Throughput(_)) {
+                2
+            } else {
+                0
+            };
+            println!(
+                "{label:<54} {:>12.precision$} {:>12.precision$} {:>9.2}x",
+                vals[0],
+                vals[1],
+                vals[0] / vals[1]
+            );
+        }
+        Some(transship.peak_rss_mib())
+    }
 }
