@@ -20,7 +20,6 @@
 //! docker-registry and wrk).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,55 +39,8 @@ mod common;
 #[path = "cold_miss/shaper.rs"]
 mod shaper;
 
-use common::{Proc, free_port, random_bytes, upload_put_url};
+use common::{distribution, free_port, random_bytes, transship, upload_put_url};
 use shaper::Shaper;
-
-fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
-    std::fs::create_dir_all(dir).expect("dir");
-    let proxy = remote
-        .map(|r| format!("proxy:\n  remoteurl: {r}\n"))
-        .unwrap_or_default();
-    let cfg = dir.join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}", dir.join("data").display()),
-    )
-    .expect("config");
-    Proc::spawn(
-        "docker-registry",
-        Command::new("docker-registry").arg("serve").arg(&cfg),
-        &dir.join("log"),
-        Some(port),
-    )
-}
-
-fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
-    std::fs::create_dir_all(dir).expect("dir");
-    let cfg = dir.join("transship.toml");
-    let text = transship::config::EMBEDDED_DEFAULT
-        .replace(
-            "url = \"https://registry-1.docker.io\"",
-            &format!("url = {upstream:?}"),
-        )
-        .replace(
-            "listen = \"127.0.0.1:5000\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-        )
-        .replace(
-            "data_dir = \"./transship-data\"",
-            &format!("data_dir = {:?}", dir.join("data").display().to_string()),
-        );
-    std::fs::write(&cfg, text).expect("config");
-    Proc::spawn(
-        "transship",
-        Command::new(env!("CARGO_BIN_EXE_transship"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "warn"),
-        &dir.join("log"),
-        Some(port),
-    )
-}
 
 /// One client's pull: time to first body byte, and the byte count.
 struct Pull {

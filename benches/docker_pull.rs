@@ -24,7 +24,7 @@ use hyper_util::rt::TokioExecutor;
 
 mod common;
 
-use common::{Proc, free_port, random_bytes, sha256, upload_put_url};
+use common::{Proc, distribution, free_port, random_bytes, sha256, transship, upload_put_url};
 
 const LAYER: usize = 64 << 20;
 const LAYERS: u64 = 3;
@@ -108,54 +108,6 @@ fn seed(rt: &tokio::runtime::Runtime, base: &str) -> Vec<String> {
         assert_eq!(client.request(put).await.expect("PUT").status(), 201);
     });
     digests
-}
-
-fn distribution(dir: &Path, port: u16) -> Proc {
-    std::fs::create_dir_all(dir).expect("dir");
-    let cfg = dir.join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("data").display()
-        ),
-    )
-    .expect("config");
-    Proc::spawn(
-        "docker-registry",
-        Command::new("docker-registry").arg("serve").arg(&cfg),
-        &dir.join("log"),
-        Some(port),
-    )
-}
-
-fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("dir");
-    let cfg = dir.join("transship.toml");
-    let text = transship::config::EMBEDDED_DEFAULT
-        .replace(
-            "url = \"https://registry-1.docker.io\"",
-            &format!("url = {upstream:?}"),
-        )
-        .replace(
-            "listen = \"127.0.0.1:5000\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-        )
-        .replace(
-            "data_dir = \"./transship-data\"",
-            &format!("data_dir = {:?}", dir.join("data").display().to_string()),
-        );
-    std::fs::write(&cfg, text).expect("config");
-    Proc::spawn(
-        "transship",
-        Command::new(env!("CARGO_BIN_EXE_transship"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "warn"),
-        &dir.join("log"),
-        Some(port),
-    )
 }
 
 /// A private dockerd whose only mirror is `mirror`, everything under `dir`.
@@ -272,7 +224,7 @@ fn main() {
         .build()
         .expect("runtime");
     let up_port = free_port();
-    let _upstream = distribution(&d.join("upstream"), up_port);
+    let _upstream = distribution(&d.join("upstream"), up_port, None);
     let upstream_url = format!("http://127.0.0.1:{up_port}");
     let layers = seed(&rt, &upstream_url);
     let ts_port = free_port();
@@ -282,7 +234,9 @@ fn main() {
 
     let (mut cold, mut warm, mut direct) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let ts = transship(&d.join("transship"), ts_port, &upstream_url);
+        let ts_dir = d.join("transship");
+        let _ = std::fs::remove_dir_all(&ts_dir);
+        let ts = transship(&ts_dir, ts_port, &upstream_url);
         let before: Vec<usize> = layers.iter().map(|l| upstream_gets(&up_log, l)).collect();
         cold.push(daemon.timed_pull("big:v1"));
         warm.push(daemon.timed_pull("big:v1"));
