@@ -865,12 +865,13 @@ fn hang_up_after_headers(url: &str) -> u16 {
 }
 
 /// A failed fill reached the client as a failure, never as a complete 200: the stream broke
-/// off (mid-body, or before any headers if the fill failed just as the response started), or,
-/// when the fill failed before the response started, a 503 registry error.
+/// off (mid-body of a 200 or a Range's 206, or before any headers if the fill failed just as
+/// the response started), or, when the fill failed before the response started, a 503
+/// registry error.
 fn assert_broken(p: &Pulled, what: &str) {
     match &p.body {
         Err(_) => assert!(
-            p.status == 0 || p.status == 200,
+            matches!(p.status, 0 | 200 | 206),
             "{what}: status {}",
             p.status
         ),
@@ -1545,27 +1546,34 @@ fn two_readers(s: &TestServer, path: &str, gate: &Gate) -> [Pulled; 2] {
     ]
 }
 
-/// A mirror whose upstream holds `library/x`'s blob of `len` random bytes after `at` bytes
-/// until the returned gate opens: (upstream, server, blob, digest, blob path, gate).
-fn held_blob(
-    len: usize,
-    seed: u64,
-    at: usize,
-) -> (Injector, TestServer, Bytes, String, String, Gate) {
+/// A mirror whose upstream serves `body` as `library/x`'s blob `digest`, holding it after
+/// `at` bytes until the returned gate opens: (upstream, server, blob path, gate).
+fn held(body: Bytes, digest: &str, at: usize) -> (Injector, TestServer, String, Gate) {
     let up = Injector::start();
-    let blob = Bytes::from(random_bytes(len, seed));
-    let d = sha256(&blob);
-    let path = blob_path("library/x", &d);
+    let path = blob_path("library/x", digest);
     let gate = Gate::new();
     up.set(
         &path,
         Behavior::Held {
-            body: blob.clone(),
+            body,
             at,
             gate: gate.clone(),
         },
     );
     let s = mirror(&up, |_| {});
+    (up, s, path, gate)
+}
+
+/// `held` with `len` random bytes under their own digest: (upstream, server, blob, digest,
+/// blob path, gate).
+fn held_blob(
+    len: usize,
+    seed: u64,
+    at: usize,
+) -> (Injector, TestServer, Bytes, String, String, Gate) {
+    let blob = Bytes::from(random_bytes(len, seed));
+    let d = sha256(&blob);
+    let (up, s, path, gate) = held(blob.clone(), &d, at);
     (up, s, blob, d, path, gate)
 }
 
@@ -1583,6 +1591,26 @@ fn coalesced_readers_share_one_upstream_download() {
     assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
 }
 
+/// Starts a reader of `path` (digest `d`) on a thread and waits until its fill has received
+/// the `held_at` bytes the upstream sends before its gate.
+fn first_reader_until(
+    s: &TestServer,
+    path: &str,
+    d: &str,
+    held_at: usize,
+) -> (std::thread::JoinHandle<Pulled>, transship::oci::Digest) {
+    let digest: transship::oci::Digest = d.parse().expect("digest");
+    let url = s.url(path);
+    let first = std::thread::spawn(move || pull(&url));
+    wait_until("the fill received everything before the gate", || {
+        s.app.proxy.fills.in_flight_for(&digest).is_some_and(|f| {
+            matches!(*f.subscribe().borrow(),
+                FillState::Streaming { received, .. } if received == held_at as u64)
+        })
+    });
+    (first, digest)
+}
+
 /// Readers take recent bytes from the fill's memory and older ones from its spool: a reader
 /// that joins once the first megabytes have left memory (the fill keeps a few MiB), one that
 /// joins inside what memory still holds, and the one that started the fill all receive the
@@ -1591,18 +1619,12 @@ fn coalesced_readers_share_one_upstream_download() {
 fn late_readers_read_what_left_memory_from_the_spool() {
     const HELD_AT: usize = 12 << 20;
     let (up, s, blob, d, path, gate) = held_blob(24 << 20, 23, HELD_AT);
-    let digest: transship::oci::Digest = d.parse().expect("digest");
-    let url = s.url(&path);
-    let first = std::thread::spawn(move || pull(&url));
-    wait_until("the fill received everything before the gate", || {
-        s.app.proxy.fills.in_flight_for(&digest).is_some_and(|f| {
-            matches!(*f.subscribe().borrow(),
-                FillState::Streaming { received, .. } if received == HELD_AT as u64)
-        })
-    });
-    // The oldest bytes have left memory for the spool; the newest are still in memory.
+    let (first, digest) = first_reader_until(&s, &path, &d, HELD_AT);
+    // The oldest bytes leave memory for the spool as the disk catches up; the newest stay.
     let fill = s.app.proxy.fills.in_flight_for(&digest).expect("fill");
-    assert!(matches!(fill.tail_piece(1_000, 2_000), Piece::Spool { .. }));
+    wait_until("the oldest bytes left memory", || {
+        matches!(fill.tail_piece(1_000, 2_000), Piece::Spool { .. })
+    });
     let newest = (HELD_AT - 1_000) as u64;
     assert!(matches!(
         fill.tail_piece(newest, newest + 10),
@@ -1644,24 +1666,37 @@ fn late_readers_read_what_left_memory_from_the_spool() {
     assert_eq!(cached_blob(&s, "library/x", &d), Some(blob.len() as u64));
 }
 
+/// A corrupt blob larger than what the fill keeps in memory: a reader that joined late (reading
+/// the spool) and the first reader both see their streams break, and nothing is stored.
+#[test]
+fn late_readers_of_a_large_corrupt_blob_fail_too() {
+    const HELD_AT: usize = 12 << 20;
+    let good = random_bytes(24 << 20, 29);
+    let d = sha256(&good);
+    let mut bad = good;
+    bad[(20 << 20) + 7] ^= 0x01;
+    let (_up, s, path, gate) = held(Bytes::from(bad), &d, HELD_AT);
+    let (first, _) = first_reader_until(&s, &path, &d, HELD_AT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = s.url(&path);
+    let late =
+        std::thread::spawn(move || request("GET", &url, &[("range", "bytes=1000-")], Some(tx)));
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the late reader gets response headers while the upstream holds the body");
+    gate.open();
+    assert_broken(&first.join().expect("first reader"), "the first reader");
+    assert_broken(&late.join().expect("late reader"), "the late reader");
+    wait_fills_done(&s);
+    assert_nothing_stored(&s, "library/x", &d);
+}
+
 #[test]
 fn coalesced_readers_of_a_corrupt_blob_all_fail() {
-    let up = Injector::start();
     let good = random_bytes(200_000, 12);
     let d = sha256(&good);
     let mut bad = good.clone();
     bad[199_000] ^= 0x80;
-    let path = blob_path("library/x", &d);
-    let gate = Gate::new();
-    up.set(
-        &path,
-        Behavior::Held {
-            body: Bytes::from(bad),
-            at: 50_000,
-            gate: gate.clone(),
-        },
-    );
-    let s = mirror(&up, |_| {});
+    let (up, s, path, gate) = held(Bytes::from(bad), &d, 50_000);
 
     let [a, b] = two_readers(&s, &path, &gate);
     assert_eq!(

@@ -13,14 +13,15 @@
 //! routes whose upstream confirmed (HEAD) that their repository has the blob. Fills of one
 //! upstream run at most `max_concurrent_fills` at a time; more wait their turn (`Queued`) for
 //! up to `QUEUE_TIMEOUT`. An upstream body without `Content-Length` is spooled with its size
-//! unknown (unless a HEAD tells it); its readers then start once it is verified. File writes,
-//! hashing and reads of the spool run off the async workers: one blocking writer per fill,
-//! fed in batches; the same batches go to the fill's in-memory tail as they arrive. However the fill task ends (error, panic, cancellation), a guard gives its
-//! readers a final state and removes exactly its own entry from the table.
+//! unknown (unless a HEAD tells it); its readers then start once it is verified (so does a
+//! body announced as empty). File writes and hashing run off the async workers, on two
+//! blocking workers per fill fed the same batches; the batches also go to the fill's in-memory
+//! tail as they arrive. However the fill task ends (error, panic, cancellation), a guard gives
+//! its readers a final state and removes exactly its own entry from the table.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::Context;
 use super::MirrorRoute;
-use super::tail::{Piece, Tail};
+use super::tail::{Gather, Piece, Tail};
 use super::upstream::UpstreamClient;
 use crate::config::Config;
 use crate::oci::{Digest, Digester, RepoName};
@@ -147,7 +148,17 @@ impl Fill {
         });
     }
 
-    /// The fill is over: its bytes are in the spool (or nowhere), so the tail's memory goes.
+    /// The disk caught up to `written`: pieces beyond the budget it now holds may go.
+    fn trim_tail(&self, written: u64) {
+        self.tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trim(written, TAIL_BUDGET);
+    }
+
+    /// The fill is committed: its bytes are all in the spool, so the tail's memory goes. (A
+    /// failed fill keeps its tail until the `Fill` goes: its disk worker may still be writing,
+    /// and "before the tail" must keep meaning "on disk".)
     fn release_tail(&self) {
         self.tail.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
@@ -213,7 +224,7 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Batches queued for the writer before the download waits for the disk.
 const WRITE_QUEUE: usize = 8;
 /// Received bytes a fill keeps in memory for readers that keep up, beyond those the writer has
-/// not yet put in the spool (at most `WRITE_QUEUE` batches, which are kept regardless).
+/// not yet put in the spool (its queue and the batch in hand, which are kept regardless).
 const TAIL_BUDGET: usize = 4 << 20;
 
 impl Fills {
@@ -312,7 +323,6 @@ impl Fills {
                     let path = f.path.clone();
                     let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
                     f.state.send_replace(FillState::Failed(e));
-                    f.release_tail();
                 }
             }
             drop(guard);
@@ -388,6 +398,7 @@ impl SpoolWriter {
                     len += data.len() as u64;
                 }
                 fill.written.store(len, Ordering::Release);
+                fill.trim_tail(len);
             }
             Ok((file, len))
         });
@@ -492,6 +503,9 @@ async fn run(
             .create_new(true)
             .write(true)
             .read(true)
+            // Readers read the spool inline on the async workers: no atime update (an inode
+            // write that may wait for the journal) on the way.
+            .custom_flags(libc::O_NOATIME)
             .open(path)
     })
     .await
@@ -520,14 +534,13 @@ async fn run(
                     continue;
                 };
                 // Take what else has arrived already, so the writer wakes once per batch.
-                let mut batch_len = data.len();
-                let mut batch = vec![data];
-                while batch_len < WRITE_BATCH {
+                let mut batch = Gather::default();
+                batch.add(data);
+                while batch.len() < WRITE_BATCH {
                     match body.frame().now_or_never() {
                         Some(Some(Ok(f))) => {
                             if let Ok(d) = f.into_data() {
-                                batch_len += d.len();
-                                batch.push(d);
+                                batch.add(d);
                             }
                         }
                         Some(other) => {
@@ -537,6 +550,8 @@ async fn run(
                         None => break,
                     }
                 }
+                let batch_len = batch.len();
+                let batch = batch.finish();
                 let got = received + batch_len as u64;
                 // Without a size from the upstream, an endless body must not fill the disk.
                 let want = size.unwrap_or(MAX_UNSIZED_BLOB);
@@ -646,20 +661,21 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Waits until the fill knows the blob's size (upstream headers arrived, or, for a body of
-/// unknown length, it is verified) or fails.
+/// unknown length, it is verified) or fails. A body announced as empty counts as unknown until
+/// verified: an empty response would otherwise be complete before anything was checked.
 pub async fn wait_for_size(rx: &mut watch::Receiver<FillState>) -> Result<u64, FillError> {
     loop {
         match &*rx.borrow_and_update() {
             FillState::Streaming {
                 size: Some(size), ..
+            } if *size > 0 => {
+                return Ok(*size);
             }
-            | FillState::Verified { size }
-            | FillState::Done { size } => {
+            FillState::Verified { size } | FillState::Done { size } => {
                 return Ok(*size);
             }
             FillState::Failed(e) => return Err(e.clone()),
-            FillState::Queued | FillState::Connecting | FillState::Streaming { size: None, .. } => {
-            }
+            FillState::Queued | FillState::Connecting | FillState::Streaming { .. } => {}
         }
         if rx.changed().await.is_err() {
             return Err(FillError::Aborted);
@@ -713,6 +729,37 @@ mod tests {
         let got = wait_for_size(&mut rx).await;
         assert!(matches!(got, Err(FillError::Aborted)), "{got:?}");
         assert!(table.lock().expect("table").is_empty());
+    }
+
+    /// An upstream announcing an empty body: no reader may start (and so complete) an empty
+    /// response before the digest is checked.
+    #[tokio::test]
+    async fn an_announced_empty_body_is_not_a_size_until_verified() {
+        let (tx, mut rx) = watch::channel(FillState::Connecting);
+        let waiter = tokio::spawn(async move { wait_for_size(&mut rx).await });
+        tx.send_replace(FillState::Streaming {
+            size: Some(0),
+            received: 0,
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !waiter.is_finished(),
+            "an announced size of 0 is not enough"
+        );
+        tx.send_replace(FillState::Failed(FillError::DigestMismatch {
+            expected: "a".into(),
+            actual: "b".into(),
+        }));
+        let got = waiter.await.expect("waiter");
+        assert!(
+            matches!(got, Err(FillError::DigestMismatch { .. })),
+            "{got:?}"
+        );
+        let (tx, mut rx) = watch::channel(FillState::Verified { size: 0 });
+        assert_eq!(wait_for_size(&mut rx).await.ok(), Some(0));
+        drop(tx);
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use crate::store::pagecache;
 /// Largest piece a reader takes from the spool at once.
 const READ_PIECE: u64 = 256 << 10;
 /// Smallest batch a caught-up reader waits for after its first piece (unless the blob is
-/// complete), so a client gets worthwhile writes rather than one upstream frame each.
+/// complete), so a client gets a few worthwhile writes rather than a trickle.
 const BATCH: u64 = 256 << 10;
 /// Longest a reader holds back bytes it has while waiting for a full batch.
 const BATCH_WAIT: Duration = Duration::from_millis(50);
@@ -67,6 +67,11 @@ impl Follower {
     async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         if self.finished || self.pos >= self.end {
             return None;
+        }
+        // A failed fill ends every stream at once, bursts included.
+        if let FillState::Failed(e) = &*self.rx.borrow() {
+            self.finished = true;
+            return Some(Err(std::io::Error::other(e.to_string())));
         }
         if self.pos < self.burst_until {
             return Some(self.read(self.burst_until).await);
@@ -127,7 +132,8 @@ impl Follower {
     }
 
     /// The next piece before `limit`: from the fill's tail when it still holds `pos`, else
-    /// from the spool (or the committed blob) off the async workers.
+    /// from the spool (or the committed blob): inline if its pages are cached, else on the
+    /// blocking pool.
     async fn read(&mut self, limit: u64) -> Result<Bytes, std::io::Error> {
         let upto = match self.fill.tail_piece(self.pos, limit) {
             Piece::Memory(data) if !data.is_empty() => {
@@ -140,13 +146,13 @@ impl Follower {
         let n = (upto - self.pos).min(READ_PIECE);
         // Just written, the spool is nearly always in the page cache: read it here without a
         // hop to the blocking pool when that needs no wait for the disk.
-        if let Some(file) = self.file.clone().or_else(|| self.fill.spool()) {
-            let mut buf = vec![0u8; n as usize];
-            if let Ok(true) = pagecache::read_if_cached(&file, self.pos, &mut buf) {
-                self.file = Some(file);
-                self.pos += n;
-                return Ok(Bytes::from(buf));
-            }
+        let mut buf = vec![0u8; n as usize];
+        if let Some(file) = self.file.clone().or_else(|| self.fill.spool())
+            && let Ok(true) = pagecache::read_if_cached(&file, self.pos, &mut buf)
+        {
+            self.file = Some(file);
+            self.pos += n;
+            return Ok(Bytes::from(buf));
         }
         let (file, cx, fill, pos) = (
             self.file.clone(),
@@ -165,7 +171,6 @@ impl Follower {
                         .ok_or_else(|| std::io::Error::other("blob vanished during fill"))?,
                 ),
             };
-            let mut buf = vec![0u8; n as usize];
             file.read_exact_at(&mut buf, pos)?;
             Ok::<_, std::io::Error>((file, buf))
         })

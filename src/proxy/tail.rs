@@ -3,11 +3,61 @@
 //! without a copy, an allocation or a blocking read of the spool. Bytes older than the tail's
 //! budget are dropped once the spool holds them; readers that fall behind read those from the
 //! spool. The tail never holds a byte the spool might lack without also holding every later
-//! one, so "before the tail" always means "on disk".
+//! one, so "before the tail" always means "on disk" (the tail is only released once the fill
+//! is committed). `Gather` shapes the pieces: frames too small to be worth one are copied
+//! together.
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+/// Frames smaller than this are copied together into one piece, so a body of tiny frames (a
+/// chunked upstream may send one byte per chunk) neither costs the tail an entry per frame nor
+/// keeps a whole read buffer alive for each, and readers send worthwhile pieces.
+pub const MIN_PIECE: usize = 16 << 10;
+
+/// One batch of received frames, as pieces of at least `MIN_PIECE` bytes (but the last).
+#[derive(Default)]
+pub struct Gather {
+    pieces: Vec<Bytes>,
+    small: BytesMut,
+    len: usize,
+}
+
+impl Gather {
+    pub fn add(&mut self, data: Bytes) {
+        self.len += data.len();
+        if data.len() >= MIN_PIECE {
+            self.flush_small();
+            self.pieces.push(data);
+        } else {
+            self.small.extend_from_slice(&data);
+            if self.small.len() >= MIN_PIECE {
+                self.flush_small();
+            }
+        }
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(mut self) -> Vec<Bytes> {
+        self.flush_small();
+        self.pieces
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces.push(self.small.split().freeze());
+        }
+    }
+}
 
 /// Where a reader finds the bytes at a position.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,6 +87,12 @@ impl Tail {
             self.held += data.len();
             self.end += data.len() as u64;
         }
+        self.trim(written, budget);
+    }
+
+    /// Drops the oldest pieces the spool holds (`written`) while more than `budget` bytes are
+    /// held: after each push, and as the disk catches up while the upstream is quiet.
+    pub fn trim(&mut self, written: u64, budget: usize) {
         while self.held > budget {
             match self.pieces.front() {
                 Some((start, data)) if start + data.len() as u64 <= written => {
@@ -48,7 +104,7 @@ impl Tail {
         }
     }
 
-    /// Releases every piece (the spool holds all of them): the fill is over.
+    /// Releases every piece: the fill is committed, so the spool holds all of them.
     pub fn clear(&mut self) {
         self.pieces.clear();
         self.held = 0;
@@ -124,5 +180,32 @@ mod tests {
         assert_eq!(t.take(6, 12), Piece::Spool { upto: 8 });
         t.clear();
         assert_eq!(t.take(9, 12), Piece::Spool { upto: 12 });
+    }
+
+    #[test]
+    fn the_disk_catching_up_lets_old_pieces_go_without_a_push() {
+        let mut t = Tail::default();
+        t.push(&batch(&[b"abcd", b"efgh", b"ijkl"]), 0, 4);
+        assert_eq!(t.held(), 12);
+        t.trim(8, 4);
+        assert_eq!(t.held(), 4);
+        assert_eq!(t.take(8, 12), Piece::Memory(Bytes::from_static(b"ijkl")));
+    }
+
+    #[test]
+    fn small_frames_are_gathered_into_pieces_large_ones_kept_whole() {
+        let mut g = Gather::default();
+        for _ in 0..(MIN_PIECE + 10) {
+            g.add(Bytes::from_static(b"x"));
+        }
+        let large = Bytes::from(vec![7u8; MIN_PIECE]);
+        g.add(large.clone());
+        g.add(Bytes::from_static(b"yz"));
+        assert_eq!(g.len(), 2 * MIN_PIECE + 12);
+        let pieces = g.finish();
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(lens, vec![MIN_PIECE, 10, MIN_PIECE, 2]);
+        assert_eq!(pieces[2], large);
+        assert!(pieces[0].iter().all(|b| *b == b'x'));
     }
 }
