@@ -208,6 +208,8 @@ pub enum LogFormat {
 pub struct StorageConfig {
     pub manifest_cache: ByteSize,
     pub max_manifest_size: ByteSize,
+    /// Memory for small blobs (up to 64 KiB each) served without reading their files.
+    pub small_blob_cache: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -215,6 +217,7 @@ impl Default for StorageConfig {
         Self {
             manifest_cache: ByteSize(64 << 20),
             max_manifest_size: ByteSize(4 << 20),
+            small_blob_cache: ByteSize(4 << 20),
         }
     }
 }

@@ -62,10 +62,8 @@ pub fn manifest_response(m: &StoredManifest, head: bool) -> Resp {
         header::CONTENT_LENGTH,
         http::HeaderValue::from(m.bytes.len()),
     );
-    let digest = m.digest.to_string();
     set(&mut r, header::CONTENT_TYPE, &m.media_type);
-    set(&mut r, docker_content_digest(), &digest);
-    set(&mut r, header::ETAG, format!("\"{digest}\""));
+    super::response::set_digest_headers(&mut r, &m.digest.to_string());
     r
 }
 

@@ -2,6 +2,7 @@
 //! line and metrics update every request gets. Handlers turn protocol input into store calls;
 //! they never touch RocksDB or files directly. `server` owns sockets and shutdown.
 
+pub mod access_log;
 pub mod blobs;
 pub mod body;
 pub mod cache_admin;
@@ -172,16 +173,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    tracing::info!(
-        method = %parts.method,
-        route = label,
-        repo = route.name().unwrap_or("-"),
-        status = status.as_u16(),
+    access_log::emit(&access_log::AccessLine {
+        method: parts.method.as_str(),
+        route: label,
+        repo: route.name().unwrap_or("-"),
+        status: status.as_u16(),
         bytes,
-        us = elapsed.as_micros() as u64,
-        peer = %peer,
-        "request"
-    );
+        us: elapsed.as_micros() as u64,
+        peer,
+    });
     resp
 }
 
