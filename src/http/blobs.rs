@@ -56,6 +56,8 @@ pub async fn get(
         )
     };
     let mut r = http::Response::new(body);
+    // Room for every header the answer gets (here and in `handle`): no regrowth.
+    r.headers_mut().reserve(10);
     *r.status_mut() = status;
     blob_headers_with(&mut r, &digest_str, start, end, size);
     r.headers_mut().insert(

@@ -126,7 +126,11 @@ impl FromStr for Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+        // Three plain writes: no format string to interpret (digests are written out on
+        // every blob and manifest request, for keys and headers).
+        f.write_str(self.algorithm.as_str())?;
+        f.write_str(":")?;
+        f.write_str(&self.hex)
     }
 }
 
