@@ -71,7 +71,13 @@ fn serve_and_count(log_format: &str) -> (String, usize) {
         sent += 4;
     }
     assert_eq!(h.get("/v2/").status, 200);
-    sent += 1;
+    // Nothing was dropped, and the count is exported.
+    let metrics = String::from_utf8(h.get("/metrics").body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("\ntransship_log_dropped_lines_total 0\n"),
+        "{metrics}"
+    );
+    sent += 2;
     // The last lines are still buffered now, at most a few ms old: shutdown writes them.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -322,6 +322,8 @@ fn metrics(app: &App) -> Resp {
     app.metrics
         .uploads_active
         .set(app.store.uploads_active() as i64);
+    let dropped = &app.metrics.log_dropped_lines;
+    dropped.inc_by(crate::log_writer::dropped_lines().saturating_sub(dropped.get()));
     let mut r = json(StatusCode::OK, app.metrics.render());
     r.headers_mut().insert(
         header::CONTENT_TYPE,
