@@ -90,7 +90,7 @@ impl SmallBlobs {
 }
 
 impl Store {
-    /// The bytes of committed blob `digest` (of `size` bytes) if the small-blob cache holds
+    /// The bytes of committed blob `digest` if the small-blob cache holds
     /// them. Memory only: never touches the disk.
     pub fn cached_small_blob(&self, digest: &Digest) -> Option<Bytes> {
         self.blobs.small.get(digest)
