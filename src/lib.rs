@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod events;
 pub mod http;
+pub mod log_writer;
 pub mod maintenance;
 pub mod metrics;
 pub mod oci;
@@ -118,6 +119,7 @@ impl App {
 pub fn store_options(config: &Config) -> StoreOptions {
     StoreOptions {
         manifest_cache_bytes: config.storage.manifest_cache.0,
+        small_blob_cache_bytes: config.storage.small_blob_cache.0,
         max_manifest_size: config.storage.max_manifest_size.0,
         gc_grace: config.gc.grace_period.0,
         upload_abandon_after: config.uploads.abandon_after.0,

@@ -288,20 +288,27 @@ impl ConfigArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logging to standard output; the returned flusher writes out buffered access lines when
+/// dropped, so it must live until the server has stopped.
+fn init_logging(format: LogFormat) -> std::io::Result<transship::log_writer::Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal: log files and pipelines get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::env::var_os("NO_COLOR").is_none();
+    // Access lines are buffered off the request path; every other line is written at once.
+    let (writer, flusher) = transship::log_writer::stdout(transship::log_writer::DEFAULT_CAPACITY)?;
+    writer.install_access(matches!(format, LogFormat::Json));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    Ok(flusher)
 }
 
 fn main() -> ExitCode {
@@ -318,7 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.load()?;
-            init_logging(config.server.log_format);
+            let _flusher = init_logging(config.server.log_format)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

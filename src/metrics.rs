@@ -49,6 +49,8 @@ pub struct Metrics {
     pub events: IntCounterVec,
     /// Outbox events an endpoint has not reached yet.
     pub events_pending: IntGaugeVec,
+    /// Access lines dropped because standard output fell behind (caught up at scrape time).
+    pub log_dropped_lines: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -266,6 +268,10 @@ impl Metrics {
                 &r,
                 IntGaugeVec::new(Opts::new("transship_events_pending", "Outbox events an endpoint has not delivered yet"), &["endpoint"])
                     .expect("valid metric"),
+            ),
+            log_dropped_lines: counter(
+                "transship_log_dropped_lines_total",
+                "Access log lines dropped because standard output could not keep up",
             ),
             registry: r,
         }

@@ -210,6 +210,8 @@ pub enum LogFormat {
 pub struct StorageConfig {
     pub manifest_cache: ByteSize,
     pub max_manifest_size: ByteSize,
+    /// Memory for small blobs (up to 64 KiB each) served without reading their files.
+    pub small_blob_cache: ByteSize,
     /// The cluster profile's bucket (with `postgres`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Config>,
@@ -223,6 +225,7 @@ impl Default for StorageConfig {
         Self {
             manifest_cache: ByteSize(64 << 20),
             max_manifest_size: ByteSize(4 << 20),
+            small_blob_cache: ByteSize(4 << 20),
             s3: None,
             postgres: None,
         }

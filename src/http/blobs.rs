@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{StatusCode, header};
 
@@ -44,6 +45,9 @@ pub async fn get(
     };
     let body = if head {
         ResponseBody::Empty
+    } else if let Some(bytes) = small_blob(app, &digest, size).await? {
+        // `end <= size`, the length of the verified bytes.
+        ResponseBody::full(bytes.slice(start as usize..end as usize))
     } else {
         let file = app.store.open_blob(&digest)?;
         ResponseBody::Blob(
@@ -52,13 +56,33 @@ pub async fn get(
         )
     };
     let mut r = http::Response::new(body);
+    // Room for every header the answer gets (here and in `handle`): no regrowth.
+    r.headers_mut().reserve(10);
     *r.status_mut() = status;
-    blob_headers(&mut r, &digest, start, end, size);
+    blob_headers_with(&mut r, &digest_str, start, end, size);
     r.headers_mut().insert(
         header::CACHE_CONTROL,
         http::HeaderValue::from_static("max-age=31536000"),
     );
     Ok(r)
+}
+
+/// A small blob's bytes from memory; on the first request the file is read and verified on
+/// the blocking pool (a cold disk must not stall the async workers). `None`: too large for
+/// the cache, or the file does not match its digest — stream it from the file.
+async fn small_blob(
+    app: &Arc<App>,
+    digest: &Digest,
+    size: u64,
+) -> Result<Option<Bytes>, RegistryError> {
+    if !app.store.small_blob_fits(size) {
+        return Ok(None);
+    }
+    if let Some(bytes) = app.store.cached_small_blob(digest) {
+        return Ok(Some(bytes));
+    }
+    let (app, digest) = (app.clone(), digest.clone());
+    super::blocking(move || app.store.load_small_blob(&digest, size)).await
 }
 
 /// What a blob GET answers for its `Range` header: `(status, start, end)` with `end`
@@ -92,6 +116,11 @@ pub fn plan_range(
 /// The headers of a blob body (bytes `start..end` of `size`): type, length, ranges, ETag,
 /// digest, and `Content-Range` for a partial body.
 pub fn blob_headers(r: &mut Resp, digest: &Digest, start: u64, end: u64, size: u64) {
+    blob_headers_with(r, &digest.to_string(), start, end, size);
+}
+
+/// `blob_headers` with the digest already written out.
+fn blob_headers_with(r: &mut Resp, digest: &str, start: u64, end: u64, size: u64) {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -102,12 +131,7 @@ pub fn blob_headers(r: &mut Resp, digest: &Digest, start: u64, end: u64, size: u
         header::ACCEPT_RANGES,
         http::HeaderValue::from_static("bytes"),
     );
-    set(r, header::ETAG, format!("\"{digest}\""));
-    set(
-        r,
-        http::HeaderName::from_static("docker-content-digest"),
-        digest.to_string(),
-    );
+    super::response::set_digest_headers(r, digest);
     if end - start != size {
         set(
             r,

@@ -52,20 +52,25 @@ pub fn accept_list(parts: &Parts) -> AcceptList {
 
 /// The stored bytes with their exact media type.
 pub fn manifest_response(m: &StoredManifest, head: bool) -> Resp {
+    manifest_response_with(m, head, &m.digest.to_string())
+}
+
+/// `manifest_response` with the digest already written out.
+fn manifest_response_with(m: &StoredManifest, head: bool, digest: &str) -> Resp {
     let body = if head {
         ResponseBody::Empty
     } else {
         ResponseBody::Full(Some(m.bytes.clone()))
     };
     let mut r = http::Response::new(body);
+    // Room for every header the answer gets (here and in `handle`): no regrowth.
+    r.headers_mut().reserve(10);
     r.headers_mut().insert(
         header::CONTENT_LENGTH,
         http::HeaderValue::from(m.bytes.len()),
     );
-    let digest = m.digest.to_string();
     set(&mut r, header::CONTENT_TYPE, &m.media_type);
-    set(&mut r, docker_content_digest(), &digest);
-    set(&mut r, header::ETAG, format!("\"{digest}\""));
+    super::response::set_digest_headers(&mut r, digest);
     r
 }
 
@@ -112,13 +117,14 @@ pub async fn get(
             child
         }
     };
-    if etag_matches(parts, &m.digest.to_string()) {
-        return Ok(super::response::not_modified(&m.digest.to_string()));
+    let digest = m.digest.to_string();
+    if etag_matches(parts, &digest) {
+        return Ok(super::response::not_modified(&digest));
     }
     if !head {
         crate::events::pulled(app, repo, &m, &reference);
     }
-    Ok(manifest_response(&m, head))
+    Ok(manifest_response_with(&m, head, &digest))
 }
 
 /// The 304 for a conditional GET whose `If-None-Match` names this manifest: no body, and the

@@ -2,6 +2,7 @@
 //! line and metrics update every request gets. Handlers turn protocol input into store calls;
 //! they never touch RocksDB or files directly. `server` owns sockets and shutdown.
 
+pub mod access_log;
 pub mod blobs;
 pub mod body;
 pub mod cache_admin;
@@ -172,16 +173,15 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    tracing::info!(
-        method = %parts.method,
-        route = label,
-        repo = route.name().unwrap_or("-"),
-        status = status.as_u16(),
+    access_log::emit(&access_log::AccessLine {
+        method: parts.method.as_str(),
+        route: label,
+        repo: route.name().unwrap_or("-"),
+        status: status.as_u16(),
         bytes,
-        us = elapsed.as_micros() as u64,
-        peer = %peer,
-        "request"
-    );
+        us: elapsed.as_micros() as u64,
+        peer,
+    });
     resp
 }
 
@@ -322,6 +322,8 @@ fn metrics(app: &App) -> Resp {
     app.metrics
         .uploads_active
         .set(app.store.uploads_active() as i64);
+    let dropped = &app.metrics.log_dropped_lines;
+    dropped.inc_by(crate::log_writer::dropped_lines().saturating_sub(dropped.get()));
     let mut r = json(StatusCode::OK, app.metrics.render());
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -71,13 +71,26 @@ pub fn empty(status: StatusCode) -> Resp {
 pub fn not_modified(digest: &str) -> Resp {
     let mut r = empty(StatusCode::NOT_MODIFIED);
     r.headers_mut().remove(header::CONTENT_LENGTH);
-    set(&mut r, header::ETAG, format!("\"{digest}\""));
+    set_digest_headers(&mut r, digest);
+    r
+}
+
+/// `Docker-Content-Digest` and `ETag` (the quoted digest) for content named by `digest`:
+/// the two values of every blob and manifest answer, built without a format string.
+pub fn set_digest_headers(r: &mut Resp, digest: &str) {
+    let mut etag = String::with_capacity(digest.len() + 2);
+    etag.push('"');
+    etag.push_str(digest);
+    etag.push('"');
+    // The String's buffer becomes the header's bytes: no copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(etag)) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
     set(
-        &mut r,
+        r,
         header::HeaderName::from_static("docker-content-digest"),
         digest,
     );
-    r
 }
 
 /// Adds a header whose value came from validated data (names, digests, numbers). A value that

@@ -57,8 +57,10 @@ pub async fn serve(
                     let svc = {
                         let app = app.clone();
                         hyper::service::service_fn(move |req| {
-                            let app = app.clone();
-                            async move { Ok::<_, std::convert::Infallible>(super::handle(app, req, peer).await) }
+                            // Boxed: the request future is large (every handler's state), and
+                            // hyper moves it several times per request; a box moves as a pointer.
+                            let fut = Box::pin(super::handle(app.clone(), req, peer));
+                            async move { Ok::<_, std::convert::Infallible>(fut.await) }
                         })
                     };
                     match tls {

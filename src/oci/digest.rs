@@ -100,6 +100,21 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The common case, checked in one pass: a well-formed digest of an algorithm we
+        // implement. Anything else takes the full grammar below for its precise error.
+        for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
+            if let Some(enc) = s
+                .strip_prefix(algorithm.as_str())
+                .and_then(|r| r.strip_prefix(':'))
+                && enc.len() == algorithm.hex_len()
+                && enc.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return Ok(Self {
+                    algorithm,
+                    hex: enc.into(),
+                });
+            }
+        }
         let Some((alg, enc)) = s.split_once(':') else {
             return Err(DigestError::Malformed(s.chars().take(200).collect()));
         };
@@ -126,7 +141,11 @@ impl FromStr for Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+        // Three plain writes: no format string to interpret (digests are written out on
+        // every blob and manifest request, for keys and headers).
+        f.write_str(self.algorithm.as_str())?;
+        f.write_str(":")?;
+        f.write_str(&self.hex)
     }
 }
 

@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::pagecache;
+use super::small_blobs::SmallBlobs;
 use crate::oci::{Algorithm, Digest, Digester};
 
 /// Largest piece handed to the HTTP layer at once. Bigger windows mean fewer mmap calls; the
@@ -32,6 +33,8 @@ pub struct BlobStore {
     ingest_dir: PathBuf,
     trash_dir: PathBuf,
     quarantine_dir: PathBuf,
+    /// Small committed blobs in memory; a file that leaves `blobs/` leaves it too.
+    pub(crate) small: SmallBlobs,
 }
 
 impl BlobStore {
@@ -43,6 +46,7 @@ impl BlobStore {
             ingest_dir: data_dir.join("ingest"),
             trash_dir: data_dir.join("trash"),
             quarantine_dir: data_dir.join("quarantine"),
+            small: SmallBlobs::new(0),
         };
         fs::create_dir_all(&store.ingest_dir)?;
         fs::create_dir_all(&store.trash_dir)?;
@@ -95,8 +99,16 @@ impl BlobStore {
         Ok(true)
     }
 
+    /// Keeps small blobs in memory, up to `bytes` in all (0: none).
+    pub fn with_small_blob_cache(mut self, bytes: u64) -> Self {
+        self.small = SmallBlobs::new(bytes);
+        self
+    }
+
     pub fn remove(&self, digest: &Digest) -> io::Result<()> {
-        match fs::remove_file(self.path(digest)) {
+        let removed = fs::remove_file(self.path(digest));
+        self.small.forget(digest);
+        match removed {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -138,7 +150,9 @@ impl BlobStore {
 
     fn move_out(&self, digest: &Digest, dir: &Path) -> io::Result<bool> {
         let dest = dir.join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()));
-        match fs::rename(self.path(digest), dest) {
+        let moved = fs::rename(self.path(digest), dest);
+        self.small.forget(digest);
+        match moved {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),

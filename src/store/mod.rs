@@ -29,6 +29,7 @@ pub mod outbox;
 pub mod pagecache;
 pub mod pins;
 pub mod scrub;
+pub mod small_blobs;
 pub mod uploads;
 
 use std::hash::{Hash, Hasher};
@@ -97,6 +98,8 @@ fn list(ds: &[Digest]) -> String {
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub manifest_cache_bytes: u64,
+    /// `storage.small_blob_cache`: memory for small blobs served without a file read.
+    pub small_blob_cache_bytes: u64,
     pub max_manifest_size: u64,
     pub gc_grace: Duration,
     pub upload_abandon_after: Duration,
@@ -113,6 +116,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             manifest_cache_bytes: 64 << 20,
+            small_blob_cache_bytes: small_blobs::DEFAULT_CAPACITY,
             max_manifest_size: 4 << 20,
             gc_grace: Duration::from_secs(3600),
             upload_abandon_after: Duration::from_secs(24 * 3600),
@@ -198,7 +202,8 @@ impl Store {
     pub fn open(data_dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)?;
         let index = Index::open(&data_dir.join("index"))?;
-        let blobs = BlobStore::open(data_dir)?;
+        let blobs =
+            BlobStore::open(data_dir)?.with_small_blob_cache(options.small_blob_cache_bytes);
         let manifests = Cache::builder()
             .max_capacity(options.manifest_cache_bytes)
             .weigher(|k: &Vec<u8>, v: &Arc<StoredManifest>| {
