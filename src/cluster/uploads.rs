@@ -15,9 +15,12 @@
 //!   replaces the unrecorded one. After each part, one transaction records it, the new offset
 //!   (at the part boundary) and the hash state: a request that fails or is dropped mid-way
 //!   leaves the session at the last recorded offset, which the client learns and resumes from.
-//!   Before a part goes up the lease has at least half its length left, and completion names
-//!   every part's ETag, so a part overwritten by a request that lost its lease is refused by
-//!   the store rather than assembled.
+//!   A part (or the completion) is only sent with at least half the lease left and must end
+//!   within three quarters of it, so no request writes to the multipart upload once another
+//!   could have taken the session over: the next holder reuses the part numbers, and not every
+//!   store refuses a part whose ETag differs from the one named at completion (SeaweedFS does
+//!   not). A replica paused for longer than that between sending a part and the store
+//!   storing it is the case this does not cover.
 //! - **The tail** (bytes past the last full part when a request ends) is kept in the session
 //!   row, in the same transaction as the offset, so state and bytes never disagree.
 //! - **The hash** of the parts' bytes is persisted (`hash_state`), since S3 cannot read the
@@ -101,6 +104,8 @@ pub enum UploadsError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("the upload session hashes {}; {digest} uses another algorithm", session.as_str())]
     AlgorithmMismatch { session: Algorithm, digest: Digest },
+    #[error("a write to the bucket took longer than the upload session's lease allows")]
+    Slow,
     #[error("the upload has more than {MAX_PARTS} parts, the most S3 takes")]
     TooLarge,
     #[error("reading the upload's bytes failed: {0}")]
@@ -338,6 +343,21 @@ impl Uploads {
         Ok(())
     }
 
+    /// Runs a bucket write that must end while the lease surely holds (a quarter of it to
+    /// spare), so no request writes a part after another has taken the session over: a part
+    /// number is reused by whoever continues, and not every store checks the ETags named at
+    /// completion (SeaweedFS assembles a part replaced after its ETag was recorded).
+    async fn within_lease<T>(
+        &self,
+        held: &Held,
+        write: impl std::future::Future<Output = Result<T, ObjectsError>>,
+    ) -> Result<Result<T, ObjectsError>, UploadsError> {
+        let deadline = held.confirmed + self.options.lease * 3 / 4;
+        tokio::time::timeout_at(deadline, write)
+            .await
+            .map_err(|_| UploadsError::Slow)
+    }
+
     /// Runs `sql` (one row: `$1` the session id, `$2` this request's token, then `more`) only
     /// while this request holds the session; `Lost` otherwise.
     async fn fenced(
@@ -448,15 +468,13 @@ impl Uploads {
         for piece in &part {
             held.hash.update(piece);
         }
-        let etag = self
-            .objects
-            .put_part(
-                &held.key,
-                &upload_id,
-                held.parts,
-                part.into_iter().collect(),
-            )
-            .await?;
+        let sent = self.objects.put_part(
+            &held.key,
+            &upload_id,
+            held.parts,
+            part.into_iter().collect(),
+        );
+        let etag = self.within_lease(held, sent).await??;
         held.parts += 1;
         held.part_bytes += size as u64;
         let asked = Instant::now();
@@ -579,7 +597,7 @@ impl Uploads {
         } else if held.parts == 0 && !held.assembled {
             self.objects.put_checked_blob(digest, tail).await?;
         } else {
-            self.assemble(held, tail, size).await?;
+            self.assemble(held, tail).await?;
             if self.objects.head(digest).await? != Some(size) {
                 self.objects.copy_to_blob(&held.key, digest).await?;
             }
@@ -615,11 +633,11 @@ impl Uploads {
     }
 
     /// Completes the verified multipart upload at the session's key, the tail as its last part
-    /// (unless an earlier attempt got that far).
-    async fn assemble(&self, held: &mut Held, tail: Bytes, size: u64) -> Result<(), UploadsError> {
-        if held.assembled || self.objects.key_size(&held.key).await? == Some(size) {
-            // Completed by an earlier finish that failed before recording it: only this
-            // session's completion writes this key.
+    /// (unless an earlier finish got that far and recorded it). A finish that completed but
+    /// could not record it leaves a session that cannot finish: the client starts over, and
+    /// reap removes the object.
+    async fn assemble(&self, held: &mut Held, tail: Bytes) -> Result<(), UploadsError> {
+        if held.assembled {
             return Ok(());
         }
         let upload_id = held
@@ -649,15 +667,14 @@ impl Uploads {
                 return Err(UploadsError::TooLarge);
             }
             let index = etags.len();
-            etags.push(
-                self.objects
-                    .put_part(&held.key, &upload_id, index, tail.into())
-                    .await?,
-            );
+            let sent = self
+                .objects
+                .put_part(&held.key, &upload_id, index, tail.into());
+            etags.push(self.within_lease(held, sent).await??);
+            self.keep_margin(held).await?;
         }
-        self.objects
-            .complete_parts(&held.key, &upload_id, etags)
-            .await?;
+        let completed = self.objects.complete_parts(&held.key, &upload_id, etags);
+        self.within_lease(held, completed).await??;
         self.fenced(
             held,
             "UPDATE upload_sessions SET assembled = true, s3_upload_id = NULL
