@@ -770,6 +770,29 @@ fn empty_small_exact_and_sha512_uploads_complete_across_replicas() {
         assert!(read_range(&r.objects, &small_digest, 0..1000).await == small);
         r.assert_gone(&app, id).await;
 
+        // A small blob whose session started a multipart upload for a first part that never
+        // went up: finishing it as one PUT aborts that upload.
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        b.append(&app, id, 0, chunked(&small[..999]))
+            .await
+            .expect("append");
+        let key = r.objects.upload_key(&id.to_string());
+        let started = r.objects.create_parts(&key).await.expect("create");
+        raw(&r.url)
+            .await
+            .execute(
+                "UPDATE upload_sessions SET s3_upload_id = $2 WHERE id = $1::text::uuid",
+                &[&id.to_string(), &started],
+            )
+            .await
+            .expect("record the upload");
+        assert_eq!(r.open_multipart_uploads().len(), 1);
+        let shorter = Digest::sha256_of(&small[..999]);
+        assert_eq!(c.finish(&app, id, &shorter).await.expect("finish"), 999);
+        assert!(read_range(&r.objects, &shorter, 0..999).await == small[..999]);
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+
         // Exactly two parts: nothing is left for a last part.
         let exact = random_bytes(2 * MIN_PART_SIZE, 13);
         let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");

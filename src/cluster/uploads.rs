@@ -596,6 +596,11 @@ impl Uploads {
                 .await?;
         } else if held.parts == 0 && !held.assembled {
             self.objects.put_checked_blob(digest, tail).await?;
+            if held.upload_id.is_some() {
+                // Started for a first part whose upload failed: nothing of it is needed.
+                self.clear_objects(&held.key, held.upload_id.as_deref())
+                    .await?;
+            }
         } else {
             self.assemble(held, tail).await?;
             if self.objects.head(digest).await? != Some(size) {
