@@ -1,11 +1,13 @@
 //! The cluster profile's foundation against the real engines: the S3 blob store on SeaweedFS
 //! (verified multipart puts, aborts that leave nothing behind, ranged reads, listing, presigned
-//! URLs) and the PostgreSQL metadata (migrations, fill leases, tag moves, the shared token
-//! signing key), several `Db` handles standing in for several replicas.
+//! URLs), the PostgreSQL metadata (migrations, fill leases, tag moves, the shared token
+//! signing key) and push upload sessions continued across replicas; several `Db` and `Objects`
+//! handles stand in for several replicas.
 
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +18,8 @@ use transship::cluster::fill_lease::{Acquired, Renewed};
 use transship::cluster::objects::{MIN_PART_SIZE, Objects, ObjectsError, S3Options};
 use transship::cluster::pg::{Db, PgError, PgOptions};
 use transship::cluster::tags::TagMove;
-use transship::oci::{Digest, RepoName, Tag};
+use transship::cluster::uploads::{SessionId, UploadOptions, Uploads, UploadsError};
+use transship::oci::{Algorithm, Digest, Digester, RepoName, Tag};
 
 const BUCKET: &str = "transship-blobs";
 
@@ -304,7 +307,10 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("query");
         let versions: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        assert_eq!(versions, vec![(1, "init".to_string())]);
+        assert_eq!(
+            versions,
+            vec![(1, "init".to_string()), (2, "upload_tails".to_string())]
+        );
         // Re-opening is a no-op.
         db(&url, 1).await;
         let count: i64 = check
@@ -312,7 +318,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 1);
+        assert_eq!(count, 2);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -334,7 +340,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 1
+                    binary: 2
                 }
             ),
             "{err}"
@@ -519,5 +525,678 @@ fn the_token_signing_key_is_created_once_for_all_replicas() {
             .expect("count")
             .get(0);
         assert_eq!(count, 1);
+    });
+}
+
+/// SeaweedFS and PostgreSQL started for one test, and three upload "replicas" on them, each
+/// with its own `Db` pool and `Objects` client.
+struct Replicas {
+    s3: Arc<SeaweedFs>,
+    url: String,
+    up: [Uploads; 3],
+    /// A reader of the bucket of its own.
+    objects: Objects,
+}
+
+/// The prefix the upload tests' blob store uses.
+const UPLOAD_PREFIX: &str = "reg";
+/// A lease far longer than any step of the tests that do not wait for one to expire.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+
+fn with_replicas<F, Fut>(name: &str, lease: Duration, test: F)
+where
+    F: FnOnce(Replicas) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    if !SeaweedFs::available() || !Postgres::available() {
+        return;
+    }
+    // The engines live here, not in what the test gets: a test's async block captures only
+    // the fields it uses, and would drop (stop) an engine it never names.
+    let s3 = Arc::new(SeaweedFs::start());
+    s3.create_bucket(BUCKET);
+    let pg = Postgres::start();
+    runtime().block_on(async {
+        let url = pg.create_database(name).await;
+        let mut up = Vec::new();
+        for replica in ["a", "b", "c"] {
+            up.push(Uploads::new(
+                db(&url, 4).await,
+                objects(&s3, Some(UPLOAD_PREFIX)),
+                UploadOptions {
+                    replica: replica.into(),
+                    lease,
+                },
+            ));
+        }
+        let Ok(up) = <[Uploads; 3]>::try_from(up) else {
+            unreachable!("three replicas")
+        };
+        let objects = objects(&s3, Some(UPLOAD_PREFIX));
+        test(Replicas {
+            s3: s3.clone(),
+            url,
+            up,
+            objects,
+        })
+        .await;
+    });
+}
+
+impl Replicas {
+    /// Asserts nothing of session `id` is left: no row, no parts, no multipart upload, no
+    /// assembly object.
+    async fn assert_gone(&self, repo: &RepoName, id: SessionId) {
+        for r in &self.up {
+            assert!(
+                matches!(r.offset(repo, id).await, Err(UploadsError::NotFound)),
+                "session {id} is still known"
+            );
+        }
+        let parts = self
+            .sql_i64(
+                "SELECT count(*) FROM upload_parts WHERE session_id = $1::text::uuid",
+                &id.to_string(),
+            )
+            .await;
+        assert_eq!(parts, 0, "parts of {id} are left");
+        assert_eq!(
+            self.objects
+                .key_size(&self.objects.upload_key(&id.to_string()))
+                .await
+                .expect("head"),
+            None,
+            "the assembly object of {id} is left"
+        );
+    }
+
+    fn open_multipart_uploads(&self) -> Vec<String> {
+        self.s3.multipart_uploads(BUCKET)
+    }
+
+    /// The one `bigint` `query` returns for `param`.
+    async fn sql_i64(&self, query: &str, param: &str) -> i64 {
+        raw(&self.url)
+            .await
+            .query_one(query, &[&param])
+            .await
+            .expect("query")
+            .get(0)
+    }
+}
+
+const MIB: usize = 1 << 20;
+
+fn repo(name: &str) -> RepoName {
+    name.parse().expect("repo name")
+}
+
+#[test]
+fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c_byte_exact() {
+    with_replicas("handover", LONG_LEASE, |r| async move {
+        let [a, b, c] = &r.up;
+        let app = repo("team/app");
+        let data = random_bytes(4 * MIN_PART_SIZE + 3 * MIB + 17, 11);
+        let digest = Digest::sha256_of(&data);
+        let id = a
+            .start(&app, Algorithm::Sha256, Some("tester"))
+            .await
+            .expect("start");
+        // Requests smaller than a part (held in the row), crossing a part boundary, tiny, and
+        // spanning several parts, each on the replica named.
+        let plan = [
+            (a, 0..MIB, 0),
+            (a, MIB..9 * MIB, 1),
+            (b, 9 * MIB..9 * MIB + 100, 1),
+            (b, 9 * MIB + 100..21 * MIB, 4),
+            (c, 21 * MIB..data.len(), 4),
+        ];
+        for (replica, range, parts) in plan {
+            let offset = replica
+                .append(&app, id, range.start as u64, chunked(&data[range.clone()]))
+                .await
+                .expect("append");
+            assert_eq!(offset, range.end as u64);
+            for other in &r.up {
+                assert_eq!(other.offset(&app, id).await.expect("offset"), offset);
+            }
+            let recorded = r
+                .sql_i64(
+                    "SELECT count(*) FROM upload_parts WHERE session_id = $1::text::uuid",
+                    &id.to_string(),
+                )
+                .await;
+            assert_eq!(recorded, parts, "after {range:?}");
+        }
+        assert_eq!(r.open_multipart_uploads().len(), 1);
+        assert_eq!(
+            c.finish(&app, id, &digest).await.expect("finish"),
+            data.len() as u64
+        );
+        let back = read_range(&r.objects, &digest, 0..data.len() as u64).await;
+        assert!(back == data, "the blob read back differs");
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+        assert!(matches!(
+            c.finish(&app, id, &digest).await,
+            Err(UploadsError::NotFound)
+        ));
+        let size = r
+            .sql_i64(
+                "SELECT size FROM blobs WHERE digest = $1",
+                &digest.to_string(),
+            )
+            .await;
+        assert_eq!(size, data.len() as i64);
+        let check = raw(&r.url).await;
+
+        // The same bytes pushed to another repository: linked, not stored twice.
+        let other = repo("team/other");
+        let again = b
+            .start(&other, Algorithm::Sha256, None)
+            .await
+            .expect("start");
+        b.append(&other, again, 0, chunked(&data))
+            .await
+            .expect("append");
+        assert_eq!(
+            a.finish(&other, again, &digest).await.expect("finish"),
+            data.len() as u64
+        );
+        r.assert_gone(&other, again).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+        let links: Vec<(String, bool)> = check
+            .query(
+                "SELECT r.name, l.pushed FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id
+                  WHERE l.digest = $1 ORDER BY r.name",
+                &[&digest.to_string()],
+            )
+            .await
+            .expect("links")
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(
+            links,
+            vec![
+                ("team/app".to_string(), true),
+                ("team/other".to_string(), true)
+            ]
+        );
+        let listed: Vec<_> = r.objects.list().try_collect().await.expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        // A session is bound to its repository.
+        let elsewhere = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        assert!(matches!(
+            b.append(&other, elsewhere, 0, chunked(b"x")).await,
+            Err(UploadsError::NotFound)
+        ));
+    });
+}
+
+#[test]
+fn empty_small_exact_and_sha512_uploads_complete_across_replicas() {
+    with_replicas("shapes", LONG_LEASE, |r| async move {
+        let [a, b, c] = &r.up;
+        let app = repo("team/shapes");
+        // Zero bytes: no request body at all.
+        let empty = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        let digest = Digest::sha256_of(b"");
+        assert_eq!(b.finish(&app, empty, &digest).await.expect("finish"), 0);
+        assert_eq!(r.objects.head(&digest).await.expect("head"), Some(0));
+        r.assert_gone(&app, empty).await;
+
+        // A small blob in three requests on three replicas: one PUT, no multipart upload.
+        let small = random_bytes(1000, 12);
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        for (replica, range) in [(a, 0..10), (b, 10..600), (c, 600..1000)] {
+            replica
+                .append(&app, id, range.start as u64, chunked(&small[range]))
+                .await
+                .expect("append");
+        }
+        let no_upload = r
+            .sql_i64(
+                "SELECT count(*) FROM upload_sessions WHERE id = $1::text::uuid AND s3_upload_id IS NULL",
+                &id.to_string(),
+            )
+            .await;
+        assert_eq!(no_upload, 1);
+        let small_digest = Digest::sha256_of(&small);
+        assert_eq!(
+            a.finish(&app, id, &small_digest).await.expect("finish"),
+            1000
+        );
+        assert!(read_range(&r.objects, &small_digest, 0..1000).await == small);
+        r.assert_gone(&app, id).await;
+
+        // A small blob whose session started a multipart upload for a first part that never
+        // went up: finishing it as one PUT aborts that upload.
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        b.append(&app, id, 0, chunked(&small[..999]))
+            .await
+            .expect("append");
+        let key = r.objects.upload_key(&id.to_string());
+        let started = r.objects.create_parts(&key).await.expect("create");
+        raw(&r.url)
+            .await
+            .execute(
+                "UPDATE upload_sessions SET s3_upload_id = $2 WHERE id = $1::text::uuid",
+                &[&id.to_string(), &started],
+            )
+            .await
+            .expect("record the upload");
+        assert_eq!(r.open_multipart_uploads().len(), 1);
+        let shorter = Digest::sha256_of(&small[..999]);
+        assert_eq!(c.finish(&app, id, &shorter).await.expect("finish"), 999);
+        assert!(read_range(&r.objects, &shorter, 0..999).await == small[..999]);
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+
+        // Exactly two parts: nothing is left for a last part.
+        let exact = random_bytes(2 * MIN_PART_SIZE, 13);
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        a.append(&app, id, 0, chunked(&exact))
+            .await
+            .expect("append");
+        let tail = r
+            .sql_i64(
+                "SELECT length(tail)::bigint FROM upload_sessions WHERE id = $1::text::uuid",
+                &id.to_string(),
+            )
+            .await;
+        assert_eq!(tail, 0);
+        let exact_digest = Digest::sha256_of(&exact);
+        b.finish(&app, id, &exact_digest).await.expect("finish");
+        assert!(read_range(&r.objects, &exact_digest, 0..exact.len() as u64).await == exact);
+        r.assert_gone(&app, id).await;
+
+        // sha512: its hash state goes from replica to replica too.
+        let long = random_bytes(MIN_PART_SIZE + 3 * MIB + 5, 14);
+        let mut hasher = Digester::new(Algorithm::Sha512);
+        hasher.update(&long);
+        let long_digest = hasher.finish();
+        let id = a.start(&app, Algorithm::Sha512, None).await.expect("start");
+        a.append(&app, id, 0, chunked(&long[..6 * MIB]))
+            .await
+            .expect("append");
+        b.append(&app, id, 6 * MIB as u64, chunked(&long[6 * MIB..]))
+            .await
+            .expect("append");
+        c.finish(&app, id, &long_digest).await.expect("finish");
+        assert!(read_range(&r.objects, &long_digest, 0..long.len() as u64).await == long);
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn a_wrong_digest_leaves_no_object_and_no_multipart_upload() {
+    with_replicas("wrong", LONG_LEASE, |r| async move {
+        let [a, b, _] = &r.up;
+        let app = repo("team/wrong");
+        let claimed = Digest::sha256_of(b"something else");
+        for (len, seed) in [(2 * MIN_PART_SIZE + 2 * MIB + 5, 21), (1000, 22)] {
+            let data = random_bytes(len, seed);
+            let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+            a.append(&app, id, 0, chunked(&data)).await.expect("append");
+            let err = b
+                .finish(&app, id, &claimed)
+                .await
+                .expect_err("wrong digest");
+            let actual = Digest::sha256_of(&data);
+            assert!(
+                matches!(&err, UploadsError::DigestMismatch { expected, actual: got }
+                    if *expected == claimed && *got == actual),
+                "{err}"
+            );
+            for d in [&claimed, &actual] {
+                assert_eq!(r.objects.head(d).await.expect("head"), None, "{d} visible");
+            }
+            r.assert_gone(&app, id).await;
+            assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+        }
+        // A digest of another algorithm than the session hashes is refused the same way.
+        let data = random_bytes(MIN_PART_SIZE + 10, 23);
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        a.append(&app, id, 0, chunked(&data)).await.expect("append");
+        let mut sha512 = Digester::new(Algorithm::Sha512);
+        sha512.update(&data);
+        let err = b
+            .finish(&app, id, &sha512.finish())
+            .await
+            .expect_err("other algorithm");
+        assert!(
+            matches!(err, UploadsError::AlgorithmMismatch { .. }),
+            "{err}"
+        );
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+        let listed: Vec<_> = r.objects.list().try_collect().await.expect("list");
+        assert!(listed.is_empty(), "{listed:?}");
+    });
+}
+
+/// One chunk, sent only once `gate` opens; `polled` says the append has started reading.
+fn gated(
+    chunk: Vec<u8>,
+    polled: tokio::sync::oneshot::Sender<()>,
+    gate: tokio::sync::oneshot::Receiver<()>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    stream::once(async move {
+        let _ = polled.send(());
+        let _ = gate.await;
+        Ok(Bytes::from(chunk))
+    })
+}
+
+#[test]
+fn of_concurrent_appends_to_one_session_exactly_one_succeeds() {
+    with_replicas("race", LONG_LEASE, |r| async move {
+        let app = repo("team/race");
+        let [a, b, c] = &r.up;
+        let first = random_bytes(3 * MIB, 31);
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        a.append(&app, id, 0, chunked(&first))
+            .await
+            .expect("append");
+        let at = first.len() as u64;
+
+        // Two appends at the same offset on A and B; whichever takes the session holds it
+        // (its body stalls until the other has answered).
+        let mut gates = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, replica) in [a, b].into_iter().enumerate() {
+            let (polled_tx, _polled_rx) = tokio::sync::oneshot::channel();
+            let (gate_tx, gate_rx) = tokio::sync::oneshot::channel();
+            gates.push(gate_tx);
+            let chunk = random_bytes(4 * MIB, 40 + i as u64);
+            let (replica, app) = (replica.clone(), app.clone());
+            tasks.push(tokio::spawn(async move {
+                let got = replica
+                    .append(&app, id, at, gated(chunk.clone(), polled_tx, gate_rx))
+                    .await;
+                (chunk, got)
+            }));
+        }
+        let (loser, winner) =
+            match futures_util::future::select(tasks.pop().expect("b"), tasks.pop().expect("a"))
+                .await
+            {
+                futures_util::future::Either::Left((done, other))
+                | futures_util::future::Either::Right((done, other)) => (done, other),
+            };
+        let (_, lost) = loser.expect("task");
+        assert!(matches!(lost, Err(UploadsError::InUse)), "{lost:?}");
+        for gate in gates {
+            let _ = gate.send(());
+        }
+        let (won_bytes, won) = winner.await.expect("task");
+
+        let offset = won.expect("the holder's append");
+        assert_eq!(offset, at + won_bytes.len() as u64);
+        for replica in &r.up {
+            assert_eq!(replica.offset(&app, id).await.expect("offset"), offset);
+        }
+        // The loser retrying at the offset it knew is told where the session is.
+        assert!(matches!(
+            b.append(&app, id, at, chunked(b"late")).await,
+            Err(UploadsError::OffsetMismatch { expected, offset: now }) if expected == at && now == offset
+        ));
+
+        // Twelve appends at once, spread over the replicas, all at the same offset: exactly
+        // one lands, the others are told the session is busy or has moved on.
+        let racers = (0..12).map(|i| {
+            let replica = r.up[i % 3].clone();
+            let app = app.clone();
+            let chunk = random_bytes(64 * 1024 + i, 50 + i as u64);
+            tokio::spawn(async move {
+                let got = replica.append(&app, id, offset, chunked(&chunk)).await;
+                (chunk, got)
+            })
+        });
+        let results: Vec<(Vec<u8>, Result<u64, UploadsError>)> =
+            futures_util::future::join_all(racers)
+                .await
+                .into_iter()
+                .map(|t| t.expect("task"))
+                .collect();
+        let landed: Vec<&Vec<u8>> = results
+            .iter()
+            .filter(|(_, got)| got.is_ok())
+            .map(|(chunk, _)| chunk)
+            .collect();
+        assert_eq!(
+            landed.len(),
+            1,
+            "{:?}",
+            results.iter().map(|(_, g)| g).collect::<Vec<_>>()
+        );
+        for (_, got) in &results {
+            assert!(
+                matches!(
+                    got,
+                    Ok(_) | Err(UploadsError::InUse) | Err(UploadsError::OffsetMismatch { .. })
+                ),
+                "{got:?}"
+            );
+        }
+        let end = offset + landed[0].len() as u64;
+        assert_eq!(c.offset(&app, id).await.expect("offset"), end);
+        let whole = [first, won_bytes, landed[0].clone()].concat();
+        let digest = Digest::sha256_of(&whole);
+        assert_eq!(
+            c.finish(&app, id, &digest).await.expect("finish"),
+            whole.len() as u64
+        );
+        assert!(read_range(&r.objects, &digest, 0..end).await == whole);
+    });
+}
+
+/// `data` in uneven chunks, then a source that never sends more (after saying so on
+/// `reached`).
+fn stalling(
+    data: &[u8],
+    reached: tokio::sync::oneshot::Sender<()>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let mut reached = Some(reached);
+    chunked(data).chain(stream::poll_fn(move |_| {
+        if let Some(tx) = reached.take() {
+            let _ = tx.send(());
+        }
+        std::task::Poll::Pending
+    }))
+}
+
+/// Retries `append` while the session is held (by a request being dropped, or a dead
+/// replica's lease), at most about a minute.
+async fn append_when_free(
+    up: &Uploads,
+    repo: &RepoName,
+    id: SessionId,
+    at: u64,
+    data: &[u8],
+) -> Result<u64, UploadsError> {
+    for _ in 0..600 {
+        match up.append(repo, id, at, chunked(data)).await {
+            Err(UploadsError::InUse) => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => return other,
+        }
+    }
+    Err(UploadsError::InUse)
+}
+
+#[test]
+fn an_interrupted_append_leaves_the_session_resumable_from_its_last_recorded_offset() {
+    with_replicas("dropped", Duration::from_secs(3), |r| async move {
+        let app = repo("team/dropped");
+        let [a, b, c] = &r.up;
+        let data = random_bytes(3 * MIN_PART_SIZE + MIB, 61);
+        let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        a.append(&app, id, 0, chunked(&data[..3 * MIB]))
+            .await
+            .expect("append");
+
+        // A request that sends 6 MiB more (one part fills at 5 MiB) and is then dropped.
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let append = a.append(
+            &app,
+            id,
+            3 * MIB as u64,
+            stalling(&data[3 * MIB..9 * MIB], reached_tx),
+        );
+        tokio::select! {
+            got = append => panic!("a stalled append ended: {got:?}"),
+            reached = reached_rx => reached.expect("the body reached its stall"),
+        }
+        // The session is at the end of the part that was recorded; the 4 MiB after it are
+        // not part of it.
+        let part_end = MIN_PART_SIZE as u64;
+        assert_eq!(b.offset(&app, id).await.expect("offset"), part_end);
+        let stale = append_when_free(b, &app, id, 3 * MIB as u64, b"x").await;
+        assert!(
+            matches!(stale, Err(UploadsError::OffsetMismatch { offset, .. }) if offset == part_end),
+            "{stale:?}"
+        );
+
+        // A body that fails after another part: the session ends at that part, released at
+        // once.
+        let failing =
+            chunked(&data[MIN_PART_SIZE..MIN_PART_SIZE + 7 * MIB]).chain(stream::iter([Err(
+                std::io::Error::other("client went away"),
+            )]));
+        let err = b
+            .append(&app, id, part_end, failing)
+            .await
+            .expect_err("source error");
+        assert!(matches!(err, UploadsError::Source(_)), "{err}");
+        let second_end = 2 * MIN_PART_SIZE as u64;
+        assert_eq!(c.offset(&app, id).await.expect("offset"), second_end);
+
+        // A replica that dies holding the session (its request never ends, never releases):
+        // the others are refused until its lease runs out, then take over.
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let mut dead = Box::pin(c.append(
+            &app,
+            id,
+            second_end,
+            stalling(
+                &data[second_end as usize..second_end as usize + MIB],
+                reached_tx,
+            ),
+        ));
+        tokio::select! {
+            got = &mut dead => panic!("a stalled append ended: {got:?}"),
+            reached = reached_rx => reached.expect("the body reached its stall"),
+        }
+        std::mem::forget(dead);
+        assert!(matches!(
+            a.append(&app, id, second_end, chunked(b"x")).await,
+            Err(UploadsError::InUse)
+        ));
+        let end = append_when_free(a, &app, id, second_end, &data[second_end as usize..])
+            .await
+            .expect("taken over after the lease");
+        assert_eq!(end, data.len() as u64);
+        let digest = Digest::sha256_of(&data);
+        b.finish(&app, id, &digest).await.expect("finish");
+        assert!(read_range(&r.objects, &digest, 0..end).await == data);
+        r.assert_gone(&app, id).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn cancel_and_reap_leave_nothing_behind() {
+    with_replicas("reap", LONG_LEASE, |r| async move {
+        let app = repo("team/reap");
+        let [a, b, c] = &r.up;
+        let big = random_bytes(2 * MIN_PART_SIZE + 2 * MIB, 71);
+        let session_with_parts = || async {
+            let id = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+            a.append(&app, id, 0, chunked(&big)).await.expect("append");
+            id
+        };
+        // Cancel on another replica than the one that wrote.
+        let x = session_with_parts().await;
+        assert_eq!(r.open_multipart_uploads().len(), 1);
+        b.cancel(&app, x).await.expect("cancel");
+        r.assert_gone(&app, x).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+        assert!(matches!(
+            b.cancel(&app, x).await,
+            Err(UploadsError::NotFound)
+        ));
+        assert!(matches!(
+            a.append(&app, x, 0, chunked(b"x")).await,
+            Err(UploadsError::NotFound)
+        ));
+
+        // Cancel while a request holds the session: the request's bytes go nowhere.
+        let held = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        let (polled_tx, polled_rx) = tokio::sync::oneshot::channel();
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel();
+        let writer = {
+            let (a, app, body) = (a.clone(), app.clone(), big.clone());
+            tokio::spawn(async move {
+                a.append(&app, held, 0, gated(body, polled_tx, gate_rx))
+                    .await
+            })
+        };
+        polled_rx.await.expect("the append holds the session");
+        c.cancel(&app, held).await.expect("cancel");
+        gate_tx.send(()).expect("the append waits");
+        let lost = writer.await.expect("task");
+        assert!(matches!(lost, Err(UploadsError::Lost)), "{lost:?}");
+        r.assert_gone(&app, held).await;
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+
+        // Reap: two abandoned sessions (one with parts, one with only a tail), one active,
+        // and one abandoned but still held by a live request.
+        let old_parts = session_with_parts().await;
+        let old_tail = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        a.append(&app, old_tail, 0, chunked(&big[..1000]))
+            .await
+            .expect("append");
+        let active = session_with_parts().await;
+        let old_held = a.start(&app, Algorithm::Sha256, None).await.expect("start");
+        let check = raw(&r.url).await;
+        for id in [old_parts, old_tail, old_held] {
+            check
+                .execute(
+                    "UPDATE upload_sessions SET touched_at = now() - interval '2 hours'
+                      WHERE id = $1::text::uuid",
+                    &[&id.to_string()],
+                )
+                .await
+                .expect("age");
+        }
+        check
+            .execute(
+                "UPDATE upload_sessions SET holder = 'elsewhere', held_until = now() + interval '1 hour'
+                  WHERE id = $1::text::uuid",
+                &[&old_held.to_string()],
+            )
+            .await
+            .expect("hold");
+        assert_eq!(r.open_multipart_uploads().len(), 2);
+        assert_eq!(
+            c.reap(Duration::from_secs(3 * 3600)).await.expect("reap"),
+            0
+        );
+        assert_eq!(c.reap(Duration::from_secs(3600)).await.expect("reap"), 2);
+        r.assert_gone(&app, old_parts).await;
+        r.assert_gone(&app, old_tail).await;
+        assert_eq!(r.open_multipart_uploads().len(), 1);
+        assert_eq!(
+            b.offset(&app, active).await.expect("offset"),
+            big.len() as u64
+        );
+        assert_eq!(b.offset(&app, old_held).await.expect("offset"), 0);
+        assert_eq!(c.reap(Duration::from_secs(3600)).await.expect("reap"), 0);
+        // The active session still completes.
+        let digest = Digest::sha256_of(&big);
+        b.finish(&app, active, &digest).await.expect("finish");
+        assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
     });
 }

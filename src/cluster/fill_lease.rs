@@ -119,6 +119,6 @@ impl Db {
 /// Longest lease the database is asked for (a year): far past any fill, far from overflow.
 const MAX_TTL_MS: u128 = 365 * 24 * 3600 * 1000;
 
-fn millis(d: Duration) -> i64 {
+pub(super) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis().min(MAX_TTL_MS)).unwrap_or(i64::MAX)
 }

@@ -14,11 +14,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, in order. Never edit one that has shipped: add the next.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "upload_tails",
+        sql: include_str!("migrations/0002_upload_tails.sql"),
+    },
+];
 
 /// The advisory lock key replicas take while migrating ("tsmigrat" in ASCII).
 const LOCK_KEY: i64 = 0x7473_6d69_6772_6174;

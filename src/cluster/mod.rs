@@ -4,8 +4,11 @@
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
 pub mod fill_lease;
+pub mod hash_state;
 pub mod migrate;
 pub mod objects;
+pub mod parts;
 pub mod pg;
 pub mod signing_key;
 pub mod tags;
+pub mod uploads;

@@ -88,10 +88,12 @@ pub struct BlobObject {
 /// The bucket, as a content-addressed blob store.
 #[derive(Debug, Clone)]
 pub struct Objects {
-    s3: Arc<AmazonS3>,
+    pub(super) s3: Arc<AmazonS3>,
     /// `PREFIX/blobs` (or `blobs`).
     root: Path,
-    part_size: usize,
+    /// `PREFIX/uploads`: push sessions' objects before their digest is known (see `parts`).
+    pub(super) uploads: Path,
+    pub(super) part_size: usize,
 }
 
 impl Objects {
@@ -108,15 +110,14 @@ impl Objects {
             .with_access_key_id(&options.access_key_id)
             .with_secret_access_key(&options.secret_access_key)
             .build()?;
-        let root = match &options.prefix {
-            Some(prefix) => Path::parse(prefix)
-                .map_err(|e| ObjectsError::Store(e.into()))?
-                .join("blobs"),
-            None => Path::from("blobs"),
+        let base = match &options.prefix {
+            Some(prefix) => Path::parse(prefix).map_err(|e| ObjectsError::Store(e.into()))?,
+            None => Path::default(),
         };
         Ok(Self {
             s3: Arc::new(s3),
-            root,
+            root: base.clone().join("blobs"),
+            uploads: base.join("uploads"),
             part_size: options.part_size,
         })
     }
@@ -215,19 +216,12 @@ impl Objects {
 
     /// The blob's size, or `None` when it is not stored.
     pub async fn head(&self, digest: &Digest) -> Result<Option<u64>, ObjectsError> {
-        match self.s3.head(&self.key(digest)).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.key_size(&self.key(digest)).await
     }
 
     /// Removes the blob (succeeds when it is already gone).
     pub async fn delete(&self, digest: &Digest) -> Result<(), ObjectsError> {
-        match self.s3.delete(&self.key(digest)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.delete_key(&self.key(digest)).await
     }
 
     /// Every blob object, for GC. Keys that are not blob keys are skipped (with a warning):
