@@ -138,6 +138,39 @@ fn https_serves_http2_and_http1_and_round_trips_a_push() {
         "blob round trip over TLS"
     );
 
+    // Many streams at once on the one HTTP/2 connection (their small responses are written
+    // together): every stream gets its own blob, whole, and the large one still streams.
+    let small: Vec<(Vec<u8>, String)> = (0..4)
+        .map(|i| {
+            let b = random_bytes(3000 + i * 1000, 70 + i as u64);
+            let d = push_blob(&rt, &h2, &base, "local/tls", &b);
+            (b, d)
+        })
+        .collect();
+    let got = rt.block_on(async {
+        let gets = (0..64).map(|i| {
+            let (h2, base) = (h2.clone(), base.clone());
+            let d = if i % 16 == 15 {
+                digest.clone()
+            } else {
+                small[i % 4].1.clone()
+            };
+            async move {
+                let req = http::Request::get(format!("{base}/v2/local/tls/blobs/{d}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = h2.request(req).await.expect("response");
+                assert_eq!(resp.version(), http::Version::HTTP_2);
+                resp.into_body().collect().await.expect("body").to_bytes()
+            }
+        });
+        futures_util::future::join_all(gets).await
+    });
+    for (i, body) in got.iter().enumerate() {
+        let want: &[u8] = if i % 16 == 15 { &data } else { &small[i % 4].0 };
+        assert!(body[..] == *want, "stream {i} got other bytes");
+    }
+
     // Plain HTTP to the TLS port is refused, and the server carries on.
     let plain = Http::new(&format!("http://127.0.0.1:{}", s.addr.port()));
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plain.get("/v2/")));

@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod blobs;
 pub mod body;
 pub mod cache_admin;
+mod coalesce;
 pub mod forwarded;
 pub mod manifests;
 pub mod members;

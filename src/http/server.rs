@@ -81,8 +81,15 @@ pub async fn serve(
                                     return;
                                 }
                             };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                            let _ = watcher.watch(conn).await;
+                            // HTTP/2 (chosen by ALPN) batches its small responses' writes.
+                            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                let io = TokioIo::new(super::coalesce::Coalesce::new(stream));
+                                let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+                                let _ = watcher.watch(conn).await;
+                            } else {
+                                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+                                let _ = watcher.watch(conn).await;
+                            }
                         }
                     }
                 });
