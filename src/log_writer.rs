@@ -1,9 +1,11 @@
 //! Where log lines go: standard output, through a writer that keeps the per-request access
 //! line off the request path. Access lines (events with target [`ACCESS_TARGET`]) are appended
-//! to a bounded in-memory buffer that a dedicated thread writes out in batches; a request never
-//! waits for the disk or the pipe. Every other line (warnings, audit lines, startup) is written
-//! at once, after whatever access lines are still buffered, so the output keeps its order and a
-//! line that says something happened is on disk when the thing has happened.
+//! to a bounded in-memory buffer that a dedicated thread writes out in batches, so the access
+//! line never makes a request wait for the disk or the pipe. Every other line (warnings, audit
+//! lines, startup) is written at once by the thread that logs it, after whatever access lines
+//! are still buffered (up to `capacity`), so the output keeps its order and a line that says
+//! something happened is on disk when the thing has happened; a request that logs such a line
+//! can wait for standard output, as it did before access lines were buffered.
 //!
 //! Bounded: when the buffer holds `capacity` bytes (the reader of standard output is slower
 //! than the requests), further access lines are dropped and counted ([`dropped_lines`]), and
@@ -104,7 +106,8 @@ impl Shared {
                 while p.buf.is_empty() && p.unreported == 0 && !p.closing {
                     p = self.wake.wait(p).unwrap_or_else(PoisonError::into_inner);
                 }
-                if !p.closing {
+                // A buffer filling fast is written at once: gathering would only cap the rate.
+                if !p.closing && p.buf.len() < self.capacity / 4 {
                     p = self
                         .wake
                         .wait_timeout(p, GATHER)

@@ -1,9 +1,11 @@
 //! Write batching for HTTP/2 connections. hyper runs each HTTP/2 request on its own task and
 //! the connection writes and flushes every response as soon as its task finishes: one TLS
 //! record and one syscall per small response, where a connection with many streams in flight
-//! could send them together. `Coalesce` holds the connection's writes in a bounded buffer and,
-//! when asked to flush, first lets the runtime run once (so responses finishing meanwhile join
-//! the same write), then writes everything through. Reads pass straight through.
+//! could send them together. `Coalesce` holds the connection's small writes in a bounded
+//! buffer and, when asked to flush them, first lets the runtime run once (so responses finishing
+//! meanwhile join the same write), then writes everything through. Writes of a full DATA frame
+//! or more (blob bodies) are not held, copied or delayed: what is buffered goes first, then they
+//! pass straight through. Reads pass straight through.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes held before a write goes through without waiting for a flush.
 const CAPACITY: usize = 64 << 10;
+/// Writes this large (a default-sized HTTP/2 DATA frame and its header) pass through; a buffer
+/// holding this much is flushed without waiting for company.
+const PASS_THROUGH: usize = 16 << 10;
 
 pub struct Coalesce<T> {
     inner: T,
@@ -46,8 +51,13 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
             }
             self.sent += n;
         }
-        self.buf.clear();
         self.sent = 0;
+        if self.buf.capacity() > PASS_THROUGH {
+            // An idle connection keeps no burst-sized buffer.
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -68,10 +78,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.buf.len() + data.len() > CAPACITY {
+        if data.len() >= PASS_THROUGH || self.buf.len() + data.len() > CAPACITY {
             std::task::ready!(self.drain(cx))?;
-            if data.len() >= CAPACITY {
-                // Large writes (blob bodies) go straight through.
+            if data.len() >= PASS_THROUGH {
                 return Pin::new(&mut self.inner).poll_write(cx, data);
             }
         }
@@ -85,9 +94,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if self.buf.len() + total > CAPACITY {
+        if total >= PASS_THROUGH || self.buf.len() + total > CAPACITY {
             std::task::ready!(self.drain(cx))?;
-            if total >= CAPACITY {
+            if total >= PASS_THROUGH {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             }
         }
@@ -102,7 +111,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.buf.is_empty() && !self.yielded {
+        if !self.buf.is_empty() && self.buf.len() < PASS_THROUGH && !self.yielded {
             // Let the streams finishing now queue their responses before this write goes.
             self.yielded = true;
             cx.waker().wake_by_ref();
@@ -140,10 +149,16 @@ mod tests {
     async fn the_buffer_is_bounded_and_large_writes_pass_through() {
         let mut c = Coalesce::new(Vec::new());
         c.write_all(&[1u8; 1000]).await.unwrap();
-        // Past the capacity: what was held goes first, then the large write itself.
-        c.write_all(&vec![2u8; CAPACITY]).await.unwrap();
-        assert_eq!(c.inner.len(), 1000 + CAPACITY);
+        // A frame-sized write: what was held goes first, then the write itself, uncopied.
+        c.write_all(&vec![2u8; PASS_THROUGH]).await.unwrap();
+        assert_eq!(c.inner.len(), 1000 + PASS_THROUGH);
         assert!(c.buf.is_empty());
+        // Small writes past the capacity push the held ones out first.
+        for _ in 0..(CAPACITY / 1000 + 1) {
+            c.write_all(&[3u8; 1000]).await.unwrap();
+        }
+        assert!(c.inner.len() > 1000 + PASS_THROUGH, "the buffer is bounded");
+        assert!(c.buf.len() <= CAPACITY);
         c.write_all(b"tail").await.unwrap();
         c.shutdown().await.unwrap();
         assert_eq!(&c.inner[c.inner.len() - 4..], b"tail");

@@ -323,8 +323,13 @@ fn metrics(app: &App) -> Resp {
     app.metrics
         .uploads_active
         .set(app.store.uploads_active() as i64);
-    let dropped = &app.metrics.log_dropped_lines;
-    dropped.inc_by(crate::log_writer::dropped_lines().saturating_sub(dropped.get()));
+    // What was dropped since the last scrape, counted once even when scrapes overlap.
+    static REPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::log_writer::dropped_lines();
+    let before = REPORTED.swap(now, std::sync::atomic::Ordering::AcqRel);
+    app.metrics
+        .log_dropped_lines
+        .inc_by(now.saturating_sub(before));
     let mut r = json(StatusCode::OK, app.metrics.render());
     r.headers_mut().insert(
         header::CONTENT_TYPE,

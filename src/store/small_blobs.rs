@@ -42,8 +42,9 @@ impl SmallBlobs {
             Cache::builder()
                 .max_capacity(capacity)
                 .weigher(|_: &Digest, v: &Bytes| {
-                    // Key and bookkeeping count too: many tiny blobs are not free.
-                    u32::try_from(v.len() + 160).unwrap_or(u32::MAX)
+                    // The key (a boxed digest), moka's entry, its queue nodes and sketch count
+                    // too: many tiny blobs are not free.
+                    u32::try_from(v.len() + 400).unwrap_or(u32::MAX)
                 })
                 .build()
         });
