@@ -278,7 +278,7 @@ impl Drop for AbortOnDrop {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
-                if let Err(e) = writer.abort().await {
+                if let Err(e) = settle_and_abort(writer).await {
                     tracing::warn!(error = %e, "cannot abort a cancelled multipart upload; the bucket's lifecycle rule or GC must remove it");
                 }
             });
@@ -286,8 +286,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Aborts `writer` once none of its parts is in flight: a part request cancelled mid-way may
+/// still land on the store after the abort and bring the upload back.
+async fn settle_and_abort(mut writer: WriteMultipart) -> object_store::Result<()> {
+    // Each error ends one part's wait; the loop ends when no part is left in flight.
+    while writer.wait_for_capacity(0).await.is_err() {}
+    writer.abort().await
+}
+
 async fn abort(writer: WriteMultipart, digest: &Digest) {
-    if let Err(e) = writer.abort().await {
+    if let Err(e) = settle_and_abort(writer).await {
         tracing::warn!(%digest, error = %e, "cannot abort a refused multipart upload; the bucket's lifecycle rule or GC must remove it");
     }
 }
