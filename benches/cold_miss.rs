@@ -39,7 +39,7 @@ mod common;
 #[path = "cold_miss/shaper.rs"]
 mod shaper;
 
-use common::{distribution, free_port, random_bytes, transship, upload_put_url};
+use common::{distribution, free_port, push_blob, random_bytes, transship, upstream_gets};
 use shaper::Shaper;
 
 /// One client's pull: time to first body byte, and the byte count.
@@ -104,13 +104,6 @@ fn pulls(rt: &tokio::runtime::Runtime, url: &str, n: usize) -> Pulls {
     })
 }
 
-fn upstream_gets(log: &Path, digest: &str) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(&format!("\"GET /v2/{REPO}/blobs/{digest} HTTP/"))
-        .count()
-}
-
 fn main() {
     let clients: usize = std::env::var("BENCH_CLIENTS")
         .ok()
@@ -136,20 +129,7 @@ fn main() {
     rt.block_on(async {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let post = http::Request::post(format!("{upstream_url}/v2/{REPO}/blobs/uploads/"))
-            .body(Full::new(Bytes::new()))
-            .expect("req");
-        let resp = client.request(post).await.expect("POST");
-        let loc = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .expect("location");
-        let put_url = upload_put_url(&upstream_url, loc, &digest);
-        let put = http::Request::put(put_url)
-            .body(Full::new(layer.clone()))
-            .expect("req");
-        assert_eq!(client.request(put).await.expect("PUT").status(), 201);
+        push_blob(&client, &upstream_url, REPO, &digest, layer.clone()).await;
     });
     drop(layer);
     let up_log = up_dir.join("log");
@@ -254,7 +234,7 @@ impl Bench<'_> {
             let port = free_port();
             // distribution writes its access log asynchronously: let earlier lines land first.
             std::thread::sleep(Duration::from_millis(500));
-            let gets_before = upstream_gets(self.up_log, self.digest);
+            let gets_before = upstream_gets(self.up_log, REPO, self.digest);
             let bytes_before = shaper.map(Shaper::upstream_bytes);
             let conns_before = shaper.map(Shaper::connections);
             let proc = if name == "transship" {
@@ -266,7 +246,7 @@ impl Bench<'_> {
             let p = pulls(self.rt, &url, clients);
             // Let the access log, and a cache still writing after the response, settle.
             std::thread::sleep(Duration::from_millis(500));
-            let gets = upstream_gets(self.up_log, self.digest) - gets_before;
+            let gets = upstream_gets(self.up_log, REPO, self.digest) - gets_before;
             // Through the shaper: what actually crossed the link; else GETs times the layer.
             let fetched_mib = match (shaper, bytes_before) {
                 (Some(s), Some(b)) => (s.upstream_bytes() - b) as f64 / f64::from(1 << 20),

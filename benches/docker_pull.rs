@@ -24,7 +24,9 @@ use hyper_util::rt::TokioExecutor;
 
 mod common;
 
-use common::{Proc, distribution, free_port, random_bytes, sha256, transship, upload_put_url};
+use common::{
+    Proc, distribution, free_port, push_blob, random_bytes, sha256, transship, upstream_gets,
+};
 
 const LAYER: usize = 64 << 20;
 const LAYERS: u64 = 3;
@@ -83,20 +85,7 @@ fn seed(rt: &tokio::runtime::Runtime, base: &str) -> Vec<String> {
             Client::builder(TokioExecutor::new()).build_http();
         for blob in layers.into_iter().chain([config]) {
             let digest = sha256(&blob);
-            let post = http::Request::post(format!("{base}/v2/{REPO}/blobs/uploads/"))
-                .body(Full::default())
-                .expect("request");
-            let resp = client.request(post).await.expect("POST upload");
-            let location = resp
-                .headers()
-                .get("location")
-                .and_then(|v| v.to_str().ok())
-                .expect("upload location")
-                .to_string();
-            let put = http::Request::put(upload_put_url(base, &location, &digest))
-                .body(Full::new(Bytes::from(blob)))
-                .expect("request");
-            assert_eq!(client.request(put).await.expect("PUT").status(), 201);
+            push_blob(&client, base, REPO, &digest, Bytes::from(blob)).await;
         }
         let put = http::Request::put(format!("{base}/v2/{REPO}/manifests/v1"))
             .header(
@@ -186,13 +175,6 @@ impl Drop for Daemon {
     }
 }
 
-fn upstream_gets(log: &Path, digest: &str) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(&format!("\"GET /v2/{REPO}/blobs/{digest} HTTP/"))
-        .count()
-}
-
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
@@ -237,14 +219,17 @@ fn main() {
         let ts_dir = d.join("transship");
         let _ = std::fs::remove_dir_all(&ts_dir);
         let ts = transship(&ts_dir, ts_port, &upstream_url);
-        let before: Vec<usize> = layers.iter().map(|l| upstream_gets(&up_log, l)).collect();
+        let before: Vec<usize> = layers
+            .iter()
+            .map(|l| upstream_gets(&up_log, REPO, l))
+            .collect();
         cold.push(daemon.timed_pull("big:v1"));
         warm.push(daemon.timed_pull("big:v1"));
         // distribution writes its access log asynchronously.
         std::thread::sleep(Duration::from_millis(500));
         for (layer, before) in layers.iter().zip(before) {
             assert_eq!(
-                upstream_gets(&up_log, layer) - before,
+                upstream_gets(&up_log, REPO, layer) - before,
                 1,
                 "round {round}: transship fetched layer {layer} once (the pulls went through it)"
             );

@@ -160,3 +160,38 @@ pub fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
         Some(port),
     )
 }
+
+/// How many GETs of `repo`'s blob `digest` distribution's access log at `log` shows.
+pub fn upstream_gets(log: &Path, repo: &str, digest: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(&format!("\"GET /v2/{repo}/blobs/{digest} HTTP/"))
+        .count()
+}
+
+/// Pushes `blob` (named `digest`) to `repo` at `base` in one piece: POST, then PUT of the body.
+pub async fn push_blob(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    base: &str,
+    repo: &str,
+    digest: &str,
+    blob: bytes::Bytes,
+) {
+    let post = http::Request::post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .body(http_body_util::Full::default())
+        .expect("request");
+    let resp = client.request(post).await.expect("POST upload");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("upload location")
+        .to_string();
+    let put = http::Request::put(upload_put_url(base, &location, digest))
+        .body(http_body_util::Full::new(blob))
+        .expect("request");
+    assert_eq!(client.request(put).await.expect("PUT").status(), 201);
+}

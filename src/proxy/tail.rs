@@ -137,6 +137,7 @@ impl Tail {
         }
     }
 
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.held
     }

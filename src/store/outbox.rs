@@ -824,6 +824,12 @@ mod tests {
         assert!(s.events_after(cursor, 64).unwrap().0.is_empty());
     }
 
+    /// The numbers of (up to 10) events after `seq`.
+    fn seqs_after(s: &Store, seq: u64) -> Vec<u64> {
+        let events = s.events_after(seq, 10).unwrap().0;
+        events.iter().map(|e| e.seq).collect()
+    }
+
     #[test]
     fn sequence_cursors_and_dead_letters_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -840,14 +846,7 @@ mod tests {
         }
         let s = store(dir.path(), kinds);
         write(&s, EventKind::Push, "p/3");
-        let seqs: Vec<u64> = s
-            .events_after(0, 10)
-            .unwrap()
-            .0
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(seqs_after(&s, 0), vec![1, 2, 3]);
         // "c" is new: it starts at the end; "b" is gone: its state goes.
         assert_eq!(s.open_event_cursors(&["a", "c"]).unwrap(), vec![1, 3]);
         assert!(s.dead_letters(None).unwrap().is_empty());
@@ -857,14 +856,7 @@ mod tests {
         let dead = s.dead_letters(Some("a")).unwrap();
         assert!(dead[0].retry && dead[0].event.seq == 2);
         assert_eq!(s.prune_events(0, 2).unwrap(), 2);
-        let seqs: Vec<u64> = s
-            .events_after(0, 10)
-            .unwrap()
-            .0
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, vec![3]);
+        assert_eq!(seqs_after(&s, 0), vec![3]);
     }
 
     #[test]
@@ -910,13 +902,6 @@ mod tests {
         let s = store(dir.path(), kinds);
         assert_eq!(s.open_event_cursors(&["a"]).unwrap(), vec![3]);
         write(&s, EventKind::Push, "p/after-restart");
-        let after: Vec<u64> = s
-            .events_after(3, 10)
-            .unwrap()
-            .0
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(after, vec![4]);
+        assert_eq!(seqs_after(&s, 3), vec![4]);
     }
 }
