@@ -25,6 +25,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -187,9 +188,13 @@ impl State {
         let Some(entry) = self.entries.get_mut(digest) else {
             return false;
         };
-        self.lru.remove(&entry.tick);
+        // The digest moves to its new position without another allocation.
+        let key = self
+            .lru
+            .remove(&entry.tick)
+            .unwrap_or_else(|| digest.clone());
         entry.tick = tick;
-        self.lru.insert(tick, digest.clone());
+        self.lru.insert(tick, key);
         let touch = entry
             .touched
             .is_none_or(|t| now.duration_since(t) >= TOUCH_EVERY);
@@ -221,10 +226,36 @@ impl State {
     }
 }
 
+/// What the cache did since it was opened (for metrics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadCacheStats {
+    /// Requests served from a cached file.
+    pub hits: u64,
+    /// Fetches started (one per flight, plus any a waiter started after its leader left).
+    pub fetches: u64,
+    /// Requests that waited for another's fetch and got its outcome.
+    pub shared: u64,
+    /// Files unlinked to stay within the budget.
+    pub evicted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    fetches: AtomicU64,
+    shared: AtomicU64,
+    evicted: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
 struct Inner {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    counters: Counters,
 }
 
 impl Inner {
@@ -237,6 +268,7 @@ impl Inner {
     }
 
     fn unlink_all(&self, victims: &[Digest]) {
+        bump(&self.counters.evicted, victims.len() as u64);
         for digest in victims {
             unlink(&self.path(digest));
         }
@@ -276,21 +308,16 @@ impl Inner {
             // Larger than the whole budget: served from the unlinked file, not kept.
             return Ok(file);
         }
-        let Some(temp_path) = temp.0.take() else {
+        let Some(temp_path) = temp.0.clone() else {
             return Ok(file);
         };
         file.sync_data().map_err(io_error(&temp_path))?;
         let dest = self.path(digest);
         match fs::rename(&temp_path, &dest) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The directory was wiped under the fetch: serve these bytes, keep nothing.
-                return Ok(file);
-            }
-            Err(e) => {
-                unlink(&temp_path);
-                return Err(io_error(&dest)(e));
-            }
+            Ok(()) => temp.0 = None,
+            // The directory was wiped under the fetch: serve these bytes, keep nothing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(file),
+            Err(e) => return Err(io_error(&dest)(e)),
         }
         let victims = {
             let mut state = self.state();
@@ -356,6 +383,7 @@ impl ReadCache {
             dir,
             max_bytes: options.max_bytes,
             state: Mutex::new(state),
+            counters: Counters::default(),
         };
         inner.unlink_all(&victims);
         Ok(Self {
@@ -392,6 +420,7 @@ impl ReadCache {
             // Last use across restarts; failing only makes the order after a restart stale.
             let _ = file.set_modified(SystemTime::now());
         }
+        bump(&self.inner.counters.hits, 1);
         Some(file)
     }
 
@@ -427,11 +456,13 @@ impl ReadCache {
                     };
                     let path = self.inner.path(digest);
                     if let Some(outcome) = outcome {
+                        bump(&self.inner.counters.shared, 1);
                         return outcome.and_then(|f| f.try_clone().map_err(io_error(&path)));
                     }
                 }
             }
         };
+        bump(&self.inner.counters.fetches, 1);
         let outcome = async {
             // Recreated if someone removed it: one mkdir, EEXIST as a rule.
             let dir = &self.inner.dir;
@@ -529,6 +560,17 @@ impl ReadCache {
 
     pub fn max_bytes(&self) -> u64 {
         self.inner.max_bytes
+    }
+
+    pub fn stats(&self) -> ReadCacheStats {
+        let c = &self.inner.counters;
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        ReadCacheStats {
+            hits: get(&c.hits),
+            fetches: get(&c.fetches),
+            shared: get(&c.shared),
+            evicted: get(&c.evicted),
+        }
     }
 
     /// How many callers wait for the fetch of `digest` in progress (tests synchronise on it).
@@ -698,7 +740,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use futures_util::stream;
     use tokio::sync::Semaphore;
@@ -869,6 +911,8 @@ mod tests {
             .expect("hit");
         assert_eq!(contents(&again), bytes);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.fetches, stats.shared), (2, 1, 0));
         // Another size is a miss (and drops the file: the record and the file disagree).
         assert!(cache.open_cached(&digest, size + 1).is_none());
         assert_eq!(cache.usage(), (0, 0));
@@ -892,6 +936,8 @@ mod tests {
             assert_eq!(task.await.expect("task").expect("fetch"), bytes);
         }
         assert_eq!(rig.calls(), 1);
+        let stats = rig.cache.stats();
+        assert_eq!((stats.fetches, stats.shared), (1, N as u64 - 1));
         assert_eq!(rig.cache.usage(), (size, 1));
         assert_eq!(names(tmp.path()), vec![file_name(&digest)]);
     }
@@ -984,6 +1030,7 @@ mod tests {
         kept.sort();
         assert_eq!(names(tmp.path()), kept);
         assert_eq!(cache.usage(), (300, 2));
+        assert_eq!(cache.stats().evicted, 3);
         // The descriptors handed out before still read the evicted bytes.
         assert_eq!(contents(&held_b), b.1);
         assert_eq!(contents(&used_b), b.1);
