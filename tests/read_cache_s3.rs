@@ -69,12 +69,9 @@ fn the_read_cache_fills_from_the_bucket_once_and_only_with_verified_bytes() {
     let (da, db) = (Digest::sha256_of(&a), Digest::sha256_of(&b));
     let size = size as u64;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cache_dir = dir.path().join("read-cache");
-    let cache = ReadCache::open(ReadCacheOptions {
-        dir: cache_dir.clone(),
-        max_bytes: size + size / 2,
-    })
-    .expect("open");
+    let options = ReadCacheOptions::in_data_dir(dir.path(), size + size / 2);
+    let cache_dir = options.dir.clone();
+    let cache = ReadCache::open(options).expect("open");
     let gets = Arc::new(AtomicUsize::new(0));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

@@ -55,6 +55,19 @@ pub struct ReadCacheOptions {
     pub max_bytes: u64,
 }
 
+/// The cache's directory under a replica's `data_dir`.
+pub const DIR_NAME: &str = "read-cache";
+
+impl ReadCacheOptions {
+    /// `<data_dir>/read-cache` with a budget of `max_bytes`.
+    pub fn in_data_dir(data_dir: &Path, max_bytes: u64) -> Self {
+        Self {
+            dir: data_dir.join(DIR_NAME),
+            max_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReadCacheError {
     #[error("read cache: {path}: {source}")]
@@ -545,7 +558,8 @@ impl ReadCache {
     }
 
     /// Forgets and unlinks the cached file of `digest` (after a delete, say). A descriptor
-    /// already handed out keeps reading.
+    /// already handed out keeps reading. Unlinking a large file can take a moment: call it
+    /// off the async workers where that matters.
     pub fn remove(&self, digest: &Digest) {
         if self.inner.state().remove(digest).is_some() {
             unlink(&self.inner.path(digest));
