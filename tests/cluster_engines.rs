@@ -574,6 +574,8 @@ where
                 UploadOptions {
                     replica: replica.into(),
                     lease,
+                    max_sessions: 4096,
+                    max_sessions_per_client: 512,
                 },
             ));
         }
