@@ -1,7 +1,8 @@
 //! The cluster profile's foundation against the real engines: the S3 blob store on SeaweedFS
 //! (verified multipart puts, aborts that leave nothing behind, ranged reads, listing, presigned
 //! URLs), the PostgreSQL metadata (migrations, fill leases, tag moves, the shared token
-//! signing key) and push upload sessions continued across replicas; several `Db` and `Objects`
+//! signing key, the registry's links, manifests, tags, referrers and listings, and pushes racing
+//! a GC) and push upload sessions continued across replicas; several `Db` and `Objects`
 //! handles stand in for several replicas.
 
 mod common;
