@@ -607,7 +607,7 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
     {
         Some(answer) => answer,
         None => {
-            let store = open_store_offline(&config)?;
+            let store = std::sync::Arc::new(open_store_offline(&config)?);
             if let AdminRequest::Export(_) | AdminRequest::Import(_) = req {
                 transship::admin::apply_bundle(&config, &store, req)
             } else {

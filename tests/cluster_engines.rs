@@ -309,7 +309,11 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
         let versions: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         assert_eq!(
             versions,
-            vec![(1, "init".to_string()), (2, "upload_tails".to_string())]
+            vec![
+                (1, "init".to_string()),
+                (2, "upload_tails".to_string()),
+                (4, "identity_notify".to_string())
+            ]
         );
         // Re-opening is a no-op.
         db(&url, 1).await;
@@ -318,7 +322,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 2);
+        assert_eq!(count, 3);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -340,7 +344,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 2
+                    binary: 4
                 }
             ),
             "{err}"

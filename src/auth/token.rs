@@ -136,11 +136,10 @@ impl Authorizer {
     }
 
     async fn new_refresh_token(&self, subject: &Subject) -> Result<String, TokenFailure> {
-        let (identities, store, subject) =
-            (self.identities.clone(), self.store.clone(), subject.clone());
+        let (identities, subject) = (self.identities.clone(), subject.clone());
         let ttl = self.config.refresh_token_ttl.0;
         let made = tokio::task::spawn_blocking(move || {
-            identities.create_token(&store, &subject, TokenKind::Refresh, ttl, "login")
+            identities.create_token(&subject, TokenKind::Refresh, ttl, "login")
         })
         .await;
         match made {

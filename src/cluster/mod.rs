@@ -5,6 +5,7 @@
 
 pub mod fill_lease;
 pub mod hash_state;
+pub mod identity_records;
 pub mod migrate;
 pub mod objects;
 pub mod parts;
