@@ -313,6 +313,7 @@ fn a_change_made_while_the_feed_was_cut_off_is_seen_after_it_reconnects() {
         let a = replica(&url, &config).await;
         let b = replica(&url, &config).await;
         add_user_seen(&a, &b, "bob").await;
+        add_user_seen(&a, &b, "carol").await;
 
         // Cut both replicas' feeds and keep them from reconnecting; the pools keep their
         // open connections.
@@ -362,6 +363,28 @@ fn a_change_made_while_the_feed_was_cut_off_is_seen_after_it_reconnects() {
         assert!(a.identities.users().iter().all(|u| u.name != "bob"));
         assert!(b.identities.users().iter().any(|u| u.name == "bob"));
 
+        // A credential B has not heard of is looked up before it is refused: an access token
+        // made on A works on B at once, a made-up one does not.
+        let (_, access) = change(&a, |ids| {
+            ids.create_token(
+                &Subject::User("carol".into()),
+                TokenKind::Access,
+                Duration::from_secs(3600),
+                "ci",
+            )
+        })
+        .await
+        .expect("access token");
+        let present = async |token: &str| {
+            let header = http::HeaderValue::from_str(&basic_header("oauth2accesstoken", token))
+                .expect("header");
+            b.authenticate(Some(&header), remote(), false).await
+        };
+        let caller = present(&access).await.expect("B looks A's new token up");
+        assert!(matches!(caller.identity, Identity::Subject(Subject::User(ref u)) if u == "carol"));
+        let made_up = format!("tsa_{}_{}", "0".repeat(32), "1".repeat(64));
+        assert!(present(&made_up).await.is_err());
+
         // Once B's feed is back, it reloads and bob is gone there too.
         admin
             .batch_execute("ALTER DATABASE feed ALLOW_CONNECTIONS true")
@@ -376,6 +399,6 @@ fn a_change_made_while_the_feed_was_cut_off_is_seen_after_it_reconnects() {
             Err(CredentialError::UnknownUser)
         );
         // And the feed works again: a change on A arrives on B.
-        add_user_seen(&a, &b, "carol").await;
+        add_user_seen(&a, &b, "dave").await;
     });
 }

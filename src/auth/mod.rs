@@ -301,6 +301,12 @@ impl Authorizer {
                 Err(_) => Err(keys::CredentialError::WrongPassword),
             }
         };
+        // In the cluster profile, a credential made on another replica a moment ago may not
+        // have reached this one yet.
+        let result = match result {
+            Err(e) if e.names_nothing_known() => self.recheck_unknown(user, password, e).await,
+            other => other,
+        };
         match result {
             Ok(subject) => {
                 if password_user {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
+use super::cluster::LookupBudget;
 use crate::cluster::pg::{Db, PgError};
 use crate::store::{Store, StoreError};
 
@@ -20,10 +21,16 @@ pub enum RecordStore {
     Cluster(Arc<SharedRecords>),
 }
 
-/// The cluster's records: the database, and the runtime its connections belong to.
+/// The cluster's records: the database, the runtime its connections belong to, and what
+/// keeps this replica's copy in order (see `cluster`).
 pub struct SharedRecords {
     pub(super) db: Db,
     runtime: Handle,
+    /// Held across each read of the database and its application to the in-memory copy, so
+    /// an older read is never applied after a newer one.
+    pub(super) applying: tokio::sync::Mutex<()>,
+    /// Lookups of records this replica lacks (see `cluster`).
+    pub(super) lookups: LookupBudget,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +45,12 @@ impl RecordStore {
     /// The cluster's records in `db`, reached through `runtime` (the one `db` was opened on)
     /// from blocking threads.
     pub fn cluster(db: Db, runtime: Handle) -> Self {
-        Self::Cluster(Arc::new(SharedRecords { db, runtime }))
+        Self::Cluster(Arc::new(SharedRecords {
+            db,
+            runtime,
+            applying: tokio::sync::Mutex::new(()),
+            lookups: LookupBudget::new(),
+        }))
     }
 
     /// Every record of one kind, as `(id, value)`.

@@ -94,7 +94,8 @@ impl Authorizer {
             Credentials::Refresh(token) => {
                 let s = self
                     .identities
-                    .verify_token(&token, TokenKind::Refresh)
+                    .verify_token_anywhere(&token, TokenKind::Refresh)
+                    .await
                     .map_err(|e| {
                         tracing::warn!(target: "audit", %peer, why = %e, "audit: refresh token refused");
                         Denial::Unauthenticated {
