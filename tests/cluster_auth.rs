@@ -117,6 +117,16 @@ async fn add_user_seen(a: &Arc<Authorizer>, b: &Authorizer, name: &str) {
     .await;
 }
 
+/// An access token for `user`, made through `a`: `(id, token)`.
+async fn access_token(a: &Arc<Authorizer>, user: &str) -> (String, String) {
+    let subject = Subject::User(user.to_string());
+    change(a, move |ids| {
+        ids.create_token(&subject, TokenKind::Access, Duration::from_secs(3600), "ci")
+    })
+    .await
+    .expect("access token")
+}
+
 fn token_request(credentials: Credentials, offline: bool) -> TokenRequest {
     TokenRequest {
         credentials,
@@ -211,16 +221,7 @@ fn identities_and_tokens_from_one_replica_work_on_another_and_revocations_follow
             .expect("B's JWT pushes on A");
 
         // An access token and a service-account key created on A work on B.
-        let (token_id, access) = change(&a, |ids| {
-            ids.create_token(
-                &Subject::User("alice".into()),
-                TokenKind::Access,
-                Duration::from_secs(3600),
-                "ci",
-            )
-        })
-        .await
-        .expect("access token");
+        let (token_id, access) = access_token(&a, "alice").await;
         eventually("B accepts A's access token", async || {
             basic(&b, "oauth2accesstoken", &access).await == Ok(alice.clone())
         })
@@ -365,16 +366,7 @@ fn a_change_made_while_the_feed_was_cut_off_is_seen_after_it_reconnects() {
 
         // A credential B has not heard of is looked up before it is refused: an access token
         // made on A works on B at once, a made-up one does not.
-        let (_, access) = change(&a, |ids| {
-            ids.create_token(
-                &Subject::User("carol".into()),
-                TokenKind::Access,
-                Duration::from_secs(3600),
-                "ci",
-            )
-        })
-        .await
-        .expect("access token");
+        let (_, access) = access_token(&a, "carol").await;
         let present = async |token: &str| {
             let header = http::HeaderValue::from_str(&basic_header("oauth2accesstoken", token))
                 .expect("header");
