@@ -70,7 +70,12 @@ async fn follow(ids: Weak<Identities>, mut changes: mpsc::Receiver<IdentityChang
         } else {
             changes.recv().await
         };
-        let Some(change) = next else { return };
+        let Some(change) = next else {
+            tracing::error!(
+                "the identity change feed stopped: identities no longer follow other replicas"
+            );
+            return;
+        };
         let Some(ids) = ids.upgrade() else { return };
         let applied = match (stale, change) {
             (true, _) | (_, IdentityChange::Resync) => ids.reload().await,

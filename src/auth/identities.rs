@@ -3,10 +3,11 @@
 //! refresh tokens, and the project members with their roles. Secrets other than passwords are
 //! 256-bit random strings, so the index stores only their SHA-256 and compares in constant
 //! time; passwords get argon2id. Everything lives in memory behind one lock and is written
-//! through to a `RecordStore` (the index, synced, or the cluster's database) before a change is
-//! reported done; in the cluster profile other replicas' changes arrive through `cluster`. Changes are serialised by
-//! a second lock, and the synced writes happen with the first one released, so credential
-//! checks never wait for the disk; every change is blocking and runs off the async workers.
+//! through to a `RecordStore` (the index, synced, or the cluster's database) before a change
+//! is reported done; in the cluster profile other replicas' changes arrive through `cluster`.
+//! Changes are serialised by a second lock, and the durable writes happen with the first one
+//! released, so credential checks never wait for the disk or the database; every change is
+//! blocking and runs off the async workers.
 //! Checking credentials is in `credentials`, changing identities in `manage`.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,5 +1,6 @@
-//! What identities keep in the index (one JSON record per user, key, token and membership,
-//! under the kinds below) and what administrators are shown of them.
+//! What identities keep in their `RecordStore` (one JSON record per user, key, token and
+//! membership, under the kinds below), how records are read back into memory (`Stored`), and
+//! what administrators are shown of them.
 
 use std::collections::BTreeMap;
 
