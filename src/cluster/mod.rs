@@ -5,10 +5,13 @@
 
 pub mod fill_lease;
 pub mod hash_state;
+pub mod links;
+pub mod manifests;
 pub mod migrate;
 pub mod objects;
 pub mod parts;
 pub mod pg;
+pub mod repos;
 pub mod signing_key;
 pub mod tags;
 pub mod uploads;
