@@ -31,7 +31,11 @@ use store::{Store, StoreError, StoreOptions};
 
 pub struct App {
     pub config: Config,
+    /// This host's store: in the local profile everything, in the cluster profile what each
+    /// replica keeps for itself (the pull-through cache, events, identities until shared).
     pub store: Arc<Store>,
+    /// The registry's content and metadata, in either profile.
+    pub storage: storage::Storage,
     pub proxy: Arc<Proxy>,
     /// HTTPS, when configured.
     pub tls: Option<http::tls::Tls>,
@@ -52,19 +56,49 @@ pub enum BuildError {
     Tls(#[from] http::tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthBuildError),
-    #[error("{}", config::CLUSTER_UNAVAILABLE)]
-    ClusterUnavailable,
+    #[error(
+        "this command works on the local profile's data directory only; with [storage.s3] and [storage.postgres] configured, run it against the running server"
+    )]
+    ClusterNeedsConnect,
+    #[error("cluster profile: {0}")]
+    Cluster(String),
 }
 
 impl App {
+    /// Assembles the local profile (synchronous: nothing to connect to).
     pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
         if config.storage.is_cluster() {
-            return Err(BuildError::ClusterUnavailable);
+            return Err(BuildError::ClusterNeedsConnect);
         }
         let store = Arc::new(Store::open(
             &config.server.data_dir,
             store_options(&config),
         )?);
+        let storage = storage::Storage::Local(store.clone());
+        Self::assemble(config, store, storage)
+    }
+
+    /// Assembles either profile; the cluster profile first connects to its database
+    /// (applying migrations) and bucket.
+    pub async fn connect(config: Config) -> Result<Arc<Self>, BuildError> {
+        if !config.storage.is_cluster() {
+            return Self::build(config);
+        }
+        // The shared storage first: a database that cannot be reached leaves nothing behind.
+        let cluster = storage::cluster_setup::connect(&config).await?;
+        let store = Arc::new(Store::open(
+            &config.server.data_dir,
+            store_options(&config),
+        )?);
+        let storage = storage::Storage::Cluster(Arc::new(cluster));
+        Self::assemble(config, store, storage)
+    }
+
+    fn assemble(
+        config: Config,
+        store: Arc<Store>,
+        storage: storage::Storage,
+    ) -> Result<Arc<Self>, BuildError> {
         let proxy = Arc::new(Proxy::new(&config)?);
         let tls = config
             .server
@@ -76,6 +110,7 @@ impl App {
         Ok(Arc::new(Self {
             auth,
             store,
+            storage,
             proxy,
             tls,
             metrics: Arc::new(Metrics::new()),

@@ -682,7 +682,9 @@ fn open_store_offline(config: &Config) -> anyhow::Result<transship::store::Store
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    let app = App::build(config).context("cannot open the store")?;
+    let app = App::connect(config)
+        .await
+        .context("cannot open the store")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
