@@ -49,6 +49,33 @@ fn location_path(location: &str) -> String {
     }
 }
 
+/// Asserts `resp` has `status`, showing its body otherwise.
+fn expect_status(resp: &Resp, status: u16, what: &str) {
+    assert_eq!(
+        resp.status,
+        status,
+        "{what}: {:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+}
+
+/// Starts an upload session on `h` (`query` is "" or `?digest-algorithm=…`); returns its
+/// location (path and query) and id.
+fn start_session(h: &Http, repo: &str, query: &str) -> (String, String) {
+    let resp = h.send(
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/{query}"),
+        &[],
+        Bytes::new(),
+    );
+    expect_status(&resp, 202, "POST");
+    let location = location_path(resp.header("location").expect("Location"));
+    let id = resp
+        .header("docker-upload-uuid")
+        .expect("Docker-Upload-UUID");
+    (location, id.to_string())
+}
+
 // ---------------------------------------------------------------------------------------------
 // What the user sees
 
@@ -218,18 +245,7 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     let chunk = |k: usize| Bytes::copy_from_slice(&data[cuts[k]..cuts[k + 1]]);
     let content_range = |k: usize| format!("{}-{}", cuts[k], cuts[k + 1] - 1);
 
-    let resp = a.send(
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        &[],
-        Bytes::new(),
-    );
-    assert_eq!(resp.status, 202, "POST on A: {resp:?}");
-    let mut location = location_path(resp.header("location").expect("Location"));
-    let id = resp
-        .header("docker-upload-uuid")
-        .expect("Docker-Upload-UUID")
-        .to_string();
+    let (mut location, id) = start_session(&a, repo, "");
     assert_eq!(
         r.sql(&format!(
             "SELECT byte_offset FROM upload_sessions WHERE id = '{id}'"
@@ -499,12 +515,7 @@ fn enc(s: &str) -> String {
 
 /// The JSON answer of a token request that must succeed.
 fn token_answer(resp: Resp, what: &str) -> Value {
-    assert_eq!(
-        resp.status,
-        200,
-        "{what}: {:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    expect_status(&resp, 200, what);
     resp.json()
 }
 
@@ -591,4 +602,138 @@ fn a_token_from_a_is_accepted_by_b_and_c_and_a_refresh_token_works_everywhere() 
         r.sql("SELECT count(*) FROM token_signing_key"),
         vec![vec!["1".to_string()]]
     );
+}
+
+/// Pushes `data` to `repo` on `h` as one session started with `algorithm` (`None`: the
+/// default) and finished with `PUT ?digest=digest`; returns the final response.
+fn push_in_session(
+    h: &Http,
+    repo: &str,
+    algorithm: Option<&str>,
+    data: &[u8],
+    digest: &str,
+) -> Resp {
+    let query = algorithm.map_or(String::new(), |a| format!("?digest-algorithm={a}"));
+    let (location, _) = start_session(h, repo, &query);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    h.send(
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[("content-type", "application/octet-stream")],
+        Bytes::copy_from_slice(data),
+    )
+}
+
+#[test]
+fn empty_and_sha512_blobs_and_referrers_work_across_replicas() {
+    if !Replicas::available() {
+        return;
+    }
+    let r = Replicas::start(3);
+    let repo = "local/replicas/edges";
+    let a = r.http(0);
+    let data = random_bytes(70_000, 51);
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    // The empty blob, monolithic (POST ?digest=), sha256 and sha512.
+    for (i, digest) in [EMPTY_SHA256.to_string(), sha512(b"")]
+        .into_iter()
+        .enumerate()
+    {
+        let resp = a.send(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            &[("content-type", "application/octet-stream")],
+            Bytes::new(),
+        );
+        expect_status(&resp, 201, &format!("monolithic empty blob {i}"));
+        blobs.push((digest, Vec::new()));
+    }
+    // sha512: a session started for it.
+    let d512 = sha512(&data);
+    let resp = push_in_session(&a, repo, Some("sha512"), &data, &d512);
+    expect_status(&resp, 201, "sha512 session");
+    blobs.push((d512, data));
+    for i in 0..3 {
+        let h = r.http(i);
+        for (digest, bytes) in &blobs {
+            let resp = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+            expect_status(&resp, 200, &format!("GET {digest} on replica {i}"));
+            assert_bytes(&format!("{digest} on replica {i}"), &resp.body, bytes);
+        }
+    }
+    // Referrers pushed on A, listed on B and C: one with an artifactType, one without (its
+    // config's media type stands in).
+    let (_, subject) = push_image(&a, repo, "base", 53);
+    let empty_json = a.push_blob(repo, b"{}");
+    let signature = a.push_blob(repo, b"signature bytes");
+    let referrer = |artifact_type: Option<&str>, config_type: &str| {
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": empty_json, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 15}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 100},
+        });
+        if let Some(t) = artifact_type {
+            m["artifactType"] = json!(t);
+        }
+        m.to_string().into_bytes()
+    };
+    let signed = referrer(
+        Some("application/vnd.example.sig"),
+        "application/vnd.oci.empty.v1+json",
+    );
+    let sbom = referrer(None, "application/vnd.example.sbom.config+json");
+    for (m, artifact_type) in [
+        (&signed, "application/vnd.example.sig"),
+        (&sbom, "application/vnd.example.sbom.config+json"),
+    ] {
+        let resp = a.push_manifest(repo, &sha256(m), OCI_MANIFEST, m);
+        assert_eq!(resp.status, 201, "referrer push: {resp:?}");
+        assert_eq!(resp.header("oci-subject"), Some(subject.as_str()));
+        for i in 1..3 {
+            let resp = r.http(i).get(&format!("/v2/{repo}/referrers/{subject}"));
+            assert_eq!(resp.status, 200, "referrers on replica {i}");
+            let listed = resp.json()["manifests"].clone();
+            let entry = listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["digest"] == sha256(m))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} not among the referrers on replica {i}: {listed}",
+                        sha256(m)
+                    )
+                });
+            assert_eq!(entry["artifactType"], artifact_type, "on replica {i}");
+            assert_eq!(entry["size"], m.len());
+            // Filtered by its artifact type: this referrer alone.
+            let resp = r.http(i).get(&format!(
+                "/v2/{repo}/referrers/{subject}?artifactType={}",
+                enc(artifact_type)
+            ));
+            assert_eq!(resp.header("oci-filters-applied"), Some("artifactType"));
+            let digests: Vec<Value> = resp.json()["manifests"]
+                .as_array()
+                .map(|l| l.iter().map(|d| d["digest"].clone()).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                digests,
+                vec![json!(sha256(m))],
+                "referrers of type {artifact_type} on replica {i}"
+            );
+        }
+    }
+
+    // A session started with the default algorithm (sha256) finished with a sha512 digest,
+    // as the conformance suite does: the local profile re-hashes what it received.
+    let other = random_bytes(777, 52);
+    let resp = push_in_session(&a, repo, None, &other, &sha512(&other));
+    expect_status(&resp, 201, "sha512 digest for a default session");
+    let resp = r
+        .http(2)
+        .get(&format!("/v2/{repo}/blobs/{}", sha512(&other)));
+    assert_eq!(resp.status, 200);
+    assert_bytes("the re-hashed sha512 blob on C", &resp.body, &other);
 }
