@@ -75,7 +75,9 @@ impl App {
             store_options(&config),
         )?);
         let storage = storage::Storage::Local(store.clone());
-        Self::assemble(config, store, storage)
+        let proxy = Arc::new(Proxy::new(&config)?);
+        let auth = Authorizer::new(&config, &store, proxy.router().clone())?;
+        Self::assemble(config, store, storage, proxy, auth)
     }
 
     /// Assembles either profile; the cluster profile first connects to its database
@@ -90,23 +92,27 @@ impl App {
             &config.server.data_dir,
             store_options(&config),
         )?);
+        let proxy = Arc::new(Proxy::new(&config)?);
+        // Identities and the token signing key are the cluster's: a token from one replica
+        // works on every other.
+        let auth = Authorizer::connect(&config, cluster.db(), proxy.router().clone()).await?;
         let storage = storage::Storage::Cluster(Arc::new(cluster));
-        Self::assemble(config, store, storage)
+        Self::assemble(config, store, storage, proxy, auth)
     }
 
     fn assemble(
         config: Config,
         store: Arc<Store>,
         storage: storage::Storage,
+        proxy: Arc<Proxy>,
+        auth: Authorizer,
     ) -> Result<Arc<Self>, BuildError> {
-        let proxy = Arc::new(Proxy::new(&config)?);
         let tls = config
             .server
             .tls
             .as_ref()
             .map(http::tls::Tls::load)
             .transpose()?;
-        let auth = Authorizer::new(&config, &store, proxy.router().clone())?;
         Ok(Arc::new(Self {
             auth,
             store,

@@ -281,11 +281,7 @@ async fn reap_uploads(app: Arc<App>) {
 async fn prune_credentials(app: Arc<App>) {
     app.auth.throttle.prune();
     let a = app.clone();
-    match blocking("token pruning", move || {
-        a.auth.identities.prune_expired(&a.store)
-    })
-    .await
-    {
+    match blocking("token pruning", move || a.auth.identities.prune_expired()).await {
         Some(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned expired tokens"),
         Some(Err(e)) => tracing::error!(error = %e, "pruning expired tokens failed"),
         _ => {}

@@ -314,7 +314,8 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             vec![
                 (1, "init".to_string()),
                 (2, "upload_tails".to_string()),
-                (3, "registry_metadata".to_string())
+                (3, "registry_metadata".to_string()),
+                (4, "identity_notify".to_string())
             ]
         );
         // Re-opening is a no-op.
@@ -324,7 +325,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 3);
+        assert_eq!(count, 4);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -346,7 +347,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 3
+                    binary: 4
                 }
             ),
             "{err}"

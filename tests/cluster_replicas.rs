@@ -308,7 +308,7 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
         ],
         chunk(2),
     );
-    assert_eq!(resp.status, 201, "final PUT on C: {resp:?}");
+    assert_eq!(resp.status, 201, "final PUT on C: {resp:?}\n{}", r.log(2));
     assert_eq!(resp.header("docker-content-digest"), Some(digest.as_str()));
 
     for (i, h) in [&a, &b, &c].into_iter().enumerate() {

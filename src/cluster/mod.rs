@@ -6,6 +6,7 @@
 pub mod fill_lease;
 pub mod gc;
 pub mod hash_state;
+pub mod identity_records;
 pub mod links;
 pub mod manifests;
 pub mod migrate;

@@ -26,19 +26,10 @@ fn failed(what: &str, e: impl std::fmt::Display) -> BuildError {
 
 /// Connects the cluster profile's shared storage for this replica.
 pub async fn connect(config: &Config) -> Result<ClusterStore, BuildError> {
-    let (Some(s3), Some(pg)) = (&config.storage.s3, &config.storage.postgres) else {
-        return Err(BuildError::Cluster(
-            "[storage.s3] and [storage.postgres] are both required".into(),
-        ));
+    let Some(s3) = &config.storage.s3 else {
+        return Err(BuildError::Cluster("[storage.s3] is required".into()));
     };
-    let password = pg.password().map_err(BuildError::Cluster)?;
-    let db = Db::open(&PgOptions {
-        url: pg.url.clone(),
-        password: password.map(|p| p.expose().to_string()),
-        pool_size: pg.pool_size,
-    })
-    .await
-    .map_err(|e| failed("cannot open the database of [storage.postgres]", e))?;
+    let db = open_db(config).await?;
     let credentials = s3.credentials().map_err(BuildError::Cluster)?;
     let objects = Objects::new(&S3Options {
         endpoint: s3.endpoint.clone(),
@@ -76,6 +67,21 @@ pub async fn connect(config: &Config) -> Result<ClusterStore, BuildError> {
         s3.redirect,
         replica,
     ))
+}
+
+/// The cluster's database (migrated), for what needs only it: the offline identity commands.
+pub async fn open_db(config: &Config) -> Result<Db, BuildError> {
+    let Some(pg) = &config.storage.postgres else {
+        return Err(BuildError::Cluster("[storage.postgres] is required".into()));
+    };
+    let password = pg.password().map_err(BuildError::Cluster)?;
+    Db::open(&PgOptions {
+        url: pg.url.clone(),
+        password: password.map(|p| p.expose().to_string()),
+        pool_size: pg.pool_size,
+    })
+    .await
+    .map_err(|e| failed("cannot open the database of [storage.postgres]", e))
 }
 
 /// How this replica names itself in leases: host name and listening address.
