@@ -169,7 +169,7 @@ fn hex_decode(hex: &str) -> Vec<u8> {
 // The tests
 
 #[test]
-fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_with_skopeo_and_from_c_with_ctr() {
+fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_and_c_with_skopeo_and_ctr() {
     if !Replicas::available()
         || !programs_installed(SUITE, &["skopeo"])
         || !containerd_usable(SUITE)
@@ -197,30 +197,36 @@ fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_with_skopeo_and_from_c_with_
         .run();
     assert_stored(&r, repo, &layout);
 
-    // B: skopeo pulls every platform back into an OCI layout, byte-exact.
-    let out = sb.path("out");
-    loopback_only(sb.skopeo())
-        .args([
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-        ])
-        .arg(remote(1))
-        .arg(format!("oci:{}:{TAG}", out.display()))
-        .run();
-    assert_same_layout(&out, &layout);
+    // B and C: skopeo pulls every platform back into an OCI layout, byte-exact.
+    for i in [1, 2] {
+        let out = sb.path(&format!("out-{i}"));
+        loopback_only(sb.skopeo())
+            .args([
+                "copy",
+                "--all",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+            ])
+            .arg(remote(i))
+            .arg(format!("oci:{}:{TAG}", out.display()))
+            .run();
+        assert_same_layout(&out, &layout);
+    }
 
-    // C: containerd fetches every platform's content, byte-exact.
+    // C and B: containerd fetches every platform's content, byte-exact (and forgets it
+    // before the next replica, so that one serves everything again).
     let daemon = Containerd::start(EGRESS);
-    let reference = format!("{}/{repo}:{TAG}", addrs[2]);
-    loopback_only(daemon.ctr())
-        .args(["images", "pull", "--plain-http", "--all-platforms"])
-        .args(["--snapshotter", "native"])
-        .arg(&reference)
-        .run();
-    assert_eq!(daemon.image_digest(&reference), layout.top.1);
-    daemon.assert_content(&layout.all());
+    for i in [2, 1] {
+        let reference = format!("{}/{repo}:{TAG}", addrs[i]);
+        loopback_only(daemon.ctr())
+            .args(["images", "pull", "--plain-http", "--all-platforms"])
+            .args(["--snapshotter", "native"])
+            .arg(&reference)
+            .run();
+        assert_eq!(daemon.image_digest(&reference), layout.top.1);
+        daemon.assert_content(&layout.all());
+        daemon.forget(&reference);
+    }
     drop(daemon);
 
     // Every replica answers the raw API the same, byte for byte, Ranges included.
