@@ -1,10 +1,12 @@
 //! The cluster profile end to end: three transship processes (127.0.0.2, .3, .4) on one
 //! SeaweedFS bucket and one PostgreSQL database (`common::replicas`). A push on one replica is
 //! pulled byte-exact from the others by skopeo and containerd's `ctr`; a chunked upload moves
-//! between replicas request by request; concurrent tag pushes on two replicas end with one
-//! winner all agree on; a replica whose read cache is wiped (or that is killed and restarted)
-//! still serves everything; a token from one replica works on the others. Every test also
-//! looks underneath: the objects in the bucket and the rows in PostgreSQL.
+//! between replicas request by request and outlives the replica that started it (SIGKILL);
+//! concurrent tag pushes on two replicas end with one winner all agree on; a replica whose
+//! read cache is wiped (or that is killed and restarted) still serves everything; empty and
+//! sha512 blobs and referrers read the same everywhere; a token from one replica works on the
+//! others. Every test also looks underneath: the objects in the bucket and the rows in
+//! PostgreSQL.
 
 mod common;
 
@@ -242,7 +244,7 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     if !Replicas::available() {
         return;
     }
-    let r = Replicas::start(3);
+    let mut r = Replicas::start(3);
     let (a, b, c) = (r.http(0), r.http(1), r.http(2));
     let repo = "local/replicas/chunked";
     // Over one 5 MiB part on B, a short chunk on A, the rest with the final PUT on C.
@@ -279,6 +281,9 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
         );
         location = location_path(resp.header("location").expect("Location"));
     }
+
+    // A dies (SIGKILL) with the session in progress: nothing of it was A's alone.
+    r.kill9(0);
 
     // C sees the progress made on A and B, and refuses a replayed first chunk with it.
     let end = format!("0-{}", cuts[2] - 1);
@@ -317,8 +322,11 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     assert_eq!(resp.status, 201, "final PUT on C: {resp:?}\n{}", r.log(2));
     assert_eq!(resp.header("docker-content-digest"), Some(digest.as_str()));
 
-    for (i, h) in [&a, &b, &c].into_iter().enumerate() {
-        let resp = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+    // A, back, serves the blob it never saw completed (new clients: A's connections died
+    // with it).
+    r.restart(0);
+    for i in 0..3 {
+        let resp = r.http(i).get(&format!("/v2/{repo}/blobs/{digest}"));
         assert_eq!(resp.status, 200, "GET on replica {i}");
         assert_bytes(&format!("the blob on replica {i}"), &resp.body, &data);
     }
