@@ -289,7 +289,9 @@ impl ClusterStore {
             blobs: &blobs,
             children: &children,
             subject: subject.as_ref(),
-            artifact_type: parsed.artifact_type.as_deref(),
+            // What the referrers API filters on: the config's media type stands in for an
+            // image manifest without its own (as the local profile's descriptors say).
+            artifact_type: parsed.effective_artifact_type(),
             referrer_descriptor: descriptor.as_ref(),
             tags: &tags,
             pushed: true,
