@@ -114,6 +114,14 @@ pub fn apply_with_app(app: &App, req: AdminRequest) -> AdminResponse {
         req @ (AdminRequest::Export(_) | AdminRequest::Import(_)) => {
             apply_bundle(&app.config, &app.store, req)
         }
+        // In the cluster profile the events are the database's (on the blocking pool here).
+        req @ (AdminRequest::EventsList { .. } | AdminRequest::EventsRetry { .. }) => {
+            match &app.storage {
+                crate::storage::Storage::Cluster(c) => tokio::runtime::Handle::current()
+                    .block_on(crate::events::listing::apply_cluster(c.db(), req)),
+                crate::storage::Storage::Local(_) => apply(&app.auth.identities, &app.store, req),
+            }
+        }
         req => apply(&app.auth.identities, &app.store, req),
     }
 }

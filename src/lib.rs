@@ -87,7 +87,8 @@ impl App {
             return Self::build(config);
         }
         // The shared storage first: a database that cannot be reached leaves nothing behind.
-        let cluster = storage::cluster_setup::connect(&config).await?;
+        let mut cluster = storage::cluster_setup::connect(&config).await?;
+        cluster.set_event_kinds(events::recorded_kinds(&config.notify));
         let store = Arc::new(Store::open(
             &config.server.data_dir,
             store_options(&config),

@@ -635,6 +635,12 @@ fn admin_cluster_offline(config: &Config, req: AdminRequest) -> anyhow::Result<A
         .worker_threads(1)
         .enable_all()
         .build()?;
+    if let AdminRequest::EventsList { .. } | AdminRequest::EventsRetry { .. } = req {
+        return runtime.block_on(async {
+            let db = transship::storage::cluster_setup::open_db(config).await?;
+            anyhow::Ok(transship::events::listing::apply_cluster(&db, req).await)
+        });
+    }
     let ids = runtime.block_on(async {
         let db = transship::storage::cluster_setup::open_db(config).await?;
         let records = transship::auth::record_store::RecordStore::cluster(

@@ -7,167 +7,17 @@
 mod common;
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use common::upstream::Distribution;
+use common::webhook::*;
 use common::*;
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const SECRET: &str = "s3cret-for-signing";
-
-/// One request the receiver got.
-#[derive(Clone)]
-struct Got {
-    path: String,
-    headers: http::HeaderMap,
-    body: Bytes,
-    accepted: bool,
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    got: Mutex<Vec<Got>>,
-    /// Answer 500 to this many more requests.
-    fail_next: AtomicUsize,
-    /// Answer 500 to everything.
-    fail_all: AtomicBool,
-    /// Answer this status (a refusal) instead of 500 when failing; 0 for 500.
-    fail_with: std::sync::atomic::AtomicU16,
-}
-
-/// A webhook receiver on a fixed loopback port that can be down (not listening).
-struct Receiver {
-    port: u16,
-    state: Arc<ReceiverState>,
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Receiver {
-    /// A receiver that is down until `up`.
-    fn down() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
-        Self {
-            port,
-            state: Arc::default(),
-            rt: None,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn up(&mut self) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", self.port)))
-            .expect("receiver binds its port");
-        let state = self.state.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(record(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        self.rt = Some(rt);
-    }
-
-    /// Requests the receiver accepted (answered 200) at `path`.
-    fn accepted(&self, path: &str) -> Vec<Got> {
-        self.state
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|g| g.accepted && g.path == path)
-            .cloned()
-            .collect()
-    }
-
-    fn refused(&self) -> usize {
-        self.state
-            .got
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|g| !g.accepted)
-            .count()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-async fn record(
-    state: &ReceiverState,
-    req: http::Request<hyper::body::Incoming>,
-) -> http::Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let fail = state.fail_all.load(Ordering::SeqCst)
-        || state
-            .fail_next
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-    state.got.lock().unwrap().push(Got {
-        path: parts.uri.path().to_string(),
-        headers: parts.headers,
-        body,
-        accepted: !fail,
-    });
-    let status = match state.fail_with.load(Ordering::SeqCst) {
-        _ if !fail => 200,
-        0 => 500,
-        refusal => refusal,
-    };
-    http::Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
-/// Waits (up to a generous bound, for a liveness failure to show) until `done` holds.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The embedded default config with data in `dir`, upstreams at `upstream`, plus `extra`.
 fn config_in(dir: &Path, upstream: &str, extra: &str) -> PathBuf {

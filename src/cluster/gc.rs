@@ -70,7 +70,7 @@ impl From<tokio_postgres::Error> for ClusterGcError {
 /// Whether this replica may run a cluster job now, and for how long.
 #[derive(Debug)]
 pub struct JobLease {
-    lease_id: String,
+    pub(super) lease_id: String,
 }
 
 impl Db {
@@ -100,14 +100,7 @@ impl Db {
 
     /// Ends a job lease (a lease taken over meanwhile is left alone).
     pub async fn release_job(&self, job: &str, lease: JobLease) -> Result<(), PgError> {
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM job_leases WHERE job = $1 AND lease_id = $2::text::uuid",
-                &[&job, &lease.lease_id],
-            )
-            .await?;
-        Ok(())
+        self.drop_job_lease(job, &lease).await
     }
 }
 

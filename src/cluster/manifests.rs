@@ -71,6 +71,15 @@ impl Db {
     /// Stores a manifest in its repository, with its references, referrers entry and tags, in
     /// one transaction; `Missing` (and nothing written) if a reference is not there.
     pub async fn put_manifest(&self, m: &NewManifest<'_>) -> Result<(), PutManifestError> {
+        self.put_manifest_recording(m, &[]).await
+    }
+
+    /// `put_manifest`, with the outbox records `events` inserted in the same transaction.
+    pub async fn put_manifest_recording(
+        &self,
+        m: &NewManifest<'_>,
+        events: &[Vec<u8>],
+    ) -> Result<(), PutManifestError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let repo_id = ensure_repo_id(&tx, m.repo).await?;
@@ -171,6 +180,7 @@ impl Db {
         for tag in tags {
             move_tag(&tx, repo_id, tag, m.digest).await?;
         }
+        super::events::insert_events(&tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -200,6 +210,17 @@ impl Db {
     /// recording the deletions) and its referrers entries there; false if `repo` does not have
     /// it. The `manifests` row stays for GC: another repository may hold the same digest.
     pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, PgError> {
+        self.delete_manifest_recording(repo, digest, &[]).await
+    }
+
+    /// `delete_manifest`, with the outbox records `events` inserted in the same transaction
+    /// (only if the manifest was there).
+    pub async fn delete_manifest_recording(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        events: &[Vec<u8>],
+    ) -> Result<bool, PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let digest = digest.to_string();
@@ -229,6 +250,7 @@ impl Db {
             )
             .await?;
         tx.execute(&untag, &[&repo_id, &digest]).await?;
+        super::events::insert_events(&tx, events).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -89,21 +89,35 @@ impl Db {
     /// Deletes `repo:tag`, recording it; false if there was no such tag. Waits for a move of
     /// the tag in progress and deletes what it wrote.
     pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, PgError> {
-        let client = self.client().await?;
-        let st = client
+        self.delete_tag_recording(repo, tag, |_| Vec::new()).await
+    }
+
+    /// `delete_tag`, with the outbox records `events` makes of the digest the tag named
+    /// inserted in the same transaction.
+    pub async fn delete_tag_recording(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        events: impl FnOnce(&str) -> Vec<Vec<u8>>,
+    ) -> Result<bool, PgError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let st = tx
             .prepare_cached(
                 "WITH gone AS (
                      DELETE FROM tags
                       WHERE repo_id = (SELECT id FROM repositories WHERE name = $1) AND tag = $2
                   RETURNING repo_id, digest)
                  INSERT INTO tag_history (repo_id, tag, digest, previous)
-                 SELECT repo_id, $2, NULL, digest FROM gone",
+                 SELECT repo_id, $2, NULL, digest FROM gone RETURNING previous",
             )
             .await?;
-        Ok(client
-            .execute(&st, &[&repo.as_str(), &tag.as_str()])
-            .await?
-            > 0)
+        let Some(row) = tx.query_opt(&st, &[&repo.as_str(), &tag.as_str()]).await? else {
+            return Ok(false);
+        };
+        super::events::insert_events(&tx, &events(row.get(0))).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Tags of `repo` in byte order after `last`, at most `n`, and whether more follow. None if

@@ -17,10 +17,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use super::format::{self, Body};
+use super::source::Source;
+use crate::cluster::pg::PgError;
 use crate::config::{NotifyConfig, NotifyFormat};
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 use crate::store::outbox::{Kinds, PRUNE_BATCH, StoredEvent};
-use crate::store::{Store, StoreError};
 
 /// Events read from the outbox at a time.
 const BATCH: usize = 64;
@@ -29,8 +31,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a dead letter `transship events retry` marked is tried again.
 const RETRY_BUDGET: Duration = Duration::from_secs(60);
-/// How often an idle task looks at the outbox without being woken (a safety net).
-const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How long a task pauses after a failed round.
+const ERROR_PAUSE: Duration = Duration::from_secs(5);
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -44,6 +46,10 @@ pub enum DeliveryError {
     Request(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("another replica delivers this endpoint's events now")]
+    NotHeld,
 }
 
 /// An endpoint as the delivery task uses it.
@@ -106,7 +112,8 @@ pub fn client() -> HttpsClient {
 /// What one task needs.
 pub struct Task {
     pub endpoint: Arc<Endpoint>,
-    pub store: Arc<Store>,
+    /// Where the outbox lives: this replica's store or the cluster's database.
+    pub source: Source,
     pub metrics: Arc<Metrics>,
     pub client: HttpsClient,
     /// Every endpoint's cursor (for pruning) and this one's index in it.
@@ -126,15 +133,6 @@ enum Outcome {
     Cancelled,
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, DeliveryError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DeliveryError::Request(format!("store task failed: {e}")))?
-        .map_err(DeliveryError::from)
-}
-
 impl Task {
     fn label(&self, outcome: &str) {
         self.metrics
@@ -143,21 +141,31 @@ impl Task {
             .inc();
     }
 
-    /// Runs until `cancel`; store errors are logged and retried after a pause.
+    /// Runs until `cancel`; store errors are logged and retried after a pause. In the
+    /// cluster, a round runs only while this replica holds the endpoint, and ends (with the
+    /// event in hand delivered again by the new holder) if the lease is lost meanwhile.
     pub async fn run(self, cancel: CancellationToken) {
         let mut seen_retry = 0;
         while !cancel.is_cancelled() {
-            match self.round(&cancel, &mut seen_retry).await {
+            let round = tokio::select! {
+                r = self.round(&cancel, &mut seen_retry) => r,
+                () = self.source.keep(&self.endpoint.id) => Ok(()),
+            };
+            match round {
                 Ok(()) => {}
+                Err(DeliveryError::NotHeld) => {
+                    tracing::warn!(endpoint = %self.endpoint.id, "another replica took the endpoint's events over");
+                }
                 Err(e) => {
                     tracing::error!(endpoint = %self.endpoint.id, error = %e, "event delivery");
                     tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(IDLE_POLL) => {}
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(ERROR_PAUSE) => {}
                     }
                 }
             }
         }
+        self.source.release(&self.endpoint.id).await;
     }
 
     /// Delivers what the outbox holds for this endpoint, or waits for more.
@@ -166,18 +174,30 @@ impl Task {
         cancel: &CancellationToken,
         seen_retry: &mut u64,
     ) -> Result<(), DeliveryError> {
-        let outbox = self.store.outbox();
-        let woken = outbox.notify.notified();
+        let woken = self.source.notify().notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let generation = outbox.retry_generation();
-        if generation != *seen_retry {
-            *seen_retry = generation;
+        if !self
+            .source
+            .hold(&self.endpoint.id, &self.cursors[self.index])
+            .await?
+        {
+            // Another replica delivers this endpoint; look again after a while.
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(self.source.idle_poll()) => {}
+            }
+            return Ok(());
+        }
+        if self
+            .source
+            .retry_wanted(&self.endpoint.id, seen_retry)
+            .await?
+        {
             self.deliver_retries(cancel).await?;
         }
         let cursor = self.cursors[self.index].load(Ordering::Acquire);
-        let s = self.store.clone();
-        let (events, upto) = blocking(move || s.events_after(cursor, BATCH)).await?;
+        let (events, upto) = self.source.events_after(cursor, BATCH).await?;
         let pending = upto.saturating_sub(cursor);
         self.metrics
             .events_pending
@@ -192,7 +212,7 @@ impl Task {
             tokio::select! {
                 () = cancel.cancelled() => {}
                 () = &mut woken => {}
-                () = tokio::time::sleep(IDLE_POLL) => {}
+                () = tokio::time::sleep(self.source.idle_poll()) => {}
             }
             return Ok(());
         }
@@ -214,10 +234,7 @@ impl Task {
             {
                 Outcome::Delivered => {}
                 Outcome::Cancelled => return Ok(()),
-                Outcome::DeadLettered => {
-                    let (s, id) = (self.store.clone(), self.endpoint.id.clone());
-                    blocking(move || s.dead_letter(&id, &ev)).await?;
-                }
+                Outcome::DeadLettered => self.source.dead_letter(&self.endpoint.id, &ev).await?,
             }
             self.advance(seq).await?;
             passed = None;
@@ -238,14 +255,13 @@ impl Task {
         format::render(
             self.endpoint.format,
             &self.endpoint.host,
-            self.store.outbox().instance(),
+            self.source.instance(),
             ev,
         )
     }
 
     async fn advance(&self, seq: u64) -> Result<(), DeliveryError> {
-        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
-        blocking(move || s.set_event_cursor(&id, seq)).await?;
+        self.source.set_cursor(&self.endpoint.id, seq).await?;
         self.cursors[self.index].store(seq, Ordering::Release);
         Ok(())
     }
@@ -253,18 +269,12 @@ impl Task {
     /// Drops outbox events every endpoint is past (the outbox stays as long as the slowest
     /// endpoint's backlog, which `max_age` bounds).
     async fn prune(&self) -> Result<(), DeliveryError> {
-        let min = self
-            .cursors
-            .iter()
-            .map(|c| c.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(0);
+        let min = self.source.min_cursor(&self.cursors).await?;
         let after = self.pruned.load(Ordering::Acquire);
         if min <= after {
             return Ok(());
         }
-        let s = self.store.clone();
-        let n = blocking(move || s.prune_events(after, min)).await?;
+        let n = self.source.prune(after, min).await?;
         if n < PRUNE_BATCH {
             self.pruned.store(min, Ordering::Release);
         }
@@ -275,24 +285,17 @@ impl Task {
     /// `max_age`) of tries, so a retry while the receiver is still down holds new events back
     /// for minutes, not days.
     async fn deliver_retries(&self, cancel: &CancellationToken) -> Result<(), DeliveryError> {
-        let (s, id) = (self.store.clone(), self.endpoint.id.clone());
-        let dead = blocking(move || s.dead_letters(Some(&id))).await?;
+        let dead = self.source.dead_letters(&self.endpoint.id).await?;
         for d in dead.into_iter().filter(|d| d.retry) {
             let Some(body) = self.body_for(&d.event) else {
                 continue;
             };
             let deadline = SystemTime::now() + self.endpoint.max_age.min(RETRY_BUDGET);
-            let (s, id, ev) = (
-                self.store.clone(),
-                self.endpoint.id.clone(),
-                d.event.clone(),
-            );
+            let id = &self.endpoint.id;
             match self.deliver(&d.event, &body, deadline, cancel).await {
                 Outcome::Cancelled => return Ok(()),
-                Outcome::Delivered => {
-                    blocking(move || s.forget_dead_letter(&id, ev.seq)).await?;
-                }
-                Outcome::DeadLettered => blocking(move || s.dead_letter(&id, &ev)).await?,
+                Outcome::Delivered => self.source.forget_dead_letter(id, d.event.seq).await?,
+                Outcome::DeadLettered => self.source.dead_letter(id, &d.event).await?,
             }
         }
         Ok(())
@@ -361,7 +364,7 @@ impl Task {
             .header(http::header::CONTENT_TYPE, body.content_type)
             .header(
                 "x-transship-event-id",
-                format::event_id(self.store.outbox().instance(), ev.seq),
+                format::event_id(self.source.instance(), ev.seq),
             )
             .header("x-transship-event", ev.record.action.as_str())
             .body(Full::new(Bytes::from(body.bytes.clone())))

@@ -3,9 +3,11 @@
 //! listing and retry (`listing`). The store records events in the write batch of the change
 //! they report; this module only reads them, so it never slows a push or a pull.
 
+pub mod cluster;
 pub mod delivery;
 pub mod format;
 pub mod listing;
+pub mod source;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -65,13 +67,16 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
         }
         return;
     }
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        cluster::start(app, c, endpoints.clone(), cancel, tasks);
+    }
     let cursors = Arc::new(cursors.into_iter().map(AtomicU64::new).collect::<Vec<_>>());
     let client = delivery::client();
     for (index, endpoint) in endpoints.into_iter().enumerate() {
         tracing::info!(endpoint = %endpoint.id, format = ?endpoint.format, "delivering events");
         let task = delivery::Task {
             endpoint,
-            store: app.store.clone(),
+            source: source::Source::Local(app.store.clone()),
             metrics: app.metrics.clone(),
             client: client.clone(),
             cursors: cursors.clone(),
@@ -80,6 +85,15 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
             receiver_down: std::sync::atomic::AtomicBool::new(false),
         };
         tasks.spawn(task.run(cancel.clone()));
+    }
+}
+
+/// Records a pull of the registry (`App.storage`): in the cluster profile into the cluster's
+/// outbox, otherwise as `pulled`.
+pub fn pulled_registry(app: &App, repo: &RepoName, m: &Arc<StoredManifest>, reference: &Reference) {
+    match &app.storage {
+        crate::storage::Storage::Cluster(c) => cluster::pulled(c, repo, m, reference),
+        crate::storage::Storage::Local(_) => pulled(app, repo, m, reference),
     }
 }
 

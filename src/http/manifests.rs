@@ -131,7 +131,7 @@ pub async fn get(
         return Ok(super::response::not_modified(&digest));
     }
     if !head {
-        crate::events::pulled(app, repo, &m, &reference);
+        crate::events::pulled_registry(app, repo, &m, &reference);
     }
     Ok(manifest_response_with(&m, head, &digest))
 }

@@ -46,6 +46,8 @@ pub struct ClusterStore {
     redirect: bool,
     /// How this replica names itself in leases.
     replica: String,
+    /// What goes into the event outbox (`cluster_events`).
+    pub(super) events: super::cluster_events::EventRecorder,
 }
 
 /// Whether `id` could be a cluster upload session's id.
@@ -113,6 +115,7 @@ impl ClusterStore {
             max_manifest_size,
             redirect,
             replica,
+            events: Default::default(),
         }
     }
 
@@ -296,12 +299,16 @@ impl ClusterStore {
             tags: &tags,
             pushed: true,
         };
-        match self.db.put_manifest(&manifest).await {
-            Ok(()) => Ok(PutManifest {
-                digest,
-                subject,
-                tags,
-            }),
+        let events = self.push_events(repo, &digest, &parsed.media_type, bytes.len(), &tags);
+        match self.db.put_manifest_recording(&manifest, &events).await {
+            Ok(()) => {
+                self.events_committed(&events);
+                Ok(PutManifest {
+                    digest,
+                    subject,
+                    tags,
+                })
+            }
             Err(PutManifestError::Missing(missing)) => {
                 Err(StoreError::ManifestBlobUnknown(missing))
             }
@@ -315,8 +322,25 @@ impl ClusterStore {
         reference: &Reference,
     ) -> Result<(), StoreError> {
         let found = match reference {
-            Reference::Tag(t) => self.db.delete_tag(repo, t).await?,
-            Reference::Digest(d) => self.db.delete_manifest(repo, d).await?,
+            Reference::Tag(t) => {
+                let events = std::sync::OnceLock::new();
+                let found = self
+                    .db
+                    .delete_tag_recording(repo, t, |d| {
+                        events
+                            .get_or_init(|| self.tag_delete_events(repo, t, d))
+                            .clone()
+                    })
+                    .await?;
+                self.events_committed(events.get().map_or(&[], Vec::as_slice));
+                found
+            }
+            Reference::Digest(d) => {
+                let events = self.manifest_delete_events(repo, d).await?;
+                let found = self.db.delete_manifest_recording(repo, d, &events).await?;
+                self.events_committed(&events);
+                found
+            }
         };
         if !found {
             return Err(StoreError::ManifestUnknown(match reference {

@@ -10,6 +10,7 @@
 //! cache's bookkeeping) stays on that profile's type, reached through `local()`.
 
 pub mod cluster;
+pub mod cluster_events;
 pub mod cluster_metrics;
 pub mod cluster_setup;
 pub mod read_cache;

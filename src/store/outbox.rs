@@ -601,6 +601,15 @@ pub fn manifest_event(
     }
 }
 
+/// The event of a tag delete: the tag and the digest it pointed at.
+pub(crate) fn tag_delete_event(repo: &RepoName, tag: &Tag, digest: Option<String>) -> EventRecord {
+    EventRecord {
+        digest,
+        tag: Some(tag.as_str().to_string()),
+        ..EventRecord::new(EventKind::Delete, repo.as_str())
+    }
+}
+
 /// One push event per tag the manifest was pushed under, or one without a tag.
 pub(crate) fn push_events(
     repo: &RepoName,
@@ -636,11 +645,11 @@ impl Store {
 
     /// The event of a tag delete: the tag and the digest it pointed at.
     pub(crate) fn tag_delete_events(&self, repo: &RepoName, tag: &Tag) -> Vec<EventRecord> {
-        vec![EventRecord {
-            digest: self.stored_tag_target(repo, tag),
-            tag: Some(tag.as_str().to_string()),
-            ..EventRecord::new(EventKind::Delete, repo.as_str())
-        }]
+        vec![tag_delete_event(
+            repo,
+            tag,
+            self.stored_tag_target(repo, tag),
+        )]
     }
 
     /// `tag.moved` if a cached tag pointed at another digest before this write.

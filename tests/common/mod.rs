@@ -22,6 +22,7 @@ pub mod images;
 pub mod replicas;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
 
 pub const EMPTY_SHA256: &str =
     "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
