@@ -5,7 +5,10 @@
 //! (the endpoint's lease). Events acknowledged while the receiver is down survive a `kill -9`
 //! of the delivering replica: another takes the endpoint over and delivers them. `events ls`
 //! through a replica's admin socket lists the cluster's pending events, and `/metrics` counts
-//! the deliveries. Underneath: the outbox, the cursor and the lease rows in PostgreSQL.
+//! the deliveries. Pulls are recorded too; events that ran out their `max_age` are listed as
+//! dead letters by every replica (and with none running on the host, from the database) and
+//! sent again after `events retry`. Underneath: the outbox, cursor, lease and dead-letter rows
+//! in PostgreSQL.
 
 mod common;
 
@@ -48,11 +51,11 @@ fn delivered(r: &Receiver) -> (Vec<(String, Value)>, usize) {
 }
 
 /// (action, tag, digest) of each delivered event, in delivery order.
-fn summary(events: &[(String, Value)]) -> Vec<(String, Option<String>, String)> {
+fn summary(events: &[(String, Value)], repo: &str) -> Vec<(String, Option<String>, String)> {
     events
         .iter()
         .map(|(_, e)| {
-            assert_eq!(e["target"]["repository"], "local/app");
+            assert_eq!(e["target"]["repository"], repo);
             (
                 e["action"].as_str().expect("action").to_string(),
                 e["target"]["tag"].as_str().map(str::to_string),
@@ -91,25 +94,21 @@ fn delivered_metric(r: &Replicas, i: usize) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `n` replicas, each with the endpoint `hook` (the receiver's `/hook`) for `events`, plus
+/// `extra` lines in its table.
+fn replicas_notifying(n: usize, receiver: &Receiver, events: &str, extra: &str) -> Replicas {
+    let hook = format!(
+        "[[notify]]\nname = \"hook\"\nurl = \"{}\"\nformat = \"distribution\"\nevents = {events}\nsecret = \"{SECRET}\"\nhost = \"registry.test\"\ntimeout = \"5s\"\n{extra}",
+        receiver.url("/hook")
+    );
+    Replicas::start_with(n, &|_| hook.clone())
+}
+
 fn config_of(r: &Replicas, i: usize) -> PathBuf {
     r.data_dir(i)
         .parent()
         .expect("replica home")
         .join("transship.toml")
-}
-
-fn events_ls(r: &Replicas, i: usize) -> String {
-    let out = std::process::Command::new(binary())
-        .args(["events", "ls", "--config"])
-        .arg(config_of(r, i))
-        .output()
-        .expect("run transship");
-    assert!(
-        out.status.success(),
-        "events ls: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -120,11 +119,7 @@ fn each_cluster_change_is_delivered_once_in_order_and_survives_the_delivering_re
     let mut receiver = Receiver::down();
     receiver.up();
     // The receiver's port is fixed: it stops and starts again on it below.
-    let hook = format!(
-        "[[notify]]\nname = \"hook\"\nurl = \"{}\"\nformat = \"distribution\"\nevents = [\"push\", \"delete\"]\nsecret = \"{SECRET}\"\nhost = \"registry.test\"\ntimeout = \"5s\"\n",
-        receiver.url("/hook")
-    );
-    let mut r = Replicas::start_with(3, &|_| hook.clone());
+    let mut r = replicas_notifying(3, &receiver, r#"["push", "delete"]"#, "");
 
     // A push on A, a tag delete on B, a manifest delete on C.
     let (_, digest) = push_image(&r.http(0), "local/app", "v1", 1);
@@ -146,7 +141,7 @@ fn each_cluster_change_is_delivered_once_in_order_and_survives_the_delivering_re
     let (events, repeats) = delivered(&receiver);
     assert_eq!(repeats, 0, "each event delivered once");
     assert_eq!(
-        summary(&events),
+        summary(&events, "local/app"),
         vec![
             expect("push", Some("v1"), &digest),
             expect("delete", Some("v1"), &digest),
@@ -172,7 +167,7 @@ fn each_cluster_change_is_delivered_once_in_order_and_survives_the_delivering_re
     let (_, d2) = push_image(&r.http(others[0]), "local/app", "v2", 2);
     let (_, d3) = push_image(&r.http(others[1]), "local/app", "v3", 3);
     // Any replica lists what the endpoint still has to deliver, from the database.
-    let pending = events_ls(&r, others[0]);
+    let pending = events_cmd(&r, others[0], &["events", "ls"]);
     let lines: Vec<&str> = pending
         .lines()
         .filter(|l| l.starts_with("hook\t"))
@@ -192,7 +187,7 @@ fn each_cluster_change_is_delivered_once_in_order_and_survives_the_delivering_re
     );
     let (events, _) = delivered(&receiver);
     assert_eq!(
-        summary(&events[3..]),
+        summary(&events[3..], "local/app"),
         vec![
             expect("push", Some("v2"), &d2),
             expect("push", Some("v3"), &d3),
@@ -214,4 +209,85 @@ fn each_cluster_change_is_delivered_once_in_order_and_survives_the_delivering_re
     wait_until("the outbox pruned", || {
         r.sql("SELECT count(*) FROM event_outbox")[0][0] == "0"
     });
+}
+
+fn events_cmd(r: &Replicas, i: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config_of(r, i))
+        .output()
+        .expect("run transship");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cluster_dead_letters_are_listed_and_retried_from_any_replica_and_pulls_are_recorded() {
+    if !Replicas::available() {
+        return;
+    }
+    let mut receiver = Receiver::down();
+    let mut r = replicas_notifying(2, &receiver, r#"["push", "pull"]"#, "max_age = \"2s\"\n");
+    // A push on A and a pull on B while the receiver is down: both run out their max_age.
+    let (_, digest) = push_image(&r.http(0), "local/dead", "v1", 5);
+    assert_eq!(r.http(1).get("/v2/local/dead/manifests/v1").status, 200);
+    wait_until("two dead letters", || {
+        r.sql("SELECT count(*) FROM event_dead_letters")[0][0] == "2"
+    });
+    // Listed through each replica's admin socket, then with B stopped, from the database.
+    for i in [0, 1, 1] {
+        if i == 1 && r.pid(1).is_some() {
+            let failed = events_cmd(&r, i, &["events", "ls", "--failed"]);
+            assert_eq!(failed.lines().count(), 2, "{failed}");
+            r.kill9(1);
+            continue;
+        }
+        let failed = events_cmd(&r, i, &["events", "ls", "--failed"]);
+        let lines: Vec<&str> = failed.lines().collect();
+        assert_eq!(lines.len(), 2, "replica {i}:\n{failed}");
+        assert!(
+            lines[0].contains("\tpush\tlocal/dead\tv1\t") && lines[0].contains(&digest),
+            "{failed}"
+        );
+        assert!(
+            lines[1].contains("\tpull\tlocal/dead\tv1\t") && lines[1].contains(&digest),
+            "{failed}"
+        );
+    }
+    assert_eq!(delivered_metric(&r, 0), None, "nothing delivered yet");
+
+    // Back up, and a retry asked with B stopped (on the database): A sends both, in order.
+    receiver.up();
+    let retried = std::process::Command::new(binary())
+        .args(["events", "retry", "--config"])
+        .arg(config_of(&r, 1))
+        .output()
+        .expect("run transship");
+    assert!(retried.status.success());
+    assert!(
+        String::from_utf8_lossy(&retried.stderr).contains("2 events queued"),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    wait_until("both dead letters delivered", || {
+        r.sql("SELECT count(*) FROM event_dead_letters")[0][0] == "0"
+    });
+    let (events, _) = delivered(&receiver);
+    assert_eq!(
+        summary(&events, "local/dead"),
+        vec![
+            expect("push", Some("v1"), &digest),
+            expect("pull", Some("v1"), &digest),
+        ]
+    );
+    assert_eq!(
+        delivered_metric(&r, 0),
+        Some(2),
+        "the deliveries are counted"
+    );
 }
