@@ -315,7 +315,8 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 (1, "init".to_string()),
                 (2, "upload_tails".to_string()),
                 (3, "registry_metadata".to_string()),
-                (4, "identity_notify".to_string())
+                (4, "identity_notify".to_string()),
+                (5, "console_sessions".to_string())
             ]
         );
         // Re-opening is a no-op.
@@ -325,7 +326,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 4);
+        assert_eq!(count, 5);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -347,7 +348,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 4
+                    binary: 5
                 }
             ),
             "{err}"

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "identity_notify",
         sql: include_str!("migrations/0004_identity_notify.sql"),
     },
+    Migration {
+        version: 5,
+        name: "console_sessions",
+        sql: include_str!("migrations/0005_console_sessions.sql"),
+    },
 ];
 
 /// The advisory lock key replicas take while migrating ("tsmigrat" in ASCII).

@@ -9,6 +9,7 @@
 //! writes on the blocking pool. What only one profile has (fsck, scrub, the pull-through
 //! cache's bookkeeping) stays on that profile's type, reached through `local()`.
 
+pub mod browse;
 pub mod cluster;
 pub mod cluster_setup;
 pub mod read_cache;
