@@ -587,16 +587,16 @@ impl Uploads {
     async fn finish_held(&self, held: &mut Held, digest: &Digest) -> Result<u64, UploadsError> {
         let size = held.offset();
         let tail = held.pending.concat();
-        if digest.algorithm() != held.algorithm {
-            self.discard(held).await?;
-            return Err(UploadsError::AlgorithmMismatch {
-                session: held.algorithm,
-                digest: digest.clone(),
-            });
-        }
-        let mut hash = held.hash.clone();
-        hash.update(&tail);
-        let actual = hash.finish();
+        let actual = if digest.algorithm() == held.algorithm {
+            let mut hash = held.hash.clone();
+            hash.update(&tail);
+            hash.finish()
+        } else {
+            // The client names another algorithm than the session hashes (the spec lets it):
+            // the recorded state is of no use, so the bytes are hashed again. Parts cannot be
+            // read back before their upload completes: assemble first.
+            self.rehash(held, &tail, digest.algorithm()).await?
+        };
         if actual != *digest {
             self.discard(held).await?;
             return Err(UploadsError::DigestMismatch {
@@ -659,6 +659,26 @@ impl Uploads {
         tx.commit().await?;
         held.armed = false;
         Ok(size)
+    }
+
+    /// The session's bytes hashed with `algorithm`: the tail alone, or the assembled object.
+    async fn rehash(
+        &self,
+        held: &mut Held,
+        tail: &Bytes,
+        algorithm: Algorithm,
+    ) -> Result<Digest, UploadsError> {
+        let mut hash = Digester::new(algorithm);
+        if held.parts == 0 && !held.assembled {
+            hash.update(tail);
+        } else {
+            self.assemble(held, tail.clone()).await?;
+            let mut bytes = self.objects.read_key(&held.key).await?;
+            while let Some(piece) = bytes.next().await {
+                hash.update(&piece?);
+            }
+        }
+        Ok(hash.finish())
     }
 
     /// Completes the verified multipart upload at the session's key, the tail as its last part
