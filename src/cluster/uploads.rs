@@ -681,6 +681,8 @@ impl Uploads {
             self.assemble(held, tail.clone()).await?;
             let mut bytes = self.objects.read_key(&held.key).await?;
             while let Some(piece) = bytes.next().await {
+                // Reading a large blob back can outlast the lease: keep it.
+                self.keep_margin(held).await?;
                 hash.update(&piece?);
             }
         }
