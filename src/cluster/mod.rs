@@ -3,6 +3,7 @@
 //! is wired into the server yet; `Store` will gain a cluster implementation on top of it. Like
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
+pub mod fill_blobs;
 pub mod fill_lease;
 pub mod hash_state;
 pub mod migrate;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Secret, StorageConfig, has_userinfo, redact_url};
+use super::{Secret, ServerConfig, StorageConfig, has_userinfo, redact_url};
 
 /// What `serve` says while the cluster profile is configured but not wired into the server.
 pub const CLUSTER_UNAVAILABLE: &str = "[storage.s3] and [storage.postgres] select the cluster profile, which is not available yet in this build; remove both tables to run the local profile";
@@ -81,6 +81,57 @@ impl StorageConfig {
     pub fn is_cluster(&self) -> bool {
         self.s3.is_some() && self.postgres.is_some()
     }
+}
+
+impl StorageConfig {
+    /// The URL other replicas reach this one's internal fill endpoint at: `replica_url`, else
+    /// `http(s)://<server.listen>`; `None` when listen's port is 0 (known once bound). An
+    /// unspecified listen address (0.0.0.0, ::) names no address to reach: an error.
+    pub fn replica_url(&self, server: &ServerConfig) -> Result<Option<String>, String> {
+        if let Some(url) = &self.replica_url {
+            return Ok(Some(url.trim_end_matches('/').to_string()));
+        }
+        let listen = server.listen;
+        if listen.ip().is_unspecified() {
+            return Err(format!(
+                "storage.replica_url: server.listen {listen} does not say where the other replicas reach this one; set storage.replica_url (e.g. \"http://10.0.0.5:5000\")"
+            ));
+        }
+        Ok((listen.port() != 0).then(|| replica_url_of(listen, server.tls.is_some())))
+    }
+}
+
+/// `http(s)://<address>`: the replica URL of a listener bound there.
+pub fn replica_url_of(listen: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{listen}")
+}
+
+/// In the cluster profile, the replica URL must be knowable and be a plain base URL; the fill
+/// lease at least a second (it is renewed every third of it).
+pub(super) fn validate_replica_url(
+    storage: &StorageConfig,
+    server: &ServerConfig,
+) -> Result<(), String> {
+    if !storage.is_cluster() {
+        return Ok(());
+    }
+    if let Some(url) = storage.replica_url(server)? {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        let valid = rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']));
+        if !valid {
+            return Err(format!(
+                "storage.replica_url {:?} must be http(s)://host:port, without a path or credentials",
+                redact_url(&url)
+            ));
+        }
+    }
+    if storage.fill_lease.0 < std::time::Duration::from_secs(1) {
+        return Err("storage.fill_lease must be at least 1s".into());
+    }
+    Ok(())
 }
 
 impl S3Config {

@@ -1,0 +1,582 @@
+//! Cold fills across the replicas of a cluster, against the real engines: three transship
+//! replicas (each the real server on its own runtime, its own data dir, its own database pool
+//! and bucket client) share a SeaweedFS bucket and a PostgreSQL database and mirror one
+//! distribution upstream. Thirty concurrent cold pulls of one 128 MiB blob spread over them
+//! cause exactly one upstream GET; a replica started later fills from the bucket; the owner of
+//! a fill dying mid-way (its runtime dropped at once: sockets, tasks and lease renewals gone)
+//! costs at most one more upstream fetch and leaves nothing corrupt. The internal endpoint
+//! answers only the replicas' key.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::engines::{Postgres, SeaweedFs};
+use common::upstream::{self, Distribution};
+use common::{Http, random_bytes, test_config};
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Empty};
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use transship::App;
+use transship::cluster::objects::{MIN_PART_SIZE, Objects, S3Options};
+use transship::cluster::pg::{Db, PgOptions};
+use transship::config::HumanDuration;
+use transship::oci::Digest;
+use transship::proxy::cluster_fill::{ClusterFill, KEY_HEADER};
+
+const BUCKET: &str = "transship-fills";
+const LARGE: usize = 128 << 20;
+const REPO: &str = "library/big";
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+/// The engines one test shares between its replicas.
+struct Cluster {
+    s3: SeaweedFs,
+    pg_url: String,
+    _pg: Postgres,
+}
+
+impl Cluster {
+    /// None (after a loud skip) where an engine or the upstream cannot run outside CI.
+    fn start(name: &str) -> Option<Self> {
+        if !SeaweedFs::available() || !Postgres::available() || !upstream::available() {
+            return None;
+        }
+        let s3 = SeaweedFs::start();
+        s3.create_bucket(BUCKET);
+        let pg = Postgres::start();
+        let rt = runtime(1);
+        let pg_url = rt.block_on(pg.create_database(name));
+        Some(Self {
+            s3,
+            pg_url,
+            _pg: pg,
+        })
+    }
+}
+
+/// The engines, an upstream holding one `LARGE` blob, and a relay to it sending `rate` bytes
+/// a second (the replicas' upstream URL).
+struct Setup {
+    cluster: Cluster,
+    up: Distribution,
+    digest: String,
+    support: tokio::runtime::Runtime,
+    upstream_url: String,
+}
+
+impl Setup {
+    fn start(name: &str, seed: u64, rate: u64) -> Option<Self> {
+        let cluster = Cluster::start(name)?;
+        let up = Distribution::start();
+        let blob = random_bytes(LARGE, seed);
+        let digest = Http::new(&up.url()).push_blob(REPO, &blob);
+        drop(blob);
+        let support = runtime(2);
+        let target = format!("127.0.0.1:{}", up.port).parse().expect("addr");
+        let relay = throttled_relay(&support, target, rate);
+        Some(Self {
+            cluster,
+            up,
+            digest,
+            support,
+            upstream_url: format!("http://{relay}"),
+        })
+    }
+
+    /// Waits for the blob to be recorded as in the bucket, then checks the object there
+    /// hashes to its digest and the record has its size.
+    fn await_published(&self) {
+        let d: Digest = self.digest.parse().expect("digest");
+        let (rt, pg) = (&self.support, &self.cluster.pg_url);
+        wait_until("the blob in the bucket", Duration::from_secs(60), || {
+            recorded_size(rt, pg, &self.digest).is_some()
+        });
+        let o = objects(&self.cluster.s3);
+        assert_eq!(bucket_digest(rt, &o, &d), Some(self.digest.clone()));
+        assert_eq!(recorded_size(rt, pg, &self.digest), Some(LARGE as i64));
+    }
+}
+
+/// One replica: the real server, in this process but on its own runtime, which `kill` drops
+/// at once (every task, socket and lease renewal of the replica goes, as in a `kill -9`).
+struct Replica {
+    addr: SocketAddr,
+    app: Arc<App>,
+    rt: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(cluster: &Cluster, upstream_url: &str, lease: Duration) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(2);
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = test_config(dir.path(), "");
+        config.upstreams[0].url = upstream_url.to_string();
+        config.storage.fill_lease = HumanDuration(lease);
+        let app = App::build(config).expect("app builds");
+        let fills = rt.block_on(async {
+            let db = Db::open(&PgOptions {
+                url: cluster.pg_url.clone(),
+                password: None,
+                pool_size: 4,
+            })
+            .await
+            .expect("open db");
+            ClusterFill::connect(db, objects(&cluster.s3), &app.config)
+                .await
+                .expect("cluster fills")
+        });
+        // As `serve` does once bound (the listen port is 0, so the URL waits for the bind).
+        assert_eq!(fills.url(), None);
+        fills.bound(addr, false);
+        assert_eq!(fills.url(), Some(format!("http://{addr}").as_str()));
+        assert!(app.proxy.attach_cluster(Arc::new(fills)));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(transship::http::server::serve(
+            app.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            app,
+            rt: Some(rt),
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Ends the replica at once: no shutdown, no lease released.
+    fn kill(&mut self) {
+        self.stop.take();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn objects(s3: &SeaweedFs) -> Objects {
+    Objects::new(&S3Options {
+        endpoint: s3.endpoint.clone(),
+        bucket: BUCKET.into(),
+        region: "us-east-1".into(),
+        path_style: true,
+        prefix: None,
+        access_key_id: s3.access_key_id.clone(),
+        secret_access_key: s3.secret_access_key.clone(),
+        part_size: MIN_PART_SIZE,
+    })
+    .expect("valid options")
+}
+
+/// A loopback relay to `target` that sends the answers back at most `rate` bytes a second:
+/// a slow upstream, so a fill is reliably still running when the test acts on it.
+fn throttled_relay(rt: &tokio::runtime::Runtime, target: SocketAddr, rate: u64) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind relay");
+    let addr = listener.local_addr().expect("relay addr");
+    rt.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_up, mut to_up) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_up).await;
+                    let _ = to_up.shutdown().await;
+                });
+                let started = Instant::now();
+                let mut sent = 0u64;
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from_up.read(&mut buf).await {
+                    if n == 0 || to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let _ = to_client.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// What a client received: status, bytes, their sha256, and whether the body ended cleanly.
+#[derive(Debug)]
+struct Received {
+    status: u16,
+    len: u64,
+    digest: String,
+    complete: bool,
+}
+
+/// GETs `url`, hashing the body as it streams (bounded memory); `progress` counts the bytes.
+async fn hashed_get(client: Client, url: String, progress: Arc<AtomicU64>) -> Received {
+    let resp = match client.get(url.parse().expect("url")).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Received {
+                status: 0,
+                len: 0,
+                digest: String::new(),
+                complete: false,
+            };
+        }
+    };
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut complete = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len() as u64;
+                    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    hasher.update(&data);
+                }
+            }
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    Received {
+        status,
+        len,
+        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+        complete,
+    }
+}
+
+fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The blob as the bucket holds it, hashed; None while it is not there.
+fn bucket_digest(rt: &tokio::runtime::Runtime, o: &Objects, digest: &Digest) -> Option<String> {
+    rt.block_on(async {
+        let size = o.head(digest).await.expect("head")?;
+        let mut hasher = sha2::Sha256::new();
+        let mut stream = o.get_range(digest, 0..size).await.expect("get");
+        while let Some(chunk) = stream.try_next().await.expect("read") {
+            hasher.update(&chunk);
+        }
+        Some(format!("sha256:{}", hex::encode(hasher.finalize())))
+    })
+}
+
+/// The `blobs` row of `digest`: its recorded size.
+fn recorded_size(rt: &tokio::runtime::Runtime, pg_url: &str, digest: &str) -> Option<i64> {
+    query_one(
+        rt,
+        pg_url,
+        "SELECT size FROM blobs WHERE digest = $1",
+        digest,
+    )
+}
+
+/// Who holds the fill lease of `digest` (its internal URL), if anyone.
+fn lease_owner(rt: &tokio::runtime::Runtime, pg_url: &str, digest: &str) -> Option<String> {
+    query_one(
+        rt,
+        pg_url,
+        "SELECT owner FROM fill_leases WHERE digest = $1 AND expires_at >= now()",
+        digest,
+    )
+}
+
+fn query_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    rt: &tokio::runtime::Runtime,
+    pg_url: &str,
+    sql: &str,
+    digest: &str,
+) -> Option<T> {
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        c.query_opt(sql, &[&digest])
+            .await
+            .expect("query")
+            .map(|r| r.get(0))
+    })
+}
+
+/// How many internal fill requests this replica answered with bytes.
+fn internal_fills_served(app: &App) -> u64 {
+    ["200", "206"]
+        .iter()
+        .map(|status| {
+            app.metrics
+                .requests
+                .with_label_values(&["GET", "internal_fill", status])
+                .get()
+        })
+        .sum()
+}
+
+fn upstream_gets(up: &Distribution, digest: &str) -> usize {
+    up.requests()
+        .iter()
+        .filter(|r| *r == &format!("GET /v2/{REPO}/blobs/{digest}"))
+        .count()
+}
+
+#[test]
+fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the_bucket() {
+    // About two seconds of download: the thirty requests all land while the fill runs.
+    let Some(s) = Setup::start("fills_thirty", 13, 64 << 20) else {
+        return;
+    };
+    let digest = s.digest.clone();
+    let replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&s.cluster, &s.upstream_url, Duration::from_secs(3)))
+        .collect();
+    let progress = Arc::new(AtomicU64::new(0));
+    let results = s.support.block_on(async {
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let url = replicas[i % 3].url(&format!("/v2/{REPO}/blobs/{digest}"));
+                tokio::spawn(hashed_get(client(), url, progress.clone()))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("client task"));
+        }
+        out
+    });
+    for (i, r) in results.iter().enumerate() {
+        assert!(r.complete, "client {i}: {r:?}");
+        assert_eq!((r.status, r.len), (200, LARGE as u64), "client {i}");
+        assert_eq!(r.digest, digest, "client {i} received different bytes");
+    }
+    assert_eq!(
+        upstream_gets(&s.up, &digest),
+        1,
+        "one upstream GET for the cluster"
+    );
+    // The two replicas that did not fetch streamed the fill from the one that did.
+    let followed: u64 = replicas.iter().map(|r| internal_fills_served(&r.app)).sum();
+    assert_eq!(followed, 2, "each other replica followed the owner once");
+    // The owner publishes off the clients' path: the blob appears in the bucket, verified,
+    // and is recorded.
+    s.await_published();
+    // Every replica committed the verified blob to its own store.
+    for (i, r) in replicas.iter().enumerate() {
+        assert!(r.app.fsck(false).expect("fsck").is_clean(), "replica {i}");
+    }
+    // A replica that joins later fills from the bucket, not the upstream.
+    let late = Replica::start(&s.cluster, &s.upstream_url, Duration::from_secs(3));
+    let r = s.support.block_on(hashed_get(
+        client(),
+        late.url(&format!("/v2/{REPO}/blobs/{digest}")),
+        progress.clone(),
+    ));
+    assert!(r.complete && r.status == 200, "{r:?}");
+    assert_eq!(r.digest, digest);
+    assert_eq!(
+        upstream_gets(&s.up, &digest),
+        1,
+        "the late replica read the bucket"
+    );
+}
+
+#[test]
+fn the_owner_dying_mid_fill_costs_at_most_one_more_upstream_fetch() {
+    // About four seconds of download: the owner is reliably killed mid-way.
+    let Some(s) = Setup::start("fills_owner_dies", 14, 32 << 20) else {
+        return;
+    };
+    let digest = s.digest.clone();
+    let lease = Duration::from_secs(2);
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&s.cluster, &s.upstream_url, lease))
+        .collect();
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+    // Replica 0 misses first and so owns the fill.
+    let owner_progress = Arc::new(AtomicU64::new(0));
+    let owner_client = s.support.spawn(hashed_get(
+        client(),
+        replicas[0].url(&path),
+        owner_progress.clone(),
+    ));
+    wait_until("the owner's first bytes", Duration::from_secs(30), || {
+        owner_progress.load(Ordering::Relaxed) >= 8 << 20
+    });
+    let followers: Vec<_> = (1..3)
+        .map(|i| {
+            let progress = Arc::new(AtomicU64::new(0));
+            let task = s.support.spawn(hashed_get(
+                client(),
+                replicas[i].url(&path),
+                progress.clone(),
+            ));
+            (task, progress)
+        })
+        .collect();
+    for (_, progress) in &followers {
+        wait_until("a follower's first bytes", Duration::from_secs(30), || {
+            progress.load(Ordering::Relaxed) >= 1 << 20
+        });
+    }
+    assert_eq!(
+        lease_owner(&s.support, &s.cluster.pg_url, &digest),
+        Some(format!("http://{}", replicas[0].addr)),
+        "replica 0 holds the fill lease"
+    );
+    assert!(
+        owner_progress.load(Ordering::Relaxed) < LARGE as u64,
+        "the owner is still filling"
+    );
+    replicas[0].kill();
+    // The owner's client sees its download end early (or, had it finished, whole).
+    let first = s.support.block_on(owner_client).expect("client task");
+    assert!(
+        !first.complete || first.digest == digest,
+        "a client never gets a complete body that is wrong: {first:?}"
+    );
+    // The followers carry on: one takes the expired lease over, the other follows it.
+    for (i, (task, _)) in followers.into_iter().enumerate() {
+        let r = s.support.block_on(task).expect("client task");
+        assert!(r.complete, "follower {i}: {r:?}");
+        assert_eq!((r.status, r.len), (200, LARGE as u64), "follower {i}");
+        assert_eq!(r.digest, digest, "follower {i} received different bytes");
+    }
+    // The owner's client retries on another replica and gets the blob.
+    let retry = s.support.block_on(hashed_get(
+        client(),
+        replicas[1].url(&path),
+        Arc::new(AtomicU64::new(0)),
+    ));
+    assert!(retry.complete && retry.status == 200, "{retry:?}");
+    assert_eq!(retry.digest, digest);
+    let gets = upstream_gets(&s.up, &digest);
+    assert!(
+        (1..=2).contains(&gets),
+        "{gets} upstream GETs: at most one more than a fill without a death"
+    );
+    // Nothing corrupt in the bucket: the blob appears there verified.
+    s.await_published();
+    for (i, r) in replicas.iter().enumerate().skip(1) {
+        assert!(r.app.fsck(false).expect("fsck").is_clean(), "replica {i}");
+    }
+}
+
+#[test]
+fn the_internal_endpoint_answers_only_the_replicas_key() {
+    let Some(cluster) = Cluster::start("fills_endpoint") else {
+        return;
+    };
+    let up = Distribution::start();
+    let blob = random_bytes(3 << 20, 15);
+    let digest = Http::new(&up.url()).push_blob(REPO, &blob);
+    let replica = Replica::start(&cluster, &up.url(), Duration::from_secs(3));
+    let h = Http::new(&replica.url(""));
+    let fill = format!("/_transship/fill/{digest}");
+    // Nothing stored yet: even with the right key, nothing to give.
+    let key = {
+        let rt = runtime(1);
+        let signing_key = rt.block_on(async {
+            Db::open(&PgOptions {
+                url: cluster.pg_url.clone(),
+                password: None,
+                pool_size: 1,
+            })
+            .await
+            .expect("open db")
+            .token_signing_key()
+            .await
+            .expect("signing key")
+        });
+        let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &signing_key);
+        hex::encode(aws_lc_rs::hmac::sign(&k, b"transship internal fill endpoint v1").as_ref())
+    };
+    assert_eq!(h.send("GET", &fill, &[(KEY_HEADER, &key)], "").status, 404);
+    // A pull stores it on this replica.
+    let pulled = h.get(&format!("/v2/{REPO}/blobs/{digest}"));
+    assert_eq!(
+        (pulled.status, pulled.body.as_ref()),
+        (200, blob.as_slice())
+    );
+    assert_eq!(h.get(&fill).status, 401, "no key");
+    let wrong = format!("{}0", &key[..key.len() - 1]);
+    assert_eq!(
+        h.send("GET", &fill, &[(KEY_HEADER, &wrong)], "").status,
+        401,
+        "a wrong key"
+    );
+    let ok = h.send("GET", &fill, &[(KEY_HEADER, &key)], "");
+    assert_eq!((ok.status, ok.body.as_ref()), (200, blob.as_slice()));
+    let part = h.send(
+        "GET",
+        &fill,
+        &[(KEY_HEADER, &key), ("range", "bytes=1000-")],
+        "",
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body.as_ref(), &blob[1000..]);
+    // The local profile has no such endpoint, key or not.
+    let local = common::TestServer::start();
+    let lh = Http::for_server(&local);
+    assert_eq!(lh.send("GET", &fill, &[(KEY_HEADER, &key)], "").status, 404);
+}
