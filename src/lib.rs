@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod oci;
 pub mod prefetch;
 pub mod proxy;
+pub mod storage;
 pub mod store;
 pub mod systemd;
 

@@ -64,7 +64,9 @@ fn check_config_accepts_both_tables_and_never_prints_the_secret() {
     let (code, out, err) = run(&["check-config", &file], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("[storage.s3]") && out.contains("bucket = \"transship-blobs\""),
+        out.contains("[storage.s3]")
+            && out.contains("bucket = \"transship-blobs\"")
+            && out.contains("read_cache_max_size = \"10GiB\""),
         "{out}"
     );
     assert!(
@@ -145,6 +147,10 @@ fn check_config_refuses_broken_cluster_tables_with_clear_errors() {
         (
             format!("[storage]\nfill_lease = \"100ms\"\n{s3}{PG_TABLE}"),
             "fill_lease must be at least 1s",
+        ),
+        (
+            format!("{s3}read_cache_max_size = \"0\"\n{PG_TABLE}"),
+            "read_cache_max_size must be more than 0",
         ),
     ];
     for (storage, expected) in cases {

@@ -15,9 +15,10 @@ use common::engines::{Postgres, SeaweedFs, plain_http};
 use common::random_bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use transship::cluster::fill_lease::{Acquired, Renewed};
+use transship::cluster::manifests::{NewManifest, PutManifestError};
 use transship::cluster::objects::{MIN_PART_SIZE, Objects, ObjectsError, S3Options};
 use transship::cluster::pg::{Db, PgError, PgOptions};
-use transship::cluster::tags::TagMove;
+use transship::cluster::tags::{TagChange, TagMove};
 use transship::cluster::uploads::{SessionId, UploadOptions, Uploads, UploadsError};
 use transship::oci::{Algorithm, Digest, Digester, RepoName, Tag};
 
@@ -309,7 +310,11 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
         let versions: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         assert_eq!(
             versions,
-            vec![(1, "init".to_string()), (2, "upload_tails".to_string())]
+            vec![
+                (1, "init".to_string()),
+                (2, "upload_tails".to_string()),
+                (3, "registry_metadata".to_string())
+            ]
         );
         // Re-opening is a no-op.
         db(&url, 1).await;
@@ -318,7 +323,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 2);
+        assert_eq!(count, 3);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -340,7 +345,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 2
+                    binary: 3
                 }
             ),
             "{err}"
@@ -482,9 +487,12 @@ fn concurrent_tag_moves_on_two_replicas_end_with_one_winner_everyone_reads() {
         assert_eq!(history.len(), changes);
         assert_eq!(history[0].previous, None);
         for pair in history.windows(2) {
-            assert_eq!(pair[1].previous.as_ref(), Some(&pair[0].digest));
+            assert_eq!(pair[1].previous, pair[0].digest);
         }
-        assert_eq!(history.last().map(|h| &h.digest), Some(&winner));
+        assert_eq!(
+            history.last().and_then(|h| h.digest.as_ref()),
+            Some(&winner)
+        );
         // Writing the current value again changes nothing.
         assert_eq!(
             a.put_tag(&repo, &tag, &winner).await.expect("put"),
@@ -1198,5 +1206,905 @@ fn cancel_and_reap_leave_nothing_behind() {
         let digest = Digest::sha256_of(&big);
         b.finish(&app, active, &digest).await.expect("finish");
         assert_eq!(r.open_multipart_uploads(), Vec::<String>::new());
+    });
+}
+
+// ---- the private registry's metadata (links, manifests, tags, referrers, listings) ----------
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A manifest as a handler would hand it to `put_manifest`: bytes with deliberately odd
+/// formatting (stored byte-exact) and what it references.
+struct Pushed {
+    body: Vec<u8>,
+    digest: Digest,
+    media_type: &'static str,
+    blobs: Vec<Digest>,
+    children: Vec<Digest>,
+    subject: Option<Digest>,
+    artifact_type: Option<String>,
+    descriptor: Option<serde_json::Value>,
+}
+
+impl Pushed {
+    fn image(blobs: &[Digest], subject: Option<&Digest>, artifact_type: Option<&str>) -> Self {
+        let layers: Vec<String> = blobs[1..]
+            .iter()
+            .map(|d| format!("{{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\", \"digest\":\"{d}\",\"size\":1}}"))
+            .collect();
+        let mut body = format!(
+            "{{\n  \"schemaVersion\": 2,\t\"mediaType\":\"{OCI_MANIFEST}\",\n\"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"{}\",\"size\":1}},\"layers\":[{}]",
+            blobs[0],
+            layers.join(",  ")
+        );
+        if let Some(s) = subject {
+            body.push_str(&format!(
+                ",\"subject\":{{\"mediaType\":\"{OCI_MANIFEST}\",\"digest\":\"{s}\",\"size\":1}}"
+            ));
+        }
+        if let Some(t) = artifact_type {
+            body.push_str(&format!(",\"artifactType\":\"{t}\""));
+        }
+        body.push_str("}   \n");
+        Self::new(
+            body.into_bytes(),
+            OCI_MANIFEST,
+            blobs,
+            &[],
+            subject,
+            artifact_type,
+        )
+    }
+
+    fn index(children: &[Digest]) -> Self {
+        let entries: Vec<String> = children
+            .iter()
+            .map(|d| format!("{{\"mediaType\":\"{OCI_MANIFEST}\",\"digest\":\"{d}\",\"size\":1}}"))
+            .collect();
+        let body = format!(
+            "{{\"schemaVersion\":2,\"mediaType\":\"{OCI_INDEX}\",\"manifests\":[{}]}}",
+            entries.join(",")
+        );
+        Self::new(body.into_bytes(), OCI_INDEX, &[], children, None, None)
+    }
+
+    fn new(
+        body: Vec<u8>,
+        media_type: &'static str,
+        blobs: &[Digest],
+        children: &[Digest],
+        subject: Option<&Digest>,
+        artifact_type: Option<&str>,
+    ) -> Self {
+        let digest = Digest::sha256_of(&body);
+        let descriptor = subject.map(|_| {
+            serde_json::json!({
+                "mediaType": media_type,
+                "digest": digest.to_string(),
+                "size": body.len(),
+                "artifactType": artifact_type,
+            })
+        });
+        Self {
+            body,
+            digest,
+            media_type,
+            blobs: blobs.to_vec(),
+            children: children.to_vec(),
+            subject: subject.cloned(),
+            artifact_type: artifact_type.map(str::to_string),
+            descriptor,
+        }
+    }
+
+    fn to<'a>(&'a self, repo: &'a RepoName, tags: &'a [Tag]) -> NewManifest<'a> {
+        NewManifest {
+            repo,
+            digest: &self.digest,
+            media_type: self.media_type,
+            body: &self.body,
+            blobs: &self.blobs,
+            children: &self.children,
+            subject: self.subject.as_ref(),
+            artifact_type: self.artifact_type.as_deref(),
+            referrer_descriptor: self.descriptor.as_ref(),
+            tags,
+            pushed: true,
+        }
+    }
+}
+
+fn tags(names: &[&str]) -> Vec<Tag> {
+    names.iter().map(|t| t.parse().expect("tag")).collect()
+}
+
+/// Links blobs of `contents` into `repo`; their digests.
+async fn link_all(db: &Db, repo: &RepoName, contents: &[&str]) -> Vec<Digest> {
+    let mut out = Vec::new();
+    for c in contents {
+        let d = Digest::sha256_of(c.as_bytes());
+        db.link_blob(repo, &d, c.len() as u64, true)
+            .await
+            .expect("link");
+        out.push(d);
+    }
+    out
+}
+
+/// Whether `repo` has manifest `digest`.
+async fn has_manifest(db: &Db, repo: &RepoName, digest: &Digest) -> bool {
+    db.manifest(repo, digest).await.expect("read").is_some()
+}
+
+/// The one `bigint` a query without parameters returns.
+async fn count(check: &tokio_postgres::Client, query: &str) -> i64 {
+    check.query_one(query, &[]).await.expect(query).get(0)
+}
+
+/// The texts a query for `digest` returns.
+async fn texts(check: &tokio_postgres::Client, query: &str, digest: &Digest) -> Vec<String> {
+    let rows = check
+        .query(query, &[&digest.to_string()])
+        .await
+        .expect(query);
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Rows of `table` (a name from this file, never from input).
+async fn rows_in(check: &tokio_postgres::Client, table: &str) -> i64 {
+    count(check, &format!("SELECT count(*) FROM {table}")).await
+}
+
+#[test]
+fn blob_links_and_mounts_are_per_repository() {
+    with_database("links", |url| async move {
+        let db = db(&url, 2).await;
+        let check = raw(&url).await;
+        let (app, other, third) = (repo("team/app"), repo("team/other"), repo("team/third"));
+        let d = Digest::sha256_of(b"layer");
+        assert!(!db.repo_exists(&app).await.expect("exists"));
+        db.link_blob(&app, &d, 5, false).await.expect("link");
+        assert!(db.repo_exists(&app).await.expect("exists"));
+        assert_eq!(db.blob_size(&app, &d).await.expect("size"), Some(5));
+        assert_eq!(db.blob_size(&other, &d).await.expect("size"), None);
+        assert_eq!(db.stored_blob_size(&d).await.expect("size"), Some(5));
+        let unknown = Digest::sha256_of(b"nothing");
+        assert_eq!(db.stored_blob_size(&unknown).await.expect("size"), None);
+
+        // A mount links what the source links, and nothing else; a failed mount creates no
+        // repository.
+        assert_eq!(
+            db.mount_blob(&other, &app, &d).await.expect("mount"),
+            Some(5)
+        );
+        assert_eq!(db.blob_size(&other, &d).await.expect("size"), Some(5));
+        assert_eq!(
+            db.mount_blob(&third, &app, &unknown).await.expect("mount"),
+            None
+        );
+        assert_eq!(
+            db.mount_blob(&third, &repo("no/such"), &d)
+                .await
+                .expect("mount"),
+            None
+        );
+        assert!(!db.repo_exists(&third).await.expect("exists"));
+        assert_eq!(rows_in(&check, "blobs").await, 1);
+
+        // `pushed` sticks once a push made the link; a fill's link stays a fill's.
+        let pushed = |r: &'static str| {
+            let check = &check;
+            async move {
+                check
+                    .query_one(
+                        "SELECT l.pushed FROM repo_blobs l JOIN repositories r ON r.id = l.repo_id
+                          WHERE r.name = $1",
+                        &[&r],
+                    )
+                    .await
+                    .expect("pushed")
+                    .get::<_, bool>(0)
+            }
+        };
+        assert!(!pushed("team/app").await);
+        assert!(pushed("team/other").await);
+        db.link_blob(&app, &d, 5, true).await.expect("link");
+        db.link_blob(&app, &d, 5, false).await.expect("link");
+        assert!(pushed("team/app").await);
+
+        // Unlinking is per repository; the stored blob stays for GC.
+        assert!(db.unlink_blob(&app, &d).await.expect("unlink"));
+        assert!(!db.unlink_blob(&app, &d).await.expect("unlink"));
+        assert_eq!(db.blob_size(&app, &d).await.expect("size"), None);
+        assert_eq!(db.blob_size(&other, &d).await.expect("size"), Some(5));
+        assert_eq!(db.stored_blob_size(&d).await.expect("size"), Some(5));
+        assert_eq!(db.mount_blob(&third, &app, &d).await.expect("mount"), None);
+    });
+}
+
+#[test]
+fn a_manifest_is_stored_byte_exact_only_when_all_it_references_is_there() {
+    with_database("manifests", |url| async move {
+        let db = db(&url, 2).await;
+        let check = raw(&url).await;
+        let (app, other) = (repo("team/app"), repo("team/other"));
+        let linked = link_all(&db, &app, &["config", "layer one"]).await;
+        // Stored, but linked only in another repository.
+        let elsewhere = link_all(&db, &other, &["layer two"]).await;
+        let never = Digest::sha256_of(b"never uploaded");
+        let image = Pushed::image(
+            &[
+                linked[0].clone(),
+                linked[1].clone(),
+                elsewhere[0].clone(),
+                never.clone(),
+            ],
+            None,
+            None,
+        );
+        let latest = tags(&["latest"]);
+        let err = db
+            .put_manifest(&image.to(&app, &latest))
+            .await
+            .expect_err("refused");
+        match err {
+            PutManifestError::Missing(missing) => {
+                assert_eq!(missing, vec![elsewhere[0].clone(), never.clone()])
+            }
+            other => panic!("{other}"),
+        }
+        // Refused into a repository that does not exist: not even the repository appears.
+        let fresh = repo("team/fresh");
+        assert!(matches!(
+            db.put_manifest(&image.to(&fresh, &latest)).await,
+            Err(PutManifestError::Missing(m)) if m.len() == 4
+        ));
+        assert!(!db.repo_exists(&fresh).await.expect("exists"));
+        for table in [
+            "manifests",
+            "manifest_blobs",
+            "repo_manifests",
+            "tags",
+            "tag_history",
+        ] {
+            assert_eq!(rows_in(&check, table).await, 0, "{table}");
+        }
+        assert!(!has_manifest(&db, &app, &image.digest).await);
+
+        // With everything linked it is stored, read back byte for byte, in this repository only.
+        link_all(&db, &app, &["layer two"]).await;
+        db.link_blob(&app, &never, 14, true).await.expect("link");
+        db.put_manifest(&image.to(&app, &latest))
+            .await
+            .expect("put");
+        let (media_type, body) = db
+            .manifest(&app, &image.digest)
+            .await
+            .expect("read")
+            .expect("stored");
+        assert_eq!(media_type, OCI_MANIFEST);
+        assert!(body == image.body, "the manifest read back differs");
+        assert!(!has_manifest(&db, &other, &image.digest).await);
+        assert_eq!(
+            db.tag(&app, &latest[0]).await.expect("tag"),
+            Some(image.digest.clone())
+        );
+        let mut want: Vec<String> = image.blobs.iter().map(Digest::to_string).collect();
+        want.sort();
+        assert_eq!(
+            texts(
+                &check,
+                "SELECT blob_digest FROM manifest_blobs WHERE manifest_digest = $1 ORDER BY 1",
+                &image.digest
+            )
+            .await,
+            want
+        );
+        // Pushing it again changes nothing but is fine.
+        db.put_manifest(&image.to(&app, &latest))
+            .await
+            .expect("put");
+        assert_eq!(rows_in(&check, "manifests").await, 1);
+        assert_eq!(rows_in(&check, "tag_history").await, 1);
+
+        // An index needs its children in the same repository.
+        let index = Pushed::index(std::slice::from_ref(&image.digest));
+        let multi = tags(&["multi"]);
+        assert!(matches!(
+            db.put_manifest(&index.to(&other, &multi)).await,
+            Err(PutManifestError::Missing(m)) if m == vec![image.digest.clone()]
+        ));
+        db.put_manifest(&index.to(&app, &multi))
+            .await
+            .expect("index");
+        assert_eq!(
+            texts(
+                &check,
+                "SELECT child_digest FROM manifest_children WHERE manifest_digest = $1",
+                &index.digest
+            )
+            .await,
+            vec![image.digest.to_string()]
+        );
+        // The same bytes in another repository share the one `manifests` row.
+        for d in &image.blobs {
+            db.mount_blob(&other, &app, d).await.expect("mount");
+        }
+        db.put_manifest(&image.to(&other, &[])).await.expect("put");
+        assert_eq!(rows_in(&check, "manifests").await, 2);
+        assert!(has_manifest(&db, &other, &image.digest).await);
+    });
+}
+
+#[test]
+fn tags_move_and_delete_with_history_and_a_deleted_manifest_takes_its_tags() {
+    with_database("tagmoves", |url| async move {
+        let db = db(&url, 2).await;
+        let check = raw(&url).await;
+        let app = repo("team/app");
+        let blobs = link_all(&db, &app, &["config", "layer"]).await;
+        let first = Pushed::image(&blobs, None, None);
+        let second = Pushed::image(&[blobs[1].clone(), blobs[0].clone()], None, None);
+        let (latest, v1): (Tag, Tag) = ("latest".parse().expect("tag"), "v1".parse().expect("tag"));
+        db.put_manifest(&first.to(&app, &tags(&["v1", "latest", "v1"])))
+            .await
+            .expect("put");
+        assert_eq!(
+            db.tags_of(&app, &first.digest).await.expect("tags"),
+            vec!["latest", "v1"]
+        );
+        db.put_manifest(&second.to(&app, &tags(&["latest"])))
+            .await
+            .expect("put");
+        assert_eq!(
+            db.tags_of(&app, &first.digest).await.expect("tags"),
+            vec!["v1"]
+        );
+        assert_eq!(
+            db.tags_of(&app, &second.digest).await.expect("tags"),
+            vec!["latest"]
+        );
+        let change = |previous: Option<&Digest>, digest: Option<&Digest>| TagChange {
+            previous: previous.cloned(),
+            digest: digest.cloned(),
+        };
+        assert_eq!(
+            db.tag_history(&app, &latest).await.expect("history"),
+            vec![
+                change(None, Some(&first.digest)),
+                change(Some(&first.digest), Some(&second.digest)),
+            ]
+        );
+
+        // Deleting a tag records it; the manifest stays.
+        assert!(db.delete_tag(&app, &latest).await.expect("delete"));
+        assert!(!db.delete_tag(&app, &latest).await.expect("delete"));
+        assert!(
+            !db.delete_tag(&repo("no/such"), &latest)
+                .await
+                .expect("delete")
+        );
+        assert_eq!(db.tag(&app, &latest).await.expect("tag"), None);
+        assert!(has_manifest(&db, &app, &second.digest).await);
+        // Created again after the deletion: a fresh chain link.
+        assert_eq!(
+            db.put_tag(&app, &latest, &second.digest)
+                .await
+                .expect("tag"),
+            TagMove::Created
+        );
+        assert_eq!(
+            db.tag_history(&app, &latest).await.expect("history")[2..],
+            [
+                change(Some(&second.digest), None),
+                change(None, Some(&second.digest)),
+            ]
+        );
+
+        // Deleting a manifest takes every tag naming it (each with a history row) and nothing
+        // else; its bytes stay for GC.
+        db.put_tag(&app, &"also".parse().expect("tag"), &first.digest)
+            .await
+            .expect("tag");
+        assert!(
+            db.delete_manifest(&app, &first.digest)
+                .await
+                .expect("delete")
+        );
+        assert!(
+            !db.delete_manifest(&app, &first.digest)
+                .await
+                .expect("delete")
+        );
+        assert!(
+            !db.delete_manifest(&repo("no/such"), &first.digest)
+                .await
+                .expect("delete")
+        );
+        assert!(!has_manifest(&db, &app, &first.digest).await);
+        assert_eq!(
+            db.tags_of(&app, &first.digest).await.expect("tags"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            db.list_tags(&app, None, 10).await.expect("list"),
+            Some((vec!["latest".to_string()], false))
+        );
+        assert_eq!(
+            db.tag_history(&app, &v1).await.expect("history"),
+            vec![
+                change(None, Some(&first.digest)),
+                change(Some(&first.digest), None)
+            ]
+        );
+        assert_eq!(rows_in(&check, "manifests").await, 2);
+        // Pushed again, it is back.
+        db.put_manifest(&first.to(&app, &[])).await.expect("put");
+        assert!(has_manifest(&db, &app, &first.digest).await);
+    });
+}
+
+#[test]
+fn referrers_are_filtered_by_artifact_type_and_leave_with_their_manifest() {
+    with_database("referrers", |url| async move {
+        let db = db(&url, 2).await;
+        let (app, other) = (repo("team/app"), repo("team/other"));
+        let blobs = link_all(&db, &app, &["config", "layer"]).await;
+        let subject = Pushed::image(&blobs, None, None);
+        db.put_manifest(&subject.to(&app, &[]))
+            .await
+            .expect("subject");
+        let signature = "application/vnd.dev.cosign.artifact.sig.v1+json";
+        let sbom = "application/spdx+json";
+        let referrers: Vec<Pushed> = [
+            (signature, "sig one"),
+            (sbom, "sbom"),
+            (signature, "sig two"),
+        ]
+        .iter()
+        .map(|(t, content)| {
+            let b = Digest::sha256_of(content.as_bytes());
+            Pushed::image(&[blobs[0].clone(), b], Some(&subject.digest), Some(t))
+        })
+        .collect();
+        for (r, content) in referrers.iter().zip(["sig one", "sbom", "sig two"]) {
+            link_all(&db, &app, &[content]).await;
+            db.put_manifest(&r.to(&app, &[])).await.expect("referrer");
+        }
+        let descriptors = |pushed: &[&Pushed]| -> Vec<serde_json::Value> {
+            let mut v: Vec<&Pushed> = pushed.to_vec();
+            v.sort_by_key(|p| p.digest.to_string());
+            v.iter()
+                .map(|p| p.descriptor.clone().expect("descriptor"))
+                .collect()
+        };
+        let all = db
+            .referrers(&app, &subject.digest, None)
+            .await
+            .expect("list");
+        assert_eq!(all, descriptors(&referrers.iter().collect::<Vec<_>>()));
+        assert_eq!(
+            db.referrers(&app, &subject.digest, Some(signature))
+                .await
+                .expect("list"),
+            descriptors(&[&referrers[0], &referrers[2]])
+        );
+        assert_eq!(
+            db.referrers(&app, &subject.digest, Some(sbom))
+                .await
+                .expect("list"),
+            descriptors(&[&referrers[1]])
+        );
+        assert!(
+            db.referrers(&app, &subject.digest, Some("text/plain"))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        assert!(
+            db.referrers(&other, &subject.digest, None)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        assert!(
+            db.referrers(&app, &blobs[0], None)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        // A deleted referrer leaves the list.
+        assert!(
+            db.delete_manifest(&app, &referrers[0].digest)
+                .await
+                .expect("delete")
+        );
+        assert_eq!(
+            db.referrers(&app, &subject.digest, Some(signature))
+                .await
+                .expect("list"),
+            descriptors(&[&referrers[2]])
+        );
+    });
+}
+
+/// A database of the same server whose default collation is ICU's `en-US` (case-insensitive
+/// first, punctuation last): byte order there has to be asked for.
+async fn icu_database(url: &str, name: &str) -> String {
+    raw(url)
+        .await
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        ))
+        .await
+        .expect("create an ICU database");
+    let (server, _) = url.rsplit_once('/').expect("a URL with a database");
+    let url = format!("{server}/{name}");
+    let collates: bool = raw(&url)
+        .await
+        .query_one("SELECT 'a' < 'B'", &[])
+        .await
+        .expect("compare")
+        .get(0);
+    assert!(collates, "the database does not collate as en-US");
+    url
+}
+
+/// Every page of `n` from `page(last)`, checking that only the last says there is no more.
+async fn all_pages<F, Fut>(n: usize, mut page: F) -> Vec<String>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = (Vec<String>, bool)>,
+{
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let (items, more) = page(out.last().cloned()).await;
+        assert!(items.len() <= n);
+        if more {
+            assert_eq!(items.len(), n, "a short page with more to come");
+        }
+        out.extend(items);
+        if !more {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn tag_lists_and_the_catalog_page_in_byte_order() {
+    with_database("listing", |url| async move {
+        let url = icu_database(&url, "listing_icu").await;
+        let db = db(&url, 2).await;
+        let app = repo("team/app");
+        let digest = Digest::sha256_of(b"manifest");
+        let mut names = vec![
+            "Z9", "a", "a-b", "a.b", "a_b", "B", "b", "latest", "v1.0", "v1.0-rc", "v10", "v2",
+            "_x", "0",
+        ];
+        for t in &names {
+            db.put_tag(&app, &t.parse().expect("tag"), &digest)
+                .await
+                .expect("tag");
+        }
+        names.sort(); // byte order
+        for n in [1, 3, 5, names.len(), 100] {
+            let got = all_pages(n, |last| {
+                let (db, app) = (&db, &app);
+                async move {
+                    db.list_tags(app, last.as_deref(), n)
+                        .await
+                        .expect("list")
+                        .expect("the repository exists")
+                }
+            })
+            .await;
+            assert_eq!(got, names, "pages of {n}");
+        }
+        // `last` need not be a tag; after the end is empty.
+        assert_eq!(
+            db.list_tags(&app, Some("a0"), 3).await.expect("list"),
+            Some((vec!["a_b".to_string(), "b".into(), "latest".into()], true))
+        );
+        assert_eq!(
+            db.list_tags(&app, Some("v2"), 3).await.expect("list"),
+            Some((vec![], false))
+        );
+        assert_eq!(
+            db.list_tags(&app, None, 0).await.expect("list"),
+            Some((vec![], true))
+        );
+        // Unknown repository: None (a page after some `last` is empty, as in the local profile);
+        // a repository without tags: an empty list.
+        let unknown = repo("no/such");
+        assert_eq!(db.list_tags(&unknown, None, 10).await.expect("list"), None);
+        assert_eq!(
+            db.list_tags(&unknown, Some("a"), 10).await.expect("list"),
+            Some((vec![], false))
+        );
+        let bare = repo("team/bare");
+        link_all(&db, &bare, &["x"]).await;
+        assert_eq!(
+            db.list_tags(&bare, None, 10).await.expect("list"),
+            Some((vec![], false))
+        );
+
+        // The catalog: punctuation and nesting in byte order, filtered, across fetch batches.
+        let mut repos: Vec<String> = [
+            "a-b/c",
+            "a.b/c",
+            "a_b/c",
+            "ab",
+            "a/b",
+            "z",
+            "0numbers",
+            "team/app-x",
+            "team/app/sub",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        repos.extend((0..250).map(|i| format!("r{i:03}")));
+        for r in &repos {
+            link_all(&db, &repo(r), &["x"]).await;
+        }
+        repos.extend(["team/app".to_string(), "team/bare".to_string()]);
+        repos.sort();
+        for n in [2, 7, 1000] {
+            let got = all_pages(n, |last| {
+                let db = &db;
+                async move {
+                    db.catalog(last.as_deref(), n, |_| true)
+                        .await
+                        .expect("catalog")
+                }
+            })
+            .await;
+            assert_eq!(got, repos, "pages of {n}");
+        }
+        // One visible name in ten: a page needs several batches of the repository table.
+        let visible =
+            |name: &str| name.starts_with('r') && name.ends_with('7') || name.starts_with("team/");
+        let want: Vec<String> = repos.iter().filter(|r| visible(r)).cloned().collect();
+        assert_eq!(want.len(), 29);
+        let got = all_pages(10, |last| {
+            let db = &db;
+            async move {
+                db.catalog(last.as_deref(), 10, visible)
+                    .await
+                    .expect("catalog")
+            }
+        })
+        .await;
+        assert_eq!(got, want);
+        assert_eq!(
+            db.catalog(Some("r247"), 3, visible).await.expect("catalog"),
+            (
+                vec![
+                    "team/app".to_string(),
+                    "team/app-x".into(),
+                    "team/app/sub".into()
+                ],
+                true
+            )
+        );
+    });
+}
+
+#[test]
+fn concurrent_manifest_pushes_of_one_tag_on_two_replicas_end_with_one_winner() {
+    with_database("tagrace", |url| async move {
+        let (a, b, c) = (db(&url, 4).await, db(&url, 4).await, db(&url, 4).await);
+        let app = repo("team/app");
+        let blobs = link_all(&a, &app, &["config", "layer"]).await;
+        let writer = |replica: Db, name: &'static str, order: &'static [&'static str]| {
+            let (app, blobs) = (app.clone(), blobs.clone());
+            tokio::spawn(async move {
+                let tags = tags(order);
+                let mut pushed = Vec::new();
+                for i in 0..20 {
+                    // Distinct bytes, same references.
+                    let mut m = Pushed::image(&blobs, None, None);
+                    m.body
+                        .extend_from_slice(format!("{name}{i}").repeat(i + 1).as_bytes());
+                    m.digest = Digest::sha256_of(&m.body);
+                    replica.put_manifest(&m.to(&app, &tags)).await.expect("put");
+                    pushed.push(m.digest);
+                }
+                pushed
+            })
+        };
+        // The two replicas name the tags in opposite orders: moves never deadlock.
+        let (pa, pb) = tokio::join!(
+            writer(a.clone(), " a", &["latest", "stable"]),
+            writer(b.clone(), " b", &["stable", "latest"])
+        );
+        let pushed: HashSet<Digest> = pa.expect("a").into_iter().chain(pb.expect("b")).collect();
+        assert_eq!(pushed.len(), 40);
+        let (latest, stable): (Tag, Tag) = (
+            "latest".parse().expect("tag"),
+            "stable".parse().expect("tag"),
+        );
+        let mut seen = Vec::new();
+        for replica in [&a, &b, &c] {
+            seen.push(replica.tag(&app, &latest).await.expect("read"));
+            seen.push(replica.tag(&app, &stable).await.expect("read"));
+        }
+        // Both tags moved in each push's one transaction: they name the same last push.
+        let winner = seen[0].clone().expect("tagged");
+        assert!(seen.iter().all(|s| s.as_ref() == Some(&winner)), "{seen:?}");
+        assert!(pushed.contains(&winner));
+        assert!(has_manifest(&c, &app, &winner).await);
+        for tag in [&latest, &stable] {
+            let history = c.tag_history(&app, tag).await.expect("history");
+            assert_eq!(history.len(), 40, "{tag}");
+            assert_eq!(history[0].previous, None);
+            for pair in history.windows(2) {
+                assert_eq!(pair[1].previous, pair[0].digest);
+            }
+            assert_eq!(history[39].digest.as_ref(), Some(&winner));
+        }
+    });
+}
+
+/// A GC's collection of one blob: lock its row, and delete it (links first) only if no
+/// manifest references it. Whether it deleted.
+async fn collect_blob(url: &str, digest: &Digest) -> bool {
+    let mut gc = raw(url).await;
+    let tx = gc.transaction().await.expect("begin");
+    if !lock_blob_row(&tx, digest).await {
+        return false;
+    }
+    let referenced: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM manifest_blobs WHERE blob_digest = $1)",
+            &[&digest.to_string()],
+        )
+        .await
+        .expect("refs")
+        .get(0);
+    if !referenced {
+        delete_blob_rows(&tx, digest).await;
+    }
+    tx.commit().await.expect("commit");
+    !referenced
+}
+
+/// GC's first step: the blob's row, locked; whether it is there.
+async fn lock_blob_row(tx: &tokio_postgres::Transaction<'_>, digest: &Digest) -> bool {
+    tx.query_opt(
+        "SELECT 1 FROM blobs WHERE digest = $1 FOR UPDATE",
+        &[&digest.to_string()],
+    )
+    .await
+    .expect("lock")
+    .is_some()
+}
+
+/// GC's last step: the links, then the blob's row.
+async fn delete_blob_rows(tx: &tokio_postgres::Transaction<'_>, digest: &Digest) {
+    for query in [
+        "DELETE FROM repo_blobs WHERE digest = $1",
+        "DELETE FROM blobs WHERE digest = $1",
+    ] {
+        tx.execute(query, &[&digest.to_string()])
+            .await
+            .expect(query);
+    }
+}
+
+/// Waits until `n` sessions of this database wait for a lock (a condition, not a time).
+async fn lock_waiters(check: &tokio_postgres::Client, n: i64) {
+    loop {
+        let waiting = count(
+            check,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await;
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `put_manifest` of an image of `blobs` in a task of its own.
+fn spawn_push(
+    db: &Db,
+    repo: &RepoName,
+    blobs: &[Digest],
+    tags: Vec<Tag>,
+) -> tokio::task::JoinHandle<Result<(), PutManifestError>> {
+    let (db, repo, m) = (db.clone(), repo.clone(), Pushed::image(blobs, None, None));
+    tokio::spawn(async move { db.put_manifest(&m.to(&repo, &tags)).await })
+}
+
+/// Manifest references to a blob whose row is gone.
+const DANGLING: &str = "SELECT count(*) FROM manifest_blobs m
+    LEFT JOIN blobs b ON b.digest = m.blob_digest WHERE b.digest IS NULL";
+
+#[test]
+fn a_manifest_racing_a_blob_collection_never_references_a_deleted_blob() {
+    with_database("gcrace", |url| async move {
+        let db = db(&url, 4).await;
+        let check = raw(&url).await;
+        let app = repo("team/app");
+        let config = link_all(&db, &app, &["config"]).await.remove(0);
+
+        // GC first: it holds the blob row, the push waits for it and then finds the blob gone.
+        let doomed = link_all(&db, &app, &["doomed"]).await.remove(0);
+        let mut gc = raw(&url).await;
+        let gc_tx = gc.transaction().await.expect("begin");
+        assert!(lock_blob_row(&gc_tx, &doomed).await);
+        let image = Pushed::image(&[config.clone(), doomed.clone()], None, None);
+        let push = spawn_push(&db, &app, &image.blobs, tags(&["latest"]));
+        lock_waiters(&check, 1).await;
+        delete_blob_rows(&gc_tx, &doomed).await;
+        gc_tx.commit().await.expect("commit");
+        assert!(matches!(
+            push.await.expect("task"),
+            Err(PutManifestError::Missing(m)) if m == vec![doomed.clone()]
+        ));
+        assert!(!has_manifest(&db, &app, &image.digest).await);
+        assert_eq!(rows_in(&check, "manifest_blobs").await, 0);
+
+        // The push first: while it is held (here on its tag's row) the blob row cannot be
+        // taken; a GC waiting for it finds the manifest's reference and keeps the blob.
+        let kept = link_all(&db, &app, &["kept"]).await.remove(0);
+        let latest = tags(&["latest"]);
+        db.put_tag(&app, &latest[0], &config).await.expect("tag");
+        let mut holder = raw(&url).await;
+        let hold = holder.transaction().await.expect("begin");
+        hold.query_one("SELECT 1 FROM tags WHERE tag = 'latest' FOR UPDATE", &[])
+            .await
+            .expect("hold the tag");
+        let image = Pushed::image(&[config.clone(), kept.clone()], None, None);
+        let push = spawn_push(&db, &app, &image.blobs, latest.clone());
+        lock_waiters(&check, 1).await;
+        let err = check
+            .query_one(
+                "SELECT 1 FROM blobs WHERE digest = $1 FOR UPDATE NOWAIT",
+                &[&kept.to_string()],
+            )
+            .await
+            .expect_err("the blob row is locked by the push");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+            "{err}"
+        );
+        let collect = {
+            let (url, kept) = (url.clone(), kept.clone());
+            tokio::spawn(async move { collect_blob(&url, &kept).await })
+        };
+        lock_waiters(&check, 2).await;
+        hold.rollback().await.expect("release");
+        push.await.expect("task").expect("put");
+        assert!(
+            !collect.await.expect("task"),
+            "GC deleted a referenced blob"
+        );
+        assert_eq!(db.stored_blob_size(&kept).await.expect("size"), Some(4));
+        assert!(has_manifest(&db, &app, &image.digest).await);
+
+        // Free races: each ends with the manifest stored or the blob collected, never both.
+        for i in 0..30 {
+            let content = format!("raced {i}");
+            let blob = link_all(&db, &app, &[&content]).await.remove(0);
+            let m = Pushed::image(&[config.clone(), blob.clone()], None, None);
+            let push = spawn_push(&db, &app, &m.blobs, vec![]);
+            let collected = collect_blob(&url, &blob).await;
+            let stored = match push.await.expect("task") {
+                Ok(()) => true,
+                Err(PutManifestError::Missing(_)) => false,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(
+                stored != collected,
+                "round {i}: stored {stored}, collected {collected}"
+            );
+            assert_eq!(count(&check, DANGLING).await, 0, "round {i}");
+        }
     });
 }

@@ -104,6 +104,9 @@ impl Setup {
         let o = objects(&self.cluster.s3);
         assert_eq!(bucket_digest(rt, &o, &d), Some(self.digest.clone()));
         assert_eq!(recorded_size(rt, pg, &self.digest), Some(LARGE as i64));
+        let sql = "SELECT count(*) FROM repo_blobs WHERE digest = $1 AND NOT pushed";
+        let links: Option<i64> = query_one(rt, pg, sql, &self.digest);
+        assert_eq!(links, Some(1), "linked as a cache fill's");
     }
 }
 

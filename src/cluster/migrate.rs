@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "upload_tails",
         sql: include_str!("migrations/0002_upload_tails.sql"),
     },
+    Migration {
+        version: 3,
+        name: "registry_metadata",
+        sql: include_str!("migrations/0003_registry_metadata.sql"),
+    },
 ];
 
 /// The advisory lock key replicas take while migrating ("tsmigrat" in ASCII).

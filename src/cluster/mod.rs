@@ -3,13 +3,15 @@
 //! is wired into the server yet; `Store` will gain a cluster implementation on top of it. Like
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
-pub mod fill_blobs;
 pub mod fill_lease;
 pub mod hash_state;
+pub mod links;
+pub mod manifests;
 pub mod migrate;
 pub mod objects;
 pub mod parts;
 pub mod pg;
+pub mod repos;
 pub mod signing_key;
 pub mod tags;
 pub mod uploads;

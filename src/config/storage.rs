@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Secret, ServerConfig, StorageConfig, has_userinfo, redact_url};
+use super::{ByteSize, Secret, ServerConfig, StorageConfig, has_userinfo, redact_url};
 
 /// What `serve` says while the cluster profile is configured but not wired into the server.
 pub const CLUSTER_UNAVAILABLE: &str = "[storage.s3] and [storage.postgres] select the cluster profile, which is not available yet in this build; remove both tables to run the local profile";
@@ -41,6 +41,10 @@ pub struct S3Config {
     /// Answer blob GETs with a 307 to a presigned URL (clients must reach the store).
     #[serde(default)]
     pub redirect: bool,
+    /// Disk this replica's local read cache of bucket blobs (`data_dir/read-cache`) may use;
+    /// least recently used blobs are evicted beyond it.
+    #[serde(default = "default_read_cache_max_size")]
+    pub read_cache_max_size: ByteSize,
 }
 
 /// `[storage.postgres]`: the metadata database.
@@ -70,6 +74,10 @@ fn default_region() -> String {
 
 fn default_path_style() -> bool {
     true
+}
+
+fn default_read_cache_max_size() -> ByteSize {
+    ByteSize(10 << 30)
 }
 
 fn default_pool_size() -> usize {
@@ -221,6 +229,9 @@ fn validate_s3(s3: &S3Config) -> Result<(), String> {
         key_prefix(prefix).map_err(|why| {
             format!("storage.s3.prefix {prefix:?} is not a valid key prefix: {why}")
         })?;
+    }
+    if s3.read_cache_max_size.0 == 0 {
+        return Err("storage.s3.read_cache_max_size must be more than 0".into());
     }
     s3.credentials().map(drop)
 }

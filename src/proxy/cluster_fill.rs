@@ -1,17 +1,18 @@
 //! Cold fills shared by the replicas of a cluster: one upstream fetch per digest for the whole
-//! cluster. A replica whose local store lacks a blob first looks in the bucket; else it asks
-//! PostgreSQL for the digest's fill lease. The owner fetches from its upstream exactly as the
-//! local profile does (`fill::run`; its own clients follow that fill), then, off the clients'
-//! path, uploads the verified blob to the bucket, records it and releases the lease. Every
-//! other replica streams the owner's bytes from its internal endpoint (`ROUTE_PREFIX`, with
-//! Range, authenticated by a key derived from the cluster's token signing key) into its own
-//! local fill, verified like any fill. When the owner dies or its stream breaks, a follower
-//! carries on from the byte it reached: from the bucket if the blob arrived there, from the
-//! next owner, or from the upstream once it takes the expired lease over itself. So a dead
-//! owner costs at most one more upstream fetch, and no client gets bytes that were not
-//! verified on its own replica. A replica that did not fetch the blob from its own upstream
-//! first confirms with a HEAD there that its repository has it (as a local fill joined by
-//! another route does).
+//! cluster. A replica whose local store lacks a blob first looks in the bucket (a `blobs`
+//! row); else it asks PostgreSQL for the digest's fill lease. The owner fetches from its
+//! upstream exactly as the local profile does (`fill::run`; its own clients follow that fill),
+//! then, off the clients' path, uploads the verified blob to the bucket, records and links it
+//! (as a cache fill's) and releases the lease. Every other replica streams the owner's bytes
+//! from its internal endpoint (`ROUTE_PREFIX`, with Range, authenticated by a key derived from
+//! the cluster's token signing key) into its own local fill, verified like any fill. When the
+//! owner dies or its stream breaks, a follower carries on from the byte it reached: from the
+//! bucket if the blob arrived there, from the next owner, or from the upstream once it takes
+//! the expired lease over itself. So a dead owner costs at most one more upstream fetch, and
+//! no client gets bytes that were not verified on its own replica. A replica that did not
+//! fetch the blob from its own upstream first confirms with a HEAD there that its repository
+//! has it (as a local fill joined by another route does). Without the database a replica
+//! fetches for itself, as the local profile does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -34,7 +35,7 @@ use crate::cluster::objects::Objects;
 use crate::cluster::pg::{Db, PgError};
 use crate::config::Config;
 use crate::config::replica_url_of;
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoName};
 
 /// The internal endpoint: `GET ROUTE_PREFIX<digest>` (outside `/v2/`: never a registry path).
 pub const ROUTE_PREFIX: &str = "/_transship/fill/";
@@ -182,12 +183,7 @@ pub(super) async fn run(
     let mut breaks = 0;
     let mut wait_until = Instant::now() + wait_for_lease(cluster.lease);
     loop {
-        // The bucket unreadable: carry on as if it lacked the blob (the lease still decides).
-        let stored = cluster.objects.head(digest).await.unwrap_or_else(|e| {
-            tracing::warn!(%digest, error = %e, "cannot look for a blob in the bucket");
-            None
-        });
-        if let Some(size) = stored {
+        if let Some(size) = stored_size(cluster, digest).await {
             confirm(&job, &mut confirmed).await?;
             let from = feed.as_ref().map_or(0, |f| f.received);
             let outcome = match cluster.objects.get_range(digest, from..size).await {
@@ -215,7 +211,7 @@ pub(super) async fn run(
                 Acquired::Owner(lease) => {
                     // The previous owner may have put the blob in the bucket and released the
                     // lease since the look above: then that is where it comes from.
-                    if cluster.objects.head(digest).await.ok().flatten().is_some() {
+                    if stored_size(cluster, digest).await.is_some() {
                         release(cluster, &lease).await;
                         continue;
                     }
@@ -254,6 +250,19 @@ pub(super) async fn run(
     }
 }
 
+/// The blob's size if the bucket holds it (its `blobs` row, written once the object is
+/// complete). The database unreadable: as if it did not (the lease then decides).
+async fn stored_size(cluster: &ClusterFill, digest: &Digest) -> Option<u64> {
+    cluster
+        .db
+        .stored_blob_size(digest)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(%digest, error = %e, "cannot look for a blob in the bucket");
+            None
+        })
+}
+
 /// As the lease's owner: fetches from the upstream (from the start exactly as the local
 /// profile does; after a take-over, from where the previous owner's stream left off), renewing
 /// the lease meanwhile, then publishes the blob (or releases the lease on failure).
@@ -269,10 +278,10 @@ async fn own(
     let (cluster, digest) = (job.cluster.clone(), job.fill.digest.clone());
     match result {
         Ok(size) => {
-            let store = job.cx.store.clone();
+            let (store, repo) = (job.cx.store.clone(), job.route.local.clone());
             tokio::spawn(async move {
                 let _renewing = renew(cluster.clone(), lease.clone());
-                if let Err(e) = publish(&cluster, &store, &digest, size).await {
+                if let Err(e) = publish(&cluster, &store, &repo, &digest, size).await {
                     tracing::warn!(%digest, error = %e, "cannot put a filled blob in the bucket; the next replica to miss it fetches it again");
                 }
                 release(&cluster, &lease).await;
@@ -323,10 +332,12 @@ async fn release(cluster: &ClusterFill, lease: &Lease) {
     }
 }
 
-/// Uploads the committed local blob to the bucket (verified again on the way) and records it.
+/// Uploads the committed local blob to the bucket (verified again on the way), then records
+/// it, linked to the repository it was fetched for as a cache fill's.
 async fn publish(
     cluster: &ClusterFill,
     store: &crate::store::Store,
+    repo: &RepoName,
     digest: &Digest,
     size: u64,
 ) -> Result<(), String> {
@@ -340,7 +351,7 @@ async fn publish(
         .map_err(|e| e.to_string())?;
     cluster
         .db
-        .record_filled_blob(digest, size)
+        .link_blob(repo, digest, size, false)
         .await
         .map_err(|e| e.to_string())
 }
