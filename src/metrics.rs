@@ -51,6 +51,8 @@ pub struct Metrics {
     pub events_pending: IntGaugeVec,
     /// Access lines dropped because standard output fell behind (caught up at scrape time).
     pub log_dropped_lines: IntCounter,
+    /// Cluster profile: blob fills completed, by where the bytes came from.
+    pub cluster_fills: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -272,6 +274,11 @@ impl Metrics {
             log_dropped_lines: counter(
                 "transship_log_dropped_lines_total",
                 "Access log lines dropped because standard output could not keep up",
+            ),
+            cluster_fills: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_cluster_fills_total", "Cluster profile: blob fills completed, by source: upstream (this replica fetched it for the cluster), replica (streamed from the replica fetching it), bucket, takeover (the upstream, after the fetching replica died)"), &["source"])
+                    .expect("valid metric"),
             ),
             registry: r,
         }

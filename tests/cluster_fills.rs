@@ -377,6 +377,20 @@ fn internal_fills_served(app: &App) -> u64 {
         .sum()
 }
 
+/// Fills these replicas completed from `source` (their metrics).
+fn fills_from(replicas: &[Replica], source: &str) -> u64 {
+    replicas
+        .iter()
+        .map(|r| {
+            r.app
+                .metrics
+                .cluster_fills
+                .with_label_values(&[source])
+                .get()
+        })
+        .sum()
+}
+
 fn upstream_gets(up: &Distribution, digest: &str) -> usize {
     up.requests()
         .iter()
@@ -386,8 +400,8 @@ fn upstream_gets(up: &Distribution, digest: &str) -> usize {
 
 #[test]
 fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the_bucket() {
-    // About two seconds of download: the thirty requests all land while the fill runs.
-    let Some(s) = Setup::start("fills_thirty", 13, 64 << 20) else {
+    // About three seconds of download: the thirty requests all land while the fill runs.
+    let Some(s) = Setup::start("fills_thirty", 13, 48 << 20) else {
         return;
     };
     let digest = s.digest.clone();
@@ -421,6 +435,8 @@ fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the
     // The two replicas that did not fetch streamed the fill from the one that did.
     let followed: u64 = replicas.iter().map(|r| internal_fills_served(&r.app)).sum();
     assert_eq!(followed, 2, "each other replica followed the owner once");
+    assert_eq!(fills_from(&replicas, "upstream"), 1);
+    assert_eq!(fills_from(&replicas, "replica"), 2);
     // The owner publishes off the clients' path: the blob appears in the bucket, verified,
     // and is recorded.
     s.await_published();
@@ -442,6 +458,7 @@ fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the
         1,
         "the late replica read the bucket"
     );
+    assert_eq!(fills_from(std::slice::from_ref(&late), "bucket"), 1);
 }
 
 #[test]
@@ -513,6 +530,9 @@ fn the_owner_dying_mid_fill_costs_at_most_one_more_upstream_fetch() {
     ));
     assert!(retry.complete && retry.status == 200, "{retry:?}");
     assert_eq!(retry.digest, digest);
+    // One survivor took the fill over from the upstream, the other followed it.
+    assert_eq!(fills_from(&replicas[1..], "takeover"), 1);
+    assert_eq!(fills_from(&replicas[1..], "replica"), 1);
     let gets = upstream_gets(&s.up, &digest);
     assert!(
         (1..=2).contains(&gets),

@@ -298,6 +298,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_replica_url_is_the_listen_address_unless_set() {
+        let config = |listen: &str, replica_url: &str| {
+            let text = super::super::EMBEDDED_DEFAULT
+                .replace(
+                    "listen = \"127.0.0.1:5000\"",
+                    &format!("listen = {listen:?}"),
+                )
+                .replace("# replica_url = \"http://10.0.0.5:5000\"", replica_url);
+            super::super::Config::parse(&text, "test").expect("valid config")
+        };
+        let url = |c: &super::super::Config| c.storage.replica_url(&c.server);
+        let c = config("10.1.2.3:5000", "");
+        assert_eq!(url(&c), Ok(Some("http://10.1.2.3:5000".into())));
+        // Port 0: known once the listener is bound.
+        assert_eq!(url(&config("127.0.0.2:0", "")), Ok(None));
+        assert!(url(&config("0.0.0.0:5000", "")).is_err_and(|e| e.contains("replica_url")));
+        let set = "replica_url = \"http://r1.internal:5000/\"";
+        assert_eq!(
+            url(&config("0.0.0.0:5000", set)),
+            Ok(Some("http://r1.internal:5000".into()))
+        );
+        assert_eq!(
+            replica_url_of("[::1]:5000".parse().expect("addr"), true),
+            "https://[::1]:5000"
+        );
+    }
+
+    #[test]
     fn bucket_names_follow_the_s3_rules() {
         for ok in ["abc", "transship-blobs", "a.b.c", "0bucket9"] {
             assert_eq!(bucket_name(ok), Ok(()), "{ok}");

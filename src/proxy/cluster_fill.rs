@@ -191,7 +191,7 @@ pub(super) async fn run(
                 Err(e) => Poured::Broken(e.to_string()),
             };
             match outcome {
-                Poured::Complete => return finish(&job, feed).await,
+                Poured::Complete => return counted(&job, "bucket", finish(&job, feed).await),
                 Poured::Broken(why) => {
                     breaks += 1;
                     tracing::warn!(%digest, %why, "reading a blob from the bucket broke");
@@ -231,7 +231,9 @@ pub(super) async fn run(
                 Acquired::Follow(owner) => {
                     let expected = confirm(&job, &mut confirmed).await?;
                     match follow_owner(cluster, &owner, fill, &mut feed, expected).await? {
-                        Poured::Complete => return finish(&job, feed).await,
+                        Poured::Complete => {
+                            return counted(&job, "replica", finish(&job, feed).await);
+                        }
                         Poured::Broken(why) => {
                             breaks += 1;
                             tracing::warn!(%digest, %owner, %why, "following another replica's fill broke; carrying on without it");
@@ -302,9 +304,24 @@ async fn from_upstream(
     feed: Option<Feed>,
 ) -> Result<u64, FillError> {
     match feed {
-        None => fill::run(job.cx, job.client, job.route, job.fill, slot).await,
-        Some(feed) => resume_upstream(job, feed).await,
+        None => {
+            let result = fill::run(job.cx, job.client, job.route, job.fill, slot).await;
+            counted(job, "upstream", result)
+        }
+        Some(feed) => counted(job, "takeover", resume_upstream(job, feed).await),
     }
+}
+
+/// Counts a completed fill by its source.
+fn counted(job: &Job<'_>, source: &str, result: Result<u64, FillError>) -> Result<u64, FillError> {
+    if result.is_ok() {
+        job.cx
+            .metrics
+            .cluster_fills
+            .with_label_values(&[source])
+            .inc();
+    }
+    result
 }
 
 /// Renews `lease` every third of its length while the returned handle lives.
