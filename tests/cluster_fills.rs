@@ -391,6 +391,24 @@ fn fills_from(replicas: &[Replica], source: &str) -> u64 {
         .sum()
 }
 
+/// Waits until these replicas have completed exactly the `expected` fills by source (a fill
+/// is counted once committed, just after its readers got their last byte), and no others.
+fn await_fills(replicas: &[Replica], expected: &[(&str, u64)]) {
+    let sources = ["upstream", "replica", "bucket", "takeover"];
+    let want = |source: &str| {
+        expected
+            .iter()
+            .find(|(s, _)| *s == source)
+            .map_or(0, |(_, n)| *n)
+    };
+    let counts = || sources.map(|s| fills_from(replicas, s));
+    let total: u64 = expected.iter().map(|(_, n)| n).sum();
+    wait_until("the fills to be committed", Duration::from_secs(30), || {
+        counts().iter().sum::<u64>() >= total
+    });
+    assert_eq!(counts(), sources.map(want), "fills by source {sources:?}");
+}
+
 fn upstream_gets(up: &Distribution, digest: &str) -> usize {
     up.requests()
         .iter()
@@ -435,8 +453,7 @@ fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the
     // The two replicas that did not fetch streamed the fill from the one that did.
     let followed: u64 = replicas.iter().map(|r| internal_fills_served(&r.app)).sum();
     assert_eq!(followed, 2, "each other replica followed the owner once");
-    assert_eq!(fills_from(&replicas, "upstream"), 1);
-    assert_eq!(fills_from(&replicas, "replica"), 2);
+    await_fills(&replicas, &[("upstream", 1), ("replica", 2)]);
     // The owner publishes off the clients' path: the blob appears in the bucket, verified,
     // and is recorded.
     s.await_published();
@@ -458,7 +475,7 @@ fn thirty_cold_pulls_over_three_replicas_fetch_once_and_a_late_replica_reads_the
         1,
         "the late replica read the bucket"
     );
-    assert_eq!(fills_from(std::slice::from_ref(&late), "bucket"), 1);
+    await_fills(std::slice::from_ref(&late), &[("bucket", 1)]);
 }
 
 #[test]
@@ -530,9 +547,9 @@ fn the_owner_dying_mid_fill_costs_at_most_one_more_upstream_fetch() {
     ));
     assert!(retry.complete && retry.status == 200, "{retry:?}");
     assert_eq!(retry.digest, digest);
-    // One survivor took the fill over from the upstream, the other followed it.
-    assert_eq!(fills_from(&replicas[1..], "takeover"), 1);
-    assert_eq!(fills_from(&replicas[1..], "replica"), 1);
+    // One survivor took the fill over from the upstream, the other followed it (counted once
+    // committed, a moment after the clients' last byte).
+    await_fills(&replicas[1..], &[("takeover", 1), ("replica", 1)]);
     let gets = upstream_gets(&s.up, &digest);
     assert!(
         (1..=2).contains(&gets),
