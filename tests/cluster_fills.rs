@@ -409,6 +409,17 @@ fn await_fills(replicas: &[Replica], expected: &[(&str, u64)]) {
     assert_eq!(counts(), sources.map(want), "fills by source {sources:?}");
 }
 
+/// A 200 carrying exactly `blob` (an error body is shown, never megabytes of bytes).
+fn assert_pulled(r: &common::Resp, blob: &[u8]) {
+    let shown = String::from_utf8_lossy(&r.body[..r.body.len().min(300)]);
+    assert_eq!(r.status, 200, "{shown}");
+    assert!(
+        r.body.as_ref() == blob,
+        "different bytes ({} bytes)",
+        r.body.len()
+    );
+}
+
 fn upstream_gets(up: &Distribution, digest: &str) -> usize {
     up.requests()
         .iter()
@@ -594,12 +605,11 @@ fn the_internal_endpoint_answers_only_the_replicas_key() {
     assert_eq!(h.send("GET", &fill, &[(KEY_HEADER, &key)], "").status, 404);
     // A pull stores it on this replica.
     let pulled = h.get(&format!("/v2/{REPO}/blobs/{digest}"));
-    assert_eq!(
-        (pulled.status, pulled.body.as_ref()),
-        (200, blob.as_slice())
-    );
+    assert_pulled(&pulled, &blob);
     assert_eq!(h.get(&fill).status, 401, "no key");
-    let wrong = format!("{}0", &key[..key.len() - 1]);
+    // The key with its last digit changed.
+    let (head, last) = key.split_at(key.len() - 1);
+    let wrong = format!("{head}{}", if last == "0" { "1" } else { "0" });
     assert_eq!(
         h.send("GET", &fill, &[(KEY_HEADER, &wrong)], "").status,
         401,
@@ -619,4 +629,44 @@ fn the_internal_endpoint_answers_only_the_replicas_key() {
     let local = common::TestServer::start();
     let lh = Http::for_server(&local);
     assert_eq!(lh.send("GET", &fill, &[(KEY_HEADER, &key)], "").status, 404);
+}
+
+/// A `blobs` record whose object is missing from the bucket (lost, or removed behind the
+/// database's back) does not keep the blob from a replica: it fetches from the upstream and
+/// puts the object back.
+#[test]
+fn a_record_without_its_object_falls_back_to_the_upstream() {
+    let Some(cluster) = Cluster::start("fills_lost_object") else {
+        return;
+    };
+    let up = Distribution::start();
+    let blob = random_bytes(3 << 20, 16);
+    let digest = Http::new(&up.url()).push_blob(REPO, &blob);
+    let d: Digest = digest.parse().expect("digest");
+    let rt = runtime(1);
+    rt.block_on(async {
+        let db = Db::open(&PgOptions {
+            url: cluster.pg_url.clone(),
+            password: None,
+            pool_size: 1,
+        })
+        .await
+        .expect("open db");
+        let repo = "elsewhere/app".parse().expect("name");
+        db.link_blob(&repo, &d, blob.len() as u64, true)
+            .await
+            .expect("record");
+    });
+    let replica = Replica::start(&cluster, &up.url(), Duration::from_secs(3));
+    let h = Http::new(&replica.url(""));
+    let pulled = h.get(&format!("/v2/{REPO}/blobs/{digest}"));
+    assert_pulled(&pulled, &blob);
+    await_fills(std::slice::from_ref(&replica), &[("upstream", 1)]);
+    assert_eq!(upstream_gets(&up, &digest), 1);
+    wait_until(
+        "the object back in the bucket",
+        Duration::from_secs(30),
+        || bucket_digest(&rt, &objects(&cluster.s3), &d).is_some(),
+    );
+    assert_eq!(bucket_digest(&rt, &objects(&cluster.s3), &d), Some(digest));
 }

@@ -180,10 +180,17 @@ pub(super) async fn run(
     // The upstream's answer to a HEAD (its length, if it said), once asked.
     let mut confirmed: Option<Option<u64>> = None;
     let mut dead_owner: Option<String> = None;
+    // A bucket read that broke is not tried again: a record without its object must not
+    // keep the fill from the other sources.
+    let mut bucket_broke = false;
     let mut breaks = 0;
     let mut wait_until = Instant::now() + wait_for_lease(cluster.lease);
     loop {
-        if let Some(size) = stored_size(cluster, digest).await {
+        let stored = match bucket_broke {
+            false => stored_size(cluster, digest).await,
+            true => None,
+        };
+        if let Some(size) = stored {
             confirm(&job, &mut confirmed).await?;
             let from = feed.as_ref().map_or(0, |f| f.received);
             let outcome = match cluster.objects.get_range(digest, from..size).await {
@@ -194,6 +201,7 @@ pub(super) async fn run(
                 Poured::Complete => return counted(&job, "bucket", finish(&job, feed).await),
                 Poured::Broken(why) => {
                     breaks += 1;
+                    bucket_broke = true;
                     tracing::warn!(%digest, %why, "reading a blob from the bucket broke");
                 }
             }
@@ -211,7 +219,7 @@ pub(super) async fn run(
                 Acquired::Owner(lease) => {
                     // The previous owner may have put the blob in the bucket and released the
                     // lease since the look above: then that is where it comes from.
-                    if stored_size(cluster, digest).await.is_some() {
+                    if !bucket_broke && stored_size(cluster, digest).await.is_some() {
                         release(cluster, &lease).await;
                         continue;
                     }
