@@ -110,6 +110,19 @@ impl Setup {
     }
 }
 
+impl Cluster {
+    /// A pool of `pool_size` connections to the shared database.
+    async fn db(&self, pool_size: usize) -> Db {
+        Db::open(&PgOptions {
+            url: self.pg_url.clone(),
+            password: None,
+            pool_size,
+        })
+        .await
+        .expect("open db")
+    }
+}
+
 /// One replica: the real server, in this process but on its own runtime, which `kill` drops
 /// at once (every task, socket and lease renewal of the replica goes, as in a `kill -9`).
 struct Replica {
@@ -133,13 +146,7 @@ impl Replica {
         config.storage.fill_lease = HumanDuration(lease);
         let app = App::build(config).expect("app builds");
         let fills = rt.block_on(async {
-            let db = Db::open(&PgOptions {
-                url: cluster.pg_url.clone(),
-                password: None,
-                pool_size: 4,
-            })
-            .await
-            .expect("open db");
+            let db = cluster.db(4).await;
             ClusterFill::connect(db, objects(&cluster.s3), &app.config)
                 .await
                 .expect("cluster fills")
@@ -588,16 +595,12 @@ fn the_internal_endpoint_answers_only_the_replicas_key() {
     let key = {
         let rt = runtime(1);
         let signing_key = rt.block_on(async {
-            Db::open(&PgOptions {
-                url: cluster.pg_url.clone(),
-                password: None,
-                pool_size: 1,
-            })
-            .await
-            .expect("open db")
-            .token_signing_key()
-            .await
-            .expect("signing key")
+            cluster
+                .db(1)
+                .await
+                .token_signing_key()
+                .await
+                .expect("signing key")
         });
         let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &signing_key);
         hex::encode(aws_lc_rs::hmac::sign(&k, b"transship internal fill endpoint v1").as_ref())
@@ -645,13 +648,7 @@ fn a_record_without_its_object_falls_back_to_the_upstream() {
     let d: Digest = digest.parse().expect("digest");
     let rt = runtime(1);
     rt.block_on(async {
-        let db = Db::open(&PgOptions {
-            url: cluster.pg_url.clone(),
-            password: None,
-            pool_size: 1,
-        })
-        .await
-        .expect("open db");
+        let db = cluster.db(1).await;
         let repo = "elsewhere/app".parse().expect("name");
         db.link_blob(&repo, &d, blob.len() as u64, true)
             .await
