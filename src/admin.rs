@@ -122,25 +122,24 @@ pub fn apply_with_app(app: &App, req: AdminRequest) -> AdminResponse {
 pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminResponse {
     let done = |r: Result<(), AdminError>| r.map(|()| AdminResponse::Done);
     let result = match req {
-        AdminRequest::UserSet { name, password } => done(ids.set_user(store, &name, &password)),
-        AdminRequest::UserRemove { name } => done(ids.remove_user(store, &name)),
+        AdminRequest::UserSet { name, password } => done(ids.set_user(&name, &password)),
+        AdminRequest::UserRemove { name } => done(ids.remove_user(&name)),
         AdminRequest::UserList => Ok(AdminResponse::Users { users: ids.users() }),
         AdminRequest::KeyCreate {
             project,
             role,
             name,
         } => ids
-            .create_key(store, &project, role, &name)
+            .create_key(&project, role, &name)
             .map(|key| AdminResponse::Key { key }),
         AdminRequest::KeyList => Ok(AdminResponse::Keys { keys: ids.keys() }),
-        AdminRequest::KeyRevoke { id } => done(ids.revoke_key(store, &id)),
+        AdminRequest::KeyRevoke { id } => done(ids.revoke_key(&id)),
         AdminRequest::TokenCreate {
             user,
             ttl_secs,
             name,
         } => ids
             .create_token(
-                store,
                 &Subject::User(user),
                 TokenKind::Access,
                 Duration::from_secs(ttl_secs),
@@ -150,15 +149,13 @@ pub fn apply(ids: &Identities, store: &Store, req: AdminRequest) -> AdminRespons
         AdminRequest::TokenList => Ok(AdminResponse::Tokens {
             tokens: ids.tokens(),
         }),
-        AdminRequest::TokenRevoke { id } => done(ids.revoke_token(store, &id)),
+        AdminRequest::TokenRevoke { id } => done(ids.revoke_token(&id)),
         AdminRequest::MemberSet {
             project,
             user,
             role,
-        } => done(ids.set_member(store, &project, &user, role)),
-        AdminRequest::MemberRemove { project, user } => {
-            done(ids.remove_member(store, &project, &user))
-        }
+        } => done(ids.set_member(&project, &user, role)),
+        AdminRequest::MemberRemove { project, user } => done(ids.remove_member(&project, &user)),
         AdminRequest::MemberList { project } => Ok(AdminResponse::Members {
             members: ids.members(&project),
         }),

@@ -31,7 +31,11 @@ use store::{Store, StoreError, StoreOptions};
 
 pub struct App {
     pub config: Config,
+    /// This host's store: in the local profile everything, in the cluster profile what each
+    /// replica keeps for itself (the pull-through cache, events, identities until shared).
     pub store: Arc<Store>,
+    /// The registry's content and metadata, in either profile.
+    pub storage: storage::Storage,
     pub proxy: Arc<Proxy>,
     /// HTTPS, when configured.
     pub tls: Option<http::tls::Tls>,
@@ -52,30 +56,76 @@ pub enum BuildError {
     Tls(#[from] http::tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthBuildError),
-    #[error("{}", config::CLUSTER_UNAVAILABLE)]
-    ClusterUnavailable,
+    #[error(
+        "this command works on the local profile's data directory only; with [storage.s3] and [storage.postgres] configured, run it against the running server"
+    )]
+    ClusterNeedsConnect,
+    #[error("cluster profile: {0}")]
+    Cluster(String),
 }
 
 impl App {
+    /// Assembles the local profile (synchronous: nothing to connect to).
     pub fn build(config: Config) -> Result<Arc<Self>, BuildError> {
         if config.storage.is_cluster() {
-            return Err(BuildError::ClusterUnavailable);
+            return Err(BuildError::ClusterNeedsConnect);
         }
         let store = Arc::new(Store::open(
             &config.server.data_dir,
             store_options(&config),
         )?);
+        let storage = storage::Storage::Local(store.clone());
         let proxy = Arc::new(Proxy::new(&config)?);
+        let auth = Authorizer::new(&config, &store, proxy.router().clone())?;
+        Self::assemble(config, store, storage, proxy, auth)
+    }
+
+    /// Assembles either profile; the cluster profile first connects to its database
+    /// (applying migrations) and bucket.
+    pub async fn connect(config: Config) -> Result<Arc<Self>, BuildError> {
+        if !config.storage.is_cluster() {
+            return Self::build(config);
+        }
+        // The shared storage first: a database that cannot be reached leaves nothing behind.
+        let cluster = storage::cluster_setup::connect(&config).await?;
+        let store = Arc::new(Store::open(
+            &config.server.data_dir,
+            store_options(&config),
+        )?);
+        let proxy = Arc::new(Proxy::new(&config)?);
+        // Cold fills of the pull-through cache are shared: one upstream fetch per digest.
+        let fills = proxy::cluster_fill::ClusterFill::connect(
+            cluster.db().clone(),
+            cluster.objects().clone(),
+            &config,
+        )
+        .await
+        .map_err(|e| BuildError::Cluster(e.to_string()))?;
+        proxy.attach_cluster(Arc::new(fills));
+        // Identities and the token signing key are the cluster's: a token from one replica
+        // works on every other.
+        let auth = Authorizer::connect(&config, cluster.db(), proxy.router().clone()).await?;
+        let storage = storage::Storage::Cluster(Arc::new(cluster));
+        Self::assemble(config, store, storage, proxy, auth)
+    }
+
+    fn assemble(
+        config: Config,
+        store: Arc<Store>,
+        storage: storage::Storage,
+        proxy: Arc<Proxy>,
+        auth: Authorizer,
+    ) -> Result<Arc<Self>, BuildError> {
         let tls = config
             .server
             .tls
             .as_ref()
             .map(http::tls::Tls::load)
             .transpose()?;
-        let auth = Authorizer::new(&config, &store, proxy.router().clone())?;
         Ok(Arc::new(Self {
             auth,
             store,
+            storage,
             proxy,
             tls,
             metrics: Arc::new(Metrics::new()),

@@ -606,8 +606,9 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
         .context("talking to the running server")?
     {
         Some(answer) => answer,
+        None if config.storage.is_cluster() => admin_cluster_offline(&config, req)?,
         None => {
-            let store = open_store_offline(&config)?;
+            let store = std::sync::Arc::new(open_store_offline(&config)?);
             if let AdminRequest::Export(_) | AdminRequest::Import(_) = req {
                 transship::admin::apply_bundle(&config, &store, req)
             } else {
@@ -620,6 +621,31 @@ fn admin(args: &ConfigArgs, req: AdminRequest) -> anyhow::Result<AdminResponse> 
         anyhow::bail!(message);
     }
     Ok(answer)
+}
+
+/// An admin command with no replica running here, in the cluster profile: identities are the
+/// cluster's (in its database, seen by every replica at once); events are this replica's.
+fn admin_cluster_offline(config: &Config, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    if let AdminRequest::Export(_) | AdminRequest::Import(_) = req {
+        anyhow::bail!(
+            "air-gap bundles work on the local profile's data directory only; the cluster profile has no offline export or import yet"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let ids = runtime.block_on(async {
+        let db = transship::storage::cluster_setup::open_db(config).await?;
+        let records = transship::auth::record_store::RecordStore::cluster(
+            db,
+            tokio::runtime::Handle::current(),
+        );
+        anyhow::Ok(Identities::load_from(config, records).await?)
+    })?;
+    let store = open_store_offline(config)?;
+    // Identity writes wait on the runtime from this thread, outside `block_on`.
+    Ok(transship::admin::apply(&ids, &store, req))
 }
 
 /// An export or import: by the running server (paths made absolute for it), or on the store
@@ -682,7 +708,9 @@ fn open_store_offline(config: &Config) -> anyhow::Result<transship::store::Store
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.server.listen;
-    let app = App::build(config).context("cannot open the store")?;
+    let app = App::connect(config)
+        .await
+        .context("cannot open the store")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

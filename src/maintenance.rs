@@ -264,17 +264,24 @@ async fn reap_uploads(app: Arc<App>) {
         Some(Err(e)) => tracing::error!(error = %e, "upload reaper failed"),
         _ => {}
     }
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        // Every replica reaps; a session one is reaping is skipped by the others.
+        match c.uploads().reap(app.config.uploads.abandon_after.0).await {
+            Ok(n) if n > 0 => {
+                app.metrics.uploads_reaped.inc_by(n as u64);
+                tracing::info!(reaped = n, "removed abandoned cluster uploads");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cluster upload reaper failed"),
+        }
+    }
 }
 
 /// Expired tokens leave the index; forgotten login failures leave memory.
 async fn prune_credentials(app: Arc<App>) {
     app.auth.throttle.prune();
     let a = app.clone();
-    match blocking("token pruning", move || {
-        a.auth.identities.prune_expired(&a.store)
-    })
-    .await
-    {
+    match blocking("token pruning", move || a.auth.identities.prune_expired()).await {
         Some(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned expired tokens"),
         Some(Err(e)) => tracing::error!(error = %e, "pruning expired tokens failed"),
         _ => {}
@@ -295,6 +302,28 @@ async fn collect_garbage(app: Arc<App>, cancel: CancellationToken) {
         }
         Some(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
         None => {}
+    }
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        let windows = crate::cluster::gc::GcWindows {
+            grace: app.config.gc.grace_period.0,
+            push: app.config.uploads.abandon_after.0,
+        };
+        // Held past the run's likely length; a longer run stays safe (see cluster::gc).
+        let lease = app.config.gc.interval.0.max(Duration::from_secs(600));
+        let run =
+            crate::cluster::gc::collect_garbage(c.db(), c.objects(), c.replica(), windows, lease);
+        tokio::select! {
+            outcome = run => match outcome {
+                Ok(Some(report)) => {
+                    app.metrics.gc_runs.inc();
+                    app.metrics.gc_bytes_freed.inc_by(report.bytes_freed);
+                    tracing::info!(%report, "cluster garbage collection");
+                }
+                Ok(None) => tracing::debug!("cluster garbage collection runs on another replica"),
+                Err(e) => tracing::error!(error = %e, "cluster garbage collection failed"),
+            },
+            _ = cancel.cancelled() => {}
+        }
     }
 }
 

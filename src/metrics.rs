@@ -51,6 +51,11 @@ pub struct Metrics {
     pub events_pending: IntGaugeVec,
     /// Access lines dropped because standard output fell behind (caught up at scrape time).
     pub log_dropped_lines: IntCounter,
+    /// The cluster profile's read cache: bytes and files held (sampled at scrape time).
+    pub read_cache_bytes: IntGauge,
+    pub read_cache_files: IntGauge,
+    /// Read-cache lookups by outcome (hit, fetch, shared, evicted), caught up at scrape time.
+    pub read_cache_events: IntCounterVec,
     /// Cluster profile: blob fills completed, by where the bytes came from.
     pub cluster_fills: IntCounterVec,
 }
@@ -274,6 +279,25 @@ impl Metrics {
             log_dropped_lines: counter(
                 "transship_log_dropped_lines_total",
                 "Access log lines dropped because standard output could not keep up",
+            ),
+            read_cache_bytes: gauge(
+                "transship_read_cache_bytes",
+                "Bytes in this replica's read cache of bucket blobs (cluster profile)",
+            ),
+            read_cache_files: gauge(
+                "transship_read_cache_files",
+                "Blobs in this replica's read cache (cluster profile)",
+            ),
+            read_cache_events: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "transship_read_cache_events_total",
+                        "Read cache outcomes (cluster profile): hit (served from a local file), fetch (read from the bucket), shared (waited for another request's fetch), evicted (file removed to stay within the budget)",
+                    ),
+                    &["event"],
+                )
+                .expect("valid metric"),
             ),
             cluster_fills: reg(
                 &r,

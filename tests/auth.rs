@@ -79,13 +79,12 @@ fn fixture() -> Option<Fixture> {
     let key = app
         .auth
         .identities
-        .create_key(&app.store, "team", Role::Editor, "ci")
+        .create_key("team", Role::Editor, "ci")
         .unwrap();
     let (_, access_token) = app
         .auth
         .identities
         .create_token(
-            &app.store,
             &Subject::User("eddie".into()),
             TokenKind::Access,
             Duration::from_secs(3600),

@@ -222,10 +222,9 @@ impl Fixture {
             c.server.tls = Some(tls);
             c
         });
-        let (ids, store) = (&server.app.auth.identities, &server.app.store);
-        ids.set_user(store, "victor", VICTOR_PASSWORD).unwrap();
-        ids.set_member(store, PROJECT, "victor", Role::Viewer)
-            .unwrap();
+        let ids = &server.app.auth.identities;
+        ids.set_user("victor", VICTOR_PASSWORD).unwrap();
+        ids.set_member(PROJECT, "victor", Role::Viewer).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -263,7 +262,7 @@ impl Fixture {
             .app
             .auth
             .identities
-            .create_key(&self.server.app.store, PROJECT, Role::Editor, name)
+            .create_key(PROJECT, Role::Editor, name)
             .expect("create key");
         let text = serde_json::to_string_pretty(&key).unwrap() + "\n";
         (key, text)
@@ -276,7 +275,6 @@ impl Fixture {
             .auth
             .identities
             .create_token(
-                &self.server.app.store,
                 &Subject::User("alice".into()),
                 TokenKind::Access,
                 Duration::from_secs(3600),
@@ -533,7 +531,7 @@ fn podman_logs_in_with_a_json_key_file_and_a_revoked_key_is_refused() {
         .app
         .auth
         .identities
-        .revoke_key(&f.server.app.store, &old.private_key_id)
+        .revoke_key(&old.private_key_id)
         .unwrap();
     let old_path = secret_file(&sb, "old-key.json", &old_json);
     let revoked_auth = sb.path("revoked-auth.json");
@@ -586,7 +584,7 @@ fn an_access_token_logs_in_as_oauth2accesstoken_until_it_is_revoked() {
         .app
         .auth
         .identities
-        .revoke_token(&f.server.app.store, &token_id)
+        .revoke_token(&token_id)
         .unwrap();
     let err = f.skopeo_inspect(&sb, &authfile, repo).fails();
     assert!(mentions(&err, &["unauthorized", "invalid"]), "{err}");

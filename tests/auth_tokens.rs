@@ -189,7 +189,7 @@ fn docker_login_flow_refresh_tokens_and_oauth_post() {
     let app = &s.app;
     app.auth
         .identities
-        .set_user(&app.store, "temp", "temporary-pass")
+        .set_user("temp", "temporary-pass")
         .unwrap();
     let r = http.send(
         "GET",
@@ -198,7 +198,7 @@ fn docker_login_flow_refresh_tokens_and_oauth_post() {
         Bytes::new(),
     );
     let refresh = r.json()["refresh_token"].as_str().unwrap().to_string();
-    app.auth.identities.remove_user(&app.store, "temp").unwrap();
+    app.auth.identities.remove_user("temp").unwrap();
     let form = format!(
         "grant_type=refresh_token&refresh_token={}&service=transship",
         enc(&refresh)
@@ -523,7 +523,7 @@ fn malformed_credentials_and_scopes_get_clean_errors() {
     let key = app
         .auth
         .identities
-        .create_key(&app.store, "team", Role::Editor, "ci")
+        .create_key("team", Role::Editor, "ci")
         .unwrap();
     let json = serde_json::to_string(&key).unwrap();
     let ok = http.send(
@@ -548,10 +548,7 @@ fn malformed_credentials_and_scopes_get_clean_errors() {
         assert_eq!(r.status, 401, "{what}");
         assert_eq!(r.error_code(), "UNAUTHORIZED");
     }
-    app.auth
-        .identities
-        .revoke_key(&app.store, &key.private_key_id)
-        .unwrap();
+    app.auth.identities.revoke_key(&key.private_key_id).unwrap();
     let r = http.send(
         "GET",
         "/v2/team/app/tags/list",
@@ -581,7 +578,7 @@ fn an_exposed_listener_without_users_refuses_pushes() {
     let app = &s.app;
     app.auth
         .identities
-        .set_user(&app.store, "admin", "a-long-password")
+        .set_user("admin", "a-long-password")
         .unwrap();
     push_image(&http, "local/app", "v1", 1);
     assert_eq!(http.get("/v2/").status, 401, "now the ping challenges");
@@ -778,7 +775,6 @@ fn managing_members_with_a_token_needs_the_project_admin_scope() {
         .auth
         .identities
         .create_token(
-            &app.store,
             &transship::auth::keys::Subject::User("olivia".into()),
             transship::auth::keys::TokenKind::Access,
             Duration::from_secs(600),

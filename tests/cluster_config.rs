@@ -1,7 +1,7 @@
 //! `[storage.s3]` and `[storage.postgres]` as an operator meets them: `check-config` validates
 //! them (together or not at all, a readable secret file, a valid bucket name, no password in
-//! the database URL) without ever printing a secret, and `serve` refuses to start with them,
-//! saying the cluster profile is not available yet, rather than pretending to serve.
+//! the database URL) without ever printing a secret, and `serve` stops with a clear error when
+//! the database cannot be reached, before creating anything in its data directory.
 
 mod common;
 
@@ -188,7 +188,7 @@ fn a_wildcard_listen_address_needs_a_replica_url() {
 }
 
 #[test]
-fn serve_refuses_the_cluster_profile_until_it_exists() {
+fn serve_stops_when_the_database_cannot_be_reached() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = config(
         dir.path(),
@@ -197,9 +197,10 @@ fn serve_refuses_the_cluster_profile_until_it_exists() {
     let (code, out, err) = run(&["serve", "--config", &file], &[]);
     assert_ne!(code, 0, "serve started: {out}{err}");
     assert!(
-        err.contains("cluster profile") && err.contains("not available yet"),
+        err.contains("cluster profile") && err.contains("[storage.postgres]"),
         "{err}"
     );
+    assert!(!err.contains(SECRET) && !err.contains("pw@"), "{err}");
     // It stopped before opening anything: no local store was created in data_dir.
     assert!(!dir.path().join("data").exists());
 }

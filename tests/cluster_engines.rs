@@ -1,7 +1,8 @@
 //! The cluster profile's foundation against the real engines: the S3 blob store on SeaweedFS
 //! (verified multipart puts, aborts that leave nothing behind, ranged reads, listing, presigned
 //! URLs), the PostgreSQL metadata (migrations, fill leases, tag moves, the shared token
-//! signing key) and push upload sessions continued across replicas; several `Db` and `Objects`
+//! signing key, the registry's links, manifests, tags, referrers and listings, and pushes racing
+//! a GC) and push upload sessions continued across replicas; several `Db` and `Objects`
 //! handles stand in for several replicas.
 
 mod common;
@@ -313,7 +314,8 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             vec![
                 (1, "init".to_string()),
                 (2, "upload_tails".to_string()),
-                (3, "registry_metadata".to_string())
+                (3, "registry_metadata".to_string()),
+                (4, "identity_notify".to_string())
             ]
         );
         // Re-opening is a no-op.
@@ -323,7 +325,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 3);
+        assert_eq!(count, 4);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -345,7 +347,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 3
+                    binary: 4
                 }
             ),
             "{err}"
@@ -574,6 +576,8 @@ where
                 UploadOptions {
                     replica: replica.into(),
                     lease,
+                    max_sessions: 4096,
+                    max_sessions_per_client: 512,
                 },
             ));
         }
@@ -1993,8 +1997,10 @@ async fn delete_blob_rows(tx: &tokio_postgres::Transaction<'_>, digest: &Digest)
     }
 }
 
-/// Waits until `n` sessions of this database wait for a lock (a condition, not a time).
-async fn lock_waiters(check: &tokio_postgres::Client, n: i64) {
+/// Waits until `n` sessions of this database wait for a lock (a condition, not a time), or
+/// until `done` says the task expected to wait finished without waiting (the assertions on
+/// its result then tell what went wrong).
+async fn lock_waiters(check: &tokio_postgres::Client, n: i64, done: impl Fn() -> bool) {
     loop {
         let waiting = count(
             check,
@@ -2002,7 +2008,7 @@ async fn lock_waiters(check: &tokio_postgres::Client, n: i64) {
               WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
         .await;
-        if waiting >= n {
+        if waiting >= n || done() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -2039,7 +2045,7 @@ fn a_manifest_racing_a_blob_collection_never_references_a_deleted_blob() {
         assert!(lock_blob_row(&gc_tx, &doomed).await);
         let image = Pushed::image(&[config.clone(), doomed.clone()], None, None);
         let push = spawn_push(&db, &app, &image.blobs, tags(&["latest"]));
-        lock_waiters(&check, 1).await;
+        lock_waiters(&check, 1, || push.is_finished()).await;
         delete_blob_rows(&gc_tx, &doomed).await;
         gc_tx.commit().await.expect("commit");
         assert!(matches!(
@@ -2061,7 +2067,7 @@ fn a_manifest_racing_a_blob_collection_never_references_a_deleted_blob() {
             .expect("hold the tag");
         let image = Pushed::image(&[config.clone(), kept.clone()], None, None);
         let push = spawn_push(&db, &app, &image.blobs, latest.clone());
-        lock_waiters(&check, 1).await;
+        lock_waiters(&check, 1, || push.is_finished()).await;
         let err = check
             .query_one(
                 "SELECT 1 FROM blobs WHERE digest = $1 FOR UPDATE NOWAIT",
@@ -2078,7 +2084,7 @@ fn a_manifest_racing_a_blob_collection_never_references_a_deleted_blob() {
             let (url, kept) = (url.clone(), kept.clone());
             tokio::spawn(async move { collect_blob(&url, &kept).await })
         };
-        lock_waiters(&check, 2).await;
+        lock_waiters(&check, 2, || push.is_finished() || collect.is_finished()).await;
         hold.rollback().await.expect("release");
         push.await.expect("task").expect("put");
         assert!(

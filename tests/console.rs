@@ -392,7 +392,6 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
         .auth
         .identities
         .create_token(
-            &s.app.store,
             &Subject::User("victor".into()),
             TokenKind::Access,
             Duration::from_secs(3600),
@@ -406,24 +405,17 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
     assert_eq!(page.status, 200);
     assert!(text(&page).contains("victor"));
     // Revoking the token ends the session it opened.
-    s.app
-        .auth
-        .identities
-        .revoke_token(&s.app.store, &token_id)
-        .unwrap();
+    s.app.auth.identities.revoke_token(&token_id).unwrap();
     assert_eq!(page_as(&anon, "/team/app", &victor_cookie).status, 401);
     // A password session ends when the password is reset.
     let ids = &s.app.auth.identities;
-    ids.set_user(&s.app.store, "walt", "walt's first password")
-        .unwrap();
-    ids.set_member(&s.app.store, "team", "walt", Role::Viewer)
-        .unwrap();
+    ids.set_user("walt", "walt's first password").unwrap();
+    ids.set_member("team", "walt", Role::Viewer).unwrap();
     let r = sign_in(&anon, "walt", "walt's first password");
     assert_eq!(r.status, 303, "{}", text(&r));
     let password_cookie = session_cookie(&r);
     assert_eq!(page_as(&anon, "/team/app", &password_cookie).status, 200);
-    ids.set_user(&s.app.store, "walt", "walt's second password")
-        .unwrap();
+    ids.set_user("walt", "walt's second password").unwrap();
     assert_eq!(page_as(&anon, "/team/app", &password_cookie).status, 401);
     // A sign-in form posted from another site is refused (it would sign the victim in as
     // whoever the attacker chose).
@@ -445,7 +437,7 @@ fn project_pages_sign_in_and_deleting_as_an_editor() {
         .app
         .auth
         .identities
-        .create_key(&s.app.store, "team", Role::Editor, "ci")
+        .create_key("team", Role::Editor, "ci")
         .unwrap();
     let key = serde_json::to_string(&key).unwrap();
     let r = sign_in(&anon, "_json_key", &key);

@@ -430,10 +430,9 @@ fn docker_logs_in_pushes_and_pulls_private_images() {
         &extra,
         MirrorPull::Anonymous,
     );
-    let (ids, store) = (&s.app.auth.identities, &s.app.store);
-    ids.set_user(store, "victor", VICTOR_PASSWORD).unwrap();
-    ids.set_member(store, PROJECT, "victor", Role::Viewer)
-        .unwrap();
+    let ids = &s.app.auth.identities;
+    ids.set_user("victor", VICTOR_PASSWORD).unwrap();
+    ids.set_member(PROJECT, "victor", Role::Viewer).unwrap();
     let registry = format!("127.0.0.1:{}", s.addr.port());
     let h = Http::for_server(&s).with_auth(&basic_header("alice", ALICE_PASSWORD));
     let docker = Docker::start(&s.url(""));
@@ -566,7 +565,7 @@ fn docker_logs_in_pushes_and_pulls_private_images() {
 
     // A service-account key (editor of the project) as `_json_key`, from a file.
     let key = ids
-        .create_key(store, PROJECT, Role::Editor, "ci")
+        .create_key(PROJECT, Role::Editor, "ci")
         .expect("create key");
     let key_file = secret(
         "key.json",
@@ -585,7 +584,6 @@ fn docker_logs_in_pushes_and_pulls_private_images() {
     // An access token of alice as `oauth2accesstoken`.
     let (_, token) = ids
         .create_token(
-            store,
             &Subject::User("alice".into()),
             TokenKind::Access,
             Duration::from_secs(3600),

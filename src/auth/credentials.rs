@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest as _, Sha256};
 
 use super::identities::{Identities, Subject};
-use super::records::{KeyFile, TokenKind};
+use super::records::{KIND_KEY, KIND_TOKEN, KIND_USER, KeyFile, TokenKind};
 use super::secrets::{dummy_hash, secret_matches};
 use crate::store::unix_now;
 
@@ -49,13 +49,7 @@ impl Identities {
     /// call it from a blocking task.
     pub fn verify_basic(&self, user: &str, password: &str) -> Result<Subject, CredentialError> {
         match user {
-            JSON_KEY_USER => self.verify_key_file(password.as_bytes()),
-            JSON_KEY_BASE64_USER => {
-                let raw = STANDARD
-                    .decode(password.trim())
-                    .map_err(|_| CredentialError::MalformedKeyFile)?;
-                self.verify_key_file(&raw)
-            }
+            JSON_KEY_USER | JSON_KEY_BASE64_USER => self.verify_key_file(key_file(user, password)?),
             ACCESS_TOKEN_USER => self.verify_token(password, TokenKind::Access),
             _ => self.verify_password(user, password),
         }
@@ -98,9 +92,7 @@ impl Identities {
         Ok(Subject::User(user.to_string()))
     }
 
-    fn verify_key_file(&self, raw: &[u8]) -> Result<Subject, CredentialError> {
-        let file: KeyFile =
-            serde_json::from_slice(raw).map_err(|_| CredentialError::MalformedKeyFile)?;
+    fn verify_key_file(&self, file: KeyFile) -> Result<Subject, CredentialError> {
         let s = self.read();
         let record = s
             .keys
@@ -118,13 +110,7 @@ impl Identities {
 
     /// Checks an access or refresh token string and returns its owner.
     pub fn verify_token(&self, token: &str, kind: TokenKind) -> Result<Subject, CredentialError> {
-        let rest = token
-            .trim()
-            .strip_prefix(kind.prefix())
-            .ok_or(CredentialError::MalformedToken)?;
-        let (id, secret) = rest
-            .split_once('_')
-            .ok_or(CredentialError::MalformedToken)?;
+        let (id, secret) = token_parts(token, kind).ok_or(CredentialError::MalformedToken)?;
         let record = self
             .read()
             .tokens
@@ -140,6 +126,50 @@ impl Identities {
         }
         self.subject(&record.subject)
             .ok_or(CredentialError::OrphanToken)
+    }
+}
+
+/// The id and secret of a token string of `kind` (`PREFIX<id>_<secret>`).
+pub(super) fn token_parts(token: &str, kind: TokenKind) -> Option<(&str, &str)> {
+    token.trim().strip_prefix(kind.prefix())?.split_once('_')
+}
+
+/// The key file a `_json_key` (JSON) or `_json_key_base64` login presents.
+fn key_file(user: &str, password: &str) -> Result<KeyFile, CredentialError> {
+    let raw = if user == JSON_KEY_BASE64_USER {
+        STANDARD
+            .decode(password.trim())
+            .map_err(|_| CredentialError::MalformedKeyFile)?
+    } else {
+        password.as_bytes().to_vec()
+    };
+    serde_json::from_slice(&raw).map_err(|_| CredentialError::MalformedKeyFile)
+}
+
+/// The record (kind and id) a Basic login names, whether or not it exists: a user, a key or
+/// an access token. `None` when the login cannot name one.
+pub(super) fn presented_record(user: &str, secret: &str) -> Option<(&'static str, String)> {
+    match user {
+        JSON_KEY_USER | JSON_KEY_BASE64_USER => key_file(user, secret)
+            .ok()
+            .map(|f| (KIND_KEY, f.private_key_id)),
+        ACCESS_TOKEN_USER => {
+            token_parts(secret, TokenKind::Access).map(|(id, _)| (KIND_TOKEN, id.to_string()))
+        }
+        _ => crate::config::validate_user_name(user)
+            .ok()
+            .map(|()| (KIND_USER, user.to_string())),
+    }
+}
+
+impl CredentialError {
+    /// True when the credential names nothing this replica holds (as opposed to a wrong
+    /// secret or an expired token).
+    pub fn names_nothing_known(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownUser | Self::UnknownKey | Self::UnknownToken
+        )
     }
 }
 

@@ -3,17 +3,20 @@
 //! refresh tokens, and the project members with their roles. Secrets other than passwords are
 //! 256-bit random strings, so the index stores only their SHA-256 and compares in constant
 //! time; passwords get argon2id. Everything lives in memory behind one lock and is written
-//! through to the index (synced) before a change is reported done. Changes are serialised by
-//! a second lock, and the synced writes happen with the first one released, so credential
-//! checks never wait for the disk; every change is blocking and runs off the async workers.
+//! through to a `RecordStore` (the index, synced, or the cluster's database) before a change
+//! is reported done; in the cluster profile other replicas' changes arrive through `cluster`.
+//! Changes are serialised by a second lock, and the durable writes happen with the first one
+//! released, so credential checks never wait for the disk or the database; every change is
+//! blocking and runs off the async workers.
 //! Checking credentials is in `credentials`, changing identities in `manage`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use super::records::{KIND_KEY, KIND_MEMBER, KIND_TOKEN, KIND_USER, MemberRecord, Stored};
+use super::record_store::{RecordError, RecordStore};
+use super::records::{KINDS, Stored};
 use super::role::Role;
 use super::secrets::random_bytes;
 use crate::config::{Config, UserConfig};
@@ -67,41 +70,41 @@ pub struct Identities {
     pub(super) changes: Mutex<()>,
     /// The last `TokenRecord::created_ns` handed out.
     pub(super) last_created_ns: AtomicU64,
+    /// Where changes are written.
+    pub(super) records: RecordStore,
 }
 
 impl Identities {
     /// Loads the config's users and members and everything stored in the index.
-    pub fn load(config: &Config, store: &Store) -> Result<Self, StoreError> {
+    pub fn load(config: &Config, store: &Arc<Store>) -> Result<Self, StoreError> {
         let mut stored = Stored::default();
-        for (id, v) in store.auth_records(KIND_USER)? {
-            if let Ok(r) = serde_json::from_slice(&v) {
-                stored.users.insert(id, r);
+        for kind in KINDS {
+            for (id, v) in store.auth_records(kind)? {
+                stored.insert(kind, &id, &v);
             }
         }
-        for (id, v) in store.auth_records(KIND_KEY)? {
-            if let Ok(r) = serde_json::from_slice(&v) {
-                stored.keys.insert(id, r);
-            }
-        }
-        for (id, v) in store.auth_records(KIND_TOKEN)? {
-            if let Ok(r) = serde_json::from_slice(&v) {
-                stored.tokens.insert(id, r);
-            }
-        }
-        for (id, v) in store.auth_records(KIND_MEMBER)? {
-            if let (Some((project, user)), Ok(r)) = (
-                id.split_once('\0'),
-                serde_json::from_slice::<MemberRecord>(&v),
-            ) {
-                stored
-                    .members
-                    .insert((project.to_string(), user.to_string()), r.role);
-            }
-        }
-        Ok(Self::new(config, stored))
+        Ok(Self::new(config, stored, RecordStore::Local(store.clone())))
     }
 
-    fn new(config: &Config, stored: Stored) -> Self {
+    /// Loads the config's users and members and everything in `records`, which later changes
+    /// are written to.
+    pub async fn load_from(config: &Config, records: RecordStore) -> Result<Self, RecordError> {
+        let stored = Self::read_all(&records).await?;
+        Ok(Self::new(config, stored, records))
+    }
+
+    /// Every record in `records`.
+    pub(super) async fn read_all(records: &RecordStore) -> Result<Stored, RecordError> {
+        let mut stored = Stored::default();
+        for kind in KINDS {
+            for (id, v) in records.list(kind).await? {
+                stored.insert(kind, &id, &v);
+            }
+        }
+        Ok(stored)
+    }
+
+    fn new(config: &Config, stored: Stored, records: RecordStore) -> Self {
         let config_users = config
             .users
             .iter()
@@ -139,6 +142,7 @@ impl Identities {
             cache_salt: random_bytes(),
             changes: Mutex::new(()),
             last_created_ns: AtomicU64::new(0),
+            records,
         }
     }
 
@@ -148,21 +152,15 @@ impl Identities {
     }
 
     /// A synced write of one record. Never under the `stored` lock: readers would wait for it.
-    pub(super) fn put(
-        &self,
-        store: &Store,
-        kind: &str,
-        id: &str,
-        value: &[u8],
-    ) -> Result<(), StoreError> {
+    pub(super) fn put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), RecordError> {
         self.assert_unlocked();
-        store.put_auth_record(kind, id, value)
+        self.records.put(kind, id, value)
     }
 
     /// A synced delete of one record; as `put`.
-    pub(super) fn delete(&self, store: &Store, kind: &str, id: &str) -> Result<(), StoreError> {
+    pub(super) fn delete(&self, kind: &str, id: &str) -> Result<(), RecordError> {
         self.assert_unlocked();
-        store.delete_auth_record(kind, id).map(drop)
+        self.records.delete(kind, id)
     }
 
     #[cfg(test)]

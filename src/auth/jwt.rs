@@ -1,6 +1,7 @@
 //! Registry tokens: ES256 JWTs in the Docker token format (`iss`, `sub`, `aud`, `exp`, `nbf`,
 //! `iat`, `jti`, `access`), signed with a P-256 key generated at first start and kept in the
-//! data directory (`token-signing-key.pem`, PKCS#8, mode 0600). Verification accepts only
+//! data directory (`token-signing-key.pem`, PKCS#8, mode 0600), or in the cluster profile
+//! shared by every replica through the database (`from_pkcs8`). Verification accepts only
 //! ES256 with our `kid`, checks issuer, audience and the validity window, and remembers
 //! verified tokens for a minute so Bearer-authenticated pulls do not pay an ECDSA check each.
 
@@ -81,6 +82,8 @@ pub enum KeyError {
         "the token signing key {0} is not a PKCS#8 P-256 key; move it away to generate a new one"
     )]
     Invalid(PathBuf),
+    #[error("the token signing key is not a PKCS#8 P-256 key")]
+    NotP256,
 }
 
 pub struct TokenSigner {
@@ -119,11 +122,14 @@ impl TokenSigner {
             }
             Err(e) => return Err(io(e)),
         };
-        Self::from_pkcs8(&pkcs8, issuer, service).ok_or(KeyError::Invalid(path))
+        Self::from_pkcs8(&pkcs8, issuer, service).map_err(|_| KeyError::Invalid(path))
     }
 
-    fn from_pkcs8(pkcs8: &[u8], issuer: &str, service: &str) -> Option<Self> {
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8).ok()?;
+    /// A signer with the PKCS#8 P-256 key `pkcs8` (the cluster's shared key): signers built
+    /// from the same bytes issue tokens each other verifies.
+    pub fn from_pkcs8(pkcs8: &[u8], issuer: &str, service: &str) -> Result<Self, KeyError> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
+            .map_err(|_| KeyError::NotP256)?;
         let public = pair.public_key().as_ref().to_vec();
         let kid = hex::encode(&Sha256::digest(&public)[..12]);
         let mut validation = Validation::new(Algorithm::ES256);
@@ -132,7 +138,7 @@ impl TokenSigner {
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[service]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
-        Some(Self {
+        Ok(Self {
             encoding: EncodingKey::from_ec_der(pkcs8),
             decoding: DecodingKey::from_ec_der(&public),
             kid,
@@ -307,5 +313,39 @@ mod tests {
             TokenSigner::open(dir.path(), "iss", "svc"),
             Err(KeyError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn signers_from_the_same_pkcs8_bytes_verify_each_others_tokens() {
+        use aws_lc_rs::rand::SystemRandom;
+        let der =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .unwrap();
+        let a = TokenSigner::from_pkcs8(der.as_ref(), "iss", "svc").unwrap();
+        let b = TokenSigner::from_pkcs8(der.as_ref(), "iss", "svc").unwrap();
+        assert_eq!(a.kid(), b.kid());
+        let access = vec![Access::new("repository", "team/app", &["pull", "push"])];
+        let (from_a, claims_a) = a.issue("alice", access.clone(), Duration::from_secs(300));
+        let (from_b, claims_b) = b.issue("bob", access, Duration::from_secs(300));
+        assert_eq!(*b.verify(&from_a).unwrap(), claims_a);
+        assert_eq!(*a.verify(&from_b).unwrap(), claims_b);
+
+        // Another key's tokens are refused, and bytes that are no P-256 PKCS#8 key are no key.
+        let other =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .unwrap();
+        let c = TokenSigner::from_pkcs8(other.as_ref(), "iss", "svc").unwrap();
+        assert_eq!(c.verify(&from_a).map(drop), Err(TokenError::UnknownKey));
+        let p384 = EcdsaKeyPair::generate_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            &SystemRandom::new(),
+        )
+        .unwrap();
+        for bad in [p384.as_ref(), b"garbage".as_slice(), &[]] {
+            assert!(matches!(
+                TokenSigner::from_pkcs8(bad, "iss", "svc"),
+                Err(KeyError::NotP256)
+            ));
+        }
     }
 }

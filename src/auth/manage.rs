@@ -1,11 +1,13 @@
 //! Changing identities (for `transship user|key|token|member` and the members endpoint):
 //! users, service-account keys, access and refresh tokens, memberships. Each change is a
-//! synced write to the index, then an update of the in-memory copy.
+//! durable write to the identities' `RecordStore`, then an update of the in-memory copy. Every
+//! change is blocking (see `record_store`): call it from the blocking pool.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::identities::{Identities, KEY_SUB_PREFIX, Subject};
+use super::record_store::RecordError;
 use super::records::{
     KIND_KEY, KIND_MEMBER, KIND_TOKEN, KIND_USER, KeyFile, KeyInfo, KeyRecord, MemberInfo,
     MemberRecord, Stored, TokenInfo, TokenKind, TokenRecord, UserInfo, UserRecord, to_json,
@@ -13,7 +15,7 @@ use super::records::{
 use super::role::Role;
 use super::secrets::{hash_password, random_id, random_secret, sha256_hex};
 use crate::config::validate_user_name;
-use crate::store::{Store, StoreError, unix_now};
+use crate::store::{StoreError, unix_now};
 
 /// Refresh tokens kept per identity. Every `docker login` (and every `offline_token` request)
 /// stores one for `auth.refresh_token_ttl`; beyond this many, the oldest are revoked.
@@ -28,6 +30,8 @@ pub enum AdminError {
     NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Records(#[from] RecordError),
 }
 
 impl Identities {
@@ -51,7 +55,7 @@ impl Identities {
     }
 
     /// Adds a user, or sets the password of a stored one.
-    pub fn set_user(&self, store: &Store, name: &str, password: &str) -> Result<(), AdminError> {
+    pub fn set_user(&self, name: &str, password: &str) -> Result<(), AdminError> {
         validate_user_name(name).map_err(AdminError::Invalid)?;
         if self.config_users.contains_key(name) {
             return Err(AdminError::Invalid(format!(
@@ -68,14 +72,14 @@ impl Identities {
             created: unix_now(),
         };
         let _change = self.change();
-        self.put(store, KIND_USER, name, &to_json(&record))?;
+        self.put(KIND_USER, name, &to_json(&record))?;
         self.write().users.insert(name.to_string(), record);
         self.verified.invalidate_all();
         Ok(())
     }
 
     /// Removes a stored user with their memberships and tokens.
-    pub fn remove_user(&self, store: &Store, name: &str) -> Result<(), AdminError> {
+    pub fn remove_user(&self, name: &str) -> Result<(), AdminError> {
         if self.config_users.contains_key(name) {
             return Err(AdminError::Invalid(format!(
                 "user {name} is declared in the config file; remove it there"
@@ -85,7 +89,7 @@ impl Identities {
         if !self.read().users.contains_key(name) {
             return Err(AdminError::NotFound(format!("no user {name}")));
         }
-        self.delete(store, KIND_USER, name)?;
+        self.delete(KIND_USER, name)?;
         self.write().users.remove(name);
         let members: Vec<_> = self
             .read()
@@ -95,10 +99,10 @@ impl Identities {
             .cloned()
             .collect();
         for (project, user) in members {
-            self.delete(store, KIND_MEMBER, &format!("{project}\0{user}"))?;
+            self.delete(KIND_MEMBER, &format!("{project}\0{user}"))?;
             self.write().members.remove(&(project, user));
         }
-        self.drop_tokens_of(store, name)?;
+        self.drop_tokens_of(name)?;
         self.verified.invalidate_all();
         Ok(())
     }
@@ -115,13 +119,7 @@ impl Identities {
     }
 
     /// Creates a service-account key and returns its key file (the only copy of the secret).
-    pub fn create_key(
-        &self,
-        store: &Store,
-        project: &str,
-        role: Role,
-        name: &str,
-    ) -> Result<KeyFile, AdminError> {
+    pub fn create_key(&self, project: &str, role: Role, name: &str) -> Result<KeyFile, AdminError> {
         self.require_project(project)?;
         let name = if name.is_empty() { "key" } else { name };
         validate_label(name).map_err(AdminError::Invalid)?;
@@ -135,7 +133,7 @@ impl Identities {
             created: unix_now(),
         };
         let _change = self.change();
-        self.put(store, KIND_KEY, &id, &to_json(&record))?;
+        self.put(KIND_KEY, &id, &to_json(&record))?;
         self.write().keys.insert(id.clone(), record);
         Ok(KeyFile {
             kind: "service_account".into(),
@@ -162,10 +160,10 @@ impl Identities {
     }
 
     /// Revokes a key and every refresh token it obtained.
-    pub fn revoke_key(&self, store: &Store, id: &str) -> Result<(), AdminError> {
+    pub fn revoke_key(&self, id: &str) -> Result<(), AdminError> {
         let _change = self.change();
-        self.forget(store, KIND_KEY, id, |s| &mut s.keys)?;
-        self.drop_tokens_of(store, &format!("{KEY_SUB_PREFIX}{id}"))?;
+        self.forget(KIND_KEY, id, |s| &mut s.keys)?;
+        self.drop_tokens_of(&format!("{KEY_SUB_PREFIX}{id}"))?;
         Ok(())
     }
 
@@ -173,7 +171,6 @@ impl Identities {
     /// is shown once; only its hash is kept.
     pub fn create_token(
         &self,
-        store: &Store,
         subject: &Subject,
         kind: TokenKind,
         ttl: Duration,
@@ -203,10 +200,10 @@ impl Identities {
             created_ns: self.next_created_ns(),
         };
         let sub = record.subject.clone();
-        self.put(store, KIND_TOKEN, &id, &to_json(&record))?;
+        self.put(KIND_TOKEN, &id, &to_json(&record))?;
         self.write().tokens.insert(id.clone(), record);
         if kind == TokenKind::Refresh {
-            self.drop_oldest_refresh_tokens(store, &sub)?;
+            self.drop_oldest_refresh_tokens(&sub)?;
         }
         Ok((id.clone(), format!("{}{id}_{secret}", kind.prefix())))
     }
@@ -226,16 +223,15 @@ impl Identities {
             .collect()
     }
 
-    pub fn revoke_token(&self, store: &Store, id: &str) -> Result<(), AdminError> {
+    pub fn revoke_token(&self, id: &str) -> Result<(), AdminError> {
         let _change = self.change();
-        self.forget(store, KIND_TOKEN, id, |s| &mut s.tokens)
+        self.forget(KIND_TOKEN, id, |s| &mut s.tokens)
     }
 
     /// Removes the `kind` record `id` from the index, then from `table` in memory; the caller
     /// holds the change lock. An unknown id is `NotFound` ("no key …", "no token …").
     fn forget<T>(
         &self,
-        store: &Store,
         kind: &'static str,
         id: &str,
         table: impl Fn(&mut Stored) -> &mut BTreeMap<String, T>,
@@ -243,13 +239,13 @@ impl Identities {
         if !table(&mut self.write()).contains_key(id) {
             return Err(AdminError::NotFound(format!("no {kind} {id}")));
         }
-        self.delete(store, kind, id)?;
+        self.delete(kind, id)?;
         table(&mut self.write()).remove(id);
         Ok(())
     }
 
     /// Drops expired tokens from the index; returns how many.
-    pub fn prune_expired(&self, store: &Store) -> Result<usize, StoreError> {
+    pub fn prune_expired(&self) -> Result<usize, RecordError> {
         let _change = self.change();
         let now = unix_now();
         let expired: Vec<String> = self
@@ -260,21 +256,21 @@ impl Identities {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &expired {
-            self.forget_token(store, id)?;
+            self.forget_token(id)?;
         }
         Ok(expired.len())
     }
 
     /// Deletes one token from the index, then from memory. The caller holds `change`.
-    fn forget_token(&self, store: &Store, id: &str) -> Result<(), StoreError> {
-        self.delete(store, KIND_TOKEN, id)?;
+    fn forget_token(&self, id: &str) -> Result<(), RecordError> {
+        self.delete(KIND_TOKEN, id)?;
         self.write().tokens.remove(id);
         Ok(())
     }
 
     /// Deletes every token whose owner is `subject` (a `Subject::token_sub`). The caller holds
     /// `change`.
-    fn drop_tokens_of(&self, store: &Store, subject: &str) -> Result<(), StoreError> {
+    fn drop_tokens_of(&self, subject: &str) -> Result<(), RecordError> {
         let ids: Vec<String> = self
             .read()
             .tokens
@@ -283,14 +279,14 @@ impl Identities {
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            self.forget_token(store, &id)?;
+            self.forget_token(&id)?;
         }
         Ok(())
     }
 
     /// Revokes `subject`'s oldest refresh tokens beyond `MAX_REFRESH_TOKENS`. The caller holds
     /// `change`.
-    fn drop_oldest_refresh_tokens(&self, store: &Store, subject: &str) -> Result<(), StoreError> {
+    fn drop_oldest_refresh_tokens(&self, subject: &str) -> Result<(), RecordError> {
         let mut theirs: Vec<((u64, u64), String)> = self
             .read()
             .tokens
@@ -304,7 +300,7 @@ impl Identities {
         theirs.sort();
         let excess = theirs.len() - MAX_REFRESH_TOKENS;
         for (_, id) in theirs.into_iter().take(excess) {
-            self.forget_token(store, &id)?;
+            self.forget_token(&id)?;
         }
         Ok(())
     }
@@ -336,20 +332,13 @@ impl Identities {
         out
     }
 
-    pub fn set_member(
-        &self,
-        store: &Store,
-        project: &str,
-        user: &str,
-        role: Role,
-    ) -> Result<(), AdminError> {
+    pub fn set_member(&self, project: &str, user: &str, role: Role) -> Result<(), AdminError> {
         self.require_project(project)?;
         let _change = self.change();
         if !self.user_exists(user) {
             return Err(AdminError::NotFound(format!("no user {user}")));
         }
         self.put(
-            store,
             KIND_MEMBER,
             &format!("{project}\0{user}"),
             &to_json(&MemberRecord { role }),
@@ -360,12 +349,7 @@ impl Identities {
         Ok(())
     }
 
-    pub fn remove_member(
-        &self,
-        store: &Store,
-        project: &str,
-        user: &str,
-    ) -> Result<(), AdminError> {
+    pub fn remove_member(&self, project: &str, user: &str) -> Result<(), AdminError> {
         let k = (project.to_string(), user.to_string());
         let _change = self.change();
         if !self.read().members.contains_key(&k) {
@@ -378,7 +362,7 @@ impl Identities {
                 "{user} is not a stored member of {project}{why}"
             )));
         }
-        self.delete(store, KIND_MEMBER, &format!("{project}\0{user}"))?;
+        self.delete(KIND_MEMBER, &format!("{project}\0{user}"))?;
         self.write().members.remove(&k);
         Ok(())
     }
@@ -405,12 +389,15 @@ mod tests {
         ACCESS_TOKEN_USER, CredentialError, JSON_KEY_BASE64_USER, JSON_KEY_USER,
     };
     use crate::config::Config;
+    use crate::store::Store;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
+    use std::sync::Arc;
 
-    fn setup() -> (tempfile::TempDir, Store, Identities) {
+    fn setup() -> (tempfile::TempDir, Arc<Store>, Identities) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), crate::store::StoreOptions::default()).unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), crate::store::StoreOptions::default()).unwrap());
         let config = Config::parse(
             &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[[user]]\nname = \"root\"\npassword_hash = \"{}\"\n[[project]]\nname = \"team\"\nowners = [\"root\"]\n",
@@ -440,24 +427,19 @@ mod tests {
             ids.verify_basic("nobody", "x"),
             Err(CredentialError::UnknownUser)
         );
-        ids.set_user(&store, "alice", "alicepassword").unwrap();
+        ids.set_user("alice", "alicepassword").unwrap();
         assert!(matches!(
-            ids.set_user(&store, "bob", "short"),
+            ids.set_user("bob", "short"),
             Err(AdminError::Invalid(_))
         ));
-        assert!(ids.set_user(&store, "root", "whatever-long").is_err());
-        assert!(ids.set_user(&store, "_json_key", "whatever-long").is_err());
-        ids.set_member(&store, "team", "alice", Role::Viewer)
-            .unwrap();
-        assert!(
-            ids.set_member(&store, "nope", "alice", Role::Viewer)
-                .is_err()
-        );
-        let key = ids.create_key(&store, "team", Role::Editor, "ci").unwrap();
+        assert!(ids.set_user("root", "whatever-long").is_err());
+        assert!(ids.set_user("_json_key", "whatever-long").is_err());
+        ids.set_member("team", "alice", Role::Viewer).unwrap();
+        assert!(ids.set_member("nope", "alice", Role::Viewer).is_err());
+        let key = ids.create_key("team", Role::Editor, "ci").unwrap();
         let key_json = serde_json::to_string(&key).unwrap();
         let (tid, token) = ids
             .create_token(
-                &store,
                 &Subject::User("alice".into()),
                 TokenKind::Access,
                 Duration::from_secs(3600),
@@ -468,7 +450,8 @@ mod tests {
         drop(store);
 
         // Everything survives a restart.
-        let store = Store::open(dir.path(), crate::store::StoreOptions::default()).unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), crate::store::StoreOptions::default()).unwrap());
         let config = Config::parse(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"d\"\n[[project]]\nname = \"team\"\n",
             "t",
@@ -512,17 +495,17 @@ mod tests {
             Err(CredentialError::MalformedToken),
             "an access token is not a refresh token"
         );
-        ids.revoke_key(&store, &key.private_key_id).unwrap();
+        ids.revoke_key(&key.private_key_id).unwrap();
         assert_eq!(
             ids.verify_basic(JSON_KEY_USER, &key_json),
             Err(CredentialError::UnknownKey)
         );
-        ids.revoke_token(&store, &tid).unwrap();
+        ids.revoke_token(&tid).unwrap();
         assert_eq!(
             ids.verify_basic(ACCESS_TOKEN_USER, &token),
             Err(CredentialError::UnknownToken)
         );
-        ids.remove_user(&store, "alice").unwrap();
+        ids.remove_user("alice").unwrap();
         assert_eq!(
             ids.verify_basic("alice", "alicepassword"),
             Err(CredentialError::UnknownUser)
@@ -533,16 +516,10 @@ mod tests {
 
     #[test]
     fn expired_tokens_fail_and_are_pruned() {
-        let (_dir, store, ids) = setup();
+        let (_dir, _store, ids) = setup();
         let root = Subject::User("root".into());
         let (_, t) = ids
-            .create_token(
-                &store,
-                &root,
-                TokenKind::Refresh,
-                Duration::from_secs(1),
-                "",
-            )
+            .create_token(&root, TokenKind::Refresh, Duration::from_secs(1), "")
             .unwrap();
         assert_eq!(ids.verify_token(&t, TokenKind::Refresh), Ok(root));
         std::thread::sleep(Duration::from_millis(2100));
@@ -550,21 +527,21 @@ mod tests {
             ids.verify_token(&t, TokenKind::Refresh),
             Err(CredentialError::ExpiredToken)
         );
-        assert_eq!(ids.prune_expired(&store).unwrap(), 1);
+        assert_eq!(ids.prune_expired().unwrap(), 1);
         assert!(ids.tokens().is_empty());
     }
 
     #[test]
     fn refresh_tokens_beyond_the_bound_drop_the_oldest() {
-        let (_dir, store, ids) = setup();
+        let (_dir, _store, ids) = setup();
         let root = Subject::User("root".into());
         let hour = Duration::from_secs(3600);
         let (_, access) = ids
-            .create_token(&store, &root, TokenKind::Access, hour, "")
+            .create_token(&root, TokenKind::Access, hour, "")
             .unwrap();
         let made: Vec<String> = (0..MAX_REFRESH_TOKENS + 5)
             .map(|_| {
-                ids.create_token(&store, &root, TokenKind::Refresh, hour, "login")
+                ids.create_token(&root, TokenKind::Refresh, hour, "login")
                     .unwrap()
                     .1
             })
@@ -594,23 +571,21 @@ mod tests {
     #[test]
     fn changes_never_hold_the_lock_across_synced_writes() {
         // `put` and `delete` assert (under cfg(test)) that the lock is free.
-        let (_dir, store, ids) = setup();
-        ids.set_user(&store, "alice", "alicepassword").unwrap();
-        ids.set_member(&store, "team", "alice", Role::Editor)
-            .unwrap();
+        let (_dir, _store, ids) = setup();
+        ids.set_user("alice", "alicepassword").unwrap();
+        ids.set_member("team", "alice", Role::Editor).unwrap();
         let alice = Subject::User("alice".into());
         let hour = Duration::from_secs(3600);
         for kind in [TokenKind::Access, TokenKind::Refresh] {
-            ids.create_token(&store, &alice, kind, hour, "").unwrap();
+            ids.create_token(&alice, kind, hour, "").unwrap();
         }
-        let key = ids.create_key(&store, "team", Role::Editor, "ci").unwrap();
+        let key = ids.create_key("team", Role::Editor, "ci").unwrap();
         let sa = ids
             .verify_basic(JSON_KEY_USER, &serde_json::to_string(&key).unwrap())
             .unwrap();
-        ids.create_token(&store, &sa, TokenKind::Refresh, hour, "")
-            .unwrap();
-        ids.remove_user(&store, "alice").unwrap();
-        ids.revoke_key(&store, &key.private_key_id).unwrap();
+        ids.create_token(&sa, TokenKind::Refresh, hour, "").unwrap();
+        ids.remove_user("alice").unwrap();
+        ids.revoke_key(&key.private_key_id).unwrap();
         assert!(ids.tokens().is_empty());
         assert!(ids.members("team").iter().all(|m| m.user != "alice"));
     }

@@ -14,11 +14,13 @@
 mod admins;
 mod browse;
 pub use browse::CredentialMark;
+mod cluster;
 mod credentials;
 mod identities;
 pub mod jwt;
 pub mod keys;
 mod manage;
+pub mod record_store;
 mod records;
 mod role;
 pub mod scope;
@@ -143,8 +145,6 @@ impl Denial {
 pub struct Authorizer {
     /// Where names live: the same resolver the proxy routes with.
     router: Arc<Router>,
-    /// Where refresh tokens issued at login are kept.
-    store: Arc<Store>,
     /// Each upstream's pull policy, by index.
     mirror_pulls: Vec<MirrorPull>,
     pub identities: Arc<Identities>,
@@ -164,20 +164,31 @@ impl Authorizer {
         store: &Arc<Store>,
         router: Arc<Router>,
     ) -> Result<Self, AuthBuildError> {
-        Ok(Self {
+        let identities = Arc::new(Identities::load(config, store)?);
+        let signer = TokenSigner::open(
+            &config.server.data_dir,
+            &config.auth.issuer,
+            &config.auth.service,
+        )?;
+        Ok(Self::assemble(config, identities, signer, router))
+    }
+
+    /// The parts both profiles share around their identities and signer.
+    fn assemble(
+        config: &Config,
+        identities: Arc<Identities>,
+        signer: TokenSigner,
+        router: Arc<Router>,
+    ) -> Self {
+        Self {
             router,
-            store: store.clone(),
             mirror_pulls: config.upstreams.iter().map(|u| u.pull).collect(),
-            identities: Arc::new(Identities::load(config, store)?),
-            signer: TokenSigner::open(
-                &config.server.data_dir,
-                &config.auth.issuer,
-                &config.auth.service,
-            )?,
+            identities,
+            signer,
             throttle: LoginThrottle::new(config.auth.max_failed_logins, config.auth.lockout.0),
             exposed: config.listens_beyond_loopback(),
             config: config.auth.clone(),
-        })
+        }
     }
 
     /// The pull policy of a mirror namespace. A name that resolves to no upstream is answered
@@ -289,6 +300,12 @@ impl Authorizer {
                 }
                 Err(_) => Err(keys::CredentialError::WrongPassword),
             }
+        };
+        // In the cluster profile, a credential made on another replica a moment ago may not
+        // have reached this one yet.
+        let result = match result {
+            Err(e) if e.names_nothing_known() => self.recheck_unknown(user, password, e).await,
+            other => other,
         };
         match result {
             Ok(subject) => {
@@ -642,6 +659,10 @@ pub enum AuthBuildError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Key(#[from] jwt::KeyError),
+    #[error(transparent)]
+    Records(#[from] record_store::RecordError),
+    #[error(transparent)]
+    Db(#[from] crate::cluster::pg::PgError),
 }
 
 /// What an `Authorization` header presents.

@@ -1,5 +1,6 @@
-//! What identities keep in the index (one JSON record per user, key, token and membership,
-//! under the kinds below) and what administrators are shown of them.
+//! What identities keep in their `RecordStore` (one JSON record per user, key, token and
+//! membership, under the kinds below), how records are read back into memory (`Stored`), and
+//! what administrators are shown of them.
 
 use std::collections::BTreeMap;
 
@@ -124,6 +125,63 @@ pub(super) const KIND_USER: &str = "user";
 pub(super) const KIND_KEY: &str = "key";
 pub(super) const KIND_TOKEN: &str = "token";
 pub(super) const KIND_MEMBER: &str = "member";
+
+/// Every kind, in the order a full load reads them.
+pub(super) const KINDS: [&str; 4] = [KIND_USER, KIND_KEY, KIND_TOKEN, KIND_MEMBER];
+
+impl Stored {
+    /// Adds or replaces the record `kind`/`id` as read from the backend. One that does not
+    /// parse (written by a newer version, say) is left out rather than failing the load.
+    pub(super) fn insert(&mut self, kind: &str, id: &str, value: &[u8]) {
+        match kind {
+            KIND_USER => {
+                if let Ok(r) = serde_json::from_slice(value) {
+                    self.users.insert(id.to_string(), r);
+                }
+            }
+            KIND_KEY => {
+                if let Ok(r) = serde_json::from_slice(value) {
+                    self.keys.insert(id.to_string(), r);
+                }
+            }
+            KIND_TOKEN => {
+                if let Ok(r) = serde_json::from_slice(value) {
+                    self.tokens.insert(id.to_string(), r);
+                }
+            }
+            KIND_MEMBER => {
+                if let (Some(k), Ok(r)) = (
+                    member_key(id),
+                    serde_json::from_slice::<MemberRecord>(value),
+                ) {
+                    self.members.insert(k, r.role);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets the record `kind`/`id`, if held.
+    pub(super) fn remove(&mut self, kind: &str, id: &str) {
+        match kind {
+            KIND_USER => drop(self.users.remove(id)),
+            KIND_KEY => drop(self.keys.remove(id)),
+            KIND_TOKEN => drop(self.tokens.remove(id)),
+            KIND_MEMBER => {
+                if let Some(k) = member_key(id) {
+                    self.members.remove(&k);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A membership record's id, `project \0 user`, as its key in `Stored::members`.
+fn member_key(id: &str) -> Option<(String, String)> {
+    id.split_once('\0')
+        .map(|(project, user)| (project.to_string(), user.to_string()))
+}
 
 pub(super) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialise")

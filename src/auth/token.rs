@@ -94,7 +94,8 @@ impl Authorizer {
             Credentials::Refresh(token) => {
                 let s = self
                     .identities
-                    .verify_token(&token, TokenKind::Refresh)
+                    .verify_token_anywhere(&token, TokenKind::Refresh)
+                    .await
                     .map_err(|e| {
                         tracing::warn!(target: "audit", %peer, why = %e, "audit: refresh token refused");
                         Denial::Unauthenticated {
@@ -136,11 +137,10 @@ impl Authorizer {
     }
 
     async fn new_refresh_token(&self, subject: &Subject) -> Result<String, TokenFailure> {
-        let (identities, store, subject) =
-            (self.identities.clone(), self.store.clone(), subject.clone());
+        let (identities, subject) = (self.identities.clone(), subject.clone());
         let ttl = self.config.refresh_token_ttl.0;
         let made = tokio::task::spawn_blocking(move || {
-            identities.create_token(&store, &subject, TokenKind::Refresh, ttl, "login")
+            identities.create_token(&subject, TokenKind::Refresh, ttl, "login")
         })
         .await;
         match made {

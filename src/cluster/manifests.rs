@@ -78,16 +78,19 @@ impl Db {
         let blobs = texts(m.blobs);
         let children = texts(m.children);
 
-        // Locked in byte order, as a GC collecting several blobs in one transaction should.
-        let linked = tx
-            .prepare_cached(
-                r#"SELECT l.digest FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
-                    WHERE l.repo_id = $1 AND l.digest = ANY($2)
-                    ORDER BY l.digest COLLATE "C"
-                      FOR KEY SHARE OF b"#,
-            )
-            .await?;
-        let mut missing = absent(m.blobs, &tx.query(&linked, &[&repo_id, &blobs]).await?);
+        let mut missing = Vec::new();
+        if !blobs.is_empty() {
+            // Locked in byte order, as a GC collecting several blobs in one transaction should.
+            let linked = tx
+                .prepare_cached(
+                    r#"SELECT l.digest FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+                        WHERE l.repo_id = $1 AND l.digest = ANY($2)
+                        ORDER BY l.digest COLLATE "C"
+                          FOR KEY SHARE OF b"#,
+                )
+                .await?;
+            missing = absent(m.blobs, &tx.query(&linked, &[&repo_id, &blobs]).await?);
+        }
         if !children.is_empty() {
             // A child's row locked too: deleting it from the repository waits for this push.
             let present = tx
@@ -108,7 +111,7 @@ impl Db {
         }
 
         // The bytes of one digest are the same bytes: an existing row is kept as it is. Every
-        // insert is one statement; the foreign keys on `manifests` are checked at its end.
+        // insert is one statement; the foreign keys to `manifests` are checked at its end.
         let store = tx
             .prepare_cached(
                 "WITH manifest AS (

@@ -4,7 +4,9 @@
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
 pub mod fill_lease;
+pub mod gc;
 pub mod hash_state;
+pub mod identity_records;
 pub mod links;
 pub mod manifests;
 pub mod migrate;

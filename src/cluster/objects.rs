@@ -25,6 +25,12 @@ pub const MIN_PART_SIZE: usize = 5 << 20;
 /// Parts uploading at once per `put_verified`, besides the one being filled.
 const PARTS_IN_FLIGHT: usize = 2;
 
+/// How long connecting to the store may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take, body included: object_store's default (30 s) would cut off
+/// the read of a large blob; this still ends a request the store stopped answering.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
 /// Where the bucket is and how to reach it.
 #[derive(Clone)]
 pub struct S3Options {
@@ -102,6 +108,13 @@ impl Objects {
             return Err(ObjectsError::PartSize);
         }
         let s3 = AmazonS3Builder::new()
+            // First: the client options replace every client setting made before them
+            // (`with_allow_http` included).
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_timeout(REQUEST_TIMEOUT),
+            )
             .with_endpoint(&options.endpoint)
             .with_allow_http(options.endpoint.starts_with("http://"))
             .with_bucket_name(&options.bucket)

@@ -56,6 +56,8 @@ pub enum PgError {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// How the pool connects, kept for connections outside it (`connect_dedicated`).
+    config: tokio_postgres::Config,
 }
 
 impl Db {
@@ -70,7 +72,7 @@ impl Db {
         }
         config.connect_timeout(CONNECT_TIMEOUT);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -82,9 +84,27 @@ impl Db {
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
-        let db = Self { pool };
+        let db = Self { pool, config };
         migrate::apply(&mut db.client().await?).await?;
         Ok(db)
+    }
+
+    /// A connection of its own, outside the pool, named `application_name` in
+    /// `pg_stat_activity`: for a session that must outlive requests (LISTEN). The caller drives
+    /// the returned connection (its messages carry the notifications).
+    pub async fn connect_dedicated(
+        &self,
+        application_name: &str,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        PgError,
+    > {
+        let mut config = self.config.clone();
+        config.application_name(application_name);
+        Ok(config.connect(NoTls).await?)
     }
 
     /// A connection from the pool.

@@ -167,7 +167,7 @@ impl Db {
     }
 }
 
-/// Points the tag at `digest` inside `tx` (which `commit`s it): inserts the row or locks and
+/// Points the tag at `digest` inside `tx` (the caller commits): inserts the row or locks and
 /// updates it, and writes the history row. Callers moving several tags in one transaction
 /// pass them in one order (sorted), so two such transactions cannot deadlock.
 pub(super) async fn move_tag(

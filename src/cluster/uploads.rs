@@ -67,6 +67,9 @@ pub struct UploadOptions {
     /// How long a request holds a session without extending its lease: a replica that dies
     /// mid-request blocks that session this long.
     pub lease: Duration,
+    /// Sessions that may exist at once in the whole cluster, and per client.
+    pub max_sessions: usize,
+    pub max_sessions_per_client: usize,
 }
 
 /// A session's id: a UUID, as in the upload URL.
@@ -106,6 +109,13 @@ pub enum UploadsError {
     AlgorithmMismatch { session: Algorithm, digest: Digest },
     #[error("a write to the bucket took longer than the upload session's lease allows")]
     Slow,
+    #[error(
+        "too many upload sessions: at most {max_sessions} in the cluster and {per_client} per client; finish or cancel some"
+    )]
+    TooMany {
+        max_sessions: usize,
+        per_client: usize,
+    },
     #[error("the upload has more than {MAX_PARTS} parts, the most S3 takes")]
     TooLarge,
     #[error("reading the upload's bytes failed: {0}")]
@@ -229,18 +239,32 @@ impl Uploads {
         let id = SessionId(uuid::Uuid::new_v4());
         let db = self.db.client().await?;
         let repo_id = ensure_repo(&**db, repo).await?;
-        db.execute(
-            "INSERT INTO upload_sessions (id, repo_id, client, object_key, hash_algorithm)
-             VALUES ($1::text::uuid, $2, $3, $4, $5)",
-            &[
-                &id.to_string(),
-                &repo_id,
-                &client.unwrap_or(""),
-                &self.objects.upload_key(&id.to_string()).as_ref(),
-                &algorithm.as_str(),
-            ],
-        )
-        .await?;
+        let client = client.unwrap_or("");
+        // The caps are checked in the insert itself: concurrent starts can overshoot a cap
+        // only by the few that count before either commits.
+        let inserted = db
+            .execute(
+                "INSERT INTO upload_sessions (id, repo_id, client, object_key, hash_algorithm)
+                 SELECT $1::text::uuid, $2, $3, $4, $5
+                  WHERE (SELECT count(*) FROM upload_sessions) < $6
+                    AND (SELECT count(*) FROM upload_sessions WHERE client = $3) < $7",
+                &[
+                    &id.to_string(),
+                    &repo_id,
+                    &client,
+                    &self.objects.upload_key(&id.to_string()).as_ref(),
+                    &algorithm.as_str(),
+                    &(self.options.max_sessions as i64),
+                    &(self.options.max_sessions_per_client as i64),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(UploadsError::TooMany {
+                max_sessions: self.options.max_sessions,
+                per_client: self.options.max_sessions_per_client,
+            });
+        }
         Ok(id)
     }
 

@@ -21,7 +21,7 @@ mod units;
 mod users;
 mod warm;
 pub use notify::{NotifyConfig, NotifyEvent, NotifyFormat};
-pub use storage::{CLUSTER_UNAVAILABLE, PostgresConfig, S3Config, S3Credentials, replica_url_of};
+pub use storage::{PostgresConfig, S3Config, S3Credentials, replica_url_of};
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};

@@ -10,9 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{ByteSize, Secret, ServerConfig, StorageConfig, has_userinfo, redact_url};
 
-/// What `serve` says while the cluster profile is configured but not wired into the server.
-pub const CLUSTER_UNAVAILABLE: &str = "[storage.s3] and [storage.postgres] select the cluster profile, which is not available yet in this build; remove both tables to run the local profile";
-
 /// The environment variables S3 credentials come from when the table names none.
 pub const ENV_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const ENV_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";

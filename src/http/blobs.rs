@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::request::Parts;
 use http::{StatusCode, header};
 
@@ -13,6 +12,7 @@ use super::{etag_matches, parse_digest};
 use crate::App;
 use crate::oci::range::{RangeOutcome, interpret_range};
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
+use crate::storage::BlobSource;
 use crate::store::BlobChunks;
 
 pub async fn get(
@@ -23,9 +23,9 @@ pub async fn get(
     head: bool,
 ) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
-    let Some(size) = app.store.blob_size(repo, &digest)? else {
+    let Some(size) = app.storage.blob_size(repo, &digest).await? else {
         // Manifests are content too: some clients fetch them through the blobs endpoint.
-        if let Some(m) = app.store.manifest(repo, &digest)? {
+        if let Some(m) = app.storage.manifest(repo, &digest).await? {
             let mut r = super::manifests::manifest_response(&m, head);
             r.headers_mut().insert(
                 header::CACHE_CONTROL,
@@ -39,24 +39,30 @@ pub async fn get(
     if etag_matches(parts, &digest_str) {
         return Ok(super::response::not_modified(&digest_str));
     }
+    if !head && let Some(url) = app.storage.blob_redirect(&digest).await? {
+        // The bucket serves the bytes (and the client's Range) itself.
+        let mut r = empty(StatusCode::TEMPORARY_REDIRECT);
+        set(&mut r, header::LOCATION, url);
+        super::response::set_digest_headers(&mut r, &digest_str);
+        return Ok(r);
+    }
     let (status, start, end) = match plan_range(parts, size, head) {
         Ok(plan) => plan,
         Err(unsatisfiable) => return Ok(*unsatisfiable),
     };
     let body = if head {
         ResponseBody::Empty
-    } else if let Some(bytes) = small_blob(app, &digest, size)
-        .await?
-        .filter(|b| b.len() as u64 == size)
-    {
-        // `end <= size`, the length of these verified bytes (anything else reads the file).
-        ResponseBody::full(bytes.slice(start as usize..end as usize))
     } else {
-        let file = app.store.open_blob(&digest)?;
-        ResponseBody::Blob(
-            BlobChunks::new(file, start, end).map_err(crate::store::StoreError::from)?,
-            app.metrics.bytes_sent.clone(),
-        )
+        match app.storage.open_blob(&digest, size).await? {
+            // `end <= size`, the length of these verified bytes.
+            BlobSource::Memory(bytes) => {
+                ResponseBody::full(bytes.slice(start as usize..end as usize))
+            }
+            BlobSource::File(file) => ResponseBody::Blob(
+                BlobChunks::new(file, start, end).map_err(crate::store::StoreError::from)?,
+                app.metrics.bytes_sent.clone(),
+            ),
+        }
     };
     let mut r = http::Response::new(body);
     // Room for every header the answer gets (here and in `handle`): no regrowth.
@@ -68,24 +74,6 @@ pub async fn get(
         http::HeaderValue::from_static("max-age=31536000"),
     );
     Ok(r)
-}
-
-/// A small blob's bytes from memory; on the first request the file is read and verified on
-/// the blocking pool (a cold disk must not stall the async workers). `None`: too large for
-/// the cache, or the file does not match its digest — stream it from the file.
-async fn small_blob(
-    app: &Arc<App>,
-    digest: &Digest,
-    size: u64,
-) -> Result<Option<Bytes>, RegistryError> {
-    if !app.store.small_blob_fits(size) {
-        return Ok(None);
-    }
-    if let Some(bytes) = app.store.cached_small_blob(digest) {
-        return Ok(Some(bytes));
-    }
-    let (app, digest) = (app.clone(), digest.clone());
-    super::blocking(move || app.store.load_small_blob(&digest, size)).await
 }
 
 /// What a blob GET answers for its `Range` header: `(status, start, end)` with `end`
@@ -146,7 +134,6 @@ fn blob_headers_with(r: &mut Resp, digest: &str, start: u64, end: u64, size: u64
 
 pub async fn delete(app: &Arc<App>, repo: &RepoName, digest: &str) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
-    let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
-    super::blocking(move || app2.store.delete_blob(&repo2, &d2)).await?;
+    app.storage.delete_blob(repo, &digest).await?;
     Ok(empty(StatusCode::ACCEPTED))
 }

@@ -83,8 +83,16 @@ pub async fn get(
 ) -> Result<Resp, RegistryError> {
     let reference = parse_reference_to_read(reference)?;
     let unknown = || RegistryError::manifest_unknown(&format!("{repo}:{reference}"));
-    let digest = app.store.resolve(repo, &reference)?.ok_or_else(unknown)?;
-    let m = app.store.manifest(repo, &digest)?.ok_or_else(unknown)?;
+    let digest = app
+        .storage
+        .resolve(repo, &reference)
+        .await?
+        .ok_or_else(unknown)?;
+    let m = app
+        .storage
+        .manifest(repo, &digest)
+        .await?
+        .ok_or_else(unknown)?;
     let accept = accept_list(parts);
     let by_tag = matches!(reference, Reference::Tag(_));
     let m = match negotiate(&accept, &m.media_type, by_tag) {
@@ -105,8 +113,9 @@ pub async fn get(
                 RegistryError::new(ErrorCode::ManifestUnknown, format!("{reference} is a manifest list with no linux/amd64 image, and the Accept header does not include manifest lists"))
             })?;
             let child = app
-                .store
-                .manifest(repo, &child.digest)?
+                .storage
+                .manifest(repo, &child.digest)
+                .await?
                 .ok_or_else(unknown)?;
             if !accept.accepts(&child.media_type) {
                 return Err(RegistryError::manifest_invalid(format!(
@@ -152,7 +161,7 @@ pub async fn put(
                 .map_err(|e| RegistryError::new(ErrorCode::TagInvalid, e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let limit = app.store.options().max_manifest_size;
+    let limit = app.storage.max_manifest_size();
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -181,17 +190,10 @@ pub async fn put(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let (app2, repo2, ref2, tags2) = (
-        app.clone(),
-        repo.clone(),
-        reference.clone(),
-        extra_tags.clone(),
-    );
-    let put = super::blocking(move || {
-        app2.store
-            .put_manifest(&repo2, &ref2, bytes, &content_type, &tags2)
-    })
-    .await?;
+    let put = app
+        .storage
+        .put_manifest(repo, &reference, bytes, content_type, extra_tags.clone())
+        .await?;
     let mut r = empty(StatusCode::CREATED);
     let digest = put.digest.to_string();
     set(
@@ -219,7 +221,6 @@ pub async fn delete(
     reference: &str,
 ) -> Result<Resp, RegistryError> {
     let reference = parse_reference_to_read(reference)?;
-    let (app2, repo2) = (app.clone(), repo.clone());
-    super::blocking(move || app2.store.delete_manifest(&repo2, &reference)).await?;
+    app.storage.delete_manifest(repo, &reference).await?;
     Ok(empty(StatusCode::ACCEPTED))
 }

@@ -15,6 +15,7 @@ use super::body::{RequestBody, read_limited};
 use super::response::{Resp, json};
 use crate::App;
 use crate::auth::keys::{AdminError, Role};
+use crate::auth::record_store::RecordError;
 use crate::auth::{ADMIN_ACTION, Caller, PROJECT_SCOPE};
 use crate::oci::{ErrorCode, RegistryError};
 
@@ -42,7 +43,7 @@ pub async fn serve(
         .require_owner(caller, project)
         .map_err(|d| super::token::denial_error(app, parts, d, scope))?;
     let ids = app.auth.identities.clone();
-    let (app2, project, user) = (app.clone(), project.to_string(), user.map(str::to_string));
+    let (project, user) = (project.to_string(), user.map(str::to_string));
     match (&parts.method, user) {
         (&Method::GET, None) => {
             let members = ids.members(&project);
@@ -60,15 +61,14 @@ pub async fn serve(
                     "expected {{\"role\": \"owner|editor|viewer\"}}: {e}"
                 ))
             })?;
-            super::blocking_admin(move || ids.set_member(&app2.store, &project, &user, role))
-                .await?;
+            super::blocking_admin(move || ids.set_member(&project, &user, role)).await?;
             Ok(json(
                 StatusCode::OK,
                 serde_json::json!({ "role": role.as_str() }).to_string(),
             ))
         }
         (&Method::DELETE, Some(user)) => {
-            super::blocking_admin(move || ids.remove_member(&app2.store, &project, &user)).await?;
+            super::blocking_admin(move || ids.remove_member(&project, &user)).await?;
             Ok(super::response::empty(StatusCode::NO_CONTENT))
         }
         _ => Err(RegistryError::unsupported(
@@ -87,6 +87,8 @@ impl From<AdminError> for RegistryError {
             AdminError::Invalid(m) => bad(&m),
             AdminError::NotFound(m) => RegistryError::new(ErrorCode::NotFound, m),
             AdminError::Store(e) => e.into(),
+            AdminError::Records(RecordError::Store(e)) => e.into(),
+            AdminError::Records(e) => RegistryError::internal(e.to_string()),
         }
     }
 }

@@ -326,6 +326,9 @@ fn metrics(app: &App) -> Resp {
     app.metrics
         .uploads_active
         .set(app.store.uploads_active() as i64);
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        crate::storage::cluster_metrics::sample(c.read_cache(), &app.metrics);
+    }
     // What was dropped since the last scrape, counted once even when scrapes overlap.
     static REPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = crate::log_writer::dropped_lines();

@@ -21,7 +21,10 @@ pub async fn list(
 ) -> Result<Resp, RegistryError> {
     let subject = parse_digest(digest)?;
     let filter = query_one(parts, "artifactType");
-    let manifests = app.store.referrers(repo, &subject, filter.as_deref())?;
+    let manifests = app
+        .storage
+        .referrers(repo, &subject, filter.as_deref())
+        .await?;
     let body =
         serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
             .to_string();

@@ -154,6 +154,20 @@ impl From<StoreError> for RegistryError {
                 format!("error reading the request body: {e}"),
             )
             .with_status(400),
+            e @ StoreError::UploadBusy => {
+                RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
+                    .with_status(409)
+                    .with_header("retry-after", "1")
+            }
+            StoreError::DigestRefused(m) => RegistryError::digest_invalid(m),
+            StoreError::Shared(m) => {
+                tracing::error!(error = %m, "shared storage error");
+                RegistryError::new(
+                    ErrorCode::Unavailable,
+                    "the registry's shared storage is unavailable; see the server log",
+                )
+                .with_header("retry-after", "5")
+            }
             e @ StoreError::InsufficientStorage => {
                 RegistryError::new(ErrorCode::InsufficientStorage, e.to_string())
             }

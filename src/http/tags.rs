@@ -54,8 +54,9 @@ fn with_link(mut r: Resp, path: &str, page: &Page, n: usize, ns: Option<&str>) -
 pub async fn list(app: &Arc<App>, repo: &RepoName, parts: &Parts) -> Result<Resp, RegistryError> {
     let (n, last) = paging(parts)?;
     let page = app
-        .store
-        .list_tags(repo, last.as_deref(), n)?
+        .storage
+        .list_tags(repo, last.as_deref(), n)
+        .await?
         .ok_or_else(|| RegistryError::name_unknown(repo))?;
     Ok(tags_response(repo, &page, n, None))
 }
@@ -79,8 +80,9 @@ pub async fn catalog(
 ) -> Result<Resp, RegistryError> {
     let (n, last) = paging(parts)?;
     let page = app
-        .store
-        .catalog(last.as_deref(), n, |name| app.auth.may_list(caller, name))?;
+        .storage
+        .catalog(last.as_deref(), n, |name| app.auth.may_list(caller, name))
+        .await?;
     let body = serde_json::json!({"repositories": page.items}).to_string();
     Ok(with_link(
         json(StatusCode::OK, body),

@@ -16,7 +16,7 @@ use crate::auth::{Action, Caller, Identity};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, ErrorCode, RegistryError, RepoName};
 use crate::store::StoreError;
-use crate::store::uploads::{ChunkSpec, parse_upload_id};
+use crate::store::uploads::ChunkSpec;
 
 fn content_length(parts: &Parts) -> Option<u64> {
     parts
@@ -80,8 +80,12 @@ fn blob_created(repo: &RepoName, digest: &Digest) -> Resp {
     r
 }
 
-fn upload_id(id: &str) -> Result<&str, RegistryError> {
-    parse_upload_id(id).ok_or_else(RegistryError::upload_unknown)
+fn upload_id<'a>(app: &App, id: &'a str) -> Result<&'a str, RegistryError> {
+    if app.storage.valid_upload_id(id) {
+        Ok(id)
+    } else {
+        Err(RegistryError::upload_unknown())
+    }
 }
 
 /// An out-of-order chunk: 416, and the session's real progress so the client can resume.
@@ -106,15 +110,15 @@ fn client_key(caller: &Caller) -> String {
     }
 }
 
-/// Starts a session (off the async workers: an index write).
+/// Starts a session.
 async fn new_session(
     app: &Arc<App>,
     repo: &RepoName,
     algorithm: Algorithm,
     caller: &Caller,
 ) -> Result<String, RegistryError> {
-    let (app2, repo2, client) = (app.clone(), repo.clone(), client_key(caller));
-    super::blocking(move || app2.store.start_upload(&repo2, algorithm, Some(&client))).await
+    let client = client_key(caller);
+    Ok(app.storage.start_upload(repo, algorithm, &client).await?)
 }
 
 /// Appends `body` and commits the upload; the session is locked throughout.
@@ -127,20 +131,14 @@ async fn complete(
     body: &mut RequestBody,
 ) -> Result<u64, StoreError> {
     room_for_push(app)?;
-    let up = app.store.lock_upload(repo, id).await?;
-    let up = up.append(spec, body).await?;
-    let (app2, d2) = (app.clone(), digest.clone());
-    match tokio::task::spawn_blocking(move || app2.store.commit_upload(up, &d2)).await {
-        Ok(r) => r,
-        Err(e) => Err(StoreError::Io(std::io::Error::other(format!(
-            "upload commit task failed: {e}"
-        )))),
-    }
+    app.storage
+        .complete_upload(repo, id, digest, spec, body)
+        .await
 }
 
 /// Refuses to take more pushed bytes while the data directory is short of space (counted).
 fn room_for_push(app: &App) -> Result<(), StoreError> {
-    app.store.room_for_push().inspect_err(|_| {
+    app.storage.room_for_push().inspect_err(|_| {
         app.metrics
             .space_refusals
             .with_label_values(&["push"])
@@ -148,11 +146,9 @@ fn room_for_push(app: &App) -> Result<(), StoreError> {
     })
 }
 
-/// Cancels a session (off the async workers: a synced index write and an unlink).
+/// Cancels a session and drops what it received.
 async fn cancel_session(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<(), RegistryError> {
-    let up = app.store.lock_upload(repo, id).await?;
-    let app2 = app.clone();
-    super::blocking(move || app2.store.cancel_upload(up)).await
+    Ok(app.storage.cancel_upload(repo, id).await?)
 }
 
 pub async fn start(
@@ -173,14 +169,13 @@ pub async fn start(
             app.auth
                 .authorize(caller, f, &namespace, Action::Pull)
                 .is_ok()
-        }) {
-            let (app2, repo2, d2) = (app.clone(), repo.clone(), digest.clone());
-            if super::blocking(move || app2.store.mount_blob(&repo2, &from, &d2))
-                .await?
-                .is_some()
-            {
-                return Ok(blob_created(repo, &digest));
-            }
+        }) && app
+            .storage
+            .mount_blob(repo, &from, &digest)
+            .await?
+            .is_some()
+        {
+            return Ok(blob_created(repo, &digest));
         }
     }
     if let Some(d) = query_one(parts, "digest") {
@@ -215,15 +210,17 @@ pub async fn start(
             range: None,
             content_length: content_length(parts),
         };
-        let up = app.store.lock_upload(repo, &id).await?;
-        size = up.append(spec, &mut body).await?.size();
+        size = app
+            .storage
+            .append_upload(repo, &id, spec, &mut body)
+            .await?;
     }
     Ok(session_response(StatusCode::ACCEPTED, repo, &id, size))
 }
 
 pub async fn status(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
-    let id = upload_id(id)?;
-    let size = app.store.upload_size(repo, id).await?;
+    let id = upload_id(app, id)?;
+    let size = app.storage.upload_size(repo, id).await?;
     Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
 }
 
@@ -234,15 +231,11 @@ pub async fn patch(
     parts: &Parts,
     mut body: RequestBody,
 ) -> Result<Resp, RegistryError> {
-    let id = upload_id(id)?;
+    let id = upload_id(app, id)?;
     let spec = chunk_spec(parts)?;
     let appended = match room_for_push(app) {
         Err(e) => Err(e),
-        Ok(()) => app.store.lock_upload(repo, id).await,
-    };
-    let appended = match appended {
-        Ok(up) => up.append(spec, &mut body).await.map(|up| up.size()),
-        Err(e) => Err(e),
+        Ok(()) => app.storage.append_upload(repo, id, spec, &mut body).await,
     };
     match appended {
         Ok(size) => Ok(session_response(StatusCode::ACCEPTED, repo, id, size)),
@@ -257,7 +250,7 @@ pub async fn put(
     parts: &Parts,
     mut body: RequestBody,
 ) -> Result<Resp, RegistryError> {
-    let id = upload_id(id)?;
+    let id = upload_id(app, id)?;
     let digest = query_one(parts, "digest").ok_or_else(|| {
         RegistryError::digest_invalid(
             "the digest query parameter is required to complete an upload",
@@ -272,7 +265,7 @@ pub async fn put(
 }
 
 pub async fn cancel(app: &Arc<App>, repo: &RepoName, id: &str) -> Result<Resp, RegistryError> {
-    let id = upload_id(id)?;
+    let id = upload_id(app, id)?;
     cancel_session(app, repo, id).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

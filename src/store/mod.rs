@@ -81,6 +81,14 @@ pub enum StoreError {
         "the registry is short of disk space (below cache.min_free_disk, with nothing more it may evict); pushes are refused until space is freed"
     )]
     InsufficientStorage,
+    /// Another request (on this or another replica) is writing to the upload session.
+    #[error("another request is writing to this upload session; retry when it ends")]
+    UploadBusy,
+    #[error("{0}")]
+    DigestRefused(String),
+    /// The cluster profile's shared database or bucket failed or cannot be reached.
+    #[error("shared storage: {0}")]
+    Shared(String),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -580,31 +588,14 @@ impl Store {
         content_type: &str,
         extra_tags: &[Tag],
     ) -> Result<PutManifest, StoreError> {
-        let limit = self.options.max_manifest_size;
-        if bytes.len() as u64 > limit {
-            return Err(StoreError::ManifestTooLarge { limit });
-        }
-        let parsed = ParsedManifest::parse(&bytes, content_type)
-            .map_err(|e| StoreError::ManifestInvalid(e.to_string()))?;
-        let digest = match reference {
-            Reference::Digest(expected) => {
-                let actual = Digest::of(expected.algorithm(), &bytes);
-                if actual != *expected {
-                    return Err(StoreError::DigestMismatch {
-                        expected: expected.clone(),
-                        actual,
-                    });
-                }
-                actual
-            }
-            Reference::Tag(_) => Digest::sha256_of(&bytes),
-        };
+        let (parsed, digest, tags) = check_manifest(
+            reference,
+            &bytes,
+            content_type,
+            extra_tags,
+            self.options.max_manifest_size,
+        )?;
         let digest_key = digest.to_string();
-        let mut tags: Vec<Tag> = extra_tags.to_vec();
-        if let Reference::Tag(t) = reference {
-            tags.insert(0, t.clone());
-        }
-        tags.dedup();
 
         let _gc = self.read_gc_lock();
         let mut missing = Vec::new();
@@ -867,6 +858,42 @@ impl Store {
         )?;
         Ok(out)
     }
+}
+
+/// What every profile checks of a pushed manifest before storing it: its size, that it
+/// parses, and its digest (the one named, or sha256 for a tag); with the tags it sets, the
+/// reference's first.
+pub fn check_manifest(
+    reference: &Reference,
+    bytes: &[u8],
+    content_type: &str,
+    extra_tags: &[Tag],
+    limit: u64,
+) -> Result<(ParsedManifest, Digest, Vec<Tag>), StoreError> {
+    if bytes.len() as u64 > limit {
+        return Err(StoreError::ManifestTooLarge { limit });
+    }
+    let parsed = ParsedManifest::parse(bytes, content_type)
+        .map_err(|e| StoreError::ManifestInvalid(e.to_string()))?;
+    let digest = match reference {
+        Reference::Digest(expected) => {
+            let actual = Digest::of(expected.algorithm(), bytes);
+            if actual != *expected {
+                return Err(StoreError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            actual
+        }
+        Reference::Tag(_) => Digest::sha256_of(bytes),
+    };
+    let mut tags: Vec<Tag> = extra_tags.to_vec();
+    if let Reference::Tag(t) = reference {
+        tags.insert(0, t.clone());
+    }
+    tags.dedup();
+    Ok((parsed, digest, tags))
 }
 
 fn encode_manifest(media_type: &str, bytes: &[u8]) -> Vec<u8> {

@@ -482,6 +482,62 @@ fn blob_path(digest: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Assertions on what a registry serves
+
+/// The registry serves `manifest` under `reference` byte-exact, with its type and digest.
+pub fn assert_manifest(h: &Http, repo: &str, reference: &str, media_type: &str, manifest: &[u8]) {
+    let r = h.send(
+        "GET",
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &[("accept", ACCEPT_ALL)],
+        Vec::new(),
+    );
+    assert_eq!(r.status, 200, "GET {repo} manifest {reference}: {r:?}");
+    assert_bytes(&format!("{repo} manifest {reference}"), &r.body, manifest);
+    assert_eq!(
+        r.header("content-type"),
+        Some(media_type),
+        "{repo}:{reference}"
+    );
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(sha256(manifest).as_str())
+    );
+}
+
+/// The registry serves the blob `digest` of `repo` byte-exact.
+pub fn assert_blob(h: &Http, repo: &str, digest: &str, bytes: &[u8]) {
+    let r = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+    assert_eq!(r.status, 200, "GET {repo} blob {digest}");
+    assert_bytes(&format!("{repo} blob {digest}"), &r.body, bytes);
+}
+
+/// The registry holds the whole layout under `repo:TAG`.
+pub fn assert_registry_holds(h: &Http, repo: &str, layout: &Layout) {
+    assert_manifest(h, repo, TAG, layout.top.0, &layout.top.2);
+    for image in &layout.images {
+        assert_manifest(
+            h,
+            repo,
+            &image.digest,
+            layout.format.manifest,
+            &image.manifest,
+        );
+    }
+    for (digest, bytes) in &layout.blobs {
+        assert_blob(h, repo, digest, bytes);
+    }
+    assert_tags(h, repo, &[TAG]);
+}
+
+/// The tag list of `repo` is exactly `tags`.
+pub fn assert_tags(h: &Http, repo: &str, tags: &[&str]) {
+    let r = h.get(&format!("/v2/{repo}/tags/list"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["tags"], json!(tags), "tags of {repo}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Assertions on what clients pulled
 
 /// Byte equality without dumping megabytes when it fails.

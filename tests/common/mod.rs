@@ -19,6 +19,7 @@ use transship::config::Config;
 
 pub mod engines;
 pub mod images;
+pub mod replicas;
 pub mod tls;
 pub mod upstream;
 
@@ -28,6 +29,11 @@ pub const EMPTY_SHA256: &str =
 /// A config for tests: the embedded default with a temp data dir and an ephemeral port, plus
 /// `extra` TOML appended (sections not in the default, e.g. more `[[project]]`s).
 pub fn test_config(data_dir: &Path, extra: &str) -> Config {
+    Config::parse(&test_config_text(data_dir, extra), "test config").expect("valid test config")
+}
+
+/// `test_config` as TOML text (for the real binary's config file).
+pub fn test_config_text(data_dir: &Path, extra: &str) -> String {
     // Upstreams point at a closed loopback port unless a test sets one: no test may ever
     // reach a real public registry.
     let text = transship::config::EMBEDDED_DEFAULT
@@ -40,7 +46,7 @@ pub fn test_config(data_dir: &Path, extra: &str) -> Config {
             "data_dir = \"./transship-data\"",
             &format!("data_dir = {:?}", data_dir.display().to_string()),
         );
-    Config::parse(&format!("{text}\n{extra}"), "test config").expect("valid test config")
+    format!("{text}\n{extra}")
 }
 
 /// The real server, in-process, on its own runtime thread.
@@ -145,6 +151,12 @@ impl BinaryServer {
     /// The child is reaped by `Drop`, `kill9` or `terminate`.
     #[allow(clippy::zombie_processes)]
     pub fn start(config_path: &Path, log: &Path) -> Self {
+        Self::start_on(config_path, log, "127.0.0.1:0")
+    }
+
+    /// `start`, listening on `listen` (another loopback address, or a port to keep).
+    #[allow(clippy::zombie_processes)]
+    pub fn start_on(config_path: &Path, log: &Path, listen: &str) -> Self {
         const MARKER: &str = "transship serving";
         let before = std::fs::read_to_string(log)
             .unwrap_or_default()
@@ -155,10 +167,10 @@ impl BinaryServer {
             .append(true)
             .open(log)
             .expect("log file");
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .args(["serve", "--config"])
             .arg(config_path)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(out.try_clone().expect("clone")))
@@ -190,6 +202,9 @@ impl BinaryServer {
                 Instant::now() < deadline,
                 "transship did not start; log:\n{text}"
             );
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("transship exited ({status}) while starting; log:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,273 @@
+//! Cluster-wide garbage collection: one replica at a time (a `job_leases` row), safe while
+//! every replica keeps pushing.
+//!
+//! What goes, each only once older than the grace period (the window in which a push has
+//! uploaded layers but not yet its manifest):
+//! - `manifests` rows no repository holds any more (a delete removes the repository's row, not
+//!   the bytes another repository may share), with their reference rows;
+//! - blobs no manifest held by a repository references, and that no push linked within the
+//!   window (a push's link counts for the longer of the grace period and how long an idle
+//!   push may wait, as in the local profile): their rows, their links, then their objects;
+//! - objects under the blob prefix with no `blobs` row (a replica died between writing the
+//!   object and recording it, or a delete of the object failed).
+//!
+//! Each blob is removed in its own transaction that first locks its `blobs` row `FOR UPDATE`:
+//! a manifest push holds the rows of the blobs it references `FOR SHARE` until it commits, and
+//! a new link's foreign key takes a share lock too, so the lock waits for them; the reference
+//! check then runs as a new statement, whose snapshot (READ COMMITTED) sees what they
+//! committed. The object is deleted only after the rows are gone, so a crash in between leaves
+//! an unrecorded object (removed by a later run), never a row without its bytes.
+
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+
+use super::fill_lease::millis;
+use super::objects::{Objects, ObjectsError};
+use super::pg::{Db, PgError};
+use crate::oci::Digest;
+
+/// Candidate blobs read per query.
+const BATCH: i64 = 256;
+/// The job's name in `job_leases`.
+const JOB: &str = "gc";
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterGcReport {
+    pub manifests_removed: u64,
+    pub blobs_removed: u64,
+    pub bytes_freed: u64,
+    pub orphan_objects_removed: u64,
+}
+
+impl std::fmt::Display for ClusterGcReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "removed {} unreferenced manifests, {} unreferenced blobs ({} bytes), {} unrecorded objects",
+            self.manifests_removed,
+            self.blobs_removed,
+            self.bytes_freed,
+            self.orphan_objects_removed
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterGcError {
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
+}
+
+impl From<tokio_postgres::Error> for ClusterGcError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Pg(e.into())
+    }
+}
+
+/// Whether this replica may run a cluster job now, and for how long.
+#[derive(Debug)]
+pub struct JobLease {
+    lease_id: String,
+}
+
+impl Db {
+    /// Takes the job `job` for `ttl` unless another replica holds it unexpired.
+    pub async fn acquire_job(
+        &self,
+        job: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<JobLease>, PgError> {
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        let won = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO job_leases (job, owner, lease_id, expires_at)
+                 VALUES ($1, $2, $3::text::uuid, now() + $4::bigint * interval '1 millisecond')
+                 ON CONFLICT (job) DO UPDATE
+                    SET owner = EXCLUDED.owner, lease_id = EXCLUDED.lease_id,
+                        expires_at = EXCLUDED.expires_at
+                    WHERE job_leases.expires_at < now()",
+                &[&job, &owner, &lease_id, &millis(ttl)],
+            )
+            .await?;
+        Ok((won == 1).then_some(JobLease { lease_id }))
+    }
+
+    /// Ends a job lease (a lease taken over meanwhile is left alone).
+    pub async fn release_job(&self, job: &str, lease: JobLease) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM job_leases WHERE job = $1 AND lease_id = $2::text::uuid",
+                &[&job, &lease.lease_id],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// How long what may still be used is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct GcWindows {
+    /// Anything younger than this stays (`gc.grace_period`).
+    pub grace: Duration,
+    /// A blob linked by a push stays this long after the link (or `grace`, if longer): the
+    /// registry waits this long on an idle push (`uploads.abandon_after`).
+    pub push: Duration,
+}
+
+/// One GC run, if no other replica is running one; `None` when another holds the job.
+/// `lease` must outlast the run (a run taking longer could overlap with another's, which
+/// stays safe — each removal re-checks under its row lock — but does the work twice).
+pub async fn collect_garbage(
+    db: &Db,
+    objects: &Objects,
+    owner: &str,
+    windows: GcWindows,
+    lease: Duration,
+) -> Result<Option<ClusterGcReport>, ClusterGcError> {
+    let Some(job) = db.acquire_job(JOB, owner, lease).await? else {
+        return Ok(None);
+    };
+    let result = run(db, objects, windows).await;
+    if let Err(e) = db.release_job(JOB, job).await {
+        tracing::warn!(error = %e, "cannot release the GC job lease; it expires by itself");
+    }
+    result.map(Some)
+}
+
+async fn run(
+    db: &Db,
+    objects: &Objects,
+    windows: GcWindows,
+) -> Result<ClusterGcReport, ClusterGcError> {
+    let mut report = ClusterGcReport::default();
+    let grace = windows.grace;
+    let grace_ms = millis(grace);
+    let push_window_ms = millis(windows.grace.max(windows.push));
+    let client = db.client().await?;
+    report.manifests_removed = client
+        .execute(
+            "DELETE FROM manifests m
+              WHERE m.created_at < now() - $1::bigint * interval '1 millisecond'
+                AND NOT EXISTS (SELECT 1 FROM repo_manifests rm WHERE rm.digest = m.digest)",
+            &[&grace_ms],
+        )
+        .await?;
+    drop(client);
+    let mut after = String::new();
+    loop {
+        let rows = db
+            .client()
+            .await?
+            .query(
+                "SELECT b.digest FROM blobs b
+                  WHERE b.digest > $1 AND b.created_at < now() - $2::bigint * interval '1 millisecond'
+                  ORDER BY b.digest COLLATE \"C\" LIMIT $3",
+                &[&after, &grace_ms, &BATCH],
+            )
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        for row in &rows {
+            let digest: String = row.get(0);
+            if let Some(size) =
+                remove_if_unreferenced(db, &digest, grace_ms, push_window_ms).await?
+            {
+                // Rows first, then the object: see the module header.
+                match digest.parse::<Digest>() {
+                    Ok(d) => objects.delete(&d).await?,
+                    Err(_) => {
+                        tracing::warn!(%digest, "a blob row that is not a digest; its object (if any) is left alone")
+                    }
+                }
+                report.blobs_removed += 1;
+                report.bytes_freed += size;
+            }
+        }
+    }
+    report.orphan_objects_removed = remove_unrecorded_objects(db, objects, grace).await?;
+    Ok(report)
+}
+
+/// Removes one blob's rows if, under its row lock, nothing references it; its size if so.
+async fn remove_if_unreferenced(
+    db: &Db,
+    digest: &str,
+    grace_ms: i64,
+    push_window_ms: i64,
+) -> Result<Option<u64>, ClusterGcError> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT size FROM blobs WHERE digest = $1 FOR UPDATE",
+            &[&digest],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let size: i64 = row.get(0);
+    // A new statement: its snapshot sees whatever the lock waited for.
+    let kept: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM manifest_blobs mb
+                              JOIN repo_manifests rm ON rm.digest = mb.manifest_digest
+                             WHERE mb.blob_digest = $1)
+                 OR EXISTS (SELECT 1 FROM repo_blobs rb
+                             WHERE rb.digest = $1
+                               AND rb.linked_at >= now() - (CASE WHEN rb.pushed THEN $3::bigint ELSE $2::bigint END)
+                                                           * interval '1 millisecond')",
+            &[&digest, &grace_ms, &push_window_ms],
+        )
+        .await?
+        .get(0);
+    if kept {
+        return Ok(None);
+    }
+    tx.execute("DELETE FROM repo_blobs WHERE digest = $1", &[&digest])
+        .await?;
+    tx.execute("DELETE FROM blobs WHERE digest = $1", &[&digest])
+        .await?;
+    tx.commit().await?;
+    Ok(Some(u64::try_from(size).unwrap_or(0)))
+}
+
+/// Deletes blob objects older than the grace period that have no `blobs` row.
+async fn remove_unrecorded_objects(
+    db: &Db,
+    objects: &Objects,
+    grace: Duration,
+) -> Result<u64, ClusterGcError> {
+    let cutoff = SystemTime::now()
+        .checked_sub(grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut removed = 0;
+    let mut listing = objects.list();
+    while let Some(object) = listing.next().await {
+        let object = object?;
+        if object.last_modified >= cutoff {
+            continue;
+        }
+        let recorded = db
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM blobs WHERE digest = $1",
+                &[&object.digest.to_string()],
+            )
+            .await?
+            .is_some();
+        if !recorded {
+            objects.delete(&object.digest).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

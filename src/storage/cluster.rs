@@ -1,0 +1,507 @@
+//! The cluster profile's storage: metadata in PostgreSQL (`cluster::pg::Db`), blob bytes in
+//! the S3 bucket (`cluster::objects::Objects`), push sessions any replica continues
+//! (`cluster::uploads::Uploads`), and this replica's read cache of bucket blobs in its data
+//! directory (`read_cache`), from which blobs are served as local files.
+//!
+//! Nothing here is remembered across requests that another replica could change, except
+//! blob links for `LINK_TTL`: a blob GET is the hot path, and a link deleted on another
+//! replica may still be served here for that long (a deleted blob's bytes stay in the bucket
+//! until GC, so what is served is never wrong bytes). Tags and manifests are read from the
+//! database on every request, so every replica agrees on them the moment a push returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use super::read_cache::{ReadCache, ReadCacheError};
+use crate::cluster::manifests::NewManifest;
+use crate::cluster::manifests::PutManifestError;
+use crate::cluster::objects::Objects;
+use crate::cluster::pg::{Db, PgError};
+use crate::cluster::uploads::{SessionId, Uploads, UploadsError};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::store::uploads::ChunkSpec;
+use crate::store::{Page, PutManifest, StoreError, StoredManifest, check_manifest};
+
+/// How long a replica trusts a blob link it read from the database.
+const LINK_TTL: Duration = Duration::from_secs(1);
+/// How long a redirect's presigned URL works: long enough for a client to start a large
+/// download, short enough that a URL copied out of a log soon stops working.
+const REDIRECT_VALIDITY: Duration = Duration::from_secs(15 * 60);
+/// Blob links remembered at once.
+const LINK_CACHE_ENTRIES: u64 = 100_000;
+
+/// The cluster profile's shared storage, as one replica sees it.
+pub struct ClusterStore {
+    db: Db,
+    objects: Objects,
+    uploads: Uploads,
+    cache: ReadCache,
+    /// `repo\0digest` → size, for `LINK_TTL`.
+    links: moka::sync::Cache<String, u64>,
+    max_manifest_size: u64,
+    /// `[storage.s3] redirect`: blob GETs answered with a presigned URL.
+    redirect: bool,
+    /// How this replica names itself in leases.
+    replica: String,
+}
+
+/// Whether `id` could be a cluster upload session's id.
+pub fn valid_upload_id(id: &str) -> bool {
+    SessionId::parse(id).is_some()
+}
+
+fn shared(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Shared(e.to_string())
+}
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> Self {
+        shared(e)
+    }
+}
+
+fn link_key(repo: &RepoName, digest: &Digest) -> String {
+    format!("{repo}\0{digest}")
+}
+
+/// What a client sees of a failed upload operation.
+fn upload_error(e: UploadsError) -> StoreError {
+    match e {
+        UploadsError::NotFound => StoreError::UploadUnknown,
+        UploadsError::InUse | UploadsError::Lost => StoreError::UploadBusy,
+        UploadsError::OffsetMismatch { offset, .. } => StoreError::RangeInvalid { size: offset },
+        UploadsError::DigestMismatch { expected, actual } => {
+            StoreError::DigestMismatch { expected, actual }
+        }
+        e @ UploadsError::AlgorithmMismatch { .. } => StoreError::DigestRefused(e.to_string()),
+        e @ UploadsError::TooMany { .. } => StoreError::TooManyUploads(e.to_string()),
+        e @ UploadsError::TooLarge => StoreError::SizeInvalid(e.to_string()),
+        UploadsError::Source(e) => match e.downcast::<std::io::Error>() {
+            Ok(io) => StoreError::Body(*io),
+            Err(e) => StoreError::Body(std::io::Error::other(e)),
+        },
+        e => shared(e),
+    }
+}
+
+fn session(id: &str) -> Result<SessionId, StoreError> {
+    SessionId::parse(id).ok_or(StoreError::UploadUnknown)
+}
+
+impl ClusterStore {
+    pub fn new(
+        db: Db,
+        objects: Objects,
+        uploads: Uploads,
+        cache: ReadCache,
+        max_manifest_size: u64,
+        redirect: bool,
+        replica: String,
+    ) -> Self {
+        Self {
+            db,
+            objects,
+            uploads,
+            cache,
+            links: moka::sync::Cache::builder()
+                .max_capacity(LINK_CACHE_ENTRIES)
+                .time_to_live(LINK_TTL)
+                .build(),
+            max_manifest_size,
+            redirect,
+            replica,
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    pub fn uploads(&self) -> &Uploads {
+        &self.uploads
+    }
+
+    pub fn read_cache(&self) -> &ReadCache {
+        &self.cache
+    }
+
+    pub fn max_manifest_size(&self) -> u64 {
+        self.max_manifest_size
+    }
+
+    // ---- reads --------------------------------------------------------------------------
+
+    pub async fn blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        let k = link_key(repo, digest);
+        if let Some(size) = self.links.get(&k) {
+            return Ok(Some(size));
+        }
+        let size = self.db.blob_size(repo, digest).await?;
+        if let Some(size) = size {
+            self.links.insert(k, size);
+        }
+        Ok(size)
+    }
+
+    /// The blob as a local file: from the read cache, or fetched from the bucket into it
+    /// (verified before it is served; concurrent misses share one fetch).
+    pub async fn open_blob(&self, digest: &Digest, size: u64) -> Result<std::fs::File, StoreError> {
+        if let Some(file) = self.cache.open_cached(digest, size) {
+            return Ok(file);
+        }
+        let objects = self.objects.clone();
+        let d = digest.clone();
+        self.cache
+            .get_or_fetch(digest, size, move || async move {
+                objects.get_range(&d, 0..size).await
+            })
+            .await
+            .map_err(|e| match e {
+                // Local disk trouble is reported like the local profile's (ENOSPC included).
+                ReadCacheError::Io { ref source, .. } => {
+                    StoreError::Io(std::io::Error::new(source.kind(), e.to_string()))
+                }
+                e => shared(e),
+            })
+    }
+
+    /// A presigned URL for the blob, when blob GETs are redirected to the bucket.
+    pub async fn redirect_url(&self, digest: &Digest) -> Result<Option<String>, StoreError> {
+        if !self.redirect {
+            return Ok(None);
+        }
+        let url = self
+            .objects
+            .presign_get(digest, REDIRECT_VALIDITY)
+            .await
+            .map_err(shared)?;
+        Ok(Some(url))
+    }
+
+    pub async fn resolve_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<Digest>, StoreError> {
+        Ok(self.db.tag(repo, tag).await?)
+    }
+
+    pub async fn manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Arc<StoredManifest>>, StoreError> {
+        Ok(self
+            .db
+            .manifest(repo, digest)
+            .await?
+            .map(|(media_type, body)| {
+                Arc::new(StoredManifest {
+                    digest: digest.clone(),
+                    media_type,
+                    bytes: Bytes::from(body),
+                })
+            }))
+    }
+
+    pub async fn list_tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Option<Page>, StoreError> {
+        Ok(self
+            .db
+            .list_tags(repo, last, n)
+            .await?
+            .map(|(items, more)| Page { items, more }))
+    }
+
+    pub async fn catalog(
+        &self,
+        last: Option<&str>,
+        n: usize,
+        visible: impl FnMut(&str) -> bool + Send,
+    ) -> Result<Page, StoreError> {
+        let (items, more) = self.db.catalog(last, n, visible).await?;
+        Ok(Page { items, more })
+    }
+
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        Ok(self.db.referrers(repo, subject, artifact_type).await?)
+    }
+
+    // ---- changes ------------------------------------------------------------------------
+
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        bytes: Bytes,
+        content_type: &str,
+        extra_tags: &[Tag],
+    ) -> Result<PutManifest, StoreError> {
+        let (parsed, digest, tags) = check_manifest(
+            reference,
+            &bytes,
+            content_type,
+            extra_tags,
+            self.max_manifest_size,
+        )?;
+        let blobs: Vec<Digest> = parsed
+            .referenced_blobs()
+            .map(|d| d.digest.clone())
+            .collect();
+        let children: Vec<Digest> = parsed
+            .child_manifests()
+            .iter()
+            .map(|d| d.digest.clone())
+            .collect();
+        let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
+        let descriptor = subject
+            .as_ref()
+            .map(|_| parsed.referrer_descriptor(&digest, bytes.len() as u64));
+        let manifest = NewManifest {
+            repo,
+            digest: &digest,
+            media_type: &parsed.media_type,
+            body: &bytes,
+            blobs: &blobs,
+            children: &children,
+            subject: subject.as_ref(),
+            artifact_type: parsed.artifact_type.as_deref(),
+            referrer_descriptor: descriptor.as_ref(),
+            tags: &tags,
+            pushed: true,
+        };
+        match self.db.put_manifest(&manifest).await {
+            Ok(()) => Ok(PutManifest {
+                digest,
+                subject,
+                tags,
+            }),
+            Err(PutManifestError::Missing(missing)) => {
+                Err(StoreError::ManifestBlobUnknown(missing))
+            }
+            Err(PutManifestError::Pg(e)) => Err(e.into()),
+        }
+    }
+
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(), StoreError> {
+        let found = match reference {
+            Reference::Tag(t) => self.db.delete_tag(repo, t).await?,
+            Reference::Digest(d) => self.db.delete_manifest(repo, d).await?,
+        };
+        if !found {
+            return Err(StoreError::ManifestUnknown(match reference {
+                Reference::Tag(t) => format!("{repo}:{t}"),
+                Reference::Digest(d) => format!("{repo}@{d}"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Unlinks the blob from `repo`; its bytes stay in the bucket (and in read caches, which
+    /// only serve a blob a repository links) until GC.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+        self.links.invalidate(&link_key(repo, digest));
+        if !self.db.unlink_blob(repo, digest).await? {
+            return Err(StoreError::BlobUnknown(digest.clone()));
+        }
+        Ok(())
+    }
+
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        from: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self.db.mount_blob(repo, from, digest).await?)
+    }
+
+    // ---- uploads ------------------------------------------------------------------------
+
+    pub async fn start_upload(
+        &self,
+        repo: &RepoName,
+        algorithm: Algorithm,
+        client: &str,
+    ) -> Result<String, StoreError> {
+        let id = self
+            .uploads
+            .start(repo, algorithm, Some(client))
+            .await
+            .map_err(upload_error)?;
+        Ok(id.to_string())
+    }
+
+    pub async fn upload_size(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
+        self.uploads
+            .offset(repo, session(id)?)
+            .await
+            .map_err(upload_error)
+    }
+
+    pub async fn append_upload<S>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        spec: ChunkSpec,
+        body: &mut S,
+    ) -> Result<u64, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        let id = session(id)?;
+        let (offset, expected) = match spec.range {
+            Some((start, end)) => {
+                let len = end - start + 1;
+                if spec.content_length.is_some_and(|cl| cl != len) {
+                    return Err(StoreError::SizeInvalid(format!(
+                        "Content-Length {} does not match Content-Range {start}-{end}",
+                        spec.content_length.unwrap_or(0)
+                    )));
+                }
+                (start, Some(len))
+            }
+            // A chunk without a range goes at the end, wherever that is now; a concurrent
+            // append elsewhere makes this one fail with the session's real size.
+            None => (
+                self.uploads.offset(repo, id).await.map_err(upload_error)?,
+                spec.content_length,
+            ),
+        };
+        if expected == Some(0) {
+            return Ok(offset);
+        }
+        let bytes = exact_length(body, expected);
+        self.uploads
+            .append(repo, id, offset, bytes)
+            .await
+            .map_err(upload_error)
+    }
+
+    pub async fn complete_upload<S>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        spec: ChunkSpec,
+        body: &mut S,
+    ) -> Result<u64, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+    {
+        self.append_upload(repo, id, spec, body).await?;
+        let size = self
+            .uploads
+            .finish(repo, session(id)?, digest)
+            .await
+            .map_err(upload_error)?;
+        self.links.insert(link_key(repo, digest), size);
+        Ok(size)
+    }
+
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
+        self.uploads
+            .cancel(repo, session(id)?)
+            .await
+            .map_err(upload_error)
+    }
+}
+
+/// `body`, failing if it is longer or shorter than `expected` (when a length was declared):
+/// a chunk is taken whole or not at all by the client's account.
+fn exact_length<'a, S>(
+    body: &'a mut S,
+    expected: Option<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'a
+where
+    S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
+{
+    let mut seen = 0u64;
+    let mut ended = false;
+    futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return std::task::Poll::Ready(None);
+        }
+        match body.poll_next_unpin(cx) {
+            std::task::Poll::Ready(Some(Ok(chunk))) => {
+                seen += chunk.len() as u64;
+                if expected.is_some_and(|n| seen > n) {
+                    ended = true;
+                    return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the body is longer than its declared length",
+                    ))));
+                }
+                std::task::Poll::Ready(Some(Ok(chunk)))
+            }
+            std::task::Poll::Ready(None) => {
+                ended = true;
+                match expected {
+                    Some(n) if seen < n => std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the body ended after {seen} of its {n} declared bytes"),
+                    )))),
+                    _ => std::task::Poll::Ready(None),
+                }
+            }
+            other => other,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    async fn collect(
+        chunks: Vec<&'static [u8]>,
+        expected: Option<u64>,
+    ) -> Result<Vec<u8>, std::io::Error> {
+        let mut body = stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from_static(c))));
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(exact_length(&mut body, expected));
+        while let Some(item) = s.next().await {
+            out.extend_from_slice(&item?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_body_must_have_its_declared_length() {
+        assert_eq!(collect(vec![b"ab", b"c"], Some(3)).await.unwrap(), b"abc");
+        assert_eq!(collect(vec![b"ab", b"c"], None).await.unwrap(), b"abc");
+        let short = collect(vec![b"ab"], Some(3)).await.unwrap_err();
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+        let long = collect(vec![b"ab", b"cd"], Some(3)).await.unwrap_err();
+        assert_eq!(long.kind(), std::io::ErrorKind::InvalidData);
+    }
+}
