@@ -5,7 +5,8 @@
 //! cause exactly one upstream GET; a replica started later fills from the bucket; the owner of
 //! a fill dying mid-way (its runtime dropped at once: sockets, tasks and lease renewals gone)
 //! costs at most one more upstream fetch and leaves nothing corrupt. The internal endpoint
-//! answers only the replicas' key.
+//! answers only the replicas' key. The same death with real processes: the replica harness's
+//! `transship serve` processes, the owner ended by SIGKILL.
 
 mod common;
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::engines::{Postgres, SeaweedFs};
+use common::replicas::Replicas;
 use common::upstream::{self, Distribution};
 use common::{Http, random_bytes, test_config};
 use futures_util::TryStreamExt;
@@ -77,22 +79,53 @@ struct Setup {
 impl Setup {
     fn start(name: &str, seed: u64, rate: u64) -> Option<Self> {
         let cluster = Cluster::start(name)?;
-        let up = Distribution::start();
-        let blob = random_bytes(LARGE, seed);
-        let digest = Http::new(&up.url()).push_blob(REPO, &blob);
-        drop(blob);
-        let support = runtime(2);
-        let target = format!("127.0.0.1:{}", up.port).parse().expect("addr");
-        let relay = throttled_relay(&support, target, rate);
+        let (up, digest, support, upstream_url) = slow_upstream(seed, rate);
         Some(Self {
             cluster,
             up,
             digest,
             support,
-            upstream_url: format!("http://{relay}"),
+            upstream_url,
         })
     }
+}
 
+/// An upstream holding one `LARGE` blob (its digest), a runtime for the test's side, and the
+/// URL of a relay to the upstream sending `rate` bytes a second.
+fn slow_upstream(seed: u64, rate: u64) -> (Distribution, String, tokio::runtime::Runtime, String) {
+    let up = Distribution::start();
+    let blob = random_bytes(LARGE, seed);
+    let digest = Http::new(&up.url()).push_blob(REPO, &blob);
+    drop(blob);
+    let support = runtime(2);
+    let target = format!("127.0.0.1:{}", up.port).parse().expect("addr");
+    let relay = throttled_relay(&support, target, rate);
+    (up, digest, support, format!("http://{relay}"))
+}
+
+/// `slow_upstream` mirrored as `mirror.test` by three replica processes, and the blob's path
+/// there (None, after a loud skip, where the engines or the upstream cannot run).
+fn replica_processes(
+    seed: u64,
+    rate: u64,
+) -> Option<(
+    Distribution,
+    String,
+    tokio::runtime::Runtime,
+    Replicas,
+    String,
+)> {
+    if !Replicas::available() || !upstream::available() {
+        return None;
+    }
+    let (up, digest, support, url) = slow_upstream(seed, rate);
+    let upstream = format!("[[upstream]]\nname = \"mirror.test\"\nurl = \"{url}\"\n");
+    let replicas = Replicas::start_with(3, &|_| upstream.clone());
+    let path = format!("/v2/mirror.test/{REPO}/blobs/{digest}");
+    Some((up, digest, support, replicas, path))
+}
+
+impl Setup {
     /// Waits for the blob to be recorded as in the bucket, then checks the object there
     /// hashes to its digest and the record has its size.
     fn await_published(&self) {
@@ -384,6 +417,29 @@ fn internal_fills_served(app: &App) -> u64 {
         .sum()
 }
 
+/// Clients GETting `urls`, each started once it has received its first MiB (so its replica
+/// is following the fill in flight).
+fn follow_clients(
+    rt: &tokio::runtime::Runtime,
+    urls: impl Iterator<Item = String>,
+) -> Vec<tokio::task::JoinHandle<Received>> {
+    let started: Vec<_> = urls
+        .map(|url| {
+            let progress = Arc::new(AtomicU64::new(0));
+            (
+                rt.spawn(hashed_get(client(), url, progress.clone())),
+                progress,
+            )
+        })
+        .collect();
+    for (_, progress) in &started {
+        wait_until("a follower's first bytes", Duration::from_secs(30), || {
+            progress.load(Ordering::Relaxed) >= 1 << 20
+        });
+    }
+    started.into_iter().map(|(task, _)| task).collect()
+}
+
 /// Fills these replicas completed from `source` (their metrics).
 fn fills_from(replicas: &[Replica], source: &str) -> u64 {
     replicas
@@ -518,22 +574,7 @@ fn the_owner_dying_mid_fill_costs_at_most_one_more_upstream_fetch() {
     wait_until("the owner's first bytes", Duration::from_secs(30), || {
         owner_progress.load(Ordering::Relaxed) >= 8 << 20
     });
-    let followers: Vec<_> = (1..3)
-        .map(|i| {
-            let progress = Arc::new(AtomicU64::new(0));
-            let task = s.support.spawn(hashed_get(
-                client(),
-                replicas[i].url(&path),
-                progress.clone(),
-            ));
-            (task, progress)
-        })
-        .collect();
-    for (_, progress) in &followers {
-        wait_until("a follower's first bytes", Duration::from_secs(30), || {
-            progress.load(Ordering::Relaxed) >= 1 << 20
-        });
-    }
+    let followers = follow_clients(&s.support, (1..3).map(|i| replicas[i].url(&path)));
     assert_eq!(
         lease_owner(&s.support, &s.cluster.pg_url, &digest),
         Some(format!("http://{}", replicas[0].addr)),
@@ -551,7 +592,7 @@ fn the_owner_dying_mid_fill_costs_at_most_one_more_upstream_fetch() {
         "a client never gets a complete body that is wrong: {first:?}"
     );
     // The followers carry on: one takes the expired lease over, the other follows it.
-    for (i, (task, _)) in followers.into_iter().enumerate() {
+    for (i, task) in followers.into_iter().enumerate() {
         let r = s.support.block_on(task).expect("client task");
         assert!(r.complete, "follower {i}: {r:?}");
         assert_eq!((r.status, r.len), (200, LARGE as u64), "follower {i}");
@@ -666,4 +707,102 @@ fn a_record_without_its_object_falls_back_to_the_upstream() {
         || bucket_digest(&rt, &objects(&cluster.s3), &d).is_some(),
     );
     assert_eq!(bucket_digest(&rt, &objects(&cluster.s3), &d), Some(digest));
+}
+
+/// Fills that replicas `which` completed from `source`, as their `/metrics` say.
+fn served_fills(replicas: &Replicas, which: std::ops::Range<usize>, source: &str) -> u64 {
+    let line = format!("transship_cluster_fills_total{{source=\"{source}\"}} ");
+    which
+        .filter_map(|i| {
+            let text = replicas.http(i).get("/metrics").body;
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find_map(|l| l.strip_prefix(&line).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .sum()
+}
+
+/// Thirty concurrent cold pulls over three replica processes: one upstream GET.
+#[test]
+fn thirty_cold_pulls_over_three_replica_processes_fetch_once() {
+    let Some((up, digest, support, replicas, path)) = replica_processes(18, 48 << 20) else {
+        return;
+    };
+    let progress = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            support.spawn(hashed_get(
+                client(),
+                replicas.url(i % 3, &path),
+                progress.clone(),
+            ))
+        })
+        .collect();
+    let results = support.block_on(futures_util::future::join_all(tasks));
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.expect("client task");
+        assert!(r.complete, "client {i}: {r:?}");
+        assert_eq!((r.status, r.len), (200, LARGE as u64), "client {i}");
+        assert_eq!(r.digest, digest, "client {i} received different bytes");
+    }
+    assert_eq!(upstream_gets(&up, &digest), 1, "one upstream GET");
+    let fills = |source| served_fills(&replicas, 0..3, source);
+    wait_until("the fills to be committed", Duration::from_secs(30), || {
+        fills("upstream") + fills("replica") >= 3
+    });
+    assert_eq!((fills("upstream"), fills("replica")), (1, 2));
+}
+
+/// The owner's death with real processes (the replica harness: `transship serve` on 127.0.0.2,
+/// .3, .4 in the cluster profile), ended by SIGKILL mid-fill: the survivors wait out its lease
+/// (the default 15 s), one takes the fill over from where it was, the other follows it; every
+/// client ends byte-exact or retries; at most two upstream GETs; a verified object.
+#[test]
+fn a_replica_process_killed_mid_fill_is_taken_over() {
+    let Some((up, digest, support, mut replicas, path)) = replica_processes(17, 24 << 20) else {
+        return;
+    };
+    let owner_progress = Arc::new(AtomicU64::new(0));
+    let owner_client = support.spawn(hashed_get(
+        client(),
+        replicas.url(0, &path),
+        owner_progress.clone(),
+    ));
+    wait_until("the owner's first bytes", Duration::from_secs(30), || {
+        owner_progress.load(Ordering::Relaxed) >= 8 << 20
+    });
+    let owner = replicas.sql(&format!(
+        "SELECT owner FROM fill_leases WHERE digest = '{digest}'"
+    ));
+    assert_eq!(owner, vec![vec![format!("http://{}", replicas.addr(0))]]);
+    let followers = follow_clients(&support, (1..3).map(|i| replicas.url(i, &path)));
+    assert!(owner_progress.load(Ordering::Relaxed) < LARGE as u64);
+    replicas.kill9(0);
+    let first = support.block_on(owner_client).expect("client task");
+    assert!(!first.complete || first.digest == digest, "{first:?}");
+    for (i, task) in followers.into_iter().enumerate() {
+        let r = support.block_on(task).expect("client task");
+        assert!(r.complete, "follower {i}: {r:?}");
+        assert_eq!((r.status, r.len), (200, LARGE as u64), "follower {i}");
+        assert_eq!(r.digest, digest, "follower {i} received different bytes");
+    }
+    let retry = support.block_on(hashed_get(
+        client(),
+        replicas.url(2, &path),
+        Arc::new(AtomicU64::new(0)),
+    ));
+    assert!(retry.complete && retry.status == 200, "{retry:?}");
+    assert_eq!(retry.digest, digest);
+    let gets = upstream_gets(&up, &digest);
+    assert!((1..=2).contains(&gets), "{gets} upstream GETs");
+    // One survivor took over (as its /metrics say), the other followed it.
+    let fills = |source| served_fills(&replicas, 1..3, source);
+    assert_eq!((fills("takeover"), fills("replica")), (1, 1));
+    let key = common::replicas::blob_key(&digest);
+    wait_until("the blob in the bucket", Duration::from_secs(60), || {
+        replicas.objects("blobs").contains_key(&key)
+    });
+    assert_eq!(replicas.objects("blobs").get(&key), Some(&(LARGE as u64)));
+    let rows = replicas.sql(&format!("SELECT size FROM blobs WHERE digest = '{digest}'"));
+    assert_eq!(rows, vec![vec![LARGE.to_string()]]);
 }
