@@ -751,6 +751,24 @@ fn thirty_cold_pulls_over_three_replica_processes_fetch_once() {
         fills("upstream") + fills("replica") >= 3
     });
     assert_eq!((fills("upstream"), fills("replica")), (1, 2));
+    // Every replica serves its cached copy from its own store: it needs no link in the shared
+    // database (removed here, once the owner has published the blob).
+    let key = common::replicas::blob_key(&digest);
+    wait_until("the blob in the bucket", Duration::from_secs(60), || {
+        replicas.sql(&format!("SELECT 1 FROM blobs WHERE digest = '{digest}'")) == [["1"]]
+    });
+    assert_eq!(replicas.objects("blobs").get(&key), Some(&(LARGE as u64)));
+    replicas.sql(&format!("DELETE FROM repo_blobs WHERE digest = '{digest}'"));
+    for i in 0..3 {
+        let r = support.block_on(hashed_get(
+            client(),
+            replicas.url(i, &path),
+            progress.clone(),
+        ));
+        assert!(r.complete && r.status == 200, "replica {i}: {r:?}");
+        assert_eq!(r.digest, digest, "replica {i}");
+    }
+    assert_eq!(upstream_gets(&up, &digest), 1, "still one upstream GET");
 }
 
 /// The owner's death with real processes (the replica harness: `transship serve` on 127.0.0.2,
