@@ -1,10 +1,12 @@
 //! The cluster profile end to end: three transship processes (127.0.0.2, .3, .4) on one
 //! SeaweedFS bucket and one PostgreSQL database (`common::replicas`). A push on one replica is
 //! pulled byte-exact from the others by skopeo and containerd's `ctr`; a chunked upload moves
-//! between replicas request by request; concurrent tag pushes on two replicas end with one
-//! winner all agree on; a replica whose read cache is wiped (or that is killed and restarted)
-//! still serves everything; a token from one replica works on the others. Every test also
-//! looks underneath: the objects in the bucket and the rows in PostgreSQL.
+//! between replicas request by request and outlives the replica that started it (SIGKILL);
+//! concurrent tag pushes on two replicas end with one winner all agree on; a replica whose
+//! read cache is wiped (or that is killed and restarted) still serves everything; empty and
+//! sha512 blobs and referrers read the same everywhere; a token from one replica works on the
+//! others. Every test also looks underneath: the objects in the bucket and the rows in
+//! PostgreSQL.
 
 mod common;
 
@@ -47,6 +49,34 @@ fn location_path(location: &str) -> String {
             .map_or("/".to_string(), |at| rest[at..].to_string()),
         None => location.to_string(),
     }
+}
+
+/// Asserts `resp` has `status`, showing its body otherwise.
+#[track_caller]
+fn expect_status(resp: &Resp, status: u16, what: &str) {
+    assert_eq!(
+        resp.status,
+        status,
+        "{what}: {:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+}
+
+/// Starts an upload session on `h` (`query` is "" or `?digest-algorithm=…`); returns its
+/// location (path and query) and id.
+fn start_session(h: &Http, repo: &str, query: &str) -> (String, String) {
+    let resp = h.send(
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/{query}"),
+        &[],
+        Bytes::new(),
+    );
+    expect_status(&resp, 202, "POST");
+    let location = location_path(resp.header("location").expect("Location"));
+    let id = resp
+        .header("docker-upload-uuid")
+        .expect("Docker-Upload-UUID");
+    (location, id.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,7 +171,7 @@ fn hex_decode(hex: &str) -> Vec<u8> {
 // The tests
 
 #[test]
-fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_with_skopeo_and_from_c_with_ctr() {
+fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_and_c_with_skopeo_and_ctr() {
     if !Replicas::available()
         || !programs_installed(SUITE, &["skopeo"])
         || !containerd_usable(SUITE)
@@ -169,30 +199,36 @@ fn an_image_pushed_on_a_is_pulled_byte_exact_from_b_with_skopeo_and_from_c_with_
         .run();
     assert_stored(&r, repo, &layout);
 
-    // B: skopeo pulls every platform back into an OCI layout, byte-exact.
-    let out = sb.path("out");
-    loopback_only(sb.skopeo())
-        .args([
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-        ])
-        .arg(remote(1))
-        .arg(format!("oci:{}:{TAG}", out.display()))
-        .run();
-    assert_same_layout(&out, &layout);
+    // B and C: skopeo pulls every platform back into an OCI layout, byte-exact.
+    for i in [1, 2] {
+        let out = sb.path(&format!("out-{i}"));
+        loopback_only(sb.skopeo())
+            .args([
+                "copy",
+                "--all",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+            ])
+            .arg(remote(i))
+            .arg(format!("oci:{}:{TAG}", out.display()))
+            .run();
+        assert_same_layout(&out, &layout);
+    }
 
-    // C: containerd fetches every platform's content, byte-exact.
+    // C and B: containerd fetches every platform's content, byte-exact (and forgets it
+    // before the next replica, so that one serves everything again).
     let daemon = Containerd::start(EGRESS);
-    let reference = format!("{}/{repo}:{TAG}", addrs[2]);
-    loopback_only(daemon.ctr())
-        .args(["images", "pull", "--plain-http", "--all-platforms"])
-        .args(["--snapshotter", "native"])
-        .arg(&reference)
-        .run();
-    assert_eq!(daemon.image_digest(&reference), layout.top.1);
-    daemon.assert_content(&layout.all());
+    for i in [2, 1] {
+        let reference = format!("{}/{repo}:{TAG}", addrs[i]);
+        loopback_only(daemon.ctr())
+            .args(["images", "pull", "--plain-http", "--all-platforms"])
+            .args(["--snapshotter", "native"])
+            .arg(&reference)
+            .run();
+        assert_eq!(daemon.image_digest(&reference), layout.top.1);
+        daemon.assert_content(&layout.all());
+        daemon.forget(&reference);
+    }
     drop(daemon);
 
     // Every replica answers the raw API the same, byte for byte, Ranges included.
@@ -208,7 +244,7 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     if !Replicas::available() {
         return;
     }
-    let r = Replicas::start(3);
+    let mut r = Replicas::start(3);
     let (a, b, c) = (r.http(0), r.http(1), r.http(2));
     let repo = "local/replicas/chunked";
     // Over one 5 MiB part on B, a short chunk on A, the rest with the final PUT on C.
@@ -218,18 +254,7 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     let chunk = |k: usize| Bytes::copy_from_slice(&data[cuts[k]..cuts[k + 1]]);
     let content_range = |k: usize| format!("{}-{}", cuts[k], cuts[k + 1] - 1);
 
-    let resp = a.send(
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        &[],
-        Bytes::new(),
-    );
-    assert_eq!(resp.status, 202, "POST on A: {resp:?}");
-    let mut location = location_path(resp.header("location").expect("Location"));
-    let id = resp
-        .header("docker-upload-uuid")
-        .expect("Docker-Upload-UUID")
-        .to_string();
+    let (mut location, id) = start_session(&a, repo, "");
     assert_eq!(
         r.sql(&format!(
             "SELECT byte_offset FROM upload_sessions WHERE id = '{id}'"
@@ -256,6 +281,9 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
         );
         location = location_path(resp.header("location").expect("Location"));
     }
+
+    // A dies (SIGKILL) with the session in progress: nothing of it was A's alone.
+    r.kill9(0);
 
     // C sees the progress made on A and B, and refuses a replayed first chunk with it.
     let end = format!("0-{}", cuts[2] - 1);
@@ -294,8 +322,11 @@ fn a_chunked_upload_started_on_a_continues_on_b_and_finishes_on_c() {
     assert_eq!(resp.status, 201, "final PUT on C: {resp:?}\n{}", r.log(2));
     assert_eq!(resp.header("docker-content-digest"), Some(digest.as_str()));
 
-    for (i, h) in [&a, &b, &c].into_iter().enumerate() {
-        let resp = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+    // A, back, serves the blob it never saw completed (new clients: A's connections died
+    // with it).
+    r.restart(0);
+    for i in 0..3 {
+        let resp = r.http(i).get(&format!("/v2/{repo}/blobs/{digest}"));
         assert_eq!(resp.status, 200, "GET on replica {i}");
         assert_bytes(&format!("the blob on replica {i}"), &resp.body, &data);
     }
@@ -499,12 +530,7 @@ fn enc(s: &str) -> String {
 
 /// The JSON answer of a token request that must succeed.
 fn token_answer(resp: Resp, what: &str) -> Value {
-    assert_eq!(
-        resp.status,
-        200,
-        "{what}: {:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    expect_status(&resp, 200, what);
     resp.json()
 }
 
@@ -589,6 +615,193 @@ fn a_token_from_a_is_accepted_by_b_and_c_and_a_refresh_token_works_everywhere() 
     // One signing key for the group, in the database.
     assert_eq!(
         r.sql("SELECT count(*) FROM token_signing_key"),
+        vec![vec!["1".to_string()]]
+    );
+}
+
+/// Pushes `data` to `repo` on `h` as one session started with `algorithm` (`None`: the
+/// default) and finished with `PUT ?digest=digest`; returns the final response.
+fn push_in_session(
+    h: &Http,
+    repo: &str,
+    algorithm: Option<&str>,
+    data: &[u8],
+    digest: &str,
+) -> Resp {
+    let query = algorithm.map_or(String::new(), |a| format!("?digest-algorithm={a}"));
+    let (location, _) = start_session(h, repo, &query);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    h.send(
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[("content-type", "application/octet-stream")],
+        Bytes::copy_from_slice(data),
+    )
+}
+
+#[test]
+fn empty_and_sha512_blobs_and_referrers_work_across_replicas() {
+    if !Replicas::available() {
+        return;
+    }
+    let r = Replicas::start(3);
+    let repo = "local/replicas/edges";
+    let a = r.http(0);
+    let data = random_bytes(70_000, 51);
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    // The empty blob, monolithic (POST ?digest=), sha256 and sha512.
+    for (i, digest) in [EMPTY_SHA256.to_string(), sha512(b"")]
+        .into_iter()
+        .enumerate()
+    {
+        let resp = a.send(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            &[("content-type", "application/octet-stream")],
+            Bytes::new(),
+        );
+        expect_status(&resp, 201, &format!("monolithic empty blob {i}"));
+        blobs.push((digest, Vec::new()));
+    }
+    // sha512: a session started for it.
+    let d512 = sha512(&data);
+    let resp = push_in_session(&a, repo, Some("sha512"), &data, &d512);
+    expect_status(&resp, 201, "sha512 session");
+    blobs.push((d512, data));
+    for i in 0..3 {
+        let h = r.http(i);
+        for (digest, bytes) in &blobs {
+            let resp = h.get(&format!("/v2/{repo}/blobs/{digest}"));
+            expect_status(&resp, 200, &format!("GET {digest} on replica {i}"));
+            assert_bytes(&format!("{digest} on replica {i}"), &resp.body, bytes);
+        }
+    }
+    // Referrers pushed on A, listed on B and C: one with an artifactType, one without (its
+    // config's media type stands in).
+    let (_, subject) = push_image(&a, repo, "base", 53);
+    let empty_json = a.push_blob(repo, b"{}");
+    let signature = a.push_blob(repo, b"signature bytes");
+    let referrer = |artifact_type: Option<&str>, config_type: &str| {
+        let mut m = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": config_type, "digest": empty_json, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": signature, "size": 15}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 100},
+        });
+        if let Some(t) = artifact_type {
+            m["artifactType"] = json!(t);
+        }
+        m.to_string().into_bytes()
+    };
+    let signed = referrer(
+        Some("application/vnd.example.sig"),
+        "application/vnd.oci.empty.v1+json",
+    );
+    let sbom = referrer(None, "application/vnd.example.sbom.config+json");
+    for (m, artifact_type) in [
+        (&signed, "application/vnd.example.sig"),
+        (&sbom, "application/vnd.example.sbom.config+json"),
+    ] {
+        let resp = a.push_manifest(repo, &sha256(m), OCI_MANIFEST, m);
+        assert_eq!(resp.status, 201, "referrer push: {resp:?}");
+        assert_eq!(resp.header("oci-subject"), Some(subject.as_str()));
+        for i in 1..3 {
+            let resp = r.http(i).get(&format!("/v2/{repo}/referrers/{subject}"));
+            assert_eq!(resp.status, 200, "referrers on replica {i}");
+            let listed = resp.json()["manifests"].clone();
+            let entry = listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["digest"] == sha256(m))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} not among the referrers on replica {i}: {listed}",
+                        sha256(m)
+                    )
+                });
+            assert_eq!(entry["artifactType"], artifact_type, "on replica {i}");
+            assert_eq!(entry["size"], m.len());
+            // Filtered by its artifact type: this referrer alone.
+            let resp = r.http(i).get(&format!(
+                "/v2/{repo}/referrers/{subject}?artifactType={}",
+                enc(artifact_type)
+            ));
+            assert_eq!(resp.header("oci-filters-applied"), Some("artifactType"));
+            let digests: Vec<Value> = resp.json()["manifests"]
+                .as_array()
+                .map(|l| l.iter().map(|d| d["digest"].clone()).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                digests,
+                vec![json!(sha256(m))],
+                "referrers of type {artifact_type} on replica {i}"
+            );
+        }
+    }
+}
+
+/// What the conformance suite does for its sha512 blobs: a session started without
+/// `digest-algorithm` (so hashing sha256) finished with a sha512 digest. The local profile
+/// re-hashes what it received. A small and a multipart session, pushed on B, read on C.
+#[test]
+fn a_default_session_finishes_with_a_sha512_digest_as_on_the_local_profile() {
+    if !Replicas::available() {
+        return;
+    }
+    let r = Replicas::start(3);
+    let repo = "local/replicas/sha512";
+    for (len, seed) in [(777, 52), (6 * 1024 * 1024 + 3, 53)] {
+        let data = random_bytes(len, seed);
+        let digest = sha512(&data);
+        let resp = push_in_session(&r.http(1), repo, None, &data, &digest);
+        expect_status(
+            &resp,
+            201,
+            &format!("sha512 digest for a default session of {len} bytes"),
+        );
+        let resp = r.http(2).get(&format!("/v2/{repo}/blobs/{digest}"));
+        expect_status(&resp, 200, "GET on C");
+        assert_bytes(
+            &format!("the sha512 blob of {len} bytes on C"),
+            &resp.body,
+            &data,
+        );
+    }
+    assert_no_upload_left(&r);
+}
+
+#[test]
+fn an_upload_that_never_finishes_makes_no_repository() {
+    if !Replicas::available() {
+        return;
+    }
+    let r = Replicas::start(2);
+    let repo = "local/replicas/ghost";
+    let resp = r.http(0).send(
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
+    expect_status(&resp, 202, "POST on A");
+    // Clients see no such repository, on either replica, although its session exists.
+    let resp = r.http(1).get(&format!("/v2/{repo}/tags/list"));
+    expect_status(&resp, 404, "tags of a repository with only a session");
+    let resp = r.http(1).get("/v2/_catalog");
+    expect_status(&resp, 200, "catalog");
+    let catalog: Value = serde_json::from_slice(&resp.body).expect("catalog JSON");
+    assert!(
+        !catalog["repositories"]
+            .as_array()
+            .expect("repositories")
+            .iter()
+            .any(|n| n == repo),
+        "{catalog}"
+    );
+    assert_eq!(
+        r.sql("SELECT count(*) FROM upload_sessions"),
         vec![vec!["1".to_string()]]
     );
 }
