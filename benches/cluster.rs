@@ -25,6 +25,7 @@
 //! contains it. Run with `./scripts/bench` (installs wrk, docker-registry, PostgreSQL, weed).
 //! Everything listens on 127.0.0.1; the transship instances' upstreams are loopback only.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ use hyper_util::rt::TokioExecutor;
 
 mod common;
 
-use common::cluster::Engines;
+use common::cluster::{Engines, add_fill_counts};
 use common::wrk::wrk;
 use common::{
     Proc, distribution, distribution_on, free_port, push_blob, random_bytes, sha256, transship,
@@ -318,6 +319,13 @@ fn cold_pulls(rt: &tokio::runtime::Runtime, engines: &Engines, d: &Path, clients
             "{name:<44} {:>8.2}s {gets:>14} {rss:>6.1} MiB",
             wall.as_secs_f64()
         );
+        if case == 0 {
+            let mut fills = BTreeMap::new();
+            for (port, _) in &procs {
+                add_fill_counts(&format!("http://127.0.0.1:{port}"), &mut fills);
+            }
+            println!("  the replicas' cluster fills by source (/metrics): {fills:?}");
+        }
         counts.push(gets);
     }
     println!(

@@ -2,6 +2,7 @@
 //! `engines`), and the config that points a transship replica (`[storage.s3]` +
 //! `[storage.postgres]`) or distribution (its `s3` driver) at them.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::engines::{Postgres, SeaweedFs, plain_http};
@@ -73,5 +74,24 @@ impl Engines {
              cache:\n    blobdescriptor: inmemory\n  redirect:\n    disable: true\n",
             self.s3.access_key_id, self.s3.secret_access_key, self.s3.endpoint,
         )
+    }
+}
+
+/// A replica's `transship_cluster_fills_total` by source, summed into `into` (from its
+/// `/metrics`; nothing if this build counts no cluster fills).
+pub fn add_fill_counts(base: &str, into: &mut BTreeMap<String, f64>) {
+    let Ok((200, body)) = plain_http(base, "GET", "/metrics", &[]) else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&body).lines() {
+        let Some(rest) = line.strip_prefix("transship_cluster_fills_total{source=\"") else {
+            continue;
+        };
+        let parsed = rest
+            .split_once("\"}")
+            .and_then(|(source, value)| Some((source, value.trim().parse::<f64>().ok()?)));
+        if let Some((source, value)) = parsed {
+            *into.entry(source.to_string()).or_default() += value;
+        }
     }
 }
