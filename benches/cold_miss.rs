@@ -113,11 +113,7 @@ fn main() {
     let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
 
     // The upstream, seeded with one 256 MiB layer.
     let up_port = free_port();

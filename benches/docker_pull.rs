@@ -200,11 +200,7 @@ fn main() {
         .unwrap_or(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let up_port = free_port();
     let _upstream = distribution(&d.join("upstream"), up_port, None);
     let upstream_url = format!("http://127.0.0.1:{up_port}");

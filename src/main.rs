@@ -722,6 +722,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     // With port 0 the kernel picks one: log the address actually bound.
     let listen = listener.local_addr()?;
+    // The cluster profile: other replicas reach this one's fills here (unless configured).
+    if let Some(cluster) = app.proxy.cluster() {
+        cluster.bound(listen, app.tls.is_some());
+    }
     let open = app.auth.open_to_the_network();
     if !open.is_empty() {
         tracing::warn!(projects = ?open, "these projects accept anonymous pushes from outside loopback");

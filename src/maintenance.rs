@@ -310,8 +310,14 @@ async fn collect_garbage(app: Arc<App>, cancel: CancellationToken) {
         };
         // Held past the run's likely length; a longer run stays safe (see cluster::gc).
         let lease = app.config.gc.interval.0.max(Duration::from_secs(600));
-        let run =
-            crate::cluster::gc::collect_garbage(c.db(), c.objects(), c.replica(), windows, lease);
+        let run = crate::cluster::gc::collect_garbage(
+            c.db(),
+            c.objects(),
+            c.replica(),
+            windows,
+            lease,
+            app.config.gc.interval.0,
+        );
         tokio::select! {
             outcome = run => match outcome {
                 Ok(Some(report)) => {

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub read_cache_files: IntGauge,
     /// Read-cache lookups by outcome (hit, fetch, shared, evicted), caught up at scrape time.
     pub read_cache_events: IntCounterVec,
+    /// Cluster profile: blob fills completed, by where the bytes came from.
+    pub cluster_fills: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -296,6 +298,11 @@ impl Metrics {
                     &["event"],
                 )
                 .expect("valid metric"),
+            ),
+            cluster_fills: reg(
+                &r,
+                IntCounterVec::new(Opts::new("transship_cluster_fills_total", "Cluster profile: blob fills completed, by source: upstream (this replica fetched it for the cluster), replica (streamed from the replica fetching it), bucket, takeover (the upstream, after the fetching replica died)"), &["source"])
+                    .expect("valid metric"),
             ),
             registry: r,
         }

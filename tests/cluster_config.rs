@@ -137,6 +137,18 @@ fn check_config_refuses_broken_cluster_tables_with_clear_errors() {
             "storage.s3.prefix",
         ),
         (
+            format!("[storage]\nreplica_url = \"http://u:pw@10.0.0.5:5000\"\n{s3}{PG_TABLE}"),
+            "storage.replica_url",
+        ),
+        (
+            format!("[storage]\nreplica_url = \"http://10.0.0.5:5000/x\"\n{s3}{PG_TABLE}"),
+            "storage.replica_url",
+        ),
+        (
+            format!("[storage]\nfill_lease = \"100ms\"\n{s3}{PG_TABLE}"),
+            "fill_lease must be at least 1s",
+        ),
+        (
             format!("{s3}read_cache_max_size = \"0\"\n{PG_TABLE}"),
             "read_cache_max_size must be more than 0",
         ),
@@ -148,6 +160,31 @@ fn check_config_refuses_broken_cluster_tables_with_clear_errors() {
         assert!(err.contains(expected), "{expected:?} not in {err}");
         assert!(!err.contains(SECRET) && !err.contains("pw@"), "{err}");
     }
+}
+
+/// Replicas reach each other's fills at `storage.replica_url`, by default the listen address:
+/// a wildcard listen address names none, so it needs the key.
+#[test]
+fn a_wildcard_listen_address_needs_a_replica_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tables = format!("{}{PG_TABLE}", s3_table(dir.path(), "transship-blobs"));
+    let file = config(dir.path(), &tables);
+    let wildcard = |storage: &str| {
+        let text = std::fs::read_to_string(&file).expect("config");
+        let text = text.replace("127.0.0.1:0", "0.0.0.0:5000");
+        std::fs::write(&file, text.replace(&tables, &format!("{storage}{tables}")))
+            .expect("write config");
+        run(&["check-config", &file], &[])
+    };
+    let (code, _, err) = wildcard("");
+    assert_eq!(code, 2);
+    assert!(err.contains("storage.replica_url"), "{err}");
+    let (code, out, err) = wildcard("[storage]\nreplica_url = \"http://10.0.0.5:5000/\"\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("replica_url = \"http://10.0.0.5:5000/\""),
+        "{out}"
+    );
 }
 
 #[test]

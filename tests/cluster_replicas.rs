@@ -771,3 +771,37 @@ fn a_default_session_finishes_with_a_sha512_digest_as_on_the_local_profile() {
     }
     assert_no_upload_left(&r);
 }
+
+#[test]
+fn an_upload_that_never_finishes_makes_no_repository() {
+    if !Replicas::available() {
+        return;
+    }
+    let r = Replicas::start(2);
+    let repo = "local/replicas/ghost";
+    let resp = r.http(0).send(
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        Vec::new(),
+    );
+    expect_status(&resp, 202, "POST on A");
+    // Clients see no such repository, on either replica, although its session exists.
+    let resp = r.http(1).get(&format!("/v2/{repo}/tags/list"));
+    expect_status(&resp, 404, "tags of a repository with only a session");
+    let resp = r.http(1).get("/v2/_catalog");
+    expect_status(&resp, 200, "catalog");
+    let catalog: Value = serde_json::from_slice(&resp.body).expect("catalog JSON");
+    assert!(
+        !catalog["repositories"]
+            .as_array()
+            .expect("repositories")
+            .iter()
+            .any(|n| n == repo),
+        "{catalog}"
+    );
+    assert_eq!(
+        r.sql("SELECT count(*) FROM upload_sessions"),
+        vec![vec!["1".to_string()]]
+    );
+}

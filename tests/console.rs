@@ -152,17 +152,7 @@ fn session_cookie(r: &Resp) -> String {
 }
 
 fn form(h: &Http, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Resp {
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(fields)
-        .finish();
-    let mut headers = vec![
-        ("content-type", "application/x-www-form-urlencoded"),
-        ("accept", "text/html"),
-    ];
-    if let Some(c) = cookie {
-        headers.push(("cookie", c));
-    }
-    h.send("POST", path, &headers, body)
+    post_form(h, path, cookie, fields)
 }
 
 /// Posts the sign-in form.

@@ -3,6 +3,17 @@
 //! peak RSS readable.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod wrk;
+
+// The cluster profile's engines (SeaweedFS, PostgreSQL) are the tests' own module, compiled
+// here too; `images` gives it the few process helpers it takes from the tests' fixtures.
+#[path = "../../tests/common/engines.rs"]
+pub mod engines;
+mod images {
+    pub use super::{on_path, skip, stop_child_with};
+}
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -94,25 +105,55 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // SAFETY: signalling a child this benchmark started.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child_with(&mut self.child, libc::SIGTERM, Duration::from_secs(2));
     }
+}
+
+/// Stops a process the benchmark started, by its PID: `signal` (its clean shutdown), then
+/// SIGKILL if it has not exited within `grace` (a no-op on one that has).
+pub fn stop_child_with(child: &mut Child, signal: libc::c_int, grace: Duration) {
+    // SAFETY: signalling a child this benchmark started (and has not reaped yet).
+    unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The runtime the benchmarks' clients run on: two workers, the same in every benchmark.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Whether `program` is on PATH.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// A benchmark cannot skip what it compares: a missing program is fatal.
+pub fn skip(_suite: &str, why: &str) -> bool {
+    panic!("{why} (run ./scripts/bench, which installs it)");
 }
 
 /// CNCF distribution on `port` with its data under `dir`; a pull-through proxy of `remote` if
 /// given. Its access log goes to `dir/log`.
 pub fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
+    let storage = format!(
+        "  filesystem:\n    rootdirectory: {}\n",
+        dir.join("data").display()
+    );
+    distribution_on(dir, port, remote, &storage)
+}
+
+/// `distribution` on the storage driver `storage` (YAML lines under `storage:`, indented).
+pub fn distribution_on(dir: &Path, port: u16, remote: Option<&str>, storage: &str) -> Proc {
     std::fs::create_dir_all(dir).expect("dir");
     let proxy = remote
         .map(|r| format!("proxy:\n  remoteurl: {r}\n"))
@@ -120,12 +161,17 @@ pub fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
     let cfg = dir.join("config.yml");
     std::fs::write(
         &cfg,
-        format!("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}", dir.join("data").display()),
+        format!("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n{storage}  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}"),
     )
     .expect("config");
     Proc::spawn(
         "docker-registry",
-        Command::new("docker-registry").arg("serve").arg(&cfg),
+        // Its S3 driver cannot apply a CA bundle to its own transport and panics at start if
+        // the environment names one (the store here is plain HTTP anyway).
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .env_remove("AWS_CA_BUNDLE"),
         &dir.join("log"),
         Some(port),
     )
@@ -134,6 +180,11 @@ pub fn distribution(dir: &Path, port: u16, remote: Option<&str>) -> Proc {
 /// transship (the release binary) on `port` with its data under `dir`, mirroring `upstream` as
 /// docker.io, on its embedded defaults otherwise.
 pub fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
+    transship_with(dir, port, upstream, "")
+}
+
+/// `transship` with `extra` TOML appended to its config (e.g. the cluster profile's tables).
+pub fn transship_with(dir: &Path, port: u16, upstream: &str, extra: &str) -> Proc {
     std::fs::create_dir_all(dir).expect("dir");
     let cfg = dir.join("transship.toml");
     let text = transship::config::EMBEDDED_DEFAULT
@@ -149,7 +200,7 @@ pub fn transship(dir: &Path, port: u16, upstream: &str) -> Proc {
             "data_dir = \"./transship-data\"",
             &format!("data_dir = {:?}", dir.join("data").display().to_string()),
         );
-    std::fs::write(&cfg, text).expect("config");
+    std::fs::write(&cfg, format!("{text}\n{extra}")).expect("config");
     Proc::spawn(
         "transship",
         Command::new(env!("CARGO_BIN_EXE_transship"))

@@ -65,10 +65,15 @@ pub async fn insert_events(tx: &Transaction<'_>, records: &[Vec<u8>]) -> Result<
 }
 
 impl Db {
-    /// Records events that go with no other change (pulls), in a transaction of their own.
+    /// Records events that go with no other change (pulls), in a transaction of their own
+    /// that does not wait for the disk (like the local profile's relaxed write: a database
+    /// crash can lose the last of them), so the outbox lock is held for microseconds, not
+    /// for a flush, per pull.
     pub async fn append_events(&self, records: &[Vec<u8>]) -> Result<(), PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        tx.execute("SET LOCAL synchronous_commit TO off", &[])
+            .await?;
         insert_events(&tx, records).await?;
         tx.commit().await?;
         Ok(())

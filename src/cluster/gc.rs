@@ -11,12 +11,19 @@
 //! - objects under the blob prefix with no `blobs` row (a replica died between writing the
 //!   object and recording it, or a delete of the object failed).
 //!
-//! Each blob is removed in its own transaction that first locks its `blobs` row `FOR UPDATE`:
-//! a manifest push holds the rows of the blobs it references `FOR SHARE` until it commits, and
-//! a new link's foreign key takes a share lock too, so the lock waits for them; the reference
-//! check then runs as a new statement, whose snapshot (READ COMMITTED) sees what they
-//! committed. The object is deleted only after the rows are gone, so a crash in between leaves
-//! an unrecorded object (removed by a later run), never a row without its bytes.
+//! Each blob's rows are removed in their own transaction that first locks its `blobs` row
+//! `FOR UPDATE`: a manifest push holds the rows of the blobs it references `FOR KEY SHARE` until
+//! it commits, and a new link's foreign key takes a share lock too, so the lock waits for them;
+//! the reference check then runs as a new statement, whose snapshot (READ COMMITTED) sees what
+//! they committed. The object goes afterwards, in a second transaction holding the digest's
+//! fence (`blob_fence`, a transaction-level advisory lock that an upload's `finish` also takes
+//! around "is the blob stored? write its object, insert its rows") and only if no row came
+//! back meanwhile. So a finish either sees the rows GC is about to remove and waits, or finds
+//! them gone and writes the object again; and a crash between the two steps leaves an
+//! unrecorded object (removed by a later run), never a row without its bytes.
+//!
+//! A run that succeeds keeps the job's lease for the rest of the interval, so replicas with
+//! their own timers do not run it again and again; a failed run releases it.
 
 use std::time::{Duration, SystemTime};
 
@@ -98,6 +105,24 @@ impl Db {
         Ok((won == 1).then_some(JobLease { lease_id }))
     }
 
+    /// Keeps a job lease for `keep` from now (the job is done until then).
+    pub async fn keep_job(
+        &self,
+        job: &str,
+        lease: JobLease,
+        keep: Duration,
+    ) -> Result<(), PgError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE job_leases SET expires_at = now() + $3::bigint * interval '1 millisecond'
+                  WHERE job = $1 AND lease_id = $2::text::uuid",
+                &[&job, &lease.lease_id, &millis(keep)],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Ends a job lease (a lease taken over meanwhile is left alone).
     pub async fn release_job(&self, job: &str, lease: JobLease) -> Result<(), PgError> {
         self.drop_job_lease(job, &lease).await
@@ -114,22 +139,41 @@ pub struct GcWindows {
     pub push: Duration,
 }
 
-/// One GC run, if no other replica is running one; `None` when another holds the job.
-/// `lease` must outlast the run (a run taking longer could overlap with another's, which
-/// stays safe — each removal re-checks under its row lock — but does the work twice).
+/// The digest's fence between GC and an upload's `finish` (see the module header): a
+/// transaction-level advisory lock, released when `tx` ends.
+pub(super) async fn blob_fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    digest: &Digest,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 7411))",
+        &[&digest.to_string()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One GC run, if no other replica ran one within `every`; `None` when another holds the
+/// job. `lease` must outlast the run (a run taking longer could overlap with another's, which
+/// stays safe — each removal re-checks under its locks — but does the work twice).
 pub async fn collect_garbage(
     db: &Db,
     objects: &Objects,
     owner: &str,
     windows: GcWindows,
     lease: Duration,
+    every: Duration,
 ) -> Result<Option<ClusterGcReport>, ClusterGcError> {
     let Some(job) = db.acquire_job(JOB, owner, lease).await? else {
         return Ok(None);
     };
     let result = run(db, objects, windows).await;
-    if let Err(e) = db.release_job(JOB, job).await {
-        tracing::warn!(error = %e, "cannot release the GC job lease; it expires by itself");
+    let ended = match &result {
+        Ok(_) => db.keep_job(JOB, job, every).await,
+        Err(_) => db.release_job(JOB, job).await,
+    };
+    if let Err(e) = ended {
+        tracing::warn!(error = %e, "cannot update the GC job lease; it expires by itself");
     }
     result.map(Some)
 }
@@ -140,28 +184,19 @@ async fn run(
     windows: GcWindows,
 ) -> Result<ClusterGcReport, ClusterGcError> {
     let mut report = ClusterGcReport::default();
-    let grace = windows.grace;
-    let grace_ms = millis(grace);
+    let grace_ms = millis(windows.grace);
     let push_window_ms = millis(windows.grace.max(windows.push));
-    let client = db.client().await?;
-    report.manifests_removed = client
-        .execute(
-            "DELETE FROM manifests m
-              WHERE m.created_at < now() - $1::bigint * interval '1 millisecond'
-                AND NOT EXISTS (SELECT 1 FROM repo_manifests rm WHERE rm.digest = m.digest)",
-            &[&grace_ms],
-        )
-        .await?;
-    drop(client);
+    report.manifests_removed = remove_unheld_manifests(db, grace_ms).await?;
     let mut after = String::new();
     loop {
+        // Primary-key order (GC needs no byte order), so each batch is an index range.
         let rows = db
             .client()
             .await?
             .query(
-                "SELECT b.digest FROM blobs b
-                  WHERE b.digest > $1 AND b.created_at < now() - $2::bigint * interval '1 millisecond'
-                  ORDER BY b.digest COLLATE \"C\" LIMIT $3",
+                "SELECT digest FROM blobs
+                  WHERE digest > $1 AND created_at < now() - $2::bigint * interval '1 millisecond'
+                  ORDER BY digest LIMIT $3",
                 &[&after, &grace_ms, &BATCH],
             )
             .await?;
@@ -169,22 +204,21 @@ async fn run(
         after = last.get(0);
         for row in &rows {
             let digest: String = row.get(0);
+            let Ok(parsed) = digest.parse::<Digest>() else {
+                tracing::warn!(%digest, "a blob row that is not a digest; left alone");
+                continue;
+            };
             if let Some(size) =
                 remove_if_unreferenced(db, &digest, grace_ms, push_window_ms).await?
             {
-                // Rows first, then the object: see the module header.
-                match digest.parse::<Digest>() {
-                    Ok(d) => objects.delete(&d).await?,
-                    Err(_) => {
-                        tracing::warn!(%digest, "a blob row that is not a digest; its object (if any) is left alone")
-                    }
-                }
+                // Rows first, then the object (unless a push brought the rows back).
+                delete_object_if_unrecorded(db, objects, &parsed).await?;
                 report.blobs_removed += 1;
                 report.bytes_freed += size;
             }
         }
     }
-    report.orphan_objects_removed = remove_unrecorded_objects(db, objects, grace).await?;
+    report.orphan_objects_removed = remove_unrecorded_objects(db, objects, windows.grace).await?;
     Ok(report)
 }
 
@@ -232,6 +266,56 @@ async fn remove_if_unreferenced(
     Ok(Some(u64::try_from(size).unwrap_or(0)))
 }
 
+/// Removes `manifests` rows no repository holds, a batch at a time: rows a concurrent push is
+/// re-linking (holding them `FOR KEY SHARE`) are skipped, and the absence of a holder is
+/// checked again by the delete itself.
+async fn remove_unheld_manifests(db: &Db, grace_ms: i64) -> Result<u64, ClusterGcError> {
+    let mut removed = 0;
+    loop {
+        let n = db
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM manifests WHERE digest IN (
+                    SELECT m.digest FROM manifests m
+                     WHERE m.created_at < now() - $1::bigint * interval '1 millisecond'
+                       AND NOT EXISTS (SELECT 1 FROM repo_manifests rm WHERE rm.digest = m.digest)
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)
+                   AND NOT EXISTS (SELECT 1 FROM repo_manifests rm WHERE rm.digest = manifests.digest)",
+                &[&grace_ms, &BATCH],
+            )
+            .await?;
+        removed += n;
+        if n < BATCH as u64 {
+            return Ok(removed);
+        }
+    }
+}
+
+/// Deletes the blob's object unless a `blobs` row names it, under the digest's fence.
+async fn delete_object_if_unrecorded(
+    db: &Db,
+    objects: &Objects,
+    digest: &Digest,
+) -> Result<bool, ClusterGcError> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    blob_fence(&tx, digest).await?;
+    let recorded = tx
+        .query_opt(
+            "SELECT 1 FROM blobs WHERE digest = $1",
+            &[&digest.to_string()],
+        )
+        .await?
+        .is_some();
+    if recorded {
+        return Ok(false);
+    }
+    objects.delete(digest).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Deletes blob objects older than the grace period that have no `blobs` row.
 async fn remove_unrecorded_objects(
     db: &Db,
@@ -242,24 +326,32 @@ async fn remove_unrecorded_objects(
         .checked_sub(grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut removed = 0;
-    let mut listing = objects.list();
-    while let Some(object) = listing.next().await {
-        let object = object?;
-        if object.last_modified >= cutoff {
+    let mut listing = objects.list().chunks(BATCH as usize);
+    while let Some(page) = listing.next().await {
+        let old: Vec<Digest> = page
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|o| o.last_modified < cutoff)
+            .map(|o| o.digest)
+            .collect();
+        if old.is_empty() {
             continue;
         }
-        let recorded = db
+        // One lookup per page; each candidate is checked again under its fence.
+        let names: Vec<String> = old.iter().map(|d| d.to_string()).collect();
+        let recorded: std::collections::HashSet<String> = db
             .client()
             .await?
-            .query_opt(
-                "SELECT 1 FROM blobs WHERE digest = $1",
-                &[&object.digest.to_string()],
-            )
+            .query("SELECT digest FROM blobs WHERE digest = ANY($1)", &[&names])
             .await?
-            .is_some();
-        if !recorded {
-            objects.delete(&object.digest).await?;
-            removed += 1;
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for digest in old.iter().filter(|d| !recorded.contains(&d.to_string())) {
+            if delete_object_if_unrecorded(db, objects, digest).await? {
+                removed += 1;
+            }
         }
     }
     Ok(removed)

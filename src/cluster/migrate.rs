@@ -37,8 +37,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 5,
+        name: "console_sessions",
+        sql: include_str!("migrations/0005_console_sessions.sql"),
+    },
+    Migration {
+        version: 6,
         name: "event_delivery",
-        sql: include_str!("migrations/0005_event_delivery.sql"),
+        sql: include_str!("migrations/0006_event_delivery.sql"),
     },
 ];
 
@@ -93,6 +98,25 @@ pub async fn apply(client: &mut deadpool_postgres::Client) -> Result<Vec<i32>, P
         tracing::info!(versions = ?applied, "applied database migrations");
     }
     Ok(applied)
+}
+
+/// Refuses a schema other than exactly this binary's migrations (nothing is changed).
+pub async fn check_current(client: &deadpool_postgres::Client) -> Result<(), PgError> {
+    let mut database: Vec<i32> = match client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // No table: nothing was ever migrated.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    database.sort_unstable();
+    let binary: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    if database != binary {
+        return Err(PgError::SchemaNotCurrent { database, binary });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! is wired into the server yet; `Store` will gain a cluster implementation on top of it. Like
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
+pub mod browse;
+pub mod console_sessions;
 pub mod events;
 pub mod fill_lease;
 pub mod gc;

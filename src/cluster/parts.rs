@@ -6,6 +6,7 @@
 //! the upload id and each part's ETag (in the database); a part's number is its position.
 
 use bytes::Bytes;
+use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -88,6 +89,15 @@ impl Objects {
     pub async fn copy_to_blob(&self, key: &Path, digest: &Digest) -> Result<(), ObjectsError> {
         self.s3.copy(key, &self.key(digest)).await?;
         Ok(())
+    }
+
+    /// The bytes of the object at `key`, as a stream.
+    pub async fn read_key(
+        &self,
+        key: &Path,
+    ) -> Result<BoxStream<'static, Result<Bytes, ObjectsError>>, ObjectsError> {
+        let result = self.s3.get(key).await?;
+        Ok(result.into_stream().map_err(ObjectsError::from).boxed())
     }
 
     /// The size of the object at `key`, or `None` when there is none.

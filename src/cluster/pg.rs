@@ -48,6 +48,13 @@ pub enum PgError {
         "the database's schema is version {database}, newer than this binary knows ({binary}): upgrade transship before pointing it at this database"
     )]
     SchemaTooNew { database: i32, binary: i32 },
+    #[error(
+        "the database's schema (versions {database:?}) is not this binary's ({binary:?}): start a replica of this version first, which migrates it, or use the matching transship"
+    )]
+    SchemaNotCurrent {
+        database: Vec<i32>,
+        binary: Vec<i32>,
+    },
     #[error("the database holds an unexpected value: {0}")]
     Corrupt(String),
 }
@@ -63,6 +70,13 @@ pub struct Db {
 impl Db {
     /// Connects and brings the schema up to date (see `migrate::apply`).
     pub async fn open(options: &PgOptions) -> Result<Self, PgError> {
+        let db = Self::connect(options)?;
+        migrate::apply(&mut db.client().await?).await?;
+        Ok(db)
+    }
+
+    /// The pool, with no connection made yet.
+    fn connect(options: &PgOptions) -> Result<Self, PgError> {
         let mut config: tokio_postgres::Config = options.url.parse().map_err(PgError::Url)?;
         if let Some(password) = &options.password {
             config.password(password);
@@ -84,8 +98,14 @@ impl Db {
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
-        let db = Self { pool, config };
-        migrate::apply(&mut db.client().await?).await?;
+        Ok(Self { pool, config })
+    }
+
+    /// Connects to a database whose schema must already be exactly this binary's (for the
+    /// offline commands: only a replica starting up changes the schema under the others).
+    pub async fn open_current(options: &PgOptions) -> Result<Self, PgError> {
+        let db = Self::connect(options)?;
+        migrate::check_current(&db.client().await?).await?;
         Ok(db)
     }
 

@@ -55,9 +55,23 @@ pub(super) fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The condition on `repositories r` that it holds a blob, a manifest or a tag: clients see
+/// such repositories only (an upload session needs the row before anything is in it).
+pub(super) const HOLDS_CONTENT: &str = "(EXISTS (SELECT 1 FROM repo_blobs b WHERE b.repo_id = r.id)
+      OR EXISTS (SELECT 1 FROM repo_manifests m WHERE m.repo_id = r.id)
+      OR EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = r.id))";
+
 impl Db {
+    /// Whether `repo` holds anything (a repository row alone, made for an upload session
+    /// that never finished, is not a repository to clients, as in the local profile).
     pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool, PgError> {
-        Ok(repo_id(&self.client().await?, repo).await?.is_some())
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(&format!(
+                "SELECT 1 FROM repositories r WHERE r.name = $1 AND {HOLDS_CONTENT}"
+            ))
+            .await?;
+        Ok(client.query_opt(&st, &[&repo.as_str()]).await?.is_some())
     }
 
     /// Repository names in byte order after `last`, the first `n` that `visible` accepts, and
@@ -70,10 +84,11 @@ impl Db {
     ) -> Result<(Vec<String>, bool), PgError> {
         let client = self.client().await?;
         let st = client
-            .prepare_cached(
-                r#"SELECT name FROM repositories WHERE name COLLATE "C" > $1
-                    ORDER BY name COLLATE "C" LIMIT $2"#,
-            )
+            .prepare_cached(&format!(
+                r#"SELECT r.name FROM repositories r WHERE r.name COLLATE "C" > $1
+                      AND {HOLDS_CONTENT}
+                    ORDER BY r.name COLLATE "C" LIMIT $2"#
+            ))
             .await?;
         let batch = (n.saturating_add(1)).clamp(CATALOG_BATCH, CATALOG_BATCH_MAX);
         // Names are never empty: "" sorts before all of them.

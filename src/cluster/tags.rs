@@ -131,17 +131,18 @@ impl Db {
     ) -> Result<Option<(Vec<String>, bool)>, PgError> {
         let client = self.client().await?;
         // One row per tag, or one row with a NULL tag for a repository without (more) tags,
-        // or none for an unknown repository. One more than asked tells whether more follow.
+        // or none for an unknown (or empty: see `HOLDS_CONTENT`) repository. One more than asked tells whether more follow.
         let st = client
-            .prepare_cached(
+            .prepare_cached(&format!(
                 r#"SELECT t.tag FROM repositories r
                      LEFT JOIN LATERAL (
                           SELECT tag FROM tags
                            WHERE repo_id = r.id AND tag COLLATE "C" > $2
                            ORDER BY tag COLLATE "C" LIMIT $3) t ON true
-                    WHERE r.name = $1
+                    WHERE r.name = $1 AND {}
                     ORDER BY t.tag COLLATE "C""#,
-            )
+                super::repos::HOLDS_CONTENT
+            ))
             .await?;
         // Tags are never empty: "" sorts before all of them.
         let rows = client

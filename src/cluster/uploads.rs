@@ -587,16 +587,16 @@ impl Uploads {
     async fn finish_held(&self, held: &mut Held, digest: &Digest) -> Result<u64, UploadsError> {
         let size = held.offset();
         let tail = held.pending.concat();
-        if digest.algorithm() != held.algorithm {
-            self.discard(held).await?;
-            return Err(UploadsError::AlgorithmMismatch {
-                session: held.algorithm,
-                digest: digest.clone(),
-            });
-        }
-        let mut hash = held.hash.clone();
-        hash.update(&tail);
-        let actual = hash.finish();
+        let actual = if digest.algorithm() == held.algorithm {
+            let mut hash = held.hash.clone();
+            hash.update(&tail);
+            hash.finish()
+        } else {
+            // The client names another algorithm than the session hashes (the spec lets it):
+            // the recorded state is of no use, so the bytes are hashed again. Parts cannot be
+            // read back before their upload completes: assemble first.
+            self.rehash(held, &tail, digest.algorithm()).await?
+        };
         if actual != *digest {
             self.discard(held).await?;
             return Err(UploadsError::DigestMismatch {
@@ -604,10 +604,12 @@ impl Uploads {
                 actual,
             });
         }
-        let known = self
-            .db
-            .client()
-            .await?
+        // Under the digest's fence (see `blob_fence`): GC cannot remove the blob's row or
+        // object between what this finish sees of them and the rows it writes.
+        let mut db = self.db.client().await?;
+        let tx = db.transaction().await?;
+        super::gc::blob_fence(&tx, digest).await?;
+        let known = tx
             .query_opt(
                 "SELECT 1 FROM blobs WHERE digest = $1",
                 &[&digest.to_string()],
@@ -615,25 +617,16 @@ impl Uploads {
             .await?
             .is_some();
         if known {
-            // Already stored (pushed elsewhere, or filled): these parts are not needed.
-            self.clear_objects(&held.key, held.upload_id.as_deref())
-                .await?;
+            // Already stored (pushed elsewhere, or filled): the parts are dropped once the
+            // rows are in.
         } else if held.parts == 0 && !held.assembled {
             self.objects.put_checked_blob(digest, tail).await?;
-            if held.upload_id.is_some() {
-                // Started for a first part whose upload failed: nothing of it is needed.
-                self.clear_objects(&held.key, held.upload_id.as_deref())
-                    .await?;
-            }
         } else {
             self.assemble(held, tail).await?;
             if self.objects.head(digest).await? != Some(size) {
                 self.objects.copy_to_blob(&held.key, digest).await?;
             }
-            self.objects.delete_key(&held.key).await?;
         }
-        let mut db = self.db.client().await?;
-        let tx = db.transaction().await?;
         let n = tx
             .execute(
                 "DELETE FROM upload_sessions WHERE id = $1::text::uuid AND holder = $2",
@@ -658,7 +651,42 @@ impl Uploads {
         .await?;
         tx.commit().await?;
         held.armed = false;
+        // What the session left in the bucket: the assembled object, or parts of an upload
+        // not needed after all. Left behind on failure for a lifecycle rule (the blob is in).
+        let leftovers = if held.assembled {
+            self.objects.delete_key(&held.key).await.map_err(Into::into)
+        } else if known || held.upload_id.is_some() {
+            self.clear_objects(&held.key, held.upload_id.as_deref())
+                .await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = leftovers {
+            tracing::warn!(session = %held.id, error = %e, "a finished upload's leftovers stay in the bucket");
+        }
         Ok(size)
+    }
+
+    /// The session's bytes hashed with `algorithm`: the tail alone, or the assembled object.
+    async fn rehash(
+        &self,
+        held: &mut Held,
+        tail: &Bytes,
+        algorithm: Algorithm,
+    ) -> Result<Digest, UploadsError> {
+        let mut hash = Digester::new(algorithm);
+        if held.parts == 0 && !held.assembled {
+            hash.update(tail);
+        } else {
+            self.assemble(held, tail.clone()).await?;
+            let mut bytes = self.objects.read_key(&held.key).await?;
+            while let Some(piece) = bytes.next().await {
+                // Reading a large blob back can outlast the lease: keep it.
+                self.keep_margin(held).await?;
+                hash.update(&piece?);
+            }
+        }
+        Ok(hash.finish())
     }
 
     /// Completes the verified multipart upload at the session's key, the tail as its last part

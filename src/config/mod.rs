@@ -21,7 +21,7 @@ mod units;
 mod users;
 mod warm;
 pub use notify::{NotifyConfig, NotifyEvent, NotifyFormat};
-pub use storage::{PostgresConfig, S3Config, S3Credentials};
+pub use storage::{PostgresConfig, S3Config, S3Credentials, replica_url_of};
 use units::serialize_redacted;
 pub use units::{ByteSize, HumanDuration, IpNet, Percent, REDACTED, Secret};
 pub use users::{ACCESS_TOKEN_USER, is_valid_hash, validate_user_name};
@@ -218,6 +218,13 @@ pub struct StorageConfig {
     /// The cluster profile's metadata database (with `s3`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresConfig>,
+    /// The cluster profile: where the other replicas reach this one's internal fill endpoint
+    /// (default `http://<server.listen>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_url: Option<String>,
+    /// The cluster profile: how long a replica's claim on a cold fill lasts unrenewed (how
+    /// long the others wait for a replica that died mid-fill).
+    pub fill_lease: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -228,6 +235,8 @@ impl Default for StorageConfig {
             small_blob_cache: ByteSize(4 << 20),
             s3: None,
             postgres: None,
+            replica_url: None,
+            fill_lease: HumanDuration(Duration::from_secs(15)),
         }
     }
 }
@@ -622,6 +631,7 @@ impl Config {
         warm::validate(self)?;
         notify::validate(&self.notify)?;
         storage::validate(&self.storage)?;
+        storage::validate_replica_url(&self.storage, &self.server)?;
         if self.upstreams.iter().filter(|u| u.default).count() > 1 {
             return Err("more than one upstream has default = true; at most one may".into());
         }

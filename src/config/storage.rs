@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ByteSize, Secret, StorageConfig, has_userinfo, redact_url};
+use super::{ByteSize, Secret, ServerConfig, StorageConfig, has_userinfo, redact_url};
 
 /// The environment variables S3 credentials come from when the table names none.
 pub const ENV_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
@@ -86,6 +86,57 @@ impl StorageConfig {
     pub fn is_cluster(&self) -> bool {
         self.s3.is_some() && self.postgres.is_some()
     }
+}
+
+impl StorageConfig {
+    /// The URL other replicas reach this one's internal fill endpoint at: `replica_url`, else
+    /// `http(s)://<server.listen>`; `None` when listen's port is 0 (known once bound). An
+    /// unspecified listen address (0.0.0.0, ::) names no address to reach: an error.
+    pub fn replica_url(&self, server: &ServerConfig) -> Result<Option<String>, String> {
+        if let Some(url) = &self.replica_url {
+            return Ok(Some(url.trim_end_matches('/').to_string()));
+        }
+        let listen = server.listen;
+        if listen.ip().is_unspecified() {
+            return Err(format!(
+                "storage.replica_url: server.listen {listen} does not say where the other replicas reach this one; set storage.replica_url (e.g. \"http://10.0.0.5:5000\")"
+            ));
+        }
+        Ok((listen.port() != 0).then(|| replica_url_of(listen, server.tls.is_some())))
+    }
+}
+
+/// `http(s)://<address>`: the replica URL of a listener bound there.
+pub fn replica_url_of(listen: std::net::SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{listen}")
+}
+
+/// In the cluster profile, the replica URL must be knowable and be a plain base URL; the fill
+/// lease at least a second (it is renewed every third of it).
+pub(super) fn validate_replica_url(
+    storage: &StorageConfig,
+    server: &ServerConfig,
+) -> Result<(), String> {
+    if !storage.is_cluster() {
+        return Ok(());
+    }
+    if let Some(url) = storage.replica_url(server)? {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        let valid = rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', '?', '#', '@', ' ']));
+        if !valid {
+            return Err(format!(
+                "storage.replica_url {:?} must be http(s)://host:port, without a path or credentials",
+                redact_url(&url)
+            ));
+        }
+    }
+    if storage.fill_lease.0 < std::time::Duration::from_secs(1) {
+        return Err("storage.fill_lease must be at least 1s".into());
+    }
+    Ok(())
 }
 
 impl S3Config {
@@ -242,6 +293,34 @@ fn key_prefix(prefix: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replica_url_is_the_listen_address_unless_set() {
+        let config = |listen: &str, replica_url: &str| {
+            let text = super::super::EMBEDDED_DEFAULT
+                .replace(
+                    "listen = \"127.0.0.1:5000\"",
+                    &format!("listen = {listen:?}"),
+                )
+                .replace("# replica_url = \"http://10.0.0.5:5000\"", replica_url);
+            super::super::Config::parse(&text, "test").expect("valid config")
+        };
+        let url = |c: &super::super::Config| c.storage.replica_url(&c.server);
+        let c = config("10.1.2.3:5000", "");
+        assert_eq!(url(&c), Ok(Some("http://10.1.2.3:5000".into())));
+        // Port 0: known once the listener is bound.
+        assert_eq!(url(&config("127.0.0.2:0", "")), Ok(None));
+        assert!(url(&config("0.0.0.0:5000", "")).is_err_and(|e| e.contains("replica_url")));
+        let set = "replica_url = \"http://r1.internal:5000/\"";
+        assert_eq!(
+            url(&config("0.0.0.0:5000", set)),
+            Ok(Some("http://r1.internal:5000".into()))
+        );
+        assert_eq!(
+            replica_url_of("[::1]:5000".parse().expect("addr"), true),
+            "https://[::1]:5000"
+        );
+    }
 
     #[test]
     fn bucket_names_follow_the_s3_rules() {

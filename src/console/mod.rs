@@ -12,6 +12,7 @@
 pub mod negotiate;
 pub mod pages;
 pub mod session;
+pub mod shared_sessions;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -88,7 +89,7 @@ fn subject_name(s: &Subject) -> String {
 /// the JSON form from scripts), else anonymous.
 async fn who(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> {
     if let Some(cookie) = session::cookie_value(&parts.headers)
-        && let Some(s) = app.console.sessions.get(&cookie)
+        && let Some(s) = live_session(app, &cookie).await
     {
         // The credential it was opened with must still hold (not reset, revoked, expired),
         // and so must the user; otherwise the session ends here.
@@ -100,7 +101,7 @@ async fn who(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> 
             .then(|| app.auth.session_caller(&s.sub, peer.ip()))
             .flatten();
         let Some(caller) = caller else {
-            app.console.sessions.close(&cookie);
+            close_session(app, &cookie).await;
             return who_without_session(app, parts, peer).await;
         };
         let name = match &caller.identity {
@@ -114,6 +115,23 @@ async fn who(app: &App, parts: &Parts, peer: SocketAddr) -> Result<Who, Denial> 
         });
     }
     who_without_session(app, parts, peer).await
+}
+
+/// The session behind a cookie; none if the shared table cannot be read (logged: the page
+/// is then served as to a signed-out browser rather than not at all).
+async fn live_session(app: &App, cookie: &str) -> Option<Session> {
+    shared_sessions::get(app, cookie)
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "console sessions unreadable"))
+        .ok()
+        .flatten()
+}
+
+/// Ends a session; a failure is logged (the session then lasts until it expires).
+async fn close_session(app: &App, cookie: &str) {
+    if let Err(e) = shared_sessions::close(app, cookie).await {
+        tracing::error!(error = %e, "console session not ended");
+    }
 }
 
 /// The caller from the `Authorization` header, else anonymous.
@@ -398,7 +416,19 @@ async fn login(app: &App, form: Form, who: &Who, body: RequestBody, peer: Socket
     match app.auth.console_login(user, password, peer.ip()).await {
         Ok(subject) => {
             let mark = app.auth.identities.credential_mark(user, password);
-            let cookie = app.console.sessions.open(&subject.token_sub(), mark);
+            let cookie = match shared_sessions::open(app, &subject.token_sub(), mark).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "console session not opened");
+                    return message(
+                        form,
+                        who,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Unavailable",
+                        "Signing in is not possible right now; try again in a moment.",
+                    );
+                }
+            };
             let secure = app.tls.is_some();
             tracing::info!(target: "audit", user = %subject, peer = %peer.ip(), "console sign-in");
             redirect(
@@ -436,7 +466,7 @@ async fn logout(app: &App, form: Form, who: &Who, body: RequestBody) -> Resp {
     let Some((cookie, _)) = checked_session(who, &fields) else {
         return forged(form, who);
     };
-    app.console.sessions.close(cookie);
+    close_session(app, cookie).await;
     redirect("/", Some(session::clear_cookie(app.tls.is_some())))
 }
 
@@ -519,6 +549,34 @@ fn target(path: &str) -> Target {
     }
 }
 
+async fn build(app: &App, caller: &Caller, path: &str, host: &str) -> Result<Built, ConsoleError> {
+    Ok(match target(path) {
+        Target::Home => Built::Home(view::home(app, caller)),
+        Target::Invalid => Built::Hidden,
+        Target::Image(repo, digest) => match view::visible(app, caller, &repo) {
+            Some(seen) => view::image(app, caller, &repo, &digest, &seen, host)
+                .await?
+                .map_or(Built::Hidden, |i| Built::Image(Box::new(i))),
+            None => Built::Hidden,
+        },
+        Target::Name(repo) => match view::visible(app, caller, &repo) {
+            Some(seen)
+                if view::storage_for(app, &seen.namespace)
+                    .repo_exists(&repo)
+                    .await? =>
+            {
+                Built::Repository(Box::new(
+                    view::repository(app, caller, &repo, &seen, host).await?,
+                ))
+            }
+            _ => match view::listing(app, caller, repo.as_str()).await? {
+                Some(l) => Built::Listing(l),
+                None => view::canonical(app, caller, &repo)?.map_or(Built::Hidden, Built::Moved),
+            },
+        },
+    })
+}
+
 enum Built {
     Home(view::Home),
     Listing(view::Listing),
@@ -533,28 +591,11 @@ async fn page(app: &Arc<App>, form: Form, who: &Who, parts: &Parts) -> Result<Re
     let path = parts.uri.path().to_string();
     let host = host(parts);
     let (app2, caller) = (app.clone(), who.caller.clone());
+    // The builders are async (the cluster profile awaits its database) but run on the
+    // blocking pool as one unit, where the local profile's index scans belong.
     let built = blocking(move || {
         let app = &*app2;
-        Ok(match target(&path) {
-            Target::Home => Built::Home(view::home(app, &caller)),
-            Target::Invalid => Built::Hidden,
-            Target::Image(repo, digest) => match view::visible(app, &caller, &repo) {
-                Some(seen) => view::image(app, &caller, &repo, &digest, &seen, &host)?
-                    .map_or(Built::Hidden, |i| Built::Image(Box::new(i))),
-                None => Built::Hidden,
-            },
-            Target::Name(repo) => match view::visible(app, &caller, &repo) {
-                Some(seen) if app.store.repo_exists(&repo)? => Built::Repository(Box::new(
-                    view::repository(app, &caller, &repo, &seen, &host)?,
-                )),
-                _ => match view::listing(app, &caller, repo.as_str())? {
-                    Some(l) => Built::Listing(l),
-                    None => {
-                        view::canonical(app, &caller, &repo)?.map_or(Built::Hidden, Built::Moved)
-                    }
-                },
-            },
-        })
+        tokio::runtime::Handle::current().block_on(build(app, &caller, &path, &host))
     })
     .await?;
     // Deleting takes a signed-in caller (a session's CSRF token, or credentials on the
@@ -646,13 +687,14 @@ async fn delete(
     {
         return Ok(denied(form, who, d, "/"));
     }
-    let (store, r, reference2) = (app.store.clone(), repo.clone(), reference.clone());
-    let deleted = blocking(move || match store.delete_manifest(&r, &reference2) {
-        Ok(()) => Ok(true),
-        Err(StoreError::ManifestUnknown(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    })
-    .await?;
+    let deleted = match view::storage_for(app, &namespace)
+        .delete_manifest(&repo, &reference)
+        .await
+    {
+        Ok(()) => true,
+        Err(StoreError::ManifestUnknown(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
     if !deleted {
         return Ok(message(
             form,

@@ -127,6 +127,27 @@ impl Sessions {
     }
 }
 
+/// A session read back from the shared table (the cluster profile's), whose expiry the
+/// database keeps.
+pub fn shared(sub: String, csrf: String, mark: Option<crate::auth::CredentialMark>) -> Session {
+    Session {
+        sub,
+        csrf,
+        mark,
+        expires: Instant::now() + SESSION_TTL,
+    }
+}
+
+/// A new random cookie value, or CSRF token.
+pub fn new_secret() -> String {
+    hex::encode(random_bytes::<32>())
+}
+
+/// What a session table keys a cookie by.
+pub fn cookie_hash(cookie: &str) -> [u8; 32] {
+    hash(cookie)
+}
+
 /// Whether a form's CSRF token is the session's, compared in constant time.
 pub fn csrf_matches(session: &Session, presented: &str) -> bool {
     aws_lc_rs::constant_time::verify_slices_are_equal(session.csrf.as_bytes(), presented.as_bytes())

@@ -1,6 +1,9 @@
 //! What each console page shows, as plain data: built from the store for one caller, then
 //! rendered as HTML (`pages`) or serialised as the JSON form of the same URL. Builders only
-//! read, through `Store`'s listing APIs: one prefix scan per listed section.
+//! read, through `Storage`'s listing APIs (`storage::browse`): one prefix scan per listed
+//! section locally, a few queries in the cluster profile. A project's repositories are read
+//! from `App::storage` (the shared database and bucket in the cluster profile); a cache's
+//! from this process's own `Store`, where the pull-through cache keeps them in either profile.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,6 +15,7 @@ use crate::auth::{Action, Caller};
 use crate::oci::manifest::{Descriptor, ParsedManifest};
 use crate::oci::{Digest, RepoName};
 use crate::proxy::Namespace;
+use crate::storage::Storage;
 use crate::store::{StoreError, StoredManifest};
 
 /// The most of an image config the image page reads.
@@ -185,6 +189,15 @@ pub struct Referrer {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// The storage holding the repositories of `namespace`: the registry's for a project, this
+/// process's store for a cache (the same store in the local profile).
+pub fn storage_for(app: &App, namespace: &Namespace<'_>) -> Storage {
+    match namespace {
+        Namespace::Project(_) => app.storage.clone(),
+        Namespace::Mirror(_) => Storage::Local(app.store.clone()),
+    }
+}
+
 /// Where a repository lives and whether the caller may see it there.
 pub struct Visible<'a> {
     pub namespace: Namespace<'a>,
@@ -253,18 +266,35 @@ pub fn home(app: &App, caller: &Caller) -> Home {
 
 /// The repositories under `prefix` the caller may pull; `None` if there is nothing to show
 /// there (neither a visible repository nor a project or cache the caller may browse).
-pub fn listing(app: &App, caller: &Caller, prefix: &str) -> Result<Option<Listing>, StoreError> {
-    let mut repositories: Vec<RepoEntry> = app
-        .store
-        .repos_under(prefix, MAX_LISTED + 1, |name| {
-            // A token lists only what its own scopes let it pull, not all its user may.
-            app.auth.may_list(caller, name)
-                && (!matches!(caller.identity, crate::auth::Identity::Token(_))
-                    || name.parse::<RepoName>().is_ok_and(|r| {
-                        let ns = app.proxy.namespace(&r, None);
-                        app.auth.may(caller, &r, &ns, crate::auth::Action::Pull)
-                    }))
-        })?
+pub async fn listing(
+    app: &App,
+    caller: &Caller,
+    prefix: &str,
+) -> Result<Option<Listing>, StoreError> {
+    let mut visible = |name: &str| {
+        // A token lists only what its own scopes let it pull, not all its user may.
+        app.auth.may_list(caller, name)
+            && (!matches!(caller.identity, crate::auth::Identity::Token(_))
+                || name.parse::<RepoName>().is_ok_and(|r| {
+                    let ns = app.proxy.namespace(&r, None);
+                    app.auth.may(caller, &r, &ns, crate::auth::Action::Pull)
+                }))
+    };
+    let mut found = app
+        .storage
+        .repos_under(prefix, MAX_LISTED + 1, &mut visible)
+        .await?;
+    if app.storage.is_cluster() {
+        // Cache repositories are this replica's own: both lists, merged in byte order.
+        found.extend(
+            app.store
+                .repos_under(prefix, MAX_LISTED + 1, &mut visible)?,
+        );
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.dedup_by(|a, b| a.0 == b.0);
+        found.truncate(MAX_LISTED + 1);
+    }
+    let mut repositories: Vec<RepoEntry> = found
         .into_iter()
         .map(|(name, created)| RepoEntry {
             name,
@@ -387,14 +417,15 @@ pub fn pull_line(host: &str, repo: &str, reference: &str) -> String {
     format!("docker pull {host}/{repo}{reference}")
 }
 
-pub fn repository(
+pub async fn repository(
     app: &App,
     caller: &Caller,
     repo: &RepoName,
     seen: &Visible<'_>,
     host: &str,
 ) -> Result<Repository, StoreError> {
-    let pushed = app.store.pushed_times(repo)?;
+    let storage = storage_for(app, &seen.namespace);
+    let pushed = storage.pushed_times(repo).await?;
     // Each manifest is summarised as it is read and its bytes dropped: a page holds rows, not
     // up to MAX_ROWS manifests of up to max_manifest_size each.
     struct Summary {
@@ -405,35 +436,37 @@ pub fn repository(
     }
     let mut summaries: Vec<Summary> = Vec::new();
     let mut images: HashMap<String, u64> = HashMap::new();
-    let read = app.store.visit_manifests(repo, MAX_ROWS + 1, |m| {
-        if summaries.len() == MAX_ROWS {
-            return;
-        }
-        let parsed = parse(&m);
-        let digest = m.digest.to_string();
-        let children = parsed.as_ref().filter(|p| p.is_index()).map(|p| {
-            p.child_manifests()
-                .iter()
-                .map(|c| c.digest.to_string())
-                .collect::<Vec<_>>()
-        });
-        let size = parsed.as_ref().filter(|p| !p.is_index()).map(image_size);
-        if let Some(size) = size {
-            images.insert(digest.clone(), size);
-        }
-        let row = manifest_row(
-            &m,
-            parsed.as_ref(),
-            &HashMap::new(),
-            pushed.get(&digest).copied(),
-        );
-        summaries.push(Summary {
-            row,
-            size,
-            children: children.filter(|c| c.len() <= MAX_CHILDREN),
-        });
-    })?;
-    let mut tags = app.store.tags_with_digests(repo, MAX_ROWS + 1)?;
+    let read = storage
+        .visit_manifests(repo, MAX_ROWS + 1, |m| {
+            if summaries.len() == MAX_ROWS {
+                return;
+            }
+            let parsed = parse(&m);
+            let digest = m.digest.to_string();
+            let children = parsed.as_ref().filter(|p| p.is_index()).map(|p| {
+                p.child_manifests()
+                    .iter()
+                    .map(|c| c.digest.to_string())
+                    .collect::<Vec<_>>()
+            });
+            let size = parsed.as_ref().filter(|p| !p.is_index()).map(image_size);
+            if let Some(size) = size {
+                images.insert(digest.clone(), size);
+            }
+            let row = manifest_row(
+                &m,
+                parsed.as_ref(),
+                &HashMap::new(),
+                pushed.get(&digest).copied(),
+            );
+            summaries.push(Summary {
+                row,
+                size,
+                children: children.filter(|c| c.len() <= MAX_CHILDREN),
+            });
+        })
+        .await?;
+    let mut tags = storage.tags_with_digests(repo, MAX_ROWS + 1).await?;
     let truncated = read > MAX_ROWS || tags.len() > MAX_ROWS;
     tags.truncate(MAX_ROWS);
     let rows: HashMap<String, ManifestRow> = summaries
@@ -502,7 +535,7 @@ pub fn repository(
     Ok(Repository {
         name: repo.to_string(),
         kind: seen.kind,
-        created: app.store.repo_created(repo)?.map(rfc3339),
+        created: storage.repo_created(repo).await?.map(rfc3339),
         pull,
         tags,
         untagged,
@@ -525,7 +558,7 @@ fn annotations(
 }
 
 /// The image page of `digest` in `repo`; `None` if the repository does not hold it.
-pub fn image(
+pub async fn image(
     app: &App,
     caller: &Caller,
     repo: &RepoName,
@@ -533,15 +566,16 @@ pub fn image(
     seen: &Visible<'_>,
     host: &str,
 ) -> Result<Option<Image>, StoreError> {
-    let Some(m) = app.store.manifest(repo, digest)? else {
+    let storage = storage_for(app, &seen.namespace);
+    let Some(m) = storage.manifest(repo, digest).await? else {
         return Ok(None);
     };
     let parsed = parse(&m);
     let digest_s = digest.to_string();
-    let tags = app.store.tags_pointing_at(repo, digest)?;
-    let referrers = app
-        .store
-        .referrers(repo, digest, None)?
+    let tags = storage.tags_pointing_at(repo, digest).await?;
+    let referrers = storage
+        .referrers(repo, digest, None)
+        .await?
         .into_iter()
         .map(|d| Referrer {
             digest: d["digest"].as_str().unwrap_or_default().to_string(),
@@ -567,9 +601,9 @@ pub fn image(
                 .filter(|c| seen.insert(c.digest.to_string()))
                 .take(MAX_CHILDREN)
             {
-                let child_size = app
-                    .store
-                    .manifest(repo, &child.digest)?
+                let child_size = storage
+                    .manifest(repo, &child.digest)
+                    .await?
                     .as_deref()
                     .and_then(parse)
                     .map(|c| image_size(&c));
@@ -593,7 +627,7 @@ pub fn image(
                 })
                 .collect();
             if let Some(c) = &p.config {
-                config = Some(config_info(app, repo, c)?);
+                config = Some(config_info(&storage, repo, c).await?);
             }
         }
     }
@@ -607,7 +641,7 @@ pub fn image(
         media_type: m.media_type.clone(),
         manifest_size: m.bytes.len() as u64,
         size,
-        pushed: app.store.pushed_at(repo, digest)?.map(rfc3339),
+        pushed: storage.pushed_at(repo, digest).await?.map(rfc3339),
         tags,
         pull: pull_line(host, repo.as_str(), &format!("@{digest_s}")),
         artifact_type: parsed.as_ref().and_then(artifact_type),
@@ -625,13 +659,17 @@ pub fn image(
 }
 
 /// What an image config says about how the image runs, if its blob is stored here.
-fn config_info(app: &App, repo: &RepoName, d: &Descriptor) -> Result<ConfigInfo, StoreError> {
+async fn config_info(
+    storage: &Storage,
+    repo: &RepoName,
+    d: &Descriptor,
+) -> Result<ConfigInfo, StoreError> {
     let mut info = ConfigInfo {
         digest: d.digest.to_string(),
         size: d.size,
         ..ConfigInfo::default()
     };
-    let Some(bytes) = app.store.small_blob(repo, &d.digest, MAX_CONFIG)? else {
+    let Some(bytes) = storage.small_blob(repo, &d.digest, MAX_CONFIG).await? else {
         return Ok(info);
     };
     info.stored = true;

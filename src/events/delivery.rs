@@ -11,9 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use super::format::{self, Body};
@@ -34,7 +31,7 @@ const RETRY_BUDGET: Duration = Duration::from_secs(60);
 /// How long a task pauses after a failed round.
 const ERROR_PAUSE: Duration = Duration::from_secs(5);
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = crate::proxy::web_client::WebClient<Full<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -91,22 +88,7 @@ impl Endpoint {
 }
 
 pub fn client() -> HttpsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+    crate::proxy::web_client::web_client(Duration::from_secs(10))
 }
 
 /// What one task needs.

@@ -22,10 +22,22 @@ pub async fn get(
     parts: &Parts,
     head: bool,
 ) -> Result<Resp, RegistryError> {
+    get_in(app, &app.storage, repo, digest, parts, head).await
+}
+
+/// `get` from `storage` (the pull-through cache serves from the replica's own store).
+pub async fn get_in(
+    app: &Arc<App>,
+    storage: &crate::storage::Storage,
+    repo: &RepoName,
+    digest: &str,
+    parts: &Parts,
+    head: bool,
+) -> Result<Resp, RegistryError> {
     let digest = parse_digest(digest)?;
-    let Some(size) = app.storage.blob_size(repo, &digest).await? else {
+    let Some(size) = storage.blob_size(repo, &digest).await? else {
         // Manifests are content too: some clients fetch them through the blobs endpoint.
-        if let Some(m) = app.storage.manifest(repo, &digest).await? {
+        if let Some(m) = storage.manifest(repo, &digest).await? {
             let mut r = super::manifests::manifest_response(&m, head);
             r.headers_mut().insert(
                 header::CACHE_CONTROL,
@@ -39,7 +51,7 @@ pub async fn get(
     if etag_matches(parts, &digest_str) {
         return Ok(super::response::not_modified(&digest_str));
     }
-    if !head && let Some(url) = app.storage.blob_redirect(&digest).await? {
+    if !head && let Some(url) = storage.blob_redirect(&digest).await? {
         // The bucket serves the bytes (and the client's Range) itself.
         let mut r = empty(StatusCode::TEMPORARY_REDIRECT);
         set(&mut r, header::LOCATION, url);
@@ -53,7 +65,7 @@ pub async fn get(
     let body = if head {
         ResponseBody::Empty
     } else {
-        match app.storage.open_blob(&digest, size).await? {
+        match storage.open_blob(&digest, size).await? {
             // `end <= size`, the length of these verified bytes.
             BlobSource::Memory(bytes) => {
                 ResponseBody::full(bytes.slice(start as usize..end as usize))

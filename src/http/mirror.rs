@@ -23,6 +23,7 @@ use crate::proxy::freshness;
 use crate::proxy::tag_list;
 use crate::proxy::{CacheOutcome, MirrorRoute};
 use crate::proxy::{fill, follow};
+use crate::storage::Storage;
 
 /// The `OCI-Namespace` header: the upstream that answered.
 fn oci_namespace() -> HeaderName {
@@ -195,7 +196,18 @@ async fn serve_local(
     parts: &Parts,
     head: bool,
 ) -> Result<Resp, RegistryError> {
-    let mut r = super::blobs::get(app, &route.local, &digest.to_string(), parts, head).await?;
+    // The pull-through cache keeps its blobs in the replica's own store in either profile
+    // (`blob::locate` found it there), not in the cluster's shared storage.
+    let local;
+    let storage = match &app.storage {
+        Storage::Local(_) => &app.storage,
+        Storage::Cluster(_) => {
+            local = Storage::Local(app.store.clone());
+            &local
+        }
+    };
+    let digest = digest.to_string();
+    let mut r = super::blobs::get_in(app, storage, &route.local, &digest, parts, head).await?;
     mark(app, &mut r, route, "blob", CacheOutcome::Hit);
     Ok(r)
 }

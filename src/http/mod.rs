@@ -8,6 +8,7 @@ pub mod body;
 pub mod cache_admin;
 mod coalesce;
 pub mod forwarded;
+pub mod internal_fill;
 pub mod manifests;
 pub mod members;
 pub mod mirror;
@@ -202,6 +203,8 @@ async fn dispatch(
         Route::Token => return token::serve(app, parts, body, peer).await,
         Route::Health if get => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         Route::Metrics if get => return Ok(metrics(app)),
+        // Replicas only, never the registry API (404 outside the cluster profile).
+        Route::InternalFill { digest } => return internal_fill::serve(app, parts, digest).await,
         // Pages for browsers (and their JSON form): never a path of the registry API.
         Route::NotFound => {
             if let Some(form) = crate::console::wants(method, parts.uri.path(), &parts.headers) {

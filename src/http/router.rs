@@ -27,6 +27,10 @@ pub enum Route<'a> {
     Metrics,
     /// `GET /healthz`
     Health,
+    /// `GET /_transship/fill/<digest>`: another replica following a fill (cluster profile)
+    InternalFill {
+        digest: Cow<'a, str>,
+    },
     Manifest {
         name: Cow<'a, str>,
         reference: Cow<'a, str>,
@@ -63,6 +67,7 @@ impl Route<'_> {
             Route::Cache { .. } => "cache_admin",
             Route::Metrics => "metrics",
             Route::Health => "health",
+            Route::InternalFill { .. } => "internal_fill",
             Route::Manifest { .. } => "manifest",
             Route::Blob { .. } => "blob",
             Route::UploadStart { .. } => "upload_start",
@@ -81,6 +86,7 @@ impl Route<'_> {
             | Route::Catalog
             | Route::Metrics
             | Route::Health
+            | Route::InternalFill { .. }
             | Route::Tags { .. }
             | Route::Referrers { .. } => "GET, HEAD",
             Route::Token => "GET, POST",
@@ -170,6 +176,11 @@ pub fn parse(raw_path: &str) -> Route<'_> {
         "/healthz" => return Route::Health,
         _ => {}
     }
+    if let Some(digest) = raw_path.strip_prefix(crate::proxy::cluster_fill::ROUTE_PREFIX) {
+        return Route::InternalFill {
+            digest: Cow::Borrowed(digest),
+        };
+    }
     if let Some(rest) = raw_path.strip_prefix(MEMBERS_PREFIX) {
         return members_route(rest);
     }
@@ -224,6 +235,7 @@ fn owned(r: Route<'_>) -> Route<'static> {
         Route::Cache { what } => Route::Cache { what: o(what) },
         Route::Metrics => Route::Metrics,
         Route::Health => Route::Health,
+        Route::InternalFill { digest } => Route::InternalFill { digest: o(digest) },
         Route::NotFound => Route::NotFound,
     }
 }
@@ -303,6 +315,21 @@ mod tests {
         assert_eq!(parse("/metrics"), Route::Metrics);
         assert_eq!(parse("/"), Route::NotFound);
         assert_eq!(parse("/v1/x"), Route::NotFound);
+    }
+
+    #[test]
+    fn the_internal_fill_endpoint_is_outside_the_registry_api() {
+        assert_eq!(
+            parse("/_transship/fill/sha256:abc"),
+            Route::InternalFill {
+                digest: "sha256:abc".into()
+            }
+        );
+        assert_eq!(parse("/_transship/fill/sha256:abc").name(), None);
+        assert!(matches!(
+            parse("/v2/_transship/fill/blobs/sha256:abc"),
+            Route::Blob { .. }
+        ));
     }
 
     #[test]

@@ -114,6 +114,18 @@ pub(super) async fn upstream_size(
     route: &MirrorRoute,
     digest: &Digest,
 ) -> Result<Option<u64>, RegistryError> {
+    upstream_head(cx, route, digest).await.map_err(|e| match e {
+        FillError::Upstream(why) => RegistryError::new(ErrorCode::Unavailable, why),
+        e => fill_error(e, digest, cx, route),
+    })
+}
+
+/// `upstream_size` as a fill sees it: the length, or why the upstream did not confirm.
+pub(super) async fn upstream_head(
+    cx: &Context,
+    route: &MirrorRoute,
+    digest: &Digest,
+) -> Result<Option<u64>, FillError> {
     let resp = cx
         .proxy
         .ask(
@@ -124,14 +136,9 @@ pub(super) async fn upstream_size(
             &[],
         )
         .await
-        .map_err(|e| RegistryError::new(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(|e| FillError::Upstream(e.to_string()))?;
     if resp.status() != StatusCode::OK {
-        return Err(fill_error(
-            FillError::Status(resp.status()),
-            digest,
-            cx,
-            route,
-        ));
+        return Err(FillError::Status(resp.status()));
     }
     Ok(fill::content_length(resp.headers()))
 }

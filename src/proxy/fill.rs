@@ -132,7 +132,7 @@ impl Fill {
 
     /// Hands the next received batch to readers: into the tail (dropping what the spool holds
     /// beyond the budget), then announces it.
-    fn received(&self, batch: &[Bytes], received: u64) {
+    pub(super) fn received(&self, batch: &[Bytes], received: u64) {
         self.tail.lock().unwrap_or_else(|p| p.into_inner()).push(
             batch,
             self.written.load(Ordering::Acquire),
@@ -213,14 +213,14 @@ pub enum Joined {
 /// How many times a dropped upstream body is resumed with a Range request.
 const RESUMES: usize = 3;
 /// Longest wait for the next piece of an upstream body before it counts as dropped.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a fill waits for a download slot of its upstream (as long as a response's headers
 /// may take): then its readers get 503.
 pub const QUEUE_TIMEOUT: Duration = super::upstream::HEADER_TIMEOUT;
 /// The most a blob body may carry when neither its GET nor a HEAD said how long it is.
 pub const MAX_UNSIZED_BLOB: u64 = 16 << 30;
 /// Upstream bytes already received are handed to the writer in batches of up to this much.
-const WRITE_BATCH: usize = 1 << 20;
+pub(super) const WRITE_BATCH: usize = 1 << 20;
 /// Batches queued for the writer before the download waits for the disk.
 const WRITE_QUEUE: usize = 8;
 /// Received bytes a fill keeps in memory for readers that keep up, beyond those the writer has
@@ -303,7 +303,13 @@ impl Fills {
         let (cx, route, f) = (cx.clone(), route.clone(), fill.clone());
         tokio::spawn(async move {
             let client = cx.proxy.client(route.upstream).clone();
-            let outcome = run(&cx, &client, &route, &f, slot).await;
+            // In the cluster profile the fill may come from the bucket or another replica.
+            let outcome = match cx.proxy.cluster() {
+                Some(cluster) => {
+                    super::cluster_fill::run(&cx, cluster, &client, &route, &f, slot).await
+                }
+                None => run(&cx, &client, &route, &f, slot).await,
+            };
             match outcome {
                 Ok(size) => {
                     f.state.send_replace(FillState::Done { size });
@@ -369,7 +375,7 @@ impl Drop for Guard {
 }
 
 /// What the writer made of the upstream body.
-struct Spooled {
+pub(super) struct Spooled {
     file: File,
     len: u64,
     digest: Digest,
@@ -378,7 +384,7 @@ struct Spooled {
 /// The fill's two blocking workers, fed the same batches in order: one writes them to the
 /// spool and records how much is on disk (so the tail knows what it may drop), the other
 /// hashes them. Apart, they run on both cores: hashing is the costliest step of a fill.
-struct SpoolWriter {
+pub(super) struct SpoolWriter {
     to_disk: mpsc::Sender<Vec<Bytes>>,
     to_hash: mpsc::Sender<Vec<Bytes>>,
     disk: tokio::task::JoinHandle<std::io::Result<(File, u64)>>,
@@ -420,12 +426,12 @@ impl SpoolWriter {
     }
 
     /// Hands a batch to both workers; false if either stopped (`finish` says why).
-    async fn send(&self, batch: Vec<Bytes>) -> bool {
+    pub(super) async fn send(&self, batch: Vec<Bytes>) -> bool {
         self.to_hash.send(batch.clone()).await.is_ok() && self.to_disk.send(batch).await.is_ok()
     }
 
     /// Waits for both workers to finish what they were sent.
-    async fn finish(self) -> Result<Spooled, FillError> {
+    pub(super) async fn finish(self) -> Result<Spooled, FillError> {
         let Self {
             to_disk,
             to_hash,
@@ -443,7 +449,7 @@ impl SpoolWriter {
     }
 }
 
-async fn run(
+pub(super) async fn run(
     cx: &Context,
     client: &UpstreamClient,
     route: &MirrorRoute,
@@ -497,27 +503,7 @@ async fn run(
             .ok()
             .flatten(),
     };
-    let path = fill.path.clone();
-    let file = tokio::task::spawn_blocking(move || {
-        std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .read(true)
-            // Readers read the spool inline on the async workers: no atime update (an inode
-            // write that may wait for the journal) on the way.
-            .custom_flags(libc::O_NOATIME)
-            .open(path)
-    })
-    .await
-    .map_err(|e| FillError::Store(e.to_string()))?
-    .map_err(|e| FillError::Store(e.to_string()))?;
-    let readers = file
-        .try_clone()
-        .map_err(|e| FillError::Store(e.to_string()))?;
-    let _ = fill.spool.set(Arc::new(readers));
-    fill.state
-        .send_replace(FillState::Streaming { size, received: 0 });
-    let writer = SpoolWriter::spawn(file, fill.clone());
+    let writer = open_spool(fill, size).await?;
     let mut received = 0u64;
     let mut body = resp.into_body();
     let mut resumes = 0;
@@ -588,18 +574,7 @@ async fn run(
                 }
                 resumes += 1;
                 tracing::info!(digest = %fill.digest, received, ?size, %reason, "resuming upstream blob download");
-                let range = format!("bytes={received}-");
-                let resp = cx
-                    .proxy
-                    .ask(
-                        &cx.metrics,
-                        route,
-                        Method::GET,
-                        &suffix,
-                        &[(header::RANGE, range.as_str())],
-                    )
-                    .await
-                    .map_err(|e| FillError::Upstream(e.to_string()))?;
+                let resp = ask_from(cx, route, &suffix, received).await?;
                 let resumed_at = resp
                     .headers()
                     .get(header::CONTENT_RANGE)
@@ -618,6 +593,66 @@ async fn run(
             }
         }
     }
+    verify_and_commit(cx, fill, writer, &route.local).await
+}
+
+/// GETs `suffix` (the blob) from the route's upstream from byte `from` on (a Range request).
+pub(super) async fn ask_from(
+    cx: &Context,
+    route: &MirrorRoute,
+    suffix: &str,
+    from: u64,
+) -> Result<http::Response<hyper::body::Incoming>, FillError> {
+    let range = format!("bytes={from}-");
+    cx.proxy
+        .ask(
+            &cx.metrics,
+            route,
+            Method::GET,
+            suffix,
+            &[(header::RANGE, range.as_str())],
+        )
+        .await
+        .map_err(|e| FillError::Upstream(e.to_string()))
+}
+
+/// Creates the fill's spool, hands readers its read handle and announces the stream (of
+/// `size` bytes, if known): the writer to feed.
+pub(super) async fn open_spool(
+    fill: &Arc<Fill>,
+    size: Option<u64>,
+) -> Result<SpoolWriter, FillError> {
+    let path = fill.path.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .read(true)
+            // Readers read the spool inline on the async workers: no atime update (an inode
+            // write that may wait for the journal) on the way.
+            .custom_flags(libc::O_NOATIME)
+            .open(path)
+    })
+    .await
+    .map_err(|e| FillError::Store(e.to_string()))?
+    .map_err(|e| FillError::Store(e.to_string()))?;
+    let readers = file
+        .try_clone()
+        .map_err(|e| FillError::Store(e.to_string()))?;
+    let _ = fill.spool.set(Arc::new(readers));
+    fill.state
+        .send_replace(FillState::Streaming { size, received: 0 });
+    Ok(SpoolWriter::spawn(file, fill.clone()))
+}
+
+/// Checks what the writer spooled against the digest, lets readers take their last byte, then
+/// makes the blob durable and commits it, linked to `local`.
+pub(super) async fn verify_and_commit(
+    cx: &Context,
+    fill: &Arc<Fill>,
+    writer: SpoolWriter,
+    local: &RepoName,
+) -> Result<u64, FillError> {
     let spooled = writer.finish().await?;
     if spooled.digest != fill.digest {
         return Err(FillError::DigestMismatch {
@@ -632,7 +667,7 @@ async fn run(
         cx.clone(),
         fill.path.clone(),
         fill.digest.clone(),
-        route.local.clone(),
+        local.clone(),
     );
     tokio::task::spawn_blocking(move || {
         spooled

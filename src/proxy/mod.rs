@@ -9,6 +9,7 @@
 mod ask;
 pub mod blob;
 pub mod blocking;
+pub mod cluster_fill;
 pub mod fill;
 pub mod follow;
 pub mod freshness;
@@ -20,6 +21,7 @@ pub mod tag_list;
 pub mod tail;
 pub mod upstream;
 pub mod warm;
+pub mod web_client;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +74,8 @@ pub struct Proxy {
     pub fills: fill::Fills,
     pub manifest_misses: manifest_miss::ManifestMisses,
     pub tag_lists: tag_list::TagLists,
+    /// The cluster profile's shared fills (set once by `App` in that profile).
+    cluster: std::sync::OnceLock<Arc<cluster_fill::ClusterFill>>,
 }
 
 impl Proxy {
@@ -99,7 +103,18 @@ impl Proxy {
             fills: fill::Fills::new(config),
             manifest_misses: manifest_miss::ManifestMisses::default(),
             tag_lists: tag_list::TagLists::new(&config.upstreams),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes cold fills cluster-wide (the cluster profile); false if already attached.
+    pub fn attach_cluster(&self, cluster: Arc<cluster_fill::ClusterFill>) -> bool {
+        self.cluster.set(cluster).is_ok()
+    }
+
+    /// The cluster profile's shared fills, if attached.
+    pub fn cluster(&self) -> Option<&Arc<cluster_fill::ClusterFill>> {
+        self.cluster.get()
     }
 
     /// Where `name` lives (`ns` as in `?ns=`): resolved once per request, before access

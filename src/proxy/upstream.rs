@@ -213,20 +213,12 @@ impl UpstreamClient {
             .and_then(|u| u.host().map(str::to_string))
             .unwrap_or_default();
         let reach = Arc::new(Mutex::new(Reach::of_host(&host)));
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+        let http = HttpConnector::new_with_resolver(GuardedResolver {
             gai: GaiResolver::new(),
             own_host: host.into(),
             reach: reach.clone(),
         });
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = super::web_client::https_or_http(tls, http, CONNECT_TIMEOUT);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);

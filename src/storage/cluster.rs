@@ -82,6 +82,9 @@ fn upload_error(e: UploadsError) -> StoreError {
         e @ UploadsError::TooMany { .. } => StoreError::TooManyUploads(e.to_string()),
         e @ UploadsError::TooLarge => StoreError::SizeInvalid(e.to_string()),
         UploadsError::Source(e) => match e.downcast::<std::io::Error>() {
+            Ok(io) if io.get_ref().is_some_and(|i| i.is::<LengthMismatch>()) => {
+                StoreError::SizeInvalid(io.to_string())
+            }
             Ok(io) => StoreError::Body(*io),
             Err(e) => StoreError::Body(std::io::Error::other(e)),
         },
@@ -169,18 +172,31 @@ impl ClusterStore {
         }
         let objects = self.objects.clone();
         let d = digest.clone();
-        self.cache
+        let fetched = self
+            .cache
             .get_or_fetch(digest, size, move || async move {
                 objects.get_range(&d, 0..size).await
             })
-            .await
-            .map_err(|e| match e {
+            .await;
+        match fetched {
+            Ok(file) => Ok(file),
+            Err(e) => {
                 // Local disk trouble is reported like the local profile's (ENOSPC included).
-                ReadCacheError::Io { ref source, .. } => {
-                    StoreError::Io(std::io::Error::new(source.kind(), e.to_string()))
+                if let ReadCacheError::Io { source, .. } = &e {
+                    return Err(StoreError::Io(std::io::Error::new(
+                        source.kind(),
+                        e.to_string(),
+                    )));
                 }
-                e => shared(e),
-            })
+                // Gone from the bucket (collected while a link was still cached here): the
+                // blob is unknown, not the storage broken.
+                if let Ok(None) = self.objects.head(digest).await {
+                    self.links.invalidate_all();
+                    return Err(StoreError::BlobUnknown(digest.clone()));
+                }
+                Err(shared(e))
+            }
+        }
     }
 
     /// A presigned URL for the blob, when blob GETs are redirected to the bucket.
@@ -354,8 +370,12 @@ impl ClusterStore {
     /// Unlinks the blob from `repo`; its bytes stay in the bucket (and in read caches, which
     /// only serve a blob a repository links) until GC.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
-        self.links.invalidate(&link_key(repo, digest));
-        if !self.db.unlink_blob(repo, digest).await? {
+        let key = link_key(repo, digest);
+        self.links.invalidate(&key);
+        let unlinked = self.db.unlink_blob(repo, digest).await?;
+        // Again: a GET here between the first invalidation and the delete cached it anew.
+        self.links.invalidate(&key);
+        if !unlinked {
             return Err(StoreError::BlobUnknown(digest.clone()));
         }
         Ok(())
@@ -461,8 +481,25 @@ impl ClusterStore {
     }
 }
 
-/// `body`, failing if it is longer or shorter than `expected` (when a length was declared):
-/// a chunk is taken whole or not at all by the client's account.
+/// A body longer or shorter than its declared length (answered as `SIZE_INVALID`).
+#[derive(Debug)]
+struct LengthMismatch(String);
+
+impl std::fmt::Display for LengthMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LengthMismatch {}
+
+fn length_mismatch(kind: std::io::ErrorKind, what: String) -> std::io::Error {
+    std::io::Error::new(kind, LengthMismatch(what))
+}
+
+/// `body`, failing if it is longer or shorter than `expected` (when a length was declared).
+/// The session keeps what was recorded before the failure (whole parts): the 416 of the
+/// client's retry, or a status request, tells where it stands.
 fn exact_length<'a, S>(
     body: &'a mut S,
     expected: Option<u64>,
@@ -481,9 +518,9 @@ where
                 seen += chunk.len() as u64;
                 if expected.is_some_and(|n| seen > n) {
                     ended = true;
-                    return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                    return std::task::Poll::Ready(Some(Err(length_mismatch(
                         std::io::ErrorKind::InvalidData,
-                        "the body is longer than its declared length",
+                        "the body is longer than its declared length".into(),
                     ))));
                 }
                 std::task::Poll::Ready(Some(Ok(chunk)))

@@ -29,7 +29,7 @@ pub async fn connect(config: &Config) -> Result<ClusterStore, BuildError> {
     let Some(s3) = &config.storage.s3 else {
         return Err(BuildError::Cluster("[storage.s3] is required".into()));
     };
-    let db = open_db(config).await?;
+    let db = open_migrated_db(config).await?;
     let credentials = s3.credentials().map_err(BuildError::Cluster)?;
     let objects = Objects::new(&S3Options {
         endpoint: s3.endpoint.clone(),
@@ -69,19 +69,33 @@ pub async fn connect(config: &Config) -> Result<ClusterStore, BuildError> {
     ))
 }
 
-/// The cluster's database (migrated), for what needs only it: the offline identity commands.
+/// The cluster's database for what needs only it (the offline identity commands): its schema
+/// must be this binary's already, since only a starting replica migrates it.
 pub async fn open_db(config: &Config) -> Result<Db, BuildError> {
+    let options = pg_options(config)?;
+    Db::open_current(&options)
+        .await
+        .map_err(|e| failed("cannot use the database of [storage.postgres]", e))
+}
+
+/// The database, migrated to this binary's schema.
+async fn open_migrated_db(config: &Config) -> Result<Db, BuildError> {
+    let options = pg_options(config)?;
+    Db::open(&options)
+        .await
+        .map_err(|e| failed("cannot open the database of [storage.postgres]", e))
+}
+
+fn pg_options(config: &Config) -> Result<PgOptions, BuildError> {
     let Some(pg) = &config.storage.postgres else {
         return Err(BuildError::Cluster("[storage.postgres] is required".into()));
     };
     let password = pg.password().map_err(BuildError::Cluster)?;
-    Db::open(&PgOptions {
+    Ok(PgOptions {
         url: pg.url.clone(),
         password: password.map(|p| p.expose().to_string()),
         pool_size: pg.pool_size,
     })
-    .await
-    .map_err(|e| failed("cannot open the database of [storage.postgres]", e))
 }
 
 /// How this replica names itself in leases: host name and listening address.

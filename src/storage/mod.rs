@@ -7,8 +7,11 @@
 //! future per call. The local arm calls `Store` exactly as the handlers did before the seam
 //! existed: point reads (moka or RocksDB, microseconds) inline on the async worker, synced
 //! writes on the blocking pool. What only one profile has (fsck, scrub, the pull-through
-//! cache's bookkeeping) stays on that profile's type, reached through `local()`.
+//! cache's bookkeeping) stays on that profile's type, reached through `local()`. The cluster
+//! arm's futures are boxed: they are large (database and bucket round trips), and unboxed they
+//! would make every local request's future as large.
 
+pub mod browse;
 pub mod cluster;
 pub mod cluster_events;
 pub mod cluster_metrics;
@@ -82,7 +85,7 @@ impl Storage {
     ) -> Result<Option<u64>, StoreError> {
         match self {
             Self::Local(s) => s.blob_size(repo, digest),
-            Self::Cluster(c) => c.blob_size(repo, digest).await,
+            Self::Cluster(c) => Box::pin(c.blob_size(repo, digest)).await,
         }
     }
 
@@ -106,7 +109,9 @@ impl Storage {
                 }
                 s.open_blob(digest).map(BlobSource::File)
             }
-            Self::Cluster(c) => c.open_blob(digest, size).await.map(BlobSource::File),
+            Self::Cluster(c) => Box::pin(c.open_blob(digest, size))
+                .await
+                .map(BlobSource::File),
         }
     }
 
@@ -115,7 +120,7 @@ impl Storage {
     pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>, StoreError> {
         match self {
             Self::Local(_) => Ok(None),
-            Self::Cluster(c) => c.redirect_url(digest).await,
+            Self::Cluster(c) => Box::pin(c.redirect_url(digest)).await,
         }
     }
 
@@ -128,7 +133,7 @@ impl Storage {
         match (self, reference) {
             (_, Reference::Digest(d)) => Ok(Some(d.clone())),
             (Self::Local(s), Reference::Tag(t)) => s.resolve_tag(repo, t),
-            (Self::Cluster(c), Reference::Tag(t)) => c.resolve_tag(repo, t).await,
+            (Self::Cluster(c), Reference::Tag(t)) => Box::pin(c.resolve_tag(repo, t)).await,
         }
     }
 
@@ -140,7 +145,7 @@ impl Storage {
     ) -> Result<Option<Arc<StoredManifest>>, StoreError> {
         match self {
             Self::Local(s) => s.manifest(repo, digest),
-            Self::Cluster(c) => c.manifest(repo, digest).await,
+            Self::Cluster(c) => Box::pin(c.manifest(repo, digest)).await,
         }
     }
 
@@ -154,7 +159,7 @@ impl Storage {
     ) -> Result<Option<Page>, StoreError> {
         match self {
             Self::Local(s) => s.list_tags(repo, last, n),
-            Self::Cluster(c) => c.list_tags(repo, last, n).await,
+            Self::Cluster(c) => Box::pin(c.list_tags(repo, last, n)).await,
         }
     }
 
@@ -167,7 +172,7 @@ impl Storage {
     ) -> Result<Page, StoreError> {
         match self {
             Self::Local(s) => s.catalog(last, n, visible),
-            Self::Cluster(c) => c.catalog(last, n, visible).await,
+            Self::Cluster(c) => Box::pin(c.catalog(last, n, visible)).await,
         }
     }
 
@@ -180,7 +185,7 @@ impl Storage {
     ) -> Result<Vec<serde_json::Value>, StoreError> {
         match self {
             Self::Local(s) => s.referrers(repo, subject, artifact_type),
-            Self::Cluster(c) => c.referrers(repo, subject, artifact_type).await,
+            Self::Cluster(c) => Box::pin(c.referrers(repo, subject, artifact_type)).await,
         }
     }
 
@@ -204,8 +209,7 @@ impl Storage {
                 .await
             }
             Self::Cluster(c) => {
-                c.put_manifest(repo, reference, bytes, &content_type, &extra_tags)
-                    .await
+                Box::pin(c.put_manifest(repo, reference, bytes, &content_type, &extra_tags)).await
             }
         }
     }
@@ -221,7 +225,7 @@ impl Storage {
                 let (s, repo, reference) = (s.clone(), repo.clone(), reference.clone());
                 off_runtime(move || s.delete_manifest(&repo, &reference)).await
             }
-            Self::Cluster(c) => c.delete_manifest(repo, reference).await,
+            Self::Cluster(c) => Box::pin(c.delete_manifest(repo, reference)).await,
         }
     }
 
@@ -232,7 +236,7 @@ impl Storage {
                 let (s, repo, digest) = (s.clone(), repo.clone(), digest.clone());
                 off_runtime(move || s.delete_blob(&repo, &digest)).await
             }
-            Self::Cluster(c) => c.delete_blob(repo, digest).await,
+            Self::Cluster(c) => Box::pin(c.delete_blob(repo, digest)).await,
         }
     }
 
@@ -249,7 +253,7 @@ impl Storage {
                     (s.clone(), repo.clone(), from.clone(), digest.clone());
                 off_runtime(move || s.mount_blob(&repo, &from, &digest)).await
             }
-            Self::Cluster(c) => c.mount_blob(repo, from, digest).await,
+            Self::Cluster(c) => Box::pin(c.mount_blob(repo, from, digest)).await,
         }
     }
 
@@ -284,7 +288,7 @@ impl Storage {
                 let (s, repo, client) = (s.clone(), repo.clone(), client.to_string());
                 off_runtime(move || s.start_upload(&repo, algorithm, Some(&client))).await
             }
-            Self::Cluster(c) => c.start_upload(repo, algorithm, client).await,
+            Self::Cluster(c) => Box::pin(c.start_upload(repo, algorithm, client)).await,
         }
     }
 
@@ -292,7 +296,7 @@ impl Storage {
     pub async fn upload_size(&self, repo: &RepoName, id: &str) -> Result<u64, StoreError> {
         match self {
             Self::Local(s) => s.upload_size(repo, id).await,
-            Self::Cluster(c) => c.upload_size(repo, id).await,
+            Self::Cluster(c) => Box::pin(c.upload_size(repo, id)).await,
         }
     }
 
@@ -312,7 +316,7 @@ impl Storage {
                 let up = s.lock_upload(repo, id).await?;
                 Ok(up.append(spec, body).await?.size())
             }
-            Self::Cluster(c) => c.append_upload(repo, id, spec, body).await,
+            Self::Cluster(c) => Box::pin(c.append_upload(repo, id, spec, body)).await,
         }
     }
 
@@ -337,7 +341,7 @@ impl Storage {
                 let (s, d) = (s.clone(), digest.clone());
                 off_runtime(move || s.commit_upload(up, &d)).await
             }
-            Self::Cluster(c) => c.complete_upload(repo, id, digest, spec, body).await,
+            Self::Cluster(c) => Box::pin(c.complete_upload(repo, id, digest, spec, body)).await,
         }
     }
 
@@ -349,7 +353,7 @@ impl Storage {
                 let s = s.clone();
                 off_runtime(move || s.cancel_upload(up)).await
             }
-            Self::Cluster(c) => c.cancel_upload(repo, id).await,
+            Self::Cluster(c) => Box::pin(c.cancel_upload(repo, id)).await,
         }
     }
 }

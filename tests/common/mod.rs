@@ -456,6 +456,21 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)]) -> String
     )
 }
 
+/// Posts an HTML form (`fields` urlencoded), with a console session cookie if given.
+pub fn post_form(h: &Http, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Resp {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish();
+    let mut headers = vec![
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("accept", "text/html"),
+    ];
+    if let Some(c) = cookie {
+        headers.push(("cookie", c));
+    }
+    h.send("POST", path, &headers, body)
+}
+
 /// Pushes a small image (config + one layer) under `repo:tag`; returns (manifest bytes, digest).
 pub fn push_image(http: &Http, repo: &str, tag: &str, seed: u64) -> (String, String) {
     let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#);
