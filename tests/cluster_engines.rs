@@ -316,7 +316,8 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 (2, "upload_tails".to_string()),
                 (3, "registry_metadata".to_string()),
                 (4, "identity_notify".to_string()),
-                (5, "console_sessions".to_string())
+                (5, "console_sessions".to_string()),
+                (6, "event_delivery".to_string())
             ]
         );
         // Re-opening is a no-op.
@@ -326,7 +327,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 5);
+        assert_eq!(count, 6);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -348,7 +349,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 5
+                    binary: 6
                 }
             ),
             "{err}"
