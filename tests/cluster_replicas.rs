@@ -805,3 +805,36 @@ fn an_upload_that_never_finishes_makes_no_repository() {
         vec![vec!["1".to_string()]]
     );
 }
+
+#[test]
+fn a_small_blob_damaged_in_a_read_cache_is_fetched_again_never_served() {
+    if !Replicas::available() {
+        return;
+    }
+    let mut r = Replicas::start(2);
+    let repo = "local/replicas/small";
+    let data = random_bytes(1500, 61);
+    let digest = r.http(0).push_blob(repo, &data);
+    let resp = r.http(1).get(&format!("/v2/{repo}/blobs/{digest}"));
+    expect_status(&resp, 200, "first GET on B");
+    assert_bytes("the small blob on B", &resp.body, &data);
+    // B restarts (its memory empty) with its cached copy damaged on disk, same length.
+    r.kill9(1);
+    let files = r.read_cache_files(1);
+    let cached = files
+        .iter()
+        .find(|f| f.to_string_lossy().ends_with(digest.trim_start_matches("sha256:")))
+        .expect("B's read cache holds the blob");
+    let mut damaged = std::fs::read(cached).expect("read cached copy");
+    damaged[700] ^= 0xff;
+    std::fs::write(cached, &damaged).expect("damage cached copy");
+    r.restart(1);
+    let resp = r.http(1).get(&format!("/v2/{repo}/blobs/{digest}"));
+    expect_status(&resp, 200, "GET on B after the damage");
+    assert_bytes("the small blob on B after the damage", &resp.body, &data);
+    assert_eq!(
+        std::fs::read(cached).expect("cached copy again"),
+        data,
+        "the damaged copy was replaced by a fresh fetch"
+    );
+}

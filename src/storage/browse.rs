@@ -145,9 +145,13 @@ impl Storage {
             _ => return Ok(None),
         };
         // Served from this replica's read cache (fetched and verified on a miss).
-        let file = c.open_blob(digest, size).await?;
-        let mut out = Vec::new();
-        file.take(limit).read_to_end(&mut out)?;
-        Ok(Some(out))
+        match c.open_blob(digest, size).await? {
+            super::BlobSource::Memory(bytes) => Ok(Some(bytes.to_vec())),
+            super::BlobSource::File(file) => {
+                let mut out = Vec::new();
+                file.take(limit).read_to_end(&mut out)?;
+                Ok(Some(out))
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
+use super::BlobSource;
 use super::read_cache::{ReadCache, ReadCacheError};
 use crate::cluster::manifests::NewManifest;
 use crate::cluster::manifests::PutManifestError;
@@ -30,8 +31,21 @@ const LINK_TTL: Duration = Duration::from_secs(1);
 /// How long a redirect's presigned URL works: long enough for a client to start a large
 /// download, short enough that a URL copied out of a log soon stops working.
 const REDIRECT_VALIDITY: Duration = Duration::from_secs(15 * 60);
+/// Largest blob kept in memory.
+const SMALL_BLOB_MAX: u64 = 64 << 10;
 /// Blob links remembered at once.
 const LINK_CACHE_ENTRIES: u64 = 100_000;
+
+/// What a replica's `ClusterStore` takes from the config.
+pub struct ClusterStoreOptions {
+    pub max_manifest_size: u64,
+    /// `storage.small_blob_cache`: memory for small blobs' bytes.
+    pub small_blob_cache: u64,
+    /// `[storage.s3] redirect`.
+    pub redirect: bool,
+    /// How this replica names itself in leases.
+    pub replica: String,
+}
 
 /// The cluster profile's shared storage, as one replica sees it.
 pub struct ClusterStore {
@@ -41,6 +55,9 @@ pub struct ClusterStore {
     cache: ReadCache,
     /// `repo\0digest` → size, for `LINK_TTL`.
     links: moka::sync::Cache<String, u64>,
+    /// Small blobs' verified bytes (`storage.small_blob_cache`; `None` when 0): immutable by
+    /// digest, so kept whatever happens to links (every GET checks its link first).
+    small: Option<moka::sync::Cache<Digest, Bytes>>,
     max_manifest_size: u64,
     /// `[storage.s3] redirect`: blob GETs answered with a presigned URL.
     redirect: bool,
@@ -92,6 +109,20 @@ fn upload_error(e: UploadsError) -> StoreError {
     }
 }
 
+/// The file's bytes if they are `size` long and hash to `digest` (`None` otherwise).
+fn read_verified(
+    mut file: std::fs::File,
+    digest: &Digest,
+    size: u64,
+) -> Result<Option<Bytes>, StoreError> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    // One byte more than expected tells a longer file apart.
+    (&mut file).take(size + 1).read_to_end(&mut buf)?;
+    let ok = buf.len() as u64 == size && Digest::of(digest.algorithm(), &buf) == *digest;
+    Ok(ok.then(|| Bytes::from(buf)))
+}
+
 fn session(id: &str) -> Result<SessionId, StoreError> {
     SessionId::parse(id).ok_or(StoreError::UploadUnknown)
 }
@@ -102,10 +133,14 @@ impl ClusterStore {
         objects: Objects,
         uploads: Uploads,
         cache: ReadCache,
-        max_manifest_size: u64,
-        redirect: bool,
-        replica: String,
+        options: ClusterStoreOptions,
     ) -> Self {
+        let ClusterStoreOptions {
+            max_manifest_size,
+            small_blob_cache,
+            redirect,
+            replica,
+        } = options;
         Self {
             db,
             objects,
@@ -115,6 +150,15 @@ impl ClusterStore {
                 .max_capacity(LINK_CACHE_ENTRIES)
                 .time_to_live(LINK_TTL)
                 .build(),
+            small: (small_blob_cache > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(small_blob_cache)
+                    .weigher(|_: &Digest, v: &Bytes| {
+                        // Bookkeeping counts too (as in the local profile's cache).
+                        u32::try_from(v.len() + 400).unwrap_or(u32::MAX)
+                    })
+                    .build()
+            }),
             max_manifest_size,
             redirect,
             replica,
@@ -164,9 +208,39 @@ impl ClusterStore {
         Ok(size)
     }
 
+    /// The blob's bytes: a small blob from memory (read once from the read cache and hashed
+    /// again before it is kept), anything else as a local file from the read cache.
+    pub async fn open_blob(&self, digest: &Digest, size: u64) -> Result<BlobSource, StoreError> {
+        if size > SMALL_BLOB_MAX || self.small.is_none() {
+            return self.open_file(digest, size).await.map(BlobSource::File);
+        }
+        if let Some(bytes) = self.small.as_ref().and_then(|c| c.get(digest)) {
+            return Ok(BlobSource::Memory(bytes));
+        }
+        // A copy damaged at rest is dropped and fetched again from the bucket, once.
+        for _ in 0..2 {
+            let file = self.open_file(digest, size).await?;
+            let d = digest.clone();
+            let verified = tokio::task::spawn_blocking(move || read_verified(file, &d, size))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            if let Some(bytes) = verified {
+                if let Some(c) = &self.small {
+                    c.insert(digest.clone(), bytes.clone());
+                }
+                return Ok(BlobSource::Memory(bytes));
+            }
+            tracing::warn!(%digest, "the read cache's copy was damaged; fetching it again");
+            self.cache.remove(digest);
+        }
+        Err(shared(format!(
+            "{digest} does not match its digest after a fresh fetch from the bucket"
+        )))
+    }
+
     /// The blob as a local file: from the read cache, or fetched from the bucket into it
     /// (verified before it is served; concurrent misses share one fetch).
-    pub async fn open_blob(&self, digest: &Digest, size: u64) -> Result<std::fs::File, StoreError> {
+    async fn open_file(&self, digest: &Digest, size: u64) -> Result<std::fs::File, StoreError> {
         if let Some(file) = self.cache.open_cached(digest, size) {
             return Ok(file);
         }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::cluster::ClusterStore;
+use super::cluster::{ClusterStore, ClusterStoreOptions};
 use super::read_cache::{ReadCache, ReadCacheOptions};
 use crate::BuildError;
 use crate::cluster::objects::{Objects, S3Options};
@@ -63,9 +63,12 @@ pub async fn connect(config: &Config) -> Result<ClusterStore, BuildError> {
         objects,
         uploads,
         cache,
-        config.storage.max_manifest_size.0,
-        s3.redirect,
-        replica,
+        ClusterStoreOptions {
+            max_manifest_size: config.storage.max_manifest_size.0,
+            small_blob_cache: config.storage.small_blob_cache.0,
+            redirect: s3.redirect,
+            replica,
+        },
     ))
 }
 

@@ -109,9 +109,7 @@ impl Storage {
                 }
                 s.open_blob(digest).map(BlobSource::File)
             }
-            Self::Cluster(c) => Box::pin(c.open_blob(digest, size))
-                .await
-                .map(BlobSource::File),
+            Self::Cluster(c) => Box::pin(c.open_blob(digest, size)).await,
         }
     }
 
