@@ -823,7 +823,10 @@ fn a_small_blob_damaged_in_a_read_cache_is_fetched_again_never_served() {
     let files = r.read_cache_files(1);
     let cached = files
         .iter()
-        .find(|f| f.to_string_lossy().ends_with(digest.trim_start_matches("sha256:")))
+        .find(|f| {
+            f.to_string_lossy()
+                .ends_with(digest.trim_start_matches("sha256:"))
+        })
         .expect("B's read cache holds the blob");
     let mut damaged = std::fs::read(cached).expect("read cached copy");
     damaged[700] ^= 0xff;
