@@ -840,4 +840,28 @@ fn a_small_blob_damaged_in_a_read_cache_is_fetched_again_never_served() {
         data,
         "the damaged copy was replaced by a fresh fetch"
     );
+
+    // Many first requests at once after a restart with the read cache emptied share one
+    // fetch (and one file descriptor): each reads it whole, none takes it for damaged.
+    r.kill9(1);
+    r.wipe_read_cache(1);
+    r.restart(1);
+    let url = format!("/v2/{repo}/blobs/{digest}");
+    let bodies: Vec<Resp> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16).map(|_| s.spawn(|| r.http(1).get(&url))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("GET thread"))
+            .collect()
+    });
+    for resp in &bodies {
+        expect_status(resp, 200, "a concurrent first GET");
+        assert_bytes("a concurrent first GET", &resp.body, &data);
+    }
+    // The log spans restarts: the one damage above, and no other.
+    assert_eq!(
+        r.log(1).matches("was damaged").count(),
+        1,
+        "a shared fetch was taken for damage"
+    );
 }

@@ -109,17 +109,25 @@ fn upload_error(e: UploadsError) -> StoreError {
     }
 }
 
-/// The file's bytes if they are `size` long and hash to `digest` (`None` otherwise).
+/// The file's bytes if they are `size` long and hash to `digest` (`None` otherwise). Reads
+/// are positional: the read cache hands requests that shared one fetch clones of one file
+/// descriptor, whose cursor they share.
 fn read_verified(
-    mut file: std::fs::File,
+    file: std::fs::File,
     digest: &Digest,
     size: u64,
 ) -> Result<Option<Bytes>, StoreError> {
-    use std::io::Read;
-    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    // One byte more than expected tells a longer file apart.
-    (&mut file).take(size + 1).read_to_end(&mut buf)?;
-    let ok = buf.len() as u64 == size && Digest::of(digest.algorithm(), &buf) == *digest;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+    if let Err(e) = file.read_exact_at(&mut buf, 0) {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Ok(None),
+            _ => Err(e.into()),
+        };
+    }
+    // A byte past `size` means a longer file.
+    let longer = file.read_at(&mut [0u8; 1], size)? > 0;
+    let ok = !longer && Digest::of(digest.algorithm(), &buf) == *digest;
     Ok(ok.then(|| Bytes::from(buf)))
 }
 
