@@ -17,7 +17,7 @@ use common::random_bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use transship::cluster::fill_lease::{Acquired, Renewed};
 use transship::cluster::manifests::{NewManifest, PutManifestError};
-use transship::cluster::objects::{MIN_PART_SIZE, Objects, ObjectsError, S3Options};
+use transship::cluster::objects::{MIN_PART_SIZE, Objects, ObjectsError};
 use transship::cluster::pg::{Db, PgError, PgOptions};
 use transship::cluster::tags::{TagChange, TagMove};
 use transship::cluster::uploads::{SessionId, UploadOptions, Uploads, UploadsError};
@@ -26,17 +26,7 @@ use transship::oci::{Algorithm, Digest, Digester, RepoName, Tag};
 const BUCKET: &str = "transship-blobs";
 
 fn objects(s3: &SeaweedFs, prefix: Option<&str>) -> Objects {
-    Objects::new(&S3Options {
-        endpoint: s3.endpoint.clone(),
-        bucket: BUCKET.into(),
-        region: "us-east-1".into(),
-        path_style: true,
-        prefix: prefix.map(str::to_string),
-        access_key_id: s3.access_key_id.clone(),
-        secret_access_key: s3.secret_access_key.clone(),
-        part_size: MIN_PART_SIZE,
-    })
-    .expect("valid options")
+    s3.objects(BUCKET, prefix)
 }
 
 /// A SeaweedFS started for the test with `BUCKET` in it, and the blob store on it (None, after
@@ -2108,5 +2098,44 @@ fn a_manifest_racing_a_blob_collection_never_references_a_deleted_blob() {
             );
             assert_eq!(count(&check, DANGLING).await, 0, "round {i}");
         }
+    });
+}
+
+#[test]
+fn upload_session_caps_hold_across_replicas_per_client_and_in_all() {
+    with_replicas("session_caps", LONG_LEASE, |r| async move {
+        let mut capped = Vec::new();
+        for replica in ["a", "b"] {
+            capped.push(Uploads::new(
+                db(&r.url, 2).await,
+                r.objects.clone(),
+                UploadOptions {
+                    replica: replica.into(),
+                    lease: LONG_LEASE,
+                    max_sessions: 3,
+                    max_sessions_per_client: 2,
+                },
+            ));
+        }
+        let (a, b) = (&capped[0], &capped[1]);
+        let repo: RepoName = "team/caps".parse().expect("repo");
+        let start = |u: &Uploads, client: &'static str| {
+            let (u, repo) = (u.clone(), repo.clone());
+            async move { u.start(&repo, Algorithm::Sha256, Some(client)).await }
+        };
+        let first = start(a, "c1").await.expect("c1's first session");
+        start(b, "c1").await.expect("c1's second session, on B");
+        assert!(
+            matches!(start(a, "c1").await, Err(UploadsError::TooMany { .. })),
+            "a third session for c1"
+        );
+        start(b, "c2").await.expect("c2's session: three in all");
+        assert!(
+            matches!(start(a, "c3").await, Err(UploadsError::TooMany { .. })),
+            "a fourth session in all"
+        );
+        // Ending one makes room again.
+        a.cancel(&repo, first).await.expect("cancel");
+        start(b, "c1").await.expect("room after a cancel");
     });
 }

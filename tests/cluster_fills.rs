@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use transship::App;
-use transship::cluster::objects::{MIN_PART_SIZE, Objects, S3Options};
+use transship::cluster::objects::Objects;
 use transship::cluster::pg::{Db, PgOptions};
 use transship::config::HumanDuration;
 use transship::oci::Digest;
@@ -239,17 +239,7 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
 }
 
 fn objects(s3: &SeaweedFs) -> Objects {
-    Objects::new(&S3Options {
-        endpoint: s3.endpoint.clone(),
-        bucket: BUCKET.into(),
-        region: "us-east-1".into(),
-        path_style: true,
-        prefix: None,
-        access_key_id: s3.access_key_id.clone(),
-        secret_access_key: s3.secret_access_key.clone(),
-        part_size: MIN_PART_SIZE,
-    })
-    .expect("valid options")
+    s3.objects(BUCKET, None)
 }
 
 /// A loopback relay to `target` that sends the answers back at most `rate` bytes a second:

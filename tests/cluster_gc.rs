@@ -13,7 +13,7 @@ use common::random_bytes;
 use futures_util::stream;
 use transship::cluster::gc::{ClusterGcReport, GcWindows, collect_garbage};
 use transship::cluster::manifests::NewManifest;
-use transship::cluster::objects::{MIN_PART_SIZE, Objects, S3Options};
+use transship::cluster::objects::Objects;
 use transship::cluster::pg::{Db, PgOptions};
 use transship::oci::{Digest, RepoName, Tag};
 
@@ -86,17 +86,7 @@ fn gc_removes_what_nothing_references_and_keeps_the_rest() {
         })
         .await
         .expect("open db");
-        let objects = Objects::new(&S3Options {
-            endpoint: s3.endpoint.clone(),
-            bucket: BUCKET.into(),
-            region: "us-east-1".into(),
-            path_style: true,
-            prefix: None,
-            access_key_id: s3.access_key_id.clone(),
-            secret_access_key: s3.secret_access_key.clone(),
-            part_size: MIN_PART_SIZE,
-        })
-        .expect("objects");
+        let objects = s3.objects(BUCKET, None);
         let repo: RepoName = "team/app".parse().expect("repo");
         let config_bytes = random_bytes(1000, 1);
         let referenced = put_blob(&objects, &config_bytes).await;

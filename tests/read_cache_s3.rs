@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::engines::SeaweedFs;
 use common::random_bytes;
 use futures_util::stream;
-use transship::cluster::objects::{MIN_PART_SIZE, Objects, S3Options};
+use transship::cluster::objects::{MIN_PART_SIZE, Objects};
 use transship::oci::Digest;
 use transship::storage::read_cache::{ReadCache, ReadCacheError, ReadCacheOptions};
 
@@ -51,17 +51,7 @@ fn the_read_cache_fills_from_the_bucket_once_and_only_with_verified_bytes() {
     }
     let s3 = SeaweedFs::start();
     s3.create_bucket(BUCKET);
-    let objects = Objects::new(&S3Options {
-        endpoint: s3.endpoint.clone(),
-        bucket: BUCKET.into(),
-        region: "us-east-1".into(),
-        path_style: true,
-        prefix: None,
-        access_key_id: s3.access_key_id.clone(),
-        secret_access_key: s3.secret_access_key.clone(),
-        part_size: MIN_PART_SIZE,
-    })
-    .expect("valid options");
+    let objects = s3.objects(BUCKET, None);
     // Two blobs of one size, three parts each in the bucket; a budget that holds one.
     let size = 2 * MIN_PART_SIZE + 12_345;
     let a = random_bytes(size, 71);

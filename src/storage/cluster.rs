@@ -506,23 +506,12 @@ impl ClusterStore {
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send,
     {
         let id = session(id)?;
-        let (offset, expected) = match spec.range {
-            Some((start, end)) => {
-                let len = end - start + 1;
-                if spec.content_length.is_some_and(|cl| cl != len) {
-                    return Err(StoreError::SizeInvalid(format!(
-                        "Content-Length {} does not match Content-Range {start}-{end}",
-                        spec.content_length.unwrap_or(0)
-                    )));
-                }
-                (start, Some(len))
-            }
+        let expected = spec.declared_len()?;
+        let offset = match spec.range {
+            Some((start, _)) => start,
             // A chunk without a range goes at the end, wherever that is now; a concurrent
             // append elsewhere makes this one fail with the session's real size.
-            None => (
-                self.uploads.offset(repo, id).await.map_err(upload_error)?,
-                spec.content_length,
-            ),
+            None => self.uploads.offset(repo, id).await.map_err(upload_error)?,
         };
         if expected == Some(0) {
             return Ok(offset);

@@ -224,6 +224,26 @@ pub struct ChunkSpec {
     pub content_length: Option<u64>,
 }
 
+impl ChunkSpec {
+    /// How many bytes the request declares: its `Content-Range`'s length (which a
+    /// `Content-Length` must match) or its `Content-Length`; `None` when it declares none.
+    pub fn declared_len(&self) -> Result<Option<u64>, StoreError> {
+        match self.range {
+            Some((start, end)) => {
+                let len = end - start + 1;
+                if self.content_length.is_some_and(|cl| cl != len) {
+                    return Err(StoreError::SizeInvalid(format!(
+                        "Content-Length {} does not match Content-Range {start}-{end}",
+                        self.content_length.unwrap_or(0)
+                    )));
+                }
+                Ok(Some(len))
+            }
+            None => Ok(self.content_length),
+        }
+    }
+}
+
 impl Store {
     /// Loads upload sessions recorded before a restart (their ingest files must still exist).
     pub(crate) fn recover_uploads(&self) -> Result<(), StoreError> {
@@ -545,22 +565,10 @@ impl LockedUpload {
         S: Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
     {
         let size = self.guard.size;
-        let expected = match spec.range {
-            Some((start, end)) => {
-                if start != size {
-                    return Err(StoreError::RangeInvalid { size });
-                }
-                let len = end - start + 1;
-                if spec.content_length.is_some_and(|cl| cl != len) {
-                    return Err(StoreError::SizeInvalid(format!(
-                        "Content-Length {} does not match Content-Range {start}-{end}",
-                        spec.content_length.unwrap_or(0)
-                    )));
-                }
-                Some(len)
-            }
-            None => spec.content_length,
-        };
+        if spec.range.is_some_and(|(start, _)| start != size) {
+            return Err(StoreError::RangeInvalid { size });
+        }
+        let expected = spec.declared_len()?;
         if expected == Some(0) {
             self.guard.last_active = unix_now();
             return Ok(self);

@@ -152,6 +152,25 @@ impl SeaweedFs {
         log[log.floor_char_boundary(start)..].to_string()
     }
 
+    /// The blob store on `bucket` (keys under `prefix`), in parts of the smallest size S3 takes.
+    pub fn objects(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+    ) -> transship::cluster::objects::Objects {
+        transship::cluster::objects::Objects::new(&transship::cluster::objects::S3Options {
+            endpoint: self.endpoint.clone(),
+            bucket: bucket.into(),
+            region: "us-east-1".into(),
+            path_style: true,
+            prefix: prefix.map(str::to_string),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            part_size: transship::cluster::objects::MIN_PART_SIZE,
+        })
+        .expect("valid options")
+    }
+
     /// Creates a bucket (a directory under the filer's `/buckets`, which is what an S3
     /// CreateBucket makes in SeaweedFS).
     pub fn create_bucket(&self, name: &str) {
