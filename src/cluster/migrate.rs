@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "event_delivery",
         sql: include_str!("migrations/0006_event_delivery.sql"),
     },
+    Migration {
+        version: 7,
+        name: "cache_state",
+        sql: include_str!("migrations/0007_cache_state.sql"),
+    },
 ];
 
 /// The advisory lock key replicas take while migrating ("tsmigrat" in ASCII).
