@@ -89,9 +89,14 @@ impl App {
         // The shared storage first: a database that cannot be reached leaves nothing behind.
         let mut cluster = storage::cluster_setup::connect(&config).await?;
         cluster.set_event_kinds(events::recorded_kinds(&config.notify));
+        // The replica's own store keeps its copy of the cache; the cache's events are the
+        // cluster's (recorded with the shared changes), so it records none.
         let store = Arc::new(Store::open(
             &config.server.data_dir,
-            store_options(&config),
+            StoreOptions {
+                event_kinds: Default::default(),
+                ..store_options(&config)
+            },
         )?);
         let proxy = Arc::new(Proxy::new(&config)?);
         // Cold fills of the pull-through cache are shared: one upstream fetch per digest.
@@ -106,7 +111,11 @@ impl App {
         // Identities and the token signing key are the cluster's: a token from one replica
         // works on every other.
         let auth = Authorizer::connect(&config, cluster.db(), proxy.router().clone()).await?;
-        let storage = storage::Storage::Cluster(Arc::new(cluster));
+        let cluster = Arc::new(cluster);
+        // The cache's manifests, tags and pulls are the cluster's too.
+        proxy.attach_shared_cache(cluster.clone());
+        store.forward_pulls();
+        let storage = storage::Storage::Cluster(cluster);
         Self::assemble(config, store, storage, proxy, auth)
     }
 

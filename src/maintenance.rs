@@ -162,6 +162,7 @@ impl Supervisor {
                 {
                     tracing::error!(error = %e, "writing the record of pulls failed");
                 }
+                share_pulls(&a).await;
             }
         });
         let a = app.clone();
@@ -247,6 +248,34 @@ async fn blocking<T: Send + 'static>(
             tracing::error!(error = %e, "{what} task failed");
             None
         }
+    }
+}
+
+/// The cluster profile: adds this replica's pulls of cached images to the shared record that
+/// cluster-wide eviction orders by (lost, not retried, if the database is down: an ordering
+/// hint, never content).
+async fn share_pulls(app: &App) {
+    let Some(shared) = app.proxy.shared_cache() else {
+        return;
+    };
+    let pulls: Vec<_> = app
+        .store
+        .take_forwarded_pulls()
+        .into_iter()
+        .map(
+            |(repo, digest, last, pulls)| crate::cluster::cache::PullRecord {
+                repo,
+                digest,
+                last,
+                pulls,
+            },
+        )
+        .collect();
+    if pulls.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.record_pulls(pulls).await {
+        tracing::warn!(error = %e, "cannot add this replica's pulls to the cluster's record");
     }
 }
 

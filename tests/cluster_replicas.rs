@@ -34,13 +34,6 @@ const LAYERS: LayerRecipe = LayerRecipe {
 };
 const PASSWORD: &str = "replicas share one signing key";
 
-/// A client command with every loopback address exempt from any proxy in the environment
-/// (Go clients honour CIDRs in `NO_PROXY`; the common default names 127.0.0.1 only).
-fn loopback_only(tool: Tool) -> Tool {
-    tool.env("NO_PROXY", "127.0.0.0/8,localhost")
-        .env("no_proxy", "127.0.0.0/8,localhost")
-}
-
 /// `path?query` of a `Location` header, whether absolute or not, to send to any replica.
 fn location_path(location: &str) -> String {
     match location.split_once("://") {

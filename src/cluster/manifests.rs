@@ -286,7 +286,7 @@ impl Db {
     }
 }
 
-fn texts(digests: &[Digest]) -> Vec<String> {
+pub(super) fn texts(digests: &[Digest]) -> Vec<String> {
     digests.iter().map(Digest::to_string).collect()
 }
 

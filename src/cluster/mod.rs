@@ -1,9 +1,10 @@
 //! The cluster profile's building blocks: several replicas serving one registry from an
-//! S3-compatible bucket (`objects`) and a PostgreSQL database (`pg` and its parts). Nothing here
-//! is wired into the server yet; `Store` will gain a cluster implementation on top of it. Like
+//! S3-compatible bucket (`objects`) and a PostgreSQL database (`pg` and its parts), used by
+//! `storage` (the registry), `proxy` (the pull-through cache) and `auth` (identities). Like
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
 pub mod browse;
+pub mod cache;
 pub mod console_sessions;
 pub mod events;
 pub mod fill_lease;

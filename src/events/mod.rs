@@ -68,7 +68,9 @@ pub fn start(app: &Arc<App>, cancel: &CancellationToken, tasks: &TaskTracker) {
         return;
     }
     if let crate::storage::Storage::Cluster(c) = &app.storage {
-        cluster::start(app, c, endpoints.clone(), cancel, tasks);
+        // Every event is the cluster's (the replica's own store records none).
+        cluster::start(app, c, endpoints, cancel, tasks);
+        return;
     }
     let cursors = Arc::new(cursors.into_iter().map(AtomicU64::new).collect::<Vec<_>>());
     let client = delivery::client();

@@ -106,7 +106,7 @@ pub async fn get_manifest(
         super::response::not_modified(&m.digest.to_string())
     } else {
         if !head {
-            crate::events::pulled(app, &route.local, &m, &reference);
+            crate::events::pulled_registry(app, &route.local, &m, &reference);
         }
         manifest_response(&m, head)
     };

@@ -19,7 +19,8 @@ use crate::oci::{Digest, ErrorCode, RegistryError};
 pub enum BlobSource {
     /// Stored and linked to the route's repository: serve it from the store.
     Stored,
-    /// Not stored; the upstream has it, this long (the answer to a HEAD: nothing downloaded).
+    /// Not stored here; the upstream (or, in the cluster, the bucket) has it, this long (the
+    /// answer to a HEAD: nothing downloaded).
     Upstream { size: u64 },
     /// Follow this fill (started by this request, or joined).
     Fill {
@@ -40,6 +41,14 @@ pub async fn locate(
 ) -> Result<BlobSource, RegistryError> {
     if cx.store.blob_size(&route.local, digest)?.is_some() {
         return Ok(BlobSource::Stored);
+    }
+    // In the cluster, a HEAD of a blob another replica filled for this repository is answered
+    // from the shared record, without the upstream (a GET reads the bucket, see cluster_fill).
+    if head
+        && let Some(shared) = cx.proxy.shared_cache()
+        && let Some(size) = shared.cached_blob_size(&route.local, digest).await?
+    {
+        return Ok(BlobSource::Upstream { size });
     }
     if cx.proxy.config(route.upstream).offline {
         return Err(RegistryError::blob_unknown(digest));

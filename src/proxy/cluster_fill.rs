@@ -177,8 +177,14 @@ pub(super) async fn run(
         return fill::run(cx, client, route, fill, slot).await;
     };
     let mut feed: Option<Feed> = None;
-    // The upstream's answer to a HEAD (its length, if it said), once asked.
-    let mut confirmed: Option<Option<u64>> = None;
+    // The upstream's answer to a HEAD (its length, if it said), once asked. A blob the
+    // cluster already holds for this very repository needs no confirmation: that is what keeps
+    // the cache serving with the upstream down.
+    let mut confirmed: Option<Option<u64>> = match cluster.db.blob_size(&route.local, digest).await
+    {
+        Ok(Some(size)) => Some(Some(size)),
+        _ => None,
+    };
     let mut dead_owner: Option<String> = None;
     // A bucket read that broke is not tried again: a record without its object must not
     // keep the fill from the other sources.
@@ -289,10 +295,21 @@ async fn own(
     match result {
         Ok(size) => {
             let (store, repo) = (job.cx.store.clone(), job.route.local.clone());
+            let shared = job.cx.proxy.shared_cache().cloned();
             tokio::spawn(async move {
                 let _renewing = renew(cluster.clone(), lease.clone());
-                if let Err(e) = publish(&cluster, &store, &repo, &digest, size).await {
-                    tracing::warn!(%digest, error = %e, "cannot put a filled blob in the bucket; the next replica to miss it fetches it again");
+                match publish(&cluster, &store, &repo, &digest, size).await {
+                    // Filled once for the whole cluster: one `cache.fill` event.
+                    Ok(()) => {
+                        if let Some(shared) = shared
+                            && let Err(e) = shared.record_blob_fill(&repo, &digest, size).await
+                        {
+                            tracing::warn!(%digest, error = %e, "cannot record a blob fill event");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "cannot put a filled blob in the bucket; the next replica to miss it fetches it again");
+                    }
                 }
                 release(&cluster, &lease).await;
             });

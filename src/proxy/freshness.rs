@@ -78,6 +78,8 @@ fn cached_and_fresh(
 ) -> Result<Option<Served>, RegistryError> {
     match reference {
         Reference::Digest(d) => Ok(cx.store.manifest(&route.local, d)?.map(Served::hit)),
+        // Tags are the cluster's: read by the lookup, which may wait for the database.
+        Reference::Tag(_) if super::cache_state::is_shared(cx) => Ok(None),
         Reference::Tag(tag) => {
             let Some((digest, checked)) = cx.store.cached_tag(&route.local, tag)? else {
                 return Ok(None);

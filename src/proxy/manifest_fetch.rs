@@ -10,7 +10,6 @@ use http::{Method, header};
 use super::Context;
 use super::MirrorRoute;
 use super::ask::{Miss, ask, read_body};
-use super::blocking::store_work;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{self, ALL_MANIFEST_TYPES};
 use crate::oci::{Digest, Tag};
@@ -98,16 +97,7 @@ pub async fn fetch_manifest(
             "upstream manifest for {reference} does not match its digest; not cached"
         )));
     }
-    let (app2, repo, tag2, mt) = (
-        cx.clone(),
-        route.local.clone(),
-        tag.cloned(),
-        parsed.media_type.clone(),
-    );
-    store_work(move || {
-        app2.store
-            .put_cached_manifest(&repo, &digest, &mt, bytes, tag2.as_ref())
-    })
-    .await
-    .map_err(|e| Miss::Invalid(e.message))
+    super::cache_state::put(cx, &route.local, &digest, &parsed.media_type, bytes, tag)
+        .await
+        .map_err(|e| Miss::Invalid(e.message))
 }

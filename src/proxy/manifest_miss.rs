@@ -15,20 +15,19 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
 use super::Context;
 use super::ask::Miss;
-use super::blocking::store_work;
+use super::cache_state::{self, CachedTag};
 use super::freshness::{Served, tag_is_fresh, within_stale_if_error};
 use super::manifest_fetch::{fetch_manifest, head_tag};
 use super::{CacheOutcome, MirrorRoute};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, Tag};
-use crate::store::StoredManifest;
 
 type SharedLookup = Shared<BoxFuture<'static, Result<Served, RegistryError>>>;
 
@@ -192,7 +191,7 @@ async fn digest_miss(
     route: &MirrorRoute,
     digest: &Digest,
 ) -> Result<Served, RegistryError> {
-    if let Some(m) = cx.store.manifest(&route.local, digest)? {
+    if let Some(m) = cache_state::manifest(cx, &route.local, digest).await? {
         return Ok(Served::hit(m));
     }
     let reference = digest.to_string();
@@ -210,26 +209,6 @@ async fn digest_miss(
     }
 }
 
-/// What the cache holds for a tag: its manifest and when the upstream last confirmed it.
-struct CachedTag {
-    manifest: Arc<StoredManifest>,
-    checked: u64,
-}
-
-fn cached_tag(
-    cx: &Context,
-    route: &MirrorRoute,
-    tag: &Tag,
-) -> Result<Option<CachedTag>, RegistryError> {
-    let Some((digest, checked)) = cx.store.cached_tag(&route.local, tag)? else {
-        return Ok(None);
-    };
-    Ok(cx
-        .store
-        .manifest(&route.local, &digest)?
-        .map(|manifest| CachedTag { manifest, checked }))
-}
-
 /// A manifest by tag: still fresh here (unless `revalidate`), or revalidated with the upstream.
 async fn tag_miss(
     cx: &Context,
@@ -238,7 +217,7 @@ async fn tag_miss(
     revalidate: bool,
 ) -> Result<Served, RegistryError> {
     let config = cx.proxy.config(route.upstream);
-    let cached = cached_tag(cx, route, tag)?;
+    let cached = cache_state::tag(cx, &route.local, tag).await?;
     match &cached {
         Some(c) if (!revalidate || config.offline) && tag_is_fresh(config, c.checked) => {
             return Ok(Served::hit(c.manifest.clone()));
@@ -272,21 +251,18 @@ async fn tag_points_at(
     if let Some(c) = cached
         && c.manifest.digest == digest
     {
-        let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
-        store_work(move || app2.store.confirm_cached_tag(&repo, &t)).await?;
+        cache_state::confirm(cx, &route.local, tag, &digest).await?;
         return Ok(Served::hit(c.manifest.clone()));
     }
-    if let Some(m) = cx.store.manifest(&route.local, &digest)? {
-        let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
-        let m = store_work(move || {
-            app2.store.put_cached_manifest(
-                &repo,
-                &m.digest,
-                &m.media_type,
-                m.bytes.clone(),
-                Some(&t),
-            )
-        })
+    if let Some(m) = cache_state::manifest(cx, &route.local, &digest).await? {
+        let m = cache_state::put(
+            cx,
+            &route.local,
+            &m.digest,
+            &m.media_type,
+            m.bytes.clone(),
+            Some(tag),
+        )
         .await?;
         return Ok(Served::hit(m));
     }
@@ -343,8 +319,7 @@ async fn tag_gone(
     cached: Option<&CachedTag>,
     repository: bool,
 ) -> Result<Served, RegistryError> {
-    let (app2, repo, t) = (cx.clone(), route.local.clone(), tag.clone());
-    let forgotten = store_work(move || app2.store.forget_cached_tag(&repo, &t)).await?;
+    let forgotten = cache_state::forget(cx, &route.local, tag).await?;
     if !forgotten && let Some(c) = cached {
         tracing::warn!(repo = %route.local, %tag, "the upstream no longer serves a pinned tag; serving the pinned image");
         return Ok(Served::stale(c.manifest.clone()));

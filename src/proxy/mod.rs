@@ -9,6 +9,7 @@
 mod ask;
 pub mod blob;
 pub mod blocking;
+pub mod cache_state;
 pub mod cluster_fill;
 pub mod fill;
 pub mod follow;
@@ -30,6 +31,7 @@ use http::{HeaderMap, StatusCode};
 
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::storage::cluster::ClusterStore;
 use crate::store::Store;
 pub use route::MirrorRoute;
 pub use route::Namespace;
@@ -76,6 +78,8 @@ pub struct Proxy {
     pub tag_lists: tag_list::TagLists,
     /// The cluster profile's shared fills (set once by `App` in that profile).
     cluster: std::sync::OnceLock<Arc<cluster_fill::ClusterFill>>,
+    /// The cluster profile's shared cache state (manifests, tags, pulls; see `cache_state`).
+    shared: std::sync::OnceLock<Arc<ClusterStore>>,
 }
 
 impl Proxy {
@@ -104,12 +108,24 @@ impl Proxy {
             manifest_misses: manifest_miss::ManifestMisses::default(),
             tag_lists: tag_list::TagLists::new(&config.upstreams),
             cluster: std::sync::OnceLock::new(),
+            shared: std::sync::OnceLock::new(),
         })
     }
 
     /// Makes cold fills cluster-wide (the cluster profile); false if already attached.
     pub fn attach_cluster(&self, cluster: Arc<cluster_fill::ClusterFill>) -> bool {
         self.cluster.set(cluster).is_ok()
+    }
+
+    /// Makes the cache's manifests and tags the cluster's (the cluster profile); false if
+    /// already attached.
+    pub fn attach_shared_cache(&self, shared: Arc<ClusterStore>) -> bool {
+        self.shared.set(shared).is_ok()
+    }
+
+    /// The cluster's cache state, if attached.
+    pub fn shared_cache(&self) -> Option<&Arc<ClusterStore>> {
+        self.shared.get()
     }
 
     /// The cluster profile's shared fills, if attached.

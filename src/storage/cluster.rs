@@ -369,15 +369,7 @@ impl ClusterStore {
             extra_tags,
             self.max_manifest_size,
         )?;
-        let blobs: Vec<Digest> = parsed
-            .referenced_blobs()
-            .map(|d| d.digest.clone())
-            .collect();
-        let children: Vec<Digest> = parsed
-            .child_manifests()
-            .iter()
-            .map(|d| d.digest.clone())
-            .collect();
+        let (blobs, children) = references(&parsed);
         let subject = parsed.subject.as_ref().map(|s| s.digest.clone());
         let descriptor = subject
             .as_ref()
@@ -609,6 +601,22 @@ where
             other => other,
         }
     })
+}
+
+/// What a manifest references: its blobs (config, layers) and child manifests (an index's).
+pub(super) fn references(
+    parsed: &crate::oci::manifest::ParsedManifest,
+) -> (Vec<Digest>, Vec<Digest>) {
+    let blobs = parsed
+        .referenced_blobs()
+        .map(|d| d.digest.clone())
+        .collect();
+    let children = parsed
+        .child_manifests()
+        .iter()
+        .map(|d| d.digest.clone())
+        .collect();
+    (blobs, children)
 }
 
 #[cfg(test)]

@@ -114,6 +114,15 @@ impl ClusterStore {
         }))
     }
 
+    /// The records `make` builds, encoded, if `kind` is recorded.
+    pub(super) fn encode_events(
+        &self,
+        kind: EventKind,
+        make: impl FnOnce() -> Vec<EventRecord>,
+    ) -> Vec<Vec<u8>> {
+        self.events.encode(kind, make)
+    }
+
     pub(super) fn events_committed(&self, events: &[Vec<u8>]) {
         self.events.committed(events);
     }

@@ -13,6 +13,7 @@
 
 pub mod browse;
 pub mod cluster;
+pub mod cluster_cache;
 pub mod cluster_events;
 pub mod cluster_metrics;
 pub mod cluster_setup;

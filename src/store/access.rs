@@ -39,6 +39,10 @@ pub(super) struct AccessLog {
     full: AtomicBool,
     /// One flush at a time: each is a read-modify-write of the records it merges.
     flushing: Mutex<()>,
+    /// Set in the cluster profile: what each flush wrote is also kept for the cluster's
+    /// record (`take_forwarded_pulls`), at most `MAX_PENDING` keys.
+    forwarding: AtomicBool,
+    forwarded: Mutex<HashMap<Vec<u8>, Touch>>,
 }
 
 impl AccessLog {
@@ -48,6 +52,8 @@ impl AccessLog {
             pending: AtomicUsize::new(0),
             full: AtomicBool::new(false),
             flushing: Mutex::new(()),
+            forwarding: AtomicBool::new(false),
+            forwarded: Mutex::new(HashMap::new()),
         }
     }
 
@@ -85,6 +91,22 @@ impl AccessLog {
         self.pending.store(0, Ordering::Relaxed);
         self.full.store(false, Ordering::Relaxed);
         out
+    }
+}
+
+impl AccessLog {
+    /// Merges flushed records into the forwarded map (new keys dropped once it is full: the
+    /// cluster's record is an ordering hint, never content).
+    fn forward(&self, touched: &[(Vec<u8>, Touch)]) {
+        let mut map = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, t) in touched {
+            if let Some(f) = map.get_mut(k) {
+                f.last = f.last.max(t.last);
+                f.pulls += t.pulls;
+            } else if map.len() < MAX_PENDING {
+                map.insert(k.clone(), *t);
+            }
+        }
     }
 }
 
@@ -134,7 +156,34 @@ impl Store {
             );
         }
         self.index.write_relaxed(batch)?;
+        if self.access.forwarding.load(Ordering::Relaxed) {
+            self.access.forward(&touched);
+        }
         Ok(touched.len())
+    }
+
+    /// Keeps what each flush writes for `take_forwarded_pulls` too (the cluster profile, whose
+    /// eviction orders by every replica's pulls).
+    pub fn forward_pulls(&self) {
+        self.access.forwarding.store(true, Ordering::Relaxed);
+    }
+
+    /// The pulls flushed since the last call, as `(repository, digest, last pull in unix
+    /// seconds, pulls counted)`.
+    pub fn take_forwarded_pulls(&self) -> Vec<(String, String, u64, u64)> {
+        let map = std::mem::take(
+            &mut *self
+                .access
+                .forwarded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        map.into_iter()
+            .filter_map(|(k, t)| {
+                let (repo, digest) = std::str::from_utf8(&k).ok()?.split_once('\0')?;
+                Some((repo.to_string(), digest.to_string(), t.last, t.pulls))
+            })
+            .collect()
     }
 
     /// The pulls recorded for a repository: the latest, and the count of every manifest in it.

@@ -190,6 +190,14 @@ impl Tool {
     }
 }
 
+/// A client command with every loopback address exempt from any proxy in the environment
+/// (Go clients honour CIDRs in `NO_PROXY`; the common default names 127.0.0.1 only): for
+/// replicas on 127.0.0.2 and up.
+pub fn loopback_only(tool: Tool) -> Tool {
+    tool.env("NO_PROXY", "127.0.0.0/8,localhost")
+        .env("no_proxy", "127.0.0.0/8,localhost")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixture images: real tar layers, gzip-wrapped, with correct diff_ids; OCI or Docker schema2
 

@@ -55,6 +55,12 @@ impl Replicas {
 
     /// `start`, with `extra(i)` appended to replica `i`'s config.
     pub fn start_with(n: usize, extra: ExtraConfig) -> Self {
+        Self::start_edited(n, extra, &|text| text)
+    }
+
+    /// `start_with`, each config then passed through `edit` (to change a key of a table the
+    /// default config already has).
+    pub fn start_edited(n: usize, extra: ExtraConfig, edit: &dyn Fn(String) -> String) -> Self {
         assert!(n <= 250, "{n} replicas");
         let s3 = SeaweedFs::start();
         let pg = Postgres::start();
@@ -92,7 +98,10 @@ impl Replicas {
         for i in 0..n {
             let home = dir.path().join(format!("replica-{i}"));
             std::fs::create_dir(&home).expect("replica dir");
-            let text = test_config_text(&home.join("data"), &format!("{cluster}\n{}", extra(i)));
+            let text = edit(test_config_text(
+                &home.join("data"),
+                &format!("{cluster}\n{}", extra(i)),
+            ));
             std::fs::write(home.join("transship.toml"), text).expect("write config");
         }
         let mut group = Self {

@@ -1,0 +1,166 @@
+//! The pull-through cache's shared state, as the proxy asks for it in the cluster profile:
+//! manifests and tags every replica reads from the database (so a tag one replica confirmed
+//! or moved is fresh, or moved, on all of them), and the cache's events (`cache.fill` of a
+//! manifest, `tag.moved`) recorded in the shared outbox in the change's own transaction.
+//! Errors are the local profile's (`StoreError`): a database failure is 503.
+
+use bytes::Bytes;
+
+use super::cluster::ClusterStore;
+use crate::cluster::cache::{CachedManifest, CachedPut, PullRecord};
+use crate::cluster::tags::TagMove;
+use crate::oci::manifest::ParsedManifest;
+use crate::oci::{Digest, RepoName, Tag};
+use crate::store::outbox::{self, EventKind, EventRecord};
+use crate::store::{StoreError, StoredManifest};
+
+/// A cache tag and when the upstream last confirmed it (unix seconds), with its manifest if
+/// the repository holds it.
+pub struct SharedTag {
+    pub digest: Digest,
+    pub checked: u64,
+    pub manifest: Option<StoredManifest>,
+}
+
+impl ClusterStore {
+    /// Stores a manifest fetched from the upstream (verified against `digest`) in the cache
+    /// repository, optionally pointing `tag` at it, for every replica.
+    pub async fn put_cached_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &Bytes,
+        tag: Option<&Tag>,
+    ) -> Result<(), StoreError> {
+        let parsed = ParsedManifest::parse(bytes, media_type)
+            .map_err(|e| StoreError::ManifestInvalid(e.to_string()))?;
+        let (blobs, children) = super::cluster::references(&parsed);
+        let m = CachedManifest {
+            repo,
+            digest,
+            media_type: &parsed.media_type,
+            body: bytes,
+            blobs: &blobs,
+            children: &children,
+            tag,
+        };
+        let mut recorded = Vec::new();
+        self.db()
+            .put_cached_manifest(&m, |put| {
+                recorded = self.cache_put_events(&m, put);
+                recorded.clone()
+            })
+            .await?;
+        self.events_committed(&recorded);
+        Ok(())
+    }
+
+    /// `cache.fill` for a manifest new in the repository, `tag.moved` for a tag that named
+    /// another digest: the local profile's records.
+    fn cache_put_events(&self, m: &CachedManifest<'_>, put: &CachedPut) -> Vec<Vec<u8>> {
+        let record = |kind: EventKind, previous: Option<&Digest>| -> Vec<Vec<u8>> {
+            self.encode_events(kind, || {
+                vec![EventRecord {
+                    previous: previous.map(Digest::to_string),
+                    ..outbox::manifest_event(
+                        kind,
+                        m.repo,
+                        m.digest,
+                        m.media_type,
+                        m.body.len(),
+                        m.tag,
+                    )
+                }]
+            })
+        };
+        let mut events = Vec::new();
+        if put.new_here {
+            events.extend(record(EventKind::CacheFill, None));
+        }
+        if let Some(TagMove::Moved { previous }) = &put.tag {
+            events.extend(record(EventKind::TagMoved, Some(previous)));
+        }
+        events
+    }
+
+    /// `cache.fill` of a blob the cluster fetched from the upstream (once for all replicas).
+    pub async fn record_blob_fill(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        self.record_events_alone(EventKind::CacheFill, || {
+            outbox::blob_fill_events(repo, digest, size, None)
+        })
+        .await
+    }
+
+    /// The size of a blob the cluster holds for the cache repository (filled by any replica).
+    pub async fn cached_blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self.db().blob_size(repo, digest).await?)
+    }
+
+    /// The manifest `digest`, if the cache repository holds it.
+    pub async fn cached_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<StoredManifest>, StoreError> {
+        Ok(self
+            .db()
+            .manifest(repo, digest)
+            .await?
+            .map(|(media_type, body)| StoredManifest {
+                digest: digest.clone(),
+                media_type,
+                bytes: Bytes::from(body),
+            }))
+    }
+
+    /// The cache tag as every replica sees it.
+    pub async fn cached_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<SharedTag>, StoreError> {
+        let Some(t) = self.db().cached_tag(repo, tag).await? else {
+            return Ok(None);
+        };
+        let manifest = t.manifest.map(|(media_type, body)| StoredManifest {
+            digest: t.digest.clone(),
+            media_type,
+            bytes: Bytes::from(body),
+        });
+        Ok(Some(SharedTag {
+            digest: t.digest,
+            checked: t.checked,
+            manifest,
+        }))
+    }
+
+    /// The upstream confirmed that `tag` still names `digest`.
+    pub async fn confirm_cached_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        Ok(self.db().confirm_cached_tag(repo, tag, digest).await?)
+    }
+
+    /// Forgets a tag the upstream no longer has, unless pinned; whether it is gone.
+    pub async fn forget_cached_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
+        Ok(self.db().forget_cached_tag(repo, tag).await?)
+    }
+
+    /// Adds this replica's pulls of cached manifests to the shared record.
+    pub async fn record_pulls(&self, mut pulls: Vec<PullRecord>) -> Result<u64, StoreError> {
+        Ok(self.db().record_pulls(&mut pulls).await?)
+    }
+}
