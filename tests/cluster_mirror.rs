@@ -167,6 +167,10 @@ fn an_image_one_replica_cached_is_served_by_the_others_with_the_upstream_down() 
         assert_eq!((m.status, m.header("x-cache")), (200, Some("HIT")), "{i}");
         assert_bytes("the index", &m.body, &layout.top.2);
     }
+    // The tag list the upstream cannot give: the cluster's cached tags.
+    let list = r.http(2).get(&format!("/v2/{MIRRORED}/tags/list"));
+    assert_eq!((list.status, list.header("x-cache")), (200, Some("STALE")));
+    assert_eq!(list.json()["tags"], serde_json::json!([TAG]));
     assert_eq!(
         up.requests().len(),
         asked,

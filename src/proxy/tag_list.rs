@@ -85,7 +85,8 @@ impl TagLists {
 /// The tags of the mirrored repository: the upstream's list, cached briefly.
 pub async fn tags(cx: &Context, route: &MirrorRoute) -> Result<TagList, RegistryError> {
     if cx.proxy.config(route.upstream).offline {
-        return cached_here(cx, route)?
+        return cached_here(cx, route)
+            .await?
             .map(|tags| TagList {
                 tags,
                 outcome: CacheOutcome::Hit,
@@ -125,17 +126,17 @@ pub async fn tags(cx: &Context, route: &MirrorRoute) -> Result<TagList, Registry
                     route.remote
                 )))
             }
-            Miss::Unavailable(why) | Miss::Invalid(why) => stale(cx, route, why),
+            Miss::Unavailable(why) | Miss::Invalid(why) => stale(cx, route, why).await,
         },
     }
 }
 
 /// The upstream cannot be asked: the last list fetched, else the tags cached here, else 503.
-fn stale(cx: &Context, route: &MirrorRoute, why: &str) -> Result<TagList, RegistryError> {
+async fn stale(cx: &Context, route: &MirrorRoute, why: &str) -> Result<TagList, RegistryError> {
     let last = cx.proxy.tag_lists.last[route.upstream].get(route.local.as_str());
     let tags = match last {
         Some(tags) => tags,
-        None => cached_here(cx, route)?.ok_or_else(|| {
+        None => cached_here(cx, route).await?.ok_or_else(|| {
             RegistryError::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -152,12 +153,14 @@ fn stale(cx: &Context, route: &MirrorRoute, why: &str) -> Result<TagList, Regist
     })
 }
 
-/// The tags of this repository in the local cache, if it holds the repository.
-fn cached_here(cx: &Context, route: &MirrorRoute) -> Result<Option<Tags>, RegistryError> {
-    Ok(cx
-        .store
-        .list_tags(&route.local, None, MAX_TAGS)?
-        .map(|page| Arc::new(page.items)))
+/// The tags of this repository in the cache (the cluster's, in the cluster profile), if it
+/// holds the repository.
+async fn cached_here(cx: &Context, route: &MirrorRoute) -> Result<Option<Tags>, RegistryError> {
+    let page = match cx.proxy.shared_cache() {
+        Some(shared) => shared.list_tags(&route.local, None, MAX_TAGS).await?,
+        None => cx.store.list_tags(&route.local, None, MAX_TAGS)?,
+    };
+    Ok(page.map(|page| Arc::new(page.items)))
 }
 
 #[derive(serde::Deserialize)]
