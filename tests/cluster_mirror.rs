@@ -269,6 +269,21 @@ fn a_tag_moved_upstream_moves_on_every_replica_and_is_notified_once() {
     // A manifest fetched by digest last: once its event arrives, everything recorded before it
     // has been delivered (one replica delivers the outbox in order).
     up.restart();
+    // A layer pulled on every replica: fetched once, one `cache.fill` for the cluster.
+    let (layer, bytes) = second.blobs.iter().next().expect("a layer");
+    for h in [&a, &b, &c] {
+        let got = h.get(&format!("/v2/{MIRRORED}/blobs/{layer}"));
+        assert_eq!(got.status, 200);
+        assert_bytes("the layer", &got.body, bytes);
+        wait_until("the layer in the bucket", || {
+            r.sql(&format!("SELECT 1 FROM blobs WHERE digest = '{layer}'")) == [["1"]]
+        });
+    }
+    assert_eq!(
+        up.count("GET", &format!("/v2/{REMOTE}/blobs/{layer}")),
+        1,
+        "one upstream GET of the layer"
+    );
     let third = Layout::single(53, &OCI, &LAYERS);
     up.seed(REMOTE, "other", &third);
     assert_eq!(manifest_get(&c, &third.top.1, third.top.0).status, 200);
@@ -296,6 +311,7 @@ fn a_tag_moved_upstream_moves_on_every_replica_and_is_notified_once() {
                 second.top.1.clone(),
                 Some(first.top.1.clone())
             ),
+            ("cache.fill".to_string(), None, layer.clone(), None),
             fill(&third.top.1, None),
         ],
         "each change of the cluster's cache once, whichever replica made it"
