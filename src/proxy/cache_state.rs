@@ -39,7 +39,7 @@ pub async fn manifest(
         return Ok(None);
     };
     match shared.cached_manifest(repo, digest).await? {
-        Some(m) => keep_here(cx, repo, m, None).await.map(Some),
+        Some(m) => keep_here(cx, repo, &m, None).await.map(Some),
         None => Ok(None),
     }
 }
@@ -65,7 +65,7 @@ pub async fn tag(
     let manifest = match cx.store.manifest(repo, &t.digest)? {
         Some(m) => m,
         None => match t.manifest {
-            Some(m) => keep_here(cx, repo, m, None).await?,
+            Some(m) => keep_here(cx, repo, &m, None).await?,
             // Tagged but no longer held (evicted meanwhile): a miss.
             None => return Ok(None),
         },
@@ -96,21 +96,20 @@ pub async fn put(
         media_type: media_type.to_string(),
         bytes,
     };
-    keep_here(cx, repo, m, tag).await
+    keep_here(cx, repo, &m, tag).await
 }
 
 /// Writes the manifest (and tag) to this replica's store.
 async fn keep_here(
     cx: &Context,
     repo: &RepoName,
-    m: StoredManifest,
+    m: &StoredManifest,
     tag: Option<&Tag>,
 ) -> Result<Arc<StoredManifest>, RegistryError> {
     let (store, repo, tag) = (cx.store.clone(), repo.clone(), tag.cloned());
-    store_work(move || {
-        store.put_cached_manifest(&repo, &m.digest, &m.media_type, m.bytes, tag.as_ref())
-    })
-    .await
+    let (digest, media_type, bytes) = (m.digest.clone(), m.media_type.clone(), m.bytes.clone());
+    store_work(move || store.put_cached_manifest(&repo, &digest, &media_type, bytes, tag.as_ref()))
+        .await
 }
 
 /// The upstream confirmed that `tag` still names `digest`.

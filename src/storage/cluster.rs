@@ -65,6 +65,8 @@ pub struct ClusterStore {
     replica: String,
     /// What goes into the event outbox (`cluster_events`).
     pub(super) events: super::cluster_events::EventRecorder,
+    /// The pull-through cache's tags as last read, for `LINK_TTL` (`cluster_cache`).
+    pub(super) cache_tags: moka::sync::Cache<String, super::cluster_cache::SharedTag>,
 }
 
 /// Whether `id` could be a cluster upload session's id.
@@ -171,6 +173,10 @@ impl ClusterStore {
             redirect,
             replica,
             events: Default::default(),
+            cache_tags: moka::sync::Cache::builder()
+                .max_capacity(LINK_CACHE_ENTRIES)
+                .time_to_live(LINK_TTL)
+                .build(),
         }
     }
 

@@ -4,6 +4,8 @@
 //! manifest, `tag.moved`) recorded in the shared outbox in the change's own transaction.
 //! Errors are the local profile's (`StoreError`): a database failure is 503.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::cluster::ClusterStore;
@@ -16,10 +18,11 @@ use crate::store::{StoreError, StoredManifest};
 
 /// A cache tag and when the upstream last confirmed it (unix seconds), with its manifest if
 /// the repository holds it.
+#[derive(Clone)]
 pub struct SharedTag {
     pub digest: Digest,
     pub checked: u64,
-    pub manifest: Option<StoredManifest>,
+    pub manifest: Option<Arc<StoredManifest>>,
 }
 
 impl ClusterStore {
@@ -46,6 +49,9 @@ impl ClusterStore {
             tag,
         };
         let mut recorded = Vec::new();
+        if let Some(t) = tag {
+            self.cache_tags.invalidate(&tag_key(repo, t));
+        }
         self.db()
             .put_cached_manifest(&m, |put| {
                 recorded = self.cache_put_events(&m, put);
@@ -123,25 +129,36 @@ impl ClusterStore {
             }))
     }
 
-    /// The cache tag as every replica sees it.
+    /// The cache tag as every replica sees it, read at most once per `LINK_TTL` (1 s) on this
+    /// replica while it stays the same: a hot tag costs the database one query a second, not
+    /// one per pull, and another replica's move or confirmation is seen within that second
+    /// (well inside any `tag_ttl`). This replica's own changes drop the entry at once.
     pub async fn cached_tag(
         &self,
         repo: &RepoName,
         tag: &Tag,
     ) -> Result<Option<SharedTag>, StoreError> {
+        let key = tag_key(repo, tag);
+        if let Some(t) = self.cache_tags.get(&key) {
+            return Ok(Some(t));
+        }
         let Some(t) = self.db().cached_tag(repo, tag).await? else {
             return Ok(None);
         };
-        let manifest = t.manifest.map(|(media_type, body)| StoredManifest {
-            digest: t.digest.clone(),
-            media_type,
-            bytes: Bytes::from(body),
+        let manifest = t.manifest.map(|(media_type, body)| {
+            Arc::new(StoredManifest {
+                digest: t.digest.clone(),
+                media_type,
+                bytes: Bytes::from(body),
+            })
         });
-        Ok(Some(SharedTag {
+        let t = SharedTag {
             digest: t.digest,
             checked: t.checked,
             manifest,
-        }))
+        };
+        self.cache_tags.insert(key, t.clone());
+        Ok(Some(t))
     }
 
     /// The upstream confirmed that `tag` still names `digest`.
@@ -151,11 +168,13 @@ impl ClusterStore {
         tag: &Tag,
         digest: &Digest,
     ) -> Result<(), StoreError> {
+        self.cache_tags.invalidate(&tag_key(repo, tag));
         Ok(self.db().confirm_cached_tag(repo, tag, digest).await?)
     }
 
     /// Forgets a tag the upstream no longer has, unless pinned; whether it is gone.
     pub async fn forget_cached_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
+        self.cache_tags.invalidate(&tag_key(repo, tag));
         Ok(self.db().forget_cached_tag(repo, tag).await?)
     }
 
@@ -163,4 +182,8 @@ impl ClusterStore {
     pub async fn record_pulls(&self, mut pulls: Vec<PullRecord>) -> Result<u64, StoreError> {
         Ok(self.db().record_pulls(&mut pulls).await?)
     }
+}
+
+fn tag_key(repo: &RepoName, tag: &Tag) -> String {
+    format!("{repo}\0{tag}")
 }
