@@ -434,6 +434,37 @@ async fn prune_tag_history(app: Arc<App>) {
         Some(Err(e)) => tracing::error!(error = %e, "pruning tag history failed"),
         _ => {}
     }
+    if let crate::storage::Storage::Cluster(cluster) = &app.storage {
+        prune_cluster_tag_history(cluster.db(), &app.config.cache).await;
+    }
+}
+
+/// The database's tag history (the registry's and the cache's tags), within the same limits,
+/// in batches so no statement runs long. Every replica may run it: deleting what another
+/// already deleted is nothing.
+async fn prune_cluster_tag_history(db: &crate::cluster::pg::Db, c: &crate::config::CacheConfig) {
+    const BATCH: usize = 5000;
+    let mut removed = 0;
+    loop {
+        match db
+            .prune_tag_history(c.history_max_age.0, c.history_max_entries, BATCH)
+            .await
+        {
+            Ok(n) => {
+                removed += n;
+                if n < BATCH as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pruning the cluster's tag history failed");
+                break;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "pruned the cluster's tag history");
+    }
 }
 
 /// Hourly: each endpoint keeps its newest `MAX_DEAD_LETTERS` dead letters.

@@ -321,10 +321,15 @@ fn a_tag_moved_upstream_moves_on_every_replica_and_is_notified_once() {
 #[test]
 fn pulls_on_every_replica_add_up_in_the_shared_record() {
     let flush_often = |text: String| {
-        text.replace(
+        let edited = text.replace(
             "access_flush_interval = \"60s\"",
             "access_flush_interval = \"1s\"",
-        )
+        );
+        assert_ne!(
+            edited, text,
+            "the default config names access_flush_interval"
+        );
+        edited
     };
     let Some((up, r)) = mirroring_edited(3, "", &flush_often) else {
         return;
@@ -356,4 +361,45 @@ fn pulls_on_every_replica_add_up_in_the_shared_record() {
         cache_sql(&r, "SELECT count(*) FROM cache_access WHERE repo_id = $R"),
         [["1"]]
     );
+}
+
+#[test]
+fn with_the_database_down_each_replica_carries_on_with_its_own_copy() {
+    let Some((up, mut r)) = mirroring(2, "") else {
+        return;
+    };
+    let first = Layout::single(71, &OCI, &LAYERS);
+    up.seed(REMOTE, TAG, &first);
+    let (a, b) = (r.http(0), r.http(1));
+    let got = manifest_get(&a, TAG, first.top.0);
+    assert_eq!(got.status, 200);
+    for (digest, bytes) in &first.blobs {
+        assert_blob(&a, MIRRORED, digest, bytes);
+    }
+    await_published(&r, &first);
+
+    r.pg.stop();
+    // A serves its own copy: the tag, the manifest and the blobs.
+    let got = manifest_get(&a, TAG, first.top.0);
+    assert_eq!(got.status, 200, "{:?}", String::from_utf8_lossy(&got.body));
+    assert_bytes("A's copy of the tag", &got.body, &first.top.2);
+    for (digest, bytes) in &first.blobs {
+        assert_blob(&a, MIRRORED, digest, bytes);
+    }
+    // A new image is fetched from the upstream and served, though the cluster cannot hear
+    // of it; B, which never pulled, fetches for itself.
+    let second = Layout::single(72, &OCI, &LAYERS);
+    up.seed(REMOTE, "other", &second);
+    let got = manifest_get(&a, "other", second.top.0);
+    assert_eq!(got.status, 200, "{:?}", String::from_utf8_lossy(&got.body));
+    assert_bytes("a new image", &got.body, &second.top.2);
+    for (digest, bytes) in &second.blobs {
+        assert_blob(&a, MIRRORED, digest, bytes);
+    }
+    let got = manifest_get(&b, TAG, first.top.0);
+    assert_eq!(got.status, 200, "{:?}", String::from_utf8_lossy(&got.body));
+    assert_bytes("B's own fetch", &got.body, &first.top.2);
+    for (digest, bytes) in &first.blobs {
+        assert_blob(&b, MIRRORED, digest, bytes);
+    }
 }

@@ -31,6 +31,10 @@ pub struct CachedManifest<'a> {
     pub children: &'a [Digest],
     /// Pointed at `digest` (and confirmed now), with a history row if it moved.
     pub tag: Option<&'a Tag>,
+    /// The digest the tag named when the caller read it before asking the upstream (None:
+    /// it had none). If another replica moved the tag meanwhile, its answer is at least as
+    /// new as this one: the tag is left as it is (compare-and-set), never moved back.
+    pub tag_seen: Option<&'a Digest>,
 }
 
 /// What `put_cached_manifest` did.
@@ -38,7 +42,7 @@ pub struct CachedManifest<'a> {
 pub struct CachedPut {
     /// The repository did not hold the manifest before.
     pub new_here: bool,
-    /// What the tag did, if one was given.
+    /// What the tag did, if one was given and not superseded.
     pub tag: Option<TagMove>,
 }
 
@@ -112,6 +116,7 @@ impl Db {
             .await?
             .get(0);
         let moved = match m.tag {
+            Some(tag) if superseded(&tx, repo_id, tag, m.digest, m.tag_seen).await? => None,
             Some(tag) => {
                 let moved = move_tag(&tx, repo_id, tag, m.digest).await?;
                 let confirm = tx
@@ -232,9 +237,11 @@ impl Db {
         pulls.sort_by(|a, b| (&a.repo, &a.digest).cmp(&(&b.repo, &b.digest)));
         let repos: Vec<&str> = pulls.iter().map(|p| p.repo.as_str()).collect();
         let digests: Vec<&str> = pulls.iter().map(|p| p.digest.as_str()).collect();
-        let lasts: Vec<i64> = pulls
+        // Ages, applied to the database's clock: replicas' clocks need not agree.
+        let now = unix_now();
+        let ages: Vec<i64> = pulls
             .iter()
-            .map(|p| i64::try_from(p.last).unwrap_or(i64::MAX))
+            .map(|p| i64::try_from(now.saturating_sub(p.last)).unwrap_or(i64::MAX))
             .collect();
         let counts: Vec<i64> = pulls
             .iter()
@@ -244,9 +251,9 @@ impl Db {
         let st = client
             .prepare_cached(
                 r#"INSERT INTO cache_access (repo_id, digest, last_pulled, pulls)
-                   SELECT r.id, x.digest, to_timestamp(x.last), x.pulls
+                   SELECT r.id, x.digest, now() - make_interval(secs => x.age), x.pulls
                      FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
-                          WITH ORDINALITY AS x(name, digest, last, pulls, n)
+                          WITH ORDINALITY AS x(name, digest, age, pulls, n)
                      JOIN repositories r ON r.name = x.name
                      JOIN repo_manifests rm ON rm.repo_id = r.id AND rm.digest = x.digest
                     ORDER BY x.n
@@ -256,8 +263,37 @@ impl Db {
             )
             .await?;
         Ok(client
-            .execute(&st, &[&repos, &digests, &lasts, &counts])
+            .execute(&st, &[&repos, &digests, &ages, &counts])
             .await?)
+    }
+}
+
+impl Db {
+    /// Drops tag history (the registry's and the cache's) older than `max_age`, and beyond
+    /// the newest `max_entries` of each tag: at most `limit` rows a call (call again while it
+    /// returns `limit`). Returns the rows dropped.
+    pub async fn prune_tag_history(
+        &self,
+        max_age: std::time::Duration,
+        max_entries: usize,
+        limit: usize,
+    ) -> Result<u64, PgError> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "DELETE FROM tag_history WHERE id IN (
+                     SELECT id FROM (
+                         SELECT id, at, row_number() OVER (
+                                    PARTITION BY repo_id, tag ORDER BY id DESC) AS newer
+                           FROM tag_history) h
+                      WHERE h.at < now() - make_interval(secs => $1) OR h.newer > $2
+                      LIMIT $3)",
+            )
+            .await?;
+        let age = max_age.as_secs_f64();
+        let entries = i64::try_from(max_entries).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(client.execute(&st, &[&age, &entries, &limit]).await?)
     }
 }
 
@@ -273,6 +309,30 @@ fn shared_tag(row: &Row) -> Result<SharedTag, PgError> {
             .map_or(0, |age| unix_now().saturating_sub(age)),
         manifest: media_type.zip(body),
     })
+}
+
+/// Whether the tag was changed by someone else since the caller read it as naming `seen`
+/// (and not to `digest`): its row is locked until the transaction ends.
+async fn superseded(
+    tx: &deadpool_postgres::Transaction<'_>,
+    repo_id: i64,
+    tag: &Tag,
+    digest: &Digest,
+    seen: Option<&Digest>,
+) -> Result<bool, PgError> {
+    let st = tx
+        .prepare_cached("SELECT digest FROM tags WHERE repo_id = $1 AND tag = $2 FOR UPDATE")
+        .await?;
+    let now: Option<String> = tx
+        .query_opt(&st, &[&repo_id, &tag.as_str()])
+        .await?
+        .map(|r| r.get(0));
+    let (now, seen, new) = (
+        now.as_deref(),
+        seen.map(Digest::to_string),
+        digest.to_string(),
+    );
+    Ok(now != seen.as_deref() && now != Some(new.as_str()))
 }
 
 /// A pinned tag pins every digest it moves to (reason `:TAG`, its platforms), in the move's

@@ -63,7 +63,21 @@ impl Db {
         size: u64,
         pushed: bool,
     ) -> Result<(), PgError> {
-        let client = self.client().await?;
+        self.link_blob_recording(repo, digest, size, pushed, &[])
+            .await
+    }
+
+    /// `link_blob`, with the outbox records `events` inserted in the same transaction.
+    pub async fn link_blob_recording(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        pushed: bool,
+        events: &[Vec<u8>],
+    ) -> Result<(), PgError> {
+        let mut client = self.client().await?;
+        let client = client.transaction().await?;
         let repo_id = ensure_repo_id(&client, repo).await?;
         // One statement: the link's foreign key is checked at its end, so it sees the blob row
         // the first part inserted.
@@ -80,6 +94,8 @@ impl Db {
                 &[&repo_id, &digest.to_string(), &pushed, &sql_size(size)?],
             )
             .await?;
+        super::events::insert_events(&client, events).await?;
+        client.commit().await?;
         Ok(())
     }
 

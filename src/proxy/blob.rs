@@ -42,15 +42,22 @@ pub async fn locate(
     if cx.store.blob_size(&route.local, digest)?.is_some() {
         return Ok(BlobSource::Stored);
     }
-    // In the cluster, a HEAD of a blob another replica filled for this repository is answered
-    // from the shared record, without the upstream (a GET reads the bucket, see cluster_fill).
-    if head
-        && let Some(shared) = cx.proxy.shared_cache()
-        && let Some(size) = shared.cached_blob_size(&route.local, digest).await?
-    {
+    // In the cluster, a blob another replica filled for this repository is the cache's: a
+    // HEAD is answered from the shared record and a GET reads the bucket (see cluster_fill),
+    // without the upstream — which an offline upstream may then be. A database that cannot
+    // answer: as if the cluster had nothing.
+    let in_cluster = match cx.proxy.shared_cache() {
+        Some(shared) => shared
+            .cached_blob_size(&route.local, digest)
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    if head && let Some(size) = in_cluster {
         return Ok(BlobSource::Upstream { size });
     }
-    if cx.proxy.config(route.upstream).offline {
+    if cx.proxy.config(route.upstream).offline && in_cluster.is_none() {
         return Err(RegistryError::blob_unknown(digest));
     }
     let in_flight = cx.proxy.fills.in_flight_for(digest);

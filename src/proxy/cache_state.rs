@@ -3,7 +3,8 @@
 //! replica confirmed or moved is fresh, or moved, on every replica, and a manifest one replica
 //! fetched is served by all without asking the upstream again — and the replica's `Store`
 //! keeps its own copy of what it served (its blobs fill there, and its local budget evicts
-//! them together).
+//! them together). If the database cannot be reached, the replica carries on with its own
+//! copy as the local profile does (logged), as its fills do: the cache keeps serving.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use super::Context;
 use super::blocking::store_work;
 use crate::oci::{Digest, RegistryError, RepoName, Tag};
-use crate::store::StoredManifest;
+use crate::store::{StoreError, StoredManifest};
 
 /// A cached tag: its manifest and when the upstream last confirmed it (unix seconds).
 pub struct CachedTag {
@@ -20,9 +21,37 @@ pub struct CachedTag {
     pub checked: u64,
 }
 
-/// Whether reads must go to the shared database (the cluster profile).
+/// What a lookup read of a tag.
+pub struct TagRead {
+    /// The tag with its manifest, if the cache can serve it.
+    pub cached: Option<CachedTag>,
+    /// The digest the tag named (even without its manifest): a move back from a newer answer
+    /// is refused against it (`TagUpdate::seen`).
+    pub named: Option<Digest>,
+}
+
+/// A tag to point at a stored manifest, and what it named when the lookup read it.
+#[derive(Clone, Copy)]
+pub struct TagUpdate<'a> {
+    pub tag: &'a Tag,
+    pub seen: Option<&'a Digest>,
+}
+
+/// Whether tags are read from the shared database (the cluster profile).
 pub fn is_shared(cx: &Context) -> bool {
     cx.proxy.shared_cache().is_some()
+}
+
+/// The cluster's answer, or `None` (logged) if the database failed: the caller then uses this
+/// replica's copy.
+fn or_local<T>(result: Result<T, StoreError>, what: &str) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "{what}: the cluster's cache state is unavailable; using this replica's copy");
+            None
+        }
+    }
 }
 
 /// The cached manifest `digest` of `repo`: this replica's copy, else the cluster's (kept
@@ -38,42 +67,61 @@ pub async fn manifest(
     let Some(shared) = cx.proxy.shared_cache() else {
         return Ok(None);
     };
-    match shared.cached_manifest(repo, digest).await? {
-        Some(m) => keep_here(cx, repo, &m, None).await.map(Some),
-        None => Ok(None),
+    match or_local(
+        shared.cached_manifest(repo, digest).await,
+        "reading a cached manifest",
+    ) {
+        Some(Some(m)) => keep_here(cx, repo, &m, None).await.map(Some),
+        _ => Ok(None),
     }
 }
 
 /// The cached tag: from the cluster (with its manifest), or from this replica's store.
-pub async fn tag(
-    cx: &Context,
-    repo: &RepoName,
-    tag: &Tag,
-) -> Result<Option<CachedTag>, RegistryError> {
-    let Some(shared) = cx.proxy.shared_cache() else {
-        let Some((digest, checked)) = cx.store.cached_tag(repo, tag)? else {
-            return Ok(None);
-        };
-        return Ok(cx
-            .store
-            .manifest(repo, &digest)?
-            .map(|manifest| CachedTag { manifest, checked }));
+pub async fn tag(cx: &Context, repo: &RepoName, tag: &Tag) -> Result<TagRead, RegistryError> {
+    let shared = match cx.proxy.shared_cache() {
+        Some(shared) => or_local(shared.cached_tag(repo, tag).await, "reading a cached tag"),
+        None => None,
     };
-    let Some(t) = shared.cached_tag(repo, tag).await? else {
-        return Ok(None);
+    let Some(shared) = shared else {
+        return local_tag(cx, repo, tag);
+    };
+    let Some(t) = shared else {
+        return Ok(TagRead {
+            cached: None,
+            named: None,
+        });
     };
     let manifest = match cx.store.manifest(repo, &t.digest)? {
-        Some(m) => m,
-        None => match t.manifest {
-            Some(m) => keep_here(cx, repo, &m, None).await?,
+        Some(m) => Some(m),
+        None => match &t.manifest {
+            Some(m) => Some(keep_here(cx, repo, m, None).await?),
             // Tagged but no longer held (evicted meanwhile): a miss.
-            None => return Ok(None),
+            None => None,
         },
     };
-    Ok(Some(CachedTag {
-        manifest,
-        checked: t.checked,
-    }))
+    Ok(TagRead {
+        cached: manifest.map(|manifest| CachedTag {
+            manifest,
+            checked: t.checked,
+        }),
+        named: Some(t.digest),
+    })
+}
+
+fn local_tag(cx: &Context, repo: &RepoName, tag: &Tag) -> Result<TagRead, RegistryError> {
+    let Some((digest, checked)) = cx.store.cached_tag(repo, tag)? else {
+        return Ok(TagRead {
+            cached: None,
+            named: None,
+        });
+    };
+    Ok(TagRead {
+        cached: cx
+            .store
+            .manifest(repo, &digest)?
+            .map(|manifest| CachedTag { manifest, checked }),
+        named: Some(digest),
+    })
 }
 
 /// Stores a manifest fetched from the upstream (verified), pointing `tag` at it if given: in
@@ -84,19 +132,27 @@ pub async fn put(
     digest: &Digest,
     media_type: &str,
     bytes: Bytes,
-    tag: Option<&Tag>,
+    tag: Option<TagUpdate<'_>>,
 ) -> Result<Arc<StoredManifest>, RegistryError> {
     if let Some(shared) = cx.proxy.shared_cache() {
-        shared
-            .put_cached_manifest(repo, digest, media_type, &bytes, tag)
-            .await?;
+        let put = shared
+            .put_cached_manifest(
+                repo,
+                digest,
+                media_type,
+                &bytes,
+                tag.map(|t| t.tag),
+                tag.and_then(|t| t.seen),
+            )
+            .await;
+        or_local(put, "caching a manifest");
     }
     let m = StoredManifest {
         digest: digest.clone(),
         media_type: media_type.to_string(),
         bytes,
     };
-    keep_here(cx, repo, &m, tag).await
+    keep_here(cx, repo, &m, tag.map(|t| t.tag)).await
 }
 
 /// Writes the manifest (and tag) to this replica's store.
@@ -112,7 +168,8 @@ async fn keep_here(
         .await
 }
 
-/// The upstream confirmed that `tag` still names `digest`.
+/// The upstream confirmed that `tag` still names `digest`: in the cluster, and in this
+/// replica's copy (what it serves while the database is unreachable).
 pub async fn confirm(
     cx: &Context,
     repo: &RepoName,
@@ -120,8 +177,10 @@ pub async fn confirm(
     digest: &Digest,
 ) -> Result<(), RegistryError> {
     if let Some(shared) = cx.proxy.shared_cache() {
-        // Tags are read from the cluster only: this replica's copy needs no confirmation.
-        return Ok(shared.confirm_cached_tag(repo, tag, digest).await?);
+        or_local(
+            shared.confirm_cached_tag(repo, tag, digest).await,
+            "confirming a cached tag",
+        );
     }
     let (store, repo, tag) = (cx.store.clone(), repo.clone(), tag.clone());
     store_work(move || store.confirm_cached_tag(&repo, &tag)).await
@@ -130,15 +189,18 @@ pub async fn confirm(
 /// The upstream no longer has `tag`: forgets it unless pinned (in the cluster, by a pin on
 /// any replica). Returns whether it is gone.
 pub async fn forget(cx: &Context, repo: &RepoName, tag: &Tag) -> Result<bool, RegistryError> {
-    let forgotten = match cx.proxy.shared_cache() {
-        Some(shared) => shared.forget_cached_tag(repo, tag).await?,
-        None => true,
+    let shared = match cx.proxy.shared_cache() {
+        Some(shared) => or_local(
+            shared.forget_cached_tag(repo, tag).await,
+            "forgetting a cached tag",
+        ),
+        None => None,
     };
-    if !forgotten {
+    if shared == Some(false) {
         return Ok(false);
     }
     let (store, repo, tag) = (cx.store.clone(), repo.clone(), tag.clone());
     let here = store_work(move || store.forget_cached_tag(&repo, &tag)).await?;
-    // In the cluster the shared pin decides; this replica's own pins only keep its copy.
-    Ok(here || is_shared(cx))
+    // The cluster's pins decide when it answered; this replica's own pins keep only its copy.
+    Ok(shared.unwrap_or(here))
 }

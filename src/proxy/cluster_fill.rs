@@ -172,7 +172,13 @@ pub(super) async fn run(
         fill,
     };
     let digest = &fill.digest;
-    let Some(url) = cluster.url() else {
+    // An offline upstream is never asked: only the bucket may fill (a blob the cluster holds
+    // for this repository, see `blob::locate`).
+    let offline = cx.proxy.config(route.upstream).offline;
+    let Some(url) = cluster.url().filter(|_| !offline) else {
+        if offline {
+            return from_bucket_only(&job).await;
+        }
         // Not reachable by the others (not serving yet): fetch alone, share nothing.
         return fill::run(cx, client, route, fill, slot).await;
     };
@@ -266,6 +272,27 @@ pub(super) async fn run(
     }
 }
 
+/// For an offline upstream: the blob the cluster holds for this repository, read from the
+/// bucket; anything else is not there (404).
+async fn from_bucket_only(job: &Job<'_>) -> Result<u64, FillError> {
+    let (cluster, digest) = (job.cluster, &job.fill.digest);
+    let Ok(Some(size)) = cluster.db.blob_size(&job.route.local, digest).await else {
+        return Err(FillError::Status(StatusCode::NOT_FOUND));
+    };
+    let mut feed = None;
+    let stream = cluster
+        .objects
+        .get_range(digest, 0..size)
+        .await
+        .map_err(|e| FillError::Upstream(format!("reading {digest} from the bucket: {e}")))?;
+    match pour(job.fill, &mut feed, size, stream).await? {
+        Poured::Complete => counted(job, "bucket", finish(job, feed).await),
+        Poured::Broken(why) => Err(FillError::Upstream(format!(
+            "reading {digest} from the bucket broke: {why}"
+        ))),
+    }
+}
+
 /// The blob's size if the bucket holds it (its `blobs` row, written once the object is
 /// complete). The database unreadable: as if it did not (the lease then decides).
 async fn stored_size(cluster: &ClusterFill, digest: &Digest) -> Option<u64> {
@@ -298,18 +325,10 @@ async fn own(
             let shared = job.cx.proxy.shared_cache().cloned();
             tokio::spawn(async move {
                 let _renewing = renew(cluster.clone(), lease.clone());
-                match publish(&cluster, &store, &repo, &digest, size).await {
-                    // Filled once for the whole cluster: one `cache.fill` event.
-                    Ok(()) => {
-                        if let Some(shared) = shared
-                            && let Err(e) = shared.record_blob_fill(&repo, &digest, size).await
-                        {
-                            tracing::warn!(%digest, error = %e, "cannot record a blob fill event");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%digest, error = %e, "cannot put a filled blob in the bucket; the next replica to miss it fetches it again");
-                    }
+                if let Err(e) =
+                    publish(&cluster, shared.as_deref(), &store, &repo, &digest, size).await
+                {
+                    tracing::warn!(%digest, error = %e, "cannot put a filled blob in the bucket; the next replica to miss it fetches it again");
                 }
                 release(&cluster, &lease).await;
             });
@@ -375,9 +394,11 @@ async fn release(cluster: &ClusterFill, lease: &Lease) {
 }
 
 /// Uploads the committed local blob to the bucket (verified again on the way), then records
-/// it, linked to the repository it was fetched for as a cache fill's.
+/// it, linked to the repository it was fetched for as a cache fill's (with the cluster's one
+/// `cache.fill` event for it, when the cache's state is shared).
 async fn publish(
     cluster: &ClusterFill,
+    shared: Option<&crate::storage::cluster::ClusterStore>,
     store: &crate::store::Store,
     repo: &RepoName,
     digest: &Digest,
@@ -391,11 +412,17 @@ async fn publish(
         .put_verified(digest, size, bytes)
         .await
         .map_err(|e| e.to_string())?;
-    cluster
-        .db
-        .link_blob(repo, digest, size, false)
-        .await
-        .map_err(|e| e.to_string())
+    match shared {
+        Some(shared) => shared
+            .link_filled_blob(repo, digest, size)
+            .await
+            .map_err(|e| e.to_string()),
+        None => cluster
+            .db
+            .link_blob(repo, digest, size, false)
+            .await
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// Streams the owner's bytes from `feed`'s position (or the start) into the fill.

@@ -10,6 +10,7 @@ use http::{Method, header};
 use super::Context;
 use super::MirrorRoute;
 use super::ask::{Miss, ask, read_body};
+use super::cache_state::TagUpdate;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::media::{self, ALL_MANIFEST_TYPES};
 use crate::oci::{Digest, Tag};
@@ -54,7 +55,7 @@ pub async fn fetch_manifest(
     route: &MirrorRoute,
     reference: &str,
     expected: Option<&Digest>,
-    tag: Option<&Tag>,
+    tag: Option<TagUpdate<'_>>,
 ) -> Result<Arc<StoredManifest>, Miss> {
     let resp = ask_manifest(cx, route, Method::GET, reference).await?;
     let (parts, body) = resp.into_parts();

@@ -23,7 +23,7 @@ use futures_util::future::{BoxFuture, Shared};
 
 use super::Context;
 use super::ask::Miss;
-use super::cache_state::{self, CachedTag};
+use super::cache_state::{self, CachedTag, TagUpdate};
 use super::freshness::{Served, tag_is_fresh, within_stale_if_error};
 use super::manifest_fetch::{fetch_manifest, head_tag};
 use super::{CacheOutcome, MirrorRoute};
@@ -217,7 +217,8 @@ async fn tag_miss(
     revalidate: bool,
 ) -> Result<Served, RegistryError> {
     let config = cx.proxy.config(route.upstream);
-    let cached = cache_state::tag(cx, &route.local, tag).await?;
+    let read = cache_state::tag(cx, &route.local, tag).await?;
+    let (cached, seen) = (read.cached, read.named);
     match &cached {
         Some(c) if (!revalidate || config.offline) && tag_is_fresh(config, c.checked) => {
             return Ok(Served::hit(c.manifest.clone()));
@@ -228,10 +229,14 @@ async fn tag_miss(
         _ => {}
     }
     let cached = cached.as_ref();
+    let update = TagUpdate {
+        tag,
+        seen: seen.as_ref(),
+    };
     match head_tag(cx, route, tag).await {
-        Ok(Some(digest)) => tag_points_at(cx, route, tag, cached, digest).await,
+        Ok(Some(digest)) => tag_points_at(cx, route, update, cached, digest).await,
         // No digest in the HEAD answer: GET by tag.
-        Ok(None) => match fetch_manifest(cx, route, tag.as_str(), None, Some(tag)).await {
+        Ok(None) => match fetch_manifest(cx, route, tag.as_str(), None, Some(update)).await {
             Ok(m) => Ok(Served::miss(m)),
             Err(miss) => tag_lookup_failed(cx, route, tag, cached, miss).await,
         },
@@ -244,10 +249,11 @@ async fn tag_miss(
 async fn tag_points_at(
     cx: &Context,
     route: &MirrorRoute,
-    tag: &Tag,
+    update: TagUpdate<'_>,
     cached: Option<&CachedTag>,
     digest: Digest,
 ) -> Result<Served, RegistryError> {
+    let tag = update.tag;
     if let Some(c) = cached
         && c.manifest.digest == digest
     {
@@ -261,12 +267,12 @@ async fn tag_points_at(
             &m.digest,
             &m.media_type,
             m.bytes.clone(),
-            Some(tag),
+            Some(update),
         )
         .await?;
         return Ok(Served::hit(m));
     }
-    match fetch_manifest(cx, route, &digest.to_string(), Some(&digest), Some(tag)).await {
+    match fetch_manifest(cx, route, &digest.to_string(), Some(&digest), Some(update)).await {
         Ok(m) => Ok(Served::miss(m)),
         // The tag exists upstream but its manifest does not: 404 for now, the tag is kept.
         Err(Miss::NotFound { repository }) => Err(not_found(route, tag, repository)),

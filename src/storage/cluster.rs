@@ -67,6 +67,8 @@ pub struct ClusterStore {
     pub(super) events: super::cluster_events::EventRecorder,
     /// The pull-through cache's tags as last read, for `LINK_TTL` (`cluster_cache`).
     pub(super) cache_tags: moka::sync::Cache<String, super::cluster_cache::SharedTag>,
+    /// Unix milliseconds until which the cache's lookups skip the database (0: reachable).
+    pub(super) cache_db_down_until: std::sync::atomic::AtomicU64,
 }
 
 /// Whether `id` could be a cluster upload session's id.
@@ -177,6 +179,7 @@ impl ClusterStore {
                 .max_capacity(LINK_CACHE_ENTRIES)
                 .time_to_live(LINK_TTL)
                 .build(),
+            cache_db_down_until: Default::default(),
         }
     }
 

@@ -5,11 +5,14 @@
 //! Errors are the local profile's (`StoreError`): a database failure is 503.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::cluster::ClusterStore;
 use crate::cluster::cache::{CachedManifest, CachedPut, PullRecord};
+use crate::cluster::pg::PgError;
 use crate::cluster::tags::TagMove;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::{Digest, RepoName, Tag};
@@ -27,7 +30,8 @@ pub struct SharedTag {
 
 impl ClusterStore {
     /// Stores a manifest fetched from the upstream (verified against `digest`) in the cache
-    /// repository, optionally pointing `tag` at it, for every replica.
+    /// repository, optionally pointing `tag` at it (unless another replica moved it since it
+    /// was read as naming `tag_seen`), for every replica.
     pub async fn put_cached_manifest(
         &self,
         repo: &RepoName,
@@ -35,6 +39,7 @@ impl ClusterStore {
         media_type: &str,
         bytes: &Bytes,
         tag: Option<&Tag>,
+        tag_seen: Option<&Digest>,
     ) -> Result<(), StoreError> {
         let parsed = ParsedManifest::parse(bytes, media_type)
             .map_err(|e| StoreError::ManifestInvalid(e.to_string()))?;
@@ -47,17 +52,17 @@ impl ClusterStore {
             blobs: &blobs,
             children: &children,
             tag,
+            tag_seen,
         };
         let mut recorded = Vec::new();
         if let Some(t) = tag {
             self.cache_tags.invalidate(&tag_key(repo, t));
         }
-        self.db()
-            .put_cached_manifest(&m, |put| {
-                recorded = self.cache_put_events(&m, put);
-                recorded.clone()
-            })
-            .await?;
+        self.reach(self.db().put_cached_manifest(&m, |put| {
+            recorded = self.cache_put_events(&m, put);
+            recorded.clone()
+        }))
+        .await?;
         self.events_committed(&recorded);
         Ok(())
     }
@@ -90,17 +95,22 @@ impl ClusterStore {
         events
     }
 
-    /// `cache.fill` of a blob the cluster fetched from the upstream (once for all replicas).
-    pub async fn record_blob_fill(
+    /// Records a blob the cluster fetched from the upstream (once for all replicas) as the
+    /// cache repository's, with its `cache.fill` event in the same transaction.
+    pub async fn link_filled_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
     ) -> Result<(), StoreError> {
-        self.record_events_alone(EventKind::CacheFill, || {
+        let events = self.encode_events(EventKind::CacheFill, || {
             outbox::blob_fill_events(repo, digest, size, None)
-        })
-        .await
+        });
+        self.db()
+            .link_blob_recording(repo, digest, size, false, &events)
+            .await?;
+        self.events_committed(&events);
+        Ok(())
     }
 
     /// The size of a blob the cluster holds for the cache repository (filled by any replica).
@@ -109,7 +119,7 @@ impl ClusterStore {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>, StoreError> {
-        Ok(self.db().blob_size(repo, digest).await?)
+        self.reach(self.db().blob_size(repo, digest)).await
     }
 
     /// The manifest `digest`, if the cache repository holds it.
@@ -119,8 +129,7 @@ impl ClusterStore {
         digest: &Digest,
     ) -> Result<Option<StoredManifest>, StoreError> {
         Ok(self
-            .db()
-            .manifest(repo, digest)
+            .reach(self.db().manifest(repo, digest))
             .await?
             .map(|(media_type, body)| StoredManifest {
                 digest: digest.clone(),
@@ -142,7 +151,7 @@ impl ClusterStore {
         if let Some(t) = self.cache_tags.get(&key) {
             return Ok(Some(t));
         }
-        let Some(t) = self.db().cached_tag(repo, tag).await? else {
+        let Some(t) = self.reach(self.db().cached_tag(repo, tag)).await? else {
             return Ok(None);
         };
         let manifest = t.manifest.map(|(media_type, body)| {
@@ -169,19 +178,52 @@ impl ClusterStore {
         digest: &Digest,
     ) -> Result<(), StoreError> {
         self.cache_tags.invalidate(&tag_key(repo, tag));
-        Ok(self.db().confirm_cached_tag(repo, tag, digest).await?)
+        self.reach(self.db().confirm_cached_tag(repo, tag, digest))
+            .await
     }
 
     /// Forgets a tag the upstream no longer has, unless pinned; whether it is gone.
     pub async fn forget_cached_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
         self.cache_tags.invalidate(&tag_key(repo, tag));
-        Ok(self.db().forget_cached_tag(repo, tag).await?)
+        self.reach(self.db().forget_cached_tag(repo, tag)).await
     }
 
     /// Adds this replica's pulls of cached manifests to the shared record.
     pub async fn record_pulls(&self, mut pulls: Vec<PullRecord>) -> Result<u64, StoreError> {
         Ok(self.db().record_pulls(&mut pulls).await?)
     }
+}
+
+/// After the database could not be reached, how long the cache's lookups go to this
+/// replica's copy at once instead of each waiting for a connection.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
+impl ClusterStore {
+    /// Runs a database call of the cache's request path, unless the database was found
+    /// unreachable less than `UNREACHABLE_FOR` ago (the caller falls back at once then).
+    async fn reach<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, PgError>>,
+    ) -> Result<T, StoreError> {
+        let until = self.cache_db_down_until.load(Ordering::Relaxed);
+        if until != 0 && millis_now() < until {
+            return Err(StoreError::Shared(
+                "the database was unreachable moments ago".into(),
+            ));
+        }
+        let result = call.await;
+        if let Err(PgError::Pool(_)) = &result {
+            let until = millis_now() + UNREACHABLE_FOR.as_millis() as u64;
+            self.cache_db_down_until.store(until, Ordering::Relaxed);
+        }
+        Ok(result?)
+    }
+}
+
+fn millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn tag_key(repo: &RepoName, tag: &Tag) -> String {

@@ -238,6 +238,8 @@ impl Drop for SeaweedFs {
 /// trusting local connections (superuser `postgres`).
 pub struct Postgres {
     child: Child,
+    /// Set by `stop`: the child is reaped, never to be signalled again.
+    stopped: bool,
     pub dir: tempfile::TempDir,
     pub port: u16,
 }
@@ -320,7 +322,12 @@ impl Postgres {
             .stderr(log)
             .spawn()
             .expect("start postgres");
-        let mut pg = Self { child, dir, port };
+        let mut pg = Self {
+            child,
+            stopped: false,
+            dir,
+            port,
+        };
         pg.wait_ready(&data);
         pg
     }
@@ -367,8 +374,21 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// Stops the server (an outage): fast shutdown, SIGKILL if it takes too long.
+    pub fn stop(&mut self) {
+        if !self.stopped {
+            stop_child_with(&mut self.child, libc::SIGINT, Duration::from_secs(10));
+            self.stopped = true;
+        }
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
         // SIGINT is PostgreSQL's fast shutdown; SIGKILL if it takes too long.
         stop_child_with(&mut self.child, libc::SIGINT, Duration::from_secs(10));
     }
