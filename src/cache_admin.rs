@@ -16,6 +16,8 @@ use crate::store::inventory::{CacheUsage, CachedImage};
 use crate::store::pins::{PinInfo, PinTarget};
 use crate::store::{StoreError, unix_now};
 
+mod cluster;
+
 /// How `cache ls` orders images.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -171,8 +173,52 @@ fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, CacheError> {
     })
 }
 
+fn not_evictable(image: &str) -> CacheError {
+    CacheError::NotFound(format!(
+        "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
+    ))
+}
+
+fn not_pinnable(image: &str) -> CacheError {
+    CacheError::NotFound(format!(
+        "{image} is not cached (only cached images can be pinned: pull it first)"
+    ))
+}
+
+fn pinned(r: &ImageRef, digest: &Digest) -> CacheAnswer {
+    CacheAnswer::Pinned {
+        repository: r.repo.to_string(),
+        digest: digest.to_string(),
+    }
+}
+
+fn unpinned(image: &str, removed: usize) -> Result<CacheAnswer, CacheError> {
+    if removed == 0 {
+        return Err(CacheError::NotFound(format!("{image} is not pinned")));
+    }
+    Ok(CacheAnswer::Unpinned { removed })
+}
+
+/// Refuses a platform that is not `os/arch[/variant]`.
+fn check_platforms(platforms: &[String]) -> Result<(), CacheError> {
+    for p in platforms {
+        let parts = p.split('/').count();
+        if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
+            return Err(CacheError::Invalid(format!(
+                "platform {p:?}: expected os/arch[/variant]"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Answers one request (blocking: it scans the index).
 pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
+    // In the cluster profile the cache's eviction and pins are the database's (callers run
+    // this on the blocking pool, where waiting on the runtime is allowed).
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        return tokio::runtime::Handle::current().block_on(cluster::apply(app, c, req));
+    }
     let store = &app.store;
     let is_cache = |r: &RepoName| app.is_cache_repo(r);
     match req {
@@ -204,9 +250,7 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
             };
             let report = store.evict_now(Selection::Image(&r.repo, &digest), &is_cache)?;
             if report.images_evicted == 0 {
-                return Err(CacheError::NotFound(format!(
-                    "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
-                )));
+                return Err(not_evictable(&image));
             }
             Ok(CacheAnswer::Evicted { report })
         }
@@ -225,35 +269,20 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
         )),
         CacheRequest::Pin { image, platforms } => {
             let r = image_ref(app, &image)?;
-            for p in &platforms {
-                let parts = p.split('/').count();
-                if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
-                    return Err(CacheError::Invalid(format!(
-                        "platform {p:?}: expected os/arch[/variant]"
-                    )));
-                }
-            }
+            check_platforms(&platforms)?;
             let target = need_target(&r, &image)?;
             let digest = store
                 .pin(&r.repo, &target, &platforms)
                 .map_err(|e| match e {
-                    StoreError::ManifestUnknown(_) => CacheError::NotFound(format!(
-                        "{image} is not cached (only cached images can be pinned: pull it first)"
-                    )),
+                    StoreError::ManifestUnknown(_) => not_pinnable(&image),
                     e => e.into(),
                 })?;
-            Ok(CacheAnswer::Pinned {
-                repository: r.repo.to_string(),
-                digest: digest.to_string(),
-            })
+            Ok(pinned(&r, &digest))
         }
         CacheRequest::Unpin { image } => {
             let r = image_ref(app, &image)?;
             let removed = store.unpin(&r.repo, &need_target(&r, &image)?)?;
-            if removed == 0 {
-                return Err(CacheError::NotFound(format!("{image} is not pinned")));
-            }
-            Ok(CacheAnswer::Unpinned { removed })
+            unpinned(&image, removed)
         }
         CacheRequest::Pins => Ok(CacheAnswer::Pins {
             pins: store.pins()?,

@@ -4,6 +4,8 @@
 //! `store`, this layer imports only `oci` and takes its own option structs, never the `Config`.
 
 pub mod browse;
+pub mod cache_evict;
+pub mod cache_pins;
 pub mod console_sessions;
 pub mod events;
 pub mod fill_lease;
