@@ -26,8 +26,8 @@ const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// The engines and one database with its bucket.
 struct Env {
-    _s3: SeaweedFs,
-    _pg: Postgres,
+    _s3: Option<SeaweedFs>,
+    _pg: Option<Postgres>,
     db: Db,
     objects: Objects,
     url: String,
@@ -39,8 +39,8 @@ async fn env(s3: SeaweedFs, pg: Postgres, name: &str) -> Env {
     let db = open(&url).await;
     let objects = s3.objects(name, None);
     Env {
-        _s3: s3,
-        _pg: pg,
+        _s3: Some(s3),
+        _pg: Some(pg),
         db,
         objects,
         url,
@@ -487,4 +487,132 @@ fn a_pass_waits_for_a_concurrent_push_or_re_put_and_keeps_what_it_references() {
         assert_eq!(report.images_evicted, 1, "{report}");
         assert!(!stored(&e, &c_h).await);
     });
+}
+
+/// `transship cache ARGS --json --config CONFIG` (through the replica's admin socket).
+fn cache_cli(config: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = std::process::Command::new(common::binary())
+        .arg("cache")
+        .args(args)
+        .args(["--json", "--config"])
+        .arg(config)
+        .output()
+        .expect("run transship cache");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), json, stderr)
+}
+
+/// Replicas answer `cache pin|pins|evict|unpin` from the shared database (pinned on one, seen
+/// and honoured on the other), and a replica with `cache.max_size` keeps the shared cache
+/// within it.
+#[test]
+fn replicas_share_pins_and_eviction_and_keep_the_budget() {
+    use common::replicas::{Replicas, blob_key};
+    if !Replicas::available() {
+        eprintln!("SeaweedFS, PostgreSQL or psql missing: skipped");
+        return;
+    }
+    let mut r = Replicas::start(2);
+    let configs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| r.dir.path().join(format!("replica-{i}/transship.toml")))
+        .collect();
+    let config = |i: usize| configs[i].clone();
+    let cache = repo("docker.io/library/app");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Three cached images of 1000-byte layers, pulled 5, 3 and 1 hours ago.
+    let (images, layers) = rt.block_on(async {
+        let e = Env {
+            db: open(&r.db_url).await,
+            objects: r.s3.objects(&r.bucket, None),
+            url: r.db_url.clone(),
+            _s3: None,
+            _pg: None,
+        };
+        let mut images = Vec::new();
+        let mut layers = Vec::new();
+        for (n, t) in ["a", "b", "c"].into_iter().enumerate() {
+            let seed = 100 + 2 * n as u64;
+            let config = blob(&e, &cache, 10, seed, false).await;
+            let layer = blob(&e, &cache, 1000, seed + 1, false).await;
+            let digest = image(
+                &e,
+                &cache,
+                &[(config, 10), (layer.clone(), 1000)],
+                &[tag(t)],
+                false,
+            )
+            .await;
+            pulled(&e, &cache, &digest, 5 - 2 * n as i64).await;
+            images.push(digest);
+            layers.push(layer);
+        }
+        (images, layers)
+    });
+    let present = |r: &Replicas, d: &Digest| {
+        !r.sql(&format!(
+            "SELECT 1 FROM repo_manifests WHERE digest = '{d}'"
+        ))
+        .is_empty()
+    };
+
+    // Pinned through replica A, listed by B.
+    let (ok, pinned, err) = cache_cli(&config(0), &["pin", "docker.io/library/app:a"]);
+    assert!(ok, "{err}");
+    assert_eq!(pinned["digest"], images[0].to_string());
+    assert_eq!(pinned["repository"], cache.as_str());
+    let (ok, pins, err) = cache_cli(&config(1), &["pins"]);
+    assert!(ok, "{err}");
+    let listed = pins["pins"].as_array().expect("pins");
+    assert!(listed.iter().any(|p| p["tag"] == "a"), "{pins}");
+    assert!(
+        listed
+            .iter()
+            .any(|p| p["digest"] == images[0].to_string() && p["via_tag"] == "a"),
+        "{pins}"
+    );
+
+    // Evicted through B: gone for everyone, its layer out of the bucket; the pinned one stays.
+    let (ok, evicted, err) = cache_cli(&config(1), &["evict", "docker.io/library/app:b"]);
+    assert!(ok, "{err}");
+    assert_eq!(evicted["report"]["images_evicted"], 1, "{evicted}");
+    assert_eq!(evicted["report"]["blobs_removed"], 2, "{evicted}");
+    assert!(!present(&r, &images[1]));
+    assert!(
+        !r.objects("blobs")
+            .contains_key(&blob_key(&layers[1].to_string()))
+    );
+    let (ok, _, err) = cache_cli(&config(0), &["evict", "docker.io/library/app:a"]);
+    assert!(!ok && err.contains("pinned"), "{err}");
+    assert!(present(&r, &images[0]));
+
+    // A budget of 1500 bytes on replica A: the unpinned image goes, the pinned one stays.
+    let text = std::fs::read_to_string(config(0)).expect("config");
+    let text = text
+        .replace("# max_size = \"50GiB\"", "max_size = 1500")
+        .replace("check_interval = \"10s\"", "check_interval = \"1s\"");
+    std::fs::write(config(0), text).expect("config");
+    r.restart(0);
+    while present(&r, &images[2]) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(present(&r, &images[0]));
+    assert!(
+        r.objects("blobs")
+            .contains_key(&blob_key(&layers[0].to_string()))
+    );
+    assert!(
+        !r.objects("blobs")
+            .contains_key(&blob_key(&layers[2].to_string()))
+    );
+    assert!(r.log(0).contains("cluster cache eviction"), "{}", r.log(0));
+
+    // Unpinned through B: the tag pin and the digest pin it made.
+    let (ok, unpinned, err) = cache_cli(&config(1), &["unpin", "docker.io/library/app:a"]);
+    assert!(ok, "{err}");
+    assert_eq!(unpinned["removed"], 2, "{unpinned}");
+    assert!(
+        r.sql("SELECT 1 FROM cache_pins UNION ALL SELECT 1 FROM cache_tag_pins")
+            .is_empty()
+    );
 }
