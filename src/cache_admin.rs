@@ -173,6 +173,53 @@ fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, CacheError> {
     })
 }
 
+/// The answer to `cache ls`: each image's upstream named, filtered by `upstream`, sorted.
+fn listing(
+    app: &App,
+    mut images: Vec<CachedImage>,
+    usage: CacheUsage,
+    upstream: Option<String>,
+    sort: SortKey,
+) -> CacheAnswer {
+    for i in &mut images {
+        i.upstream = upstream_of(app, &i.repository);
+    }
+    if let Some(u) = upstream {
+        images.retain(|i| i.upstream == u);
+    }
+    match sort {
+        SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),
+        SortKey::LastPulled => images.sort_by_key(|i| std::cmp::Reverse(i.last_pulled)),
+        SortKey::Pulls => images.sort_by_key(|i| std::cmp::Reverse(i.pulls)),
+    }
+    CacheAnswer::Images { images, usage }
+}
+
+fn need_tag(r: &ImageRef, image: &str) -> Result<Tag, CacheError> {
+    match &r.target {
+        Some(PinTarget::Tag(tag)) => Ok(tag.clone()),
+        _ => Err(CacheError::Invalid(format!(
+            "{image:?}: give a tag (IMAGE:TAG)"
+        ))),
+    }
+}
+
+/// The answer to `cache history`: `(Unix microseconds, digest)` resolutions, oldest first.
+fn history(r: &ImageRef, tag: &Tag, resolutions: Vec<(u64, String)>) -> CacheAnswer {
+    CacheAnswer::History {
+        repository: r.repo.to_string(),
+        tag: tag.as_str().to_string(),
+        resolutions: resolutions
+            .into_iter()
+            .map(|(micros, digest)| Resolution {
+                at: rfc3339(micros / 1_000_000),
+                at_unix_micros: micros,
+                digest,
+            })
+            .collect(),
+    }
+}
+
 fn not_evictable(image: &str) -> CacheError {
     CacheError::NotFound(format!(
         "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
@@ -223,19 +270,8 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
     let is_cache = |r: &RepoName| app.is_cache_repo(r);
     match req {
         CacheRequest::List { upstream, sort } => {
-            let (mut images, usage) = store.cache_inventory(&is_cache)?;
-            for i in &mut images {
-                i.upstream = upstream_of(app, &i.repository);
-            }
-            if let Some(u) = upstream {
-                images.retain(|i| i.upstream == u);
-            }
-            match sort {
-                SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),
-                SortKey::LastPulled => images.sort_by_key(|i| std::cmp::Reverse(i.last_pulled)),
-                SortKey::Pulls => images.sort_by_key(|i| std::cmp::Reverse(i.pulls)),
-            }
-            Ok(CacheAnswer::Images { images, usage })
+            let (images, usage) = store.cache_inventory(&is_cache)?;
+            Ok(listing(app, images, usage, upstream, sort))
         }
         CacheRequest::Evict {
             image: Some(image),
@@ -289,25 +325,9 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
         }),
         CacheRequest::History { image } => {
             let r = image_ref(app, &image)?;
-            let Some(PinTarget::Tag(tag)) = r.target else {
-                return Err(CacheError::Invalid(format!(
-                    "{image:?}: give a tag (IMAGE:TAG)"
-                )));
-            };
-            let resolutions = store
-                .tag_history(&r.repo, &tag)?
-                .into_iter()
-                .map(|(micros, digest)| Resolution {
-                    at: rfc3339(micros / 1_000_000),
-                    at_unix_micros: micros,
-                    digest,
-                })
-                .collect();
-            Ok(CacheAnswer::History {
-                repository: r.repo.to_string(),
-                tag: tag.as_str().to_string(),
-                resolutions,
-            })
+            let tag = need_tag(&r, &image)?;
+            let resolutions = store.tag_history(&r.repo, &tag)?;
+            Ok(history(&r, &tag, resolutions))
         }
     }
 }

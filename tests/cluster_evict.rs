@@ -275,6 +275,20 @@ fn a_budgeted_pass_evicts_the_least_recently_pulled_and_keeps_pins_and_pushes() 
         assert_eq!(usage.cached_bytes, total);
         assert_eq!(usage.images, 6, "F, A, B, C, D and the index");
 
+        // The listing: cost, children and pins of each image.
+        let listed = e.db.cached_images().await.expect("images");
+        let facts = |d: &Digest| {
+            let i = listed.iter().find(|i| i.digest == d.to_string()).expect("listed");
+            (i.children, i.own_bytes, i.shared_bytes, i.pinned)
+        };
+        assert_eq!(listed.len(), 6);
+        assert_eq!(facts(&ix), (2, 1210, 0, "partial"));
+        assert_eq!(facts(&b), (0, 20, 2000, "no"));
+        assert_eq!(facts(&f), (0, 10, 5000, "no"));
+        assert_eq!(facts(&c), (0, 4030, 0, "yes"));
+        let a_listed = listed.iter().find(|i| i.digest == a.to_string()).expect("a");
+        assert_eq!((a_listed.tags.clone(), a_listed.pulls), (vec!["a".to_string()], 1));
+
         // Within the budget: nothing happens.
         let idle = evict_cache(&e.db, &e.objects, Budget { max_size: total, evict_to: 0 })
             .await
@@ -570,6 +584,49 @@ fn replicas_share_pins_and_eviction_and_keep_the_budget() {
             .iter()
             .any(|p| p["digest"] == images[0].to_string() && p["via_tag"] == "a"),
         "{pins}"
+    );
+
+    // Listed by B from the database, newest pull first, A pinned; A's tag history.
+    let (ok, listed, err) = cache_cli(&config(1), &["ls", "--sort", "last-pulled"]);
+    assert!(ok, "{err}");
+    let rows: Vec<(String, String, u64, String)> = listed["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|i| {
+            (
+                i["digest"].as_str().unwrap_or_default().to_string(),
+                i["tags"].to_string(),
+                i["own_bytes"].as_u64().unwrap_or_default(),
+                i["pinned"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let row = |n: usize, t: &str, pinned: &str| {
+        (
+            images[n].to_string(),
+            format!("[\"{t}\"]"),
+            1010,
+            pinned.to_string(),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![row(2, "c", "no"), row(1, "b", "no"), row(0, "a", "yes")]
+    );
+    assert_eq!(listed["usage"]["cached_bytes"], 3030, "{listed}");
+    assert_eq!(listed["images"][0]["upstream"], "docker.io", "{listed}");
+    let (ok, history, err) = cache_cli(&config(1), &["history", "docker.io/library/app:a"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        history["resolutions"][0]["digest"],
+        images[0].to_string(),
+        "{history}"
+    );
+    assert_eq!(
+        history["resolutions"].as_array().map(Vec::len),
+        Some(1),
+        "{history}"
     );
 
     // Evicted through B: gone for everyone, its layer out of the bucket; the pinned one stays.

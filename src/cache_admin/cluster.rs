@@ -1,18 +1,19 @@
-//! The cache requests in the cluster profile: eviction on demand and pins act on the shared
-//! database and bucket (`cluster::cache_evict`, `cluster::cache_pins`), so they hold for every
-//! replica. Answers have the local profile's shapes.
+//! The cache requests in the cluster profile: the listing, eviction on demand, pins and tag
+//! history act on the shared database and bucket (`cluster::cache_list`, `cache_evict`,
+//! `cache_pins`), so they hold for every replica. Answers have the local profile's shapes.
 
 use super::{
-    CacheAnswer, CacheError, CacheRequest, ImageRef, check_platforms, image_ref, need_target,
-    not_evictable, not_pinnable, pinned, unpinned,
+    CacheAnswer, CacheError, CacheRequest, ImageRef, check_platforms, history, image_ref, listing,
+    need_tag, need_target, not_evictable, not_pinnable, pinned, unpinned,
 };
 use crate::App;
 use crate::cluster::cache_evict::{ClusterEvictReport, Selection, evict_now};
+use crate::cluster::cache_list::ClusterImage;
 use crate::cluster::cache_pins::{CachePinError, ClusterPin, PinOf};
 use crate::oci::Digest;
 use crate::storage::cluster::ClusterStore;
 use crate::store::evict::EvictReport;
-use crate::store::inventory::CacheUsage;
+use crate::store::inventory::{CacheUsage, CachedImage};
 use crate::store::pins::{PinInfo, PinRecord, PinTarget};
 use crate::store::{StoreError, unix_now};
 
@@ -40,6 +41,22 @@ fn report(r: ClusterEvictReport) -> EvictReport {
         bytes_freed: r.bytes_freed,
         took_census: true,
         ..EvictReport::default()
+    }
+}
+
+fn cached_image(i: ClusterImage) -> CachedImage {
+    CachedImage {
+        upstream: String::new(),
+        repository: i.repository,
+        digest: i.digest,
+        media_type: i.media_type,
+        tags: i.tags,
+        children: i.children,
+        own_bytes: i.own_bytes,
+        shared_bytes: i.shared_bytes,
+        last_pulled: i.last_pulled,
+        pulls: i.pulls,
+        pinned: i.pinned.to_string(),
     }
 }
 
@@ -136,8 +153,29 @@ pub(super) async fn apply(
                 .map(pin_info)
                 .collect(),
         }),
-        CacheRequest::List { .. } | CacheRequest::History { .. } => Err(CacheError::Invalid(
-            "`cache ls` and `cache history` show this replica's local cache only in the cluster profile: not available yet".into(),
-        )),
+        CacheRequest::List { upstream, sort } => {
+            let found = db.cached_images().await.map_err(shared)?;
+            let totals = db.cache_usage().await.map_err(shared)?;
+            let usage = CacheUsage {
+                cached_bytes: totals.cached_bytes,
+                images: totals.images,
+                // Bytes evicting the wholly pinned images would free; pushed bytes are not
+                // counted in the cluster.
+                pinned_bytes: found
+                    .iter()
+                    .filter(|i| i.pinned == "yes")
+                    .map(|i| i.own_bytes)
+                    .sum(),
+                pushed_bytes: 0,
+            };
+            let images = found.into_iter().map(cached_image).collect();
+            Ok(listing(app, images, usage, upstream, sort))
+        }
+        CacheRequest::History { image } => {
+            let r = image_ref(app, &image)?;
+            let tag = need_tag(&r, &image)?;
+            let resolutions = db.cache_tag_history(&r.repo, &tag).await.map_err(shared)?;
+            Ok(history(&r, &tag, resolutions))
+        }
     }
 }

@@ -246,36 +246,36 @@ pub async fn evict_now(
 }
 
 /// A cached manifest as the census saw it.
-struct Member {
-    repo_id: i64,
-    digest: String,
+pub(super) struct Member {
+    pub(super) repo_id: i64,
+    pub(super) digest: String,
     /// `linked_at` and `cache_access.last_pulled` (0: none) in microseconds: any change since
     /// spares it.
-    linked_us: i64,
-    pulled_us: i64,
-    children: Vec<String>,
-    blobs: Vec<String>,
+    pub(super) linked_us: i64,
+    pub(super) pulled_us: i64,
+    pub(super) children: Vec<String>,
+    pub(super) blobs: Vec<String>,
     /// Images it belongs to (a child listed by two indexes belongs to both).
-    images: u32,
+    pub(super) images: u32,
 }
 
 /// A stored blob a cached manifest references.
-struct BlobFacts {
-    size: u64,
+pub(super) struct BlobFacts {
+    pub(super) size: u64,
     /// Held by a push (a pushed link, or a pushed manifest references it): never evicted.
-    pushed: bool,
+    pub(super) pushed: bool,
     /// Cached manifests referencing it.
-    refs: u32,
+    pub(super) refs: u32,
 }
 
-struct Census {
+pub(super) struct Census {
     /// Microseconds, the census's `now()`.
-    started_us: i64,
-    members: Vec<Member>,
-    by_key: HashMap<(i64, String), usize>,
-    blobs: HashMap<String, BlobFacts>,
+    pub(super) started_us: i64,
+    pub(super) members: Vec<Member>,
+    pub(super) by_key: HashMap<(i64, String), usize>,
+    pub(super) blobs: HashMap<String, BlobFacts>,
     /// Pins on cached digests: (repo, digest) → the platform lists of its pins.
-    pins: HashMap<(i64, String), Vec<Vec<String>>>,
+    pub(super) pins: HashMap<(i64, String), Vec<Vec<String>>>,
 }
 
 /// One image the plan removes: the members that go (root first if it goes), the root's pin
@@ -292,7 +292,7 @@ struct Doomed {
 }
 
 impl Census {
-    async fn take(db: &Db) -> Result<Self, ClusterEvictError> {
+    pub(super) async fn take(db: &Db) -> Result<Self, ClusterEvictError> {
         let mut client = db.client().await?;
         // One snapshot for every read.
         let tx = client
@@ -450,18 +450,18 @@ impl Census {
     }
 
     /// Whether a pin keeps this manifest whole.
-    fn pinned_whole(&self, repo: i64, digest: &str) -> bool {
+    pub(super) fn pinned_whole(&self, repo: i64, digest: &str) -> bool {
         self.pins
             .get(&(repo, digest.to_string()))
             .is_some_and(|lists| lists.iter().any(Vec::is_empty))
     }
 
-    fn pinned_at_all(&self, repo: i64, digest: &str) -> bool {
+    pub(super) fn pinned_at_all(&self, repo: i64, digest: &str) -> bool {
         self.pins.contains_key(&(repo, digest.to_string()))
     }
 
     /// The images, each as (root, members reachable from it), with every member's image count.
-    fn images(&mut self) -> Vec<(usize, Vec<usize>)> {
+    pub(super) fn images(&mut self) -> Vec<(usize, Vec<usize>)> {
         let listed: HashSet<(i64, &str)> = self
             .members
             .iter()

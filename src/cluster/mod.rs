@@ -5,6 +5,7 @@
 
 pub mod browse;
 pub mod cache_evict;
+pub mod cache_list;
 pub mod cache_pins;
 pub mod console_sessions;
 pub mod events;
