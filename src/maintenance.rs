@@ -423,6 +423,9 @@ async fn enforce_cluster_budget(app: &App, cancel: &CancellationToken) {
                 if report.images_evicted > 0 || report.blobs_removed > 0 {
                     tracing::info!(%report, "cluster cache eviction");
                 }
+                if report.cached_bytes_after > budget.max_size {
+                    tracing::warn!(%report, max_size = budget.max_size, "pinned or shared images alone keep the cluster's cache above cache.max_size");
+                }
             }
             Ok(None) => tracing::debug!("cluster cache eviction runs on another replica"),
             Err(e) => tracing::error!(error = %e, "cluster cache eviction failed"),
