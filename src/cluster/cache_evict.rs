@@ -11,7 +11,8 @@
 //!
 //! A pass plans from a census read in one snapshot, simulating reference counts so a blob
 //! shared with a kept image is never chosen. Each image then goes in a transaction of its own
-//! that locks its `repo_manifests` rows `FOR UPDATE` in byte order and re-checks, in later
+//! that locks its `repo_manifests` rows `FOR UPDATE` (children in byte order, then the root: a
+//! put of an index takes its children first, then its own row) and re-checks, in later
 //! statements that see what committed while it waited: a manifest re-put (`linked_at`), pulled
 //! (`cache_access`) or pinned since the census stays (and the whole image, if that is its
 //! root); a child another kept index of the repository lists stays. It removes the rows, the
@@ -621,17 +622,21 @@ async fn try_remove_image(
     let repo = image.repo_id;
     let mut digests: Vec<String> = image.members.iter().map(|(d, _, _)| d.clone()).collect();
     digests.sort();
-    let locked = tx
-        .query(
-            concat!(
-                r#"SELECT digest, pushed, "#,
-                micros!("linked_at"),
-                r#" FROM repo_manifests WHERE repo_id = $1 AND digest = ANY($2)
-                   ORDER BY digest COLLATE "C" FOR UPDATE"#
-            ),
-            &[&repo, &digests],
-        )
-        .await?;
+    // Children in byte order first, then the root: the order a put of the index takes them
+    // (its children `FOR KEY SHARE`, then its own row), so the two cannot deadlock.
+    let lock = concat!(
+        r#"SELECT digest, pushed, "#,
+        micros!("linked_at"),
+        r#" FROM repo_manifests WHERE repo_id = $1 AND digest = ANY($2) AND (digest = $3) = $4
+           ORDER BY digest COLLATE "C" FOR UPDATE"#
+    );
+    let mut locked = Vec::new();
+    for root in [false, true] {
+        locked.extend(
+            tx.query(lock, &[&repo, &digests, &image.root, &root])
+                .await?,
+        );
+    }
     // New statements from here: they see what committed while the locks were awaited.
     let pulled: HashMap<String, i64> = tx
         .query(
