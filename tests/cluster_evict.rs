@@ -311,6 +311,7 @@ fn a_budgeted_pass_evicts_the_least_recently_pulled_and_keeps_pins_and_pushes() 
                 blobs_removed: 6,
                 bytes_freed: 1790,
                 images_skipped: 0,
+                images_gave_way: 0,
             }
         );
         for gone in [&f, &a, &b, &e2] {
@@ -494,6 +495,49 @@ fn a_pass_waits_for_a_concurrent_push_or_re_put_and_keeps_what_it_references() {
         assert!(cached_manifest(&e, &h).await);
         assert!(stored(&e, &c_h).await);
         assert_eq!(e.db.tag(&cache, &tag("h")).await.expect("tag"), Some(h.clone()));
+        // A put of an index takes its children `FOR KEY SHARE`, then its own row: a pass
+        // evicting it waits on the children, not holding the index's row, so the put
+        // proceeds (a pass holding the index first would deadlock with it).
+        let mut kids = Vec::new();
+        for n in 0..2u64 {
+            let config = blob(&e, &cache, 10, 40 + n, false).await;
+            kids.push(image(&e, &cache, &[(config, 10)], &[], false).await);
+        }
+        let body = serde_json::json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": kids.iter().map(|k| serde_json::json!({"mediaType": IMAGE, "digest": k.to_string(), "size": 1})).collect::<Vec<_>>()}).to_string();
+        let ix = put(&e, &cache, body.as_bytes(), &[], &kids, &[], false).await;
+        let put_again = puller.transaction().await.expect("tx");
+        let kid_names: Vec<String> = kids.iter().map(Digest::to_string).collect();
+        put_again
+            .query(
+                r#"SELECT digest FROM repo_manifests WHERE digest = ANY($1)
+                    ORDER BY digest COLLATE "C" FOR KEY SHARE"#,
+                &[&kid_names],
+            )
+            .await
+            .expect("children");
+        let pass = evict_now(&e.db, &e.objects, Selection::Image(&cache, &ix));
+        let finish_put = async {
+            until_a_session_waits(&e).await;
+            put_again
+                .execute(
+                    "UPDATE repo_manifests SET linked_at = now() WHERE digest = $1",
+                    &[&ix.to_string()],
+                )
+                .await
+                .expect("the put's own row");
+            put_again.commit().await.expect("commit");
+        };
+        let (report, ()) = tokio::join!(pass, finish_put);
+        let report = report.expect("pass");
+        assert_eq!(
+            (report.images_evicted, report.images_skipped, report.images_gave_way),
+            (0, 1, 0),
+            "{report}"
+        );
+        for kept in kids.iter().chain([&ix]) {
+            assert!(cached_manifest(&e, kept).await);
+        }
+
         // The next pass may take it.
         let report = evict_now(&e.db, &e.objects, Selection::Image(&cache, &h))
             .await
@@ -672,4 +716,75 @@ fn replicas_share_pins_and_eviction_and_keep_the_budget() {
         r.sql("SELECT 1 FROM cache_pins UNION ALL SELECT 1 FROM cache_tag_pins")
             .is_empty()
     );
+}
+
+/// A pull putting an index again while a pass evicts it, many times over: neither fails (no
+/// deadlock: both take the children before the index), and the image ends whole or absent,
+/// never an index without its children or a blob row without its object.
+#[test]
+fn re_putting_an_index_while_it_is_evicted_ends_whole_or_absent() {
+    let Some((s3, pg)) = engines() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let e = env(s3, pg, "evictindex").await;
+        let cache = repo("docker.io/library/app");
+        let (mut kept, mut evicted) = (0, 0);
+        for round in 0..24u64 {
+            let mut children = Vec::new();
+            for arch in 0..3u64 {
+                let seed = 1000 + round * 10 + arch;
+                let config = blob(&e, &cache, 10, seed, false).await;
+                children.push(image(&e, &cache, &[(config, 10)], &[], false).await);
+            }
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": INDEX,
+                "manifests": children.iter().map(|c| serde_json::json!({"mediaType": IMAGE, "digest": c.to_string(), "size": 1})).collect::<Vec<_>>(),
+                "annotations": {"round": round.to_string()},
+            })
+            .to_string();
+            let ix = put(&e, &cache, index.as_bytes(), &[], &children, &[tag("1")], false).await;
+            let tags = [tag("1")];
+            let manifest = NewManifest {
+                repo: &cache,
+                digest: &ix,
+                media_type: INDEX,
+                body: index.as_bytes(),
+                blobs: &[],
+                children: &children,
+                subject: None,
+                artifact_type: None,
+                referrer_descriptor: None,
+                tags: &tags,
+                pushed: false,
+            };
+            let again = e.db.put_manifest(&manifest);
+            let pass = evict_now(&e.db, &e.objects, Selection::Image(&cache, &ix));
+            let (again, pass) = tokio::join!(again, pass);
+            let report = pass.expect("the pass failed");
+            assert_eq!(report.images_gave_way, 0, "round {round}: {report}");
+            match again {
+                Ok(()) => {}
+                Err(transship::cluster::manifests::PutManifestError::Missing(_)) => {}
+                Err(other) => panic!("the re-put failed: {other}"),
+            }
+            if cached_manifest(&e, &ix).await {
+                kept += 1;
+                for c in &children {
+                    assert!(cached_manifest(&e, c).await, "round {round}: index without {c}");
+                }
+                assert_eq!(report.images_evicted, 0, "round {round}: {report}");
+                // Evicted for good before the next round.
+                let report = evict_now(&e.db, &e.objects, Selection::Image(&cache, &ix))
+                    .await
+                    .expect("pass");
+                assert_eq!(report.images_evicted, 1, "round {round}: {report}");
+            } else {
+                evicted += 1;
+                assert_eq!(e.db.tag(&cache, &tag("1")).await.expect("tag"), None);
+            }
+            assert_eq!(e.db.cache_usage().await.expect("usage").cached_bytes, 0);
+        }
+        eprintln!("kept {kept} times, evicted {evicted} times");
+    });
 }

@@ -71,6 +71,8 @@ pub struct ClusterEvictReport {
     pub bytes_freed: u64,
     /// Images left alone because they changed (pulled, re-put, pinned) since the census.
     pub images_skipped: u64,
+    /// Images left alone because a concurrent writer won a deadlock against the pass.
+    pub images_gave_way: u64,
 }
 
 impl std::fmt::Display for ClusterEvictReport {
@@ -214,7 +216,7 @@ pub async fn evict_now(
     let plan = census.plan(selection, only.as_ref());
     let mut freed_candidates = Vec::new();
     for image in &plan {
-        match remove_image(db, &census, image).await {
+        match try_remove_image(db, &census, image).await {
             Ok(Some(removed)) => {
                 report.manifests_removed += removed.manifests;
                 report.tags_removed += removed.tags;
@@ -228,6 +230,10 @@ pub async fn evict_now(
                 );
             }
             Ok(None) => report.images_skipped += 1,
+            Err(e) if gave_way(&e) => {
+                tracing::debug!(error = %e, root = %image.root, "eviction of an image gave way");
+                report.images_gave_way += 1;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -593,25 +599,15 @@ struct Removed {
     root: bool,
 }
 
-/// Removes one planned image (see the module header); `None` if it changed since the census
-/// or lost a deadlock to a concurrent writer (left for a later pass).
-async fn remove_image(
-    db: &Db,
-    census: &Census,
-    image: &Doomed,
-) -> Result<Option<Removed>, ClusterEvictError> {
-    match try_remove_image(db, census, image).await {
-        Err(ClusterEvictError::Pg(PgError::Query(e)))
-            if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
-                || e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE) =>
-        {
-            tracing::debug!(error = %e, root = %image.root, "eviction of an image gave way");
-            Ok(None)
-        }
-        other => other,
-    }
+/// Whether removing an image failed only because a concurrent writer won a deadlock or a
+/// serialization conflict against it (the image is left for a later pass).
+fn gave_way(e: &ClusterEvictError) -> bool {
+    matches!(e, ClusterEvictError::Pg(PgError::Query(e))
+        if e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            || e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE))
 }
 
+/// Removes one planned image (see the module header); `None` if it changed since the census.
 async fn try_remove_image(
     db: &Db,
     census: &Census,
