@@ -502,8 +502,7 @@ impl Census {
 
     /// Chooses the images to evict, oldest pull first, simulating reference counts.
     fn plan(&mut self, selection: Selection<'_>, only: Option<&(i64, String)>) -> Vec<Doomed> {
-        let work = self;
-        let mut images = work.images();
+        let mut images = self.images();
         // The newest pull of any of its manifests; when none was pulled, when its root came.
         let last_pull = |members: &[Member], set: &[usize]| {
             set.iter()
@@ -513,13 +512,13 @@ impl Census {
                 .unwrap_or_else(|| set.first().map_or(0, |&r| members[r].linked_us))
         };
         images.retain(|(root, _)| {
-            let r = &work.members[*root];
-            !work.pinned_whole(r.repo_id, &r.digest)
+            let r = &self.members[*root];
+            !self.pinned_whole(r.repo_id, &r.digest)
                 && only.is_none_or(|(repo, d)| r.repo_id == *repo && r.digest == *d)
         });
         images.sort_by_cached_key(|(root, set)| {
-            let r = &work.members[*root];
-            (last_pull(&work.members, set), r.repo_id, r.digest.clone())
+            let r = &self.members[*root];
+            (last_pull(&self.members, set), r.repo_id, r.digest.clone())
         });
         let mut planned = 0u64;
         let mut plan = Vec::new();
@@ -527,7 +526,7 @@ impl Census {
             match selection {
                 Selection::Bytes(need) if planned >= need => break,
                 Selection::PulledBefore(t)
-                    if last_pull(&work.members, &set)
+                    if last_pull(&self.members, &set)
                         >= i64::try_from(t.saturating_mul(1_000_000)).unwrap_or(i64::MAX) =>
                 {
                     continue;
@@ -535,10 +534,10 @@ impl Census {
                 _ => {}
             }
             let (repo_id, root_digest) = (
-                work.members[root].repo_id,
-                work.members[root].digest.clone(),
+                self.members[root].repo_id,
+                self.members[root].digest.clone(),
             );
-            let root_pinned = work.pinned_at_all(repo_id, &root_digest);
+            let root_pinned = self.pinned_at_all(repo_id, &root_digest);
             let mut doomed = Doomed {
                 repo_id,
                 root: root_digest.clone(),
@@ -548,10 +547,10 @@ impl Census {
                 blobs: Vec::new(),
             };
             for i in set {
-                let m = &mut work.members[i];
+                let m = &mut self.members[i];
                 // A partially pinned root stays (its kept children need it), as do the
                 // children its platforms keep and children pinned themselves.
-                if work.pins.contains_key(&(m.repo_id, m.digest.clone())) {
+                if self.pins.contains_key(&(m.repo_id, m.digest.clone())) {
                     continue;
                 }
                 m.images -= 1;
@@ -565,7 +564,7 @@ impl Census {
                     .members
                     .push((m.digest.clone(), m.linked_us, m.pulled_us));
                 for b in m.blobs.iter().collect::<HashSet<_>>() {
-                    let Some(f) = work.blobs.get_mut(b) else {
+                    let Some(f) = self.blobs.get_mut(b) else {
                         continue;
                     };
                     f.refs = f.refs.saturating_sub(1);
