@@ -307,7 +307,8 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 (3, "registry_metadata".to_string()),
                 (4, "identity_notify".to_string()),
                 (5, "console_sessions".to_string()),
-                (6, "event_delivery".to_string())
+                (6, "event_delivery".to_string()),
+                (7, "cache_state".to_string())
             ]
         );
         // Re-opening is a no-op.
@@ -317,7 +318,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             .await
             .expect("count")
             .get(0);
-        assert_eq!(count, 6);
+        assert_eq!(count, 7);
         // A database a newer binary migrated is refused, with a message saying what to do.
         check
             .execute(
@@ -339,7 +340,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
                 err,
                 PgError::SchemaTooNew {
                     database: 999,
-                    binary: 6
+                    binary: 7
                 }
             ),
             "{err}"

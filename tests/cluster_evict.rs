@@ -788,3 +788,74 @@ fn re_putting_an_index_while_it_is_evicted_ends_whole_or_absent() {
         eprintln!("kept {kept} times, evicted {evicted} times");
     });
 }
+
+/// A fill's blob is recorded only while its object is in the bucket, under the digest's fence:
+/// an eviction or GC that removed the rows and is removing the object makes the record wait,
+/// then find the object gone and record nothing (never a row without bytes).
+#[test]
+fn a_filled_blob_is_recorded_only_while_its_object_is_there() {
+    let Some((s3, pg)) = engines() else { return };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let e = env(s3, pg, "evictfill").await;
+        let cache = repo("docker.io/library/app");
+        let put_object = |seed: u64| {
+            let data = random_bytes(100, seed);
+            let digest = Digest::sha256_of(&data);
+            let objects = &e.objects;
+            async move {
+                objects
+                    .put_verified(
+                        &digest,
+                        100,
+                        stream::iter([Ok::<_, std::io::Error>(Bytes::from(data))]),
+                    )
+                    .await
+                    .expect("put");
+                digest
+            }
+        };
+        let there = put_object(51).await;
+        assert!(
+            e.db.record_filled_blob(&e.objects, &cache, &there, 100)
+                .await
+                .expect("record")
+        );
+        assert_eq!(
+            e.db.blob_size(&cache, &there).await.expect("size"),
+            Some(100)
+        );
+        assert!(stored(&e, &there).await);
+
+        let gone = put_object(52).await;
+        e.objects.delete(&gone).await.expect("delete");
+        assert!(
+            !e.db
+                .record_filled_blob(&e.objects, &cache, &gone, 100)
+                .await
+                .expect("record")
+        );
+        assert!(!stored(&e, &gone).await);
+
+        // A removal holding the fence, about to delete the object.
+        let racing = put_object(53).await;
+        let mut remover = e.db.client().await.expect("client");
+        let fence = remover.transaction().await.expect("tx");
+        fence
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 7411))",
+                &[&racing.to_string()],
+            )
+            .await
+            .expect("fence");
+        let record = e.db.record_filled_blob(&e.objects, &cache, &racing, 100);
+        let remove = async {
+            until_a_session_waits(&e).await;
+            e.objects.delete(&racing).await.expect("delete");
+            fence.commit().await.expect("commit");
+        };
+        let (recorded, ()) = tokio::join!(record, remove);
+        assert!(!recorded.expect("record"));
+        assert!(!stored(&e, &racing).await, "a row without its object");
+    });
+}

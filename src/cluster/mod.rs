@@ -10,6 +10,7 @@ pub mod cache_pins;
 pub mod console_sessions;
 pub mod events;
 pub mod fill_lease;
+pub mod filled;
 pub mod gc;
 pub mod hash_state;
 pub mod identity_records;
