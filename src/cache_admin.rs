@@ -16,6 +16,8 @@ use crate::store::inventory::{CacheUsage, CachedImage};
 use crate::store::pins::{PinInfo, PinTarget};
 use crate::store::{StoreError, unix_now};
 
+mod cluster;
+
 /// How `cache ls` orders images.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -171,25 +173,105 @@ fn need_target(r: &ImageRef, s: &str) -> Result<PinTarget, CacheError> {
     })
 }
 
+/// The answer to `cache ls`: each image's upstream named, filtered by `upstream`, sorted.
+fn listing(
+    app: &App,
+    mut images: Vec<CachedImage>,
+    usage: CacheUsage,
+    upstream: Option<String>,
+    sort: SortKey,
+) -> CacheAnswer {
+    for i in &mut images {
+        i.upstream = upstream_of(app, &i.repository);
+    }
+    if let Some(u) = upstream {
+        images.retain(|i| i.upstream == u);
+    }
+    match sort {
+        SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),
+        SortKey::LastPulled => images.sort_by_key(|i| std::cmp::Reverse(i.last_pulled)),
+        SortKey::Pulls => images.sort_by_key(|i| std::cmp::Reverse(i.pulls)),
+    }
+    CacheAnswer::Images { images, usage }
+}
+
+fn need_tag(r: &ImageRef, image: &str) -> Result<Tag, CacheError> {
+    match &r.target {
+        Some(PinTarget::Tag(tag)) => Ok(tag.clone()),
+        _ => Err(CacheError::Invalid(format!(
+            "{image:?}: give a tag (IMAGE:TAG)"
+        ))),
+    }
+}
+
+/// The answer to `cache history`: `(Unix microseconds, digest)` resolutions, oldest first.
+fn history(r: &ImageRef, tag: &Tag, resolutions: Vec<(u64, String)>) -> CacheAnswer {
+    CacheAnswer::History {
+        repository: r.repo.to_string(),
+        tag: tag.as_str().to_string(),
+        resolutions: resolutions
+            .into_iter()
+            .map(|(micros, digest)| Resolution {
+                at: rfc3339(micros / 1_000_000),
+                at_unix_micros: micros,
+                digest,
+            })
+            .collect(),
+    }
+}
+
+fn not_evictable(image: &str) -> CacheError {
+    CacheError::NotFound(format!(
+        "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
+    ))
+}
+
+fn not_pinnable(image: &str) -> CacheError {
+    CacheError::NotFound(format!(
+        "{image} is not cached (only cached images can be pinned: pull it first)"
+    ))
+}
+
+fn pinned(r: &ImageRef, digest: &Digest) -> CacheAnswer {
+    CacheAnswer::Pinned {
+        repository: r.repo.to_string(),
+        digest: digest.to_string(),
+    }
+}
+
+fn unpinned(image: &str, removed: usize) -> Result<CacheAnswer, CacheError> {
+    if removed == 0 {
+        return Err(CacheError::NotFound(format!("{image} is not pinned")));
+    }
+    Ok(CacheAnswer::Unpinned { removed })
+}
+
+/// Refuses a platform that is not `os/arch[/variant]`.
+fn check_platforms(platforms: &[String]) -> Result<(), CacheError> {
+    for p in platforms {
+        let parts = p.split('/').count();
+        if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
+            return Err(CacheError::Invalid(format!(
+                "platform {p:?}: expected os/arch[/variant]"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Answers one request (blocking: it scans the index).
 pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
+    // In the cluster profile the cache's eviction and pins are the database's (callers run
+    // this on the blocking pool, where waiting on the runtime is allowed).
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        return tokio::runtime::Handle::current().block_on(cluster::apply(app, c, req));
+    }
     let store = &app.store;
     let is_cache = |r: &RepoName| app.is_cache_repo(r);
     match req {
         CacheRequest::List { upstream, sort } => {
-            let (mut images, usage) = store.cache_inventory(&is_cache)?;
-            for i in &mut images {
-                i.upstream = upstream_of(app, &i.repository);
-            }
-            if let Some(u) = upstream {
-                images.retain(|i| i.upstream == u);
-            }
-            match sort {
-                SortKey::Size => images.sort_by_key(|i| std::cmp::Reverse(i.own_bytes)),
-                SortKey::LastPulled => images.sort_by_key(|i| std::cmp::Reverse(i.last_pulled)),
-                SortKey::Pulls => images.sort_by_key(|i| std::cmp::Reverse(i.pulls)),
-            }
-            Ok(CacheAnswer::Images { images, usage })
+            let (images, usage) = store.cache_inventory(&is_cache)?;
+            Ok(listing(app, images, usage, upstream, sort))
         }
         CacheRequest::Evict {
             image: Some(image),
@@ -204,9 +286,7 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
             };
             let report = store.evict_now(Selection::Image(&r.repo, &digest), &is_cache)?;
             if report.images_evicted == 0 {
-                return Err(CacheError::NotFound(format!(
-                    "{image} is not a cached image that may be evicted (not cached, pinned, or a child of a cached index)"
-                )));
+                return Err(not_evictable(&image));
             }
             Ok(CacheAnswer::Evicted { report })
         }
@@ -225,60 +305,29 @@ pub fn apply(app: &App, req: CacheRequest) -> Result<CacheAnswer, CacheError> {
         )),
         CacheRequest::Pin { image, platforms } => {
             let r = image_ref(app, &image)?;
-            for p in &platforms {
-                let parts = p.split('/').count();
-                if !(2..=3).contains(&parts) || p.split('/').any(str::is_empty) {
-                    return Err(CacheError::Invalid(format!(
-                        "platform {p:?}: expected os/arch[/variant]"
-                    )));
-                }
-            }
+            check_platforms(&platforms)?;
             let target = need_target(&r, &image)?;
             let digest = store
                 .pin(&r.repo, &target, &platforms)
                 .map_err(|e| match e {
-                    StoreError::ManifestUnknown(_) => CacheError::NotFound(format!(
-                        "{image} is not cached (only cached images can be pinned: pull it first)"
-                    )),
+                    StoreError::ManifestUnknown(_) => not_pinnable(&image),
                     e => e.into(),
                 })?;
-            Ok(CacheAnswer::Pinned {
-                repository: r.repo.to_string(),
-                digest: digest.to_string(),
-            })
+            Ok(pinned(&r, &digest))
         }
         CacheRequest::Unpin { image } => {
             let r = image_ref(app, &image)?;
             let removed = store.unpin(&r.repo, &need_target(&r, &image)?)?;
-            if removed == 0 {
-                return Err(CacheError::NotFound(format!("{image} is not pinned")));
-            }
-            Ok(CacheAnswer::Unpinned { removed })
+            unpinned(&image, removed)
         }
         CacheRequest::Pins => Ok(CacheAnswer::Pins {
             pins: store.pins()?,
         }),
         CacheRequest::History { image } => {
             let r = image_ref(app, &image)?;
-            let Some(PinTarget::Tag(tag)) = r.target else {
-                return Err(CacheError::Invalid(format!(
-                    "{image:?}: give a tag (IMAGE:TAG)"
-                )));
-            };
-            let resolutions = store
-                .tag_history(&r.repo, &tag)?
-                .into_iter()
-                .map(|(micros, digest)| Resolution {
-                    at: rfc3339(micros / 1_000_000),
-                    at_unix_micros: micros,
-                    digest,
-                })
-                .collect();
-            Ok(CacheAnswer::History {
-                repository: r.repo.to_string(),
-                tag: tag.as_str().to_string(),
-                resolutions,
-            })
+            let tag = need_tag(&r, &image)?;
+            let resolutions = store.tag_history(&r.repo, &tag)?;
+            Ok(history(&r, &tag, resolutions))
         }
     }
 }

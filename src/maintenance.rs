@@ -419,6 +419,50 @@ async fn enforce_budget(app: Arc<App>, cancel: CancellationToken) {
         Some(Err(e)) => tracing::error!(error = %e, "cache eviction failed"),
         None => {}
     }
+    enforce_cluster_budget(&app, &cancel).await;
+}
+
+/// The cluster's pass over the shared cache (one replica per `cache.check_interval`, by the
+/// job lease), when `cache.max_size` is set; the local pass above bounds this replica's copy.
+async fn enforce_cluster_budget(app: &App, cancel: &CancellationToken) {
+    let (crate::storage::Storage::Cluster(c), Some(max)) =
+        (&app.storage, app.config.cache.max_size)
+    else {
+        return;
+    };
+    let budget = crate::cluster::cache_evict::Budget {
+        max_size: max.0,
+        evict_to: app.config.cache.evict_to.of(max.0),
+    };
+    let every = app.config.cache.check_interval.0;
+    let events = |repo: &str, root: &str, tag: Option<&str>| c.evict_events(repo, root, tag);
+    let run = crate::cluster::cache_evict::evict_cache_job(
+        c.db(),
+        c.objects(),
+        c.replica(),
+        budget,
+        every.max(Duration::from_secs(600)),
+        // Half an interval: this replica's next tick finds it free again.
+        every / 2,
+        &events,
+    );
+    tokio::select! {
+        outcome = run => match outcome {
+            Ok(Some(report)) => {
+                app.metrics.cache_evicted_images.inc_by(report.images_evicted);
+                app.metrics.cache_evicted_bytes.inc_by(report.bytes_freed);
+                if report.images_evicted > 0 || report.blobs_removed > 0 {
+                    tracing::info!(%report, "cluster cache eviction");
+                }
+                if report.cached_bytes_after > budget.max_size {
+                    tracing::warn!(%report, max_size = budget.max_size, "pinned or shared images alone keep the cluster's cache above cache.max_size");
+                }
+            }
+            Ok(None) => tracing::debug!("cluster cache eviction runs on another replica"),
+            Err(e) => tracing::error!(error = %e, "cluster cache eviction failed"),
+        },
+        _ = cancel.cancelled() => {}
+    }
 }
 
 async fn prune_tag_history(app: Arc<App>) {

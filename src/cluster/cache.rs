@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::Row;
 
+use super::cache_pins::follow_tag_pin;
 use super::manifests::texts;
 use super::pg::{Db, PgError};
 use super::repos::ensure_repo_id;
@@ -212,21 +213,6 @@ impl Db {
         Ok(!self.is_tag_pinned(repo, tag).await?)
     }
 
-    /// Whether `repo:tag` is pinned.
-    pub async fn is_tag_pinned(&self, repo: &RepoName, tag: &Tag) -> Result<bool, PgError> {
-        let client = self.client().await?;
-        let st = client
-            .prepare_cached(
-                "SELECT 1 FROM cache_tag_pins p JOIN repositories r ON r.id = p.repo_id
-                  WHERE r.name = $1 AND p.tag = $2",
-            )
-            .await?;
-        Ok(client
-            .query_opt(&st, &[&repo.as_str(), &tag.as_str()])
-            .await?
-            .is_some())
-    }
-
     /// Adds pulls to `cache_access`, for the manifests the cache holds (other digests —
     /// blobs, or images evicted meanwhile — are skipped). One statement, rows in key order
     /// so replicas reporting at once cannot deadlock. Returns the rows written.
@@ -333,27 +319,6 @@ async fn superseded(
         digest.to_string(),
     );
     Ok(now != seen.as_deref() && now != Some(new.as_str()))
-}
-
-/// A pinned tag pins every digest it moves to (reason `:TAG`, its platforms), in the move's
-/// transaction.
-async fn follow_tag_pin(
-    tx: &deadpool_postgres::Transaction<'_>,
-    repo_id: i64,
-    tag: &Tag,
-    digest: &Digest,
-) -> Result<(), PgError> {
-    let st = tx
-        .prepare_cached(
-            "INSERT INTO cache_pins (repo_id, digest, reason, platforms)
-             SELECT p.repo_id, $3, ':' || p.tag, p.platforms FROM cache_tag_pins p
-              WHERE p.repo_id = $1 AND p.tag = $2
-             ON CONFLICT (repo_id, digest, reason) DO NOTHING",
-        )
-        .await?;
-    tx.execute(&st, &[&repo_id, &tag.as_str(), &digest.to_string()])
-        .await?;
-    Ok(())
 }
 
 fn unix_now() -> u64 {

@@ -164,16 +164,30 @@ pub async fn collect_garbage(
     lease: Duration,
     every: Duration,
 ) -> Result<Option<ClusterGcReport>, ClusterGcError> {
-    let Some(job) = db.acquire_job(JOB, owner, lease).await? else {
+    as_job(db, JOB, owner, lease, every, run(db, objects, windows)).await
+}
+
+/// Runs `work` as the cluster job `job` if this replica takes its lease (`None` if another
+/// holds it): kept for `every` after a success, so replicas with their own timers do not run
+/// it again at once, released after a failure.
+pub(super) async fn as_job<T, E: From<PgError>>(
+    db: &Db,
+    job: &str,
+    owner: &str,
+    lease: Duration,
+    every: Duration,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Option<T>, E> {
+    let Some(held) = db.acquire_job(job, owner, lease).await? else {
         return Ok(None);
     };
-    let result = run(db, objects, windows).await;
+    let result = work.await;
     let ended = match &result {
-        Ok(_) => db.keep_job(JOB, job, every).await,
-        Err(_) => db.release_job(JOB, job).await,
+        Ok(_) => db.keep_job(job, held, every).await,
+        Err(_) => db.release_job(job, held).await,
     };
     if let Err(e) = ended {
-        tracing::warn!(error = %e, "cannot update the GC job lease; it expires by itself");
+        tracing::warn!(error = %e, job, "cannot update a job lease; it expires by itself");
     }
     result.map(Some)
 }
@@ -208,11 +222,11 @@ async fn run(
                 tracing::warn!(%digest, "a blob row that is not a digest; left alone");
                 continue;
             };
-            if let Some(size) =
-                remove_if_unreferenced(db, &digest, grace_ms, push_window_ms).await?
-            {
-                // Rows first, then the object (unless a push brought the rows back).
-                delete_object_if_unrecorded(db, objects, &parsed).await?;
+            let keep = Keep::Recent {
+                grace_ms,
+                push_window_ms,
+            };
+            if let Some(size) = remove_blob(db, objects, &parsed, keep).await? {
                 report.blobs_removed += 1;
                 report.bytes_freed += size;
             }
@@ -222,12 +236,38 @@ async fn run(
     Ok(report)
 }
 
+/// What, besides a manifest a repository holds, keeps a blob from `remove_blob`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Keep {
+    /// GC: a link made within its window (a push's, or a fill's within the grace period).
+    Recent { grace_ms: i64, push_window_ms: i64 },
+    /// Eviction: any link left (the evicted repositories' links are gone already; another
+    /// repository's, pushed or not, is not eviction's to judge).
+    Linked,
+}
+
+/// Removes one blob if, under its row lock, nothing references it: its rows (the row lock,
+/// then the reference check as a new statement, then links and row), then its object under
+/// the digest's fence unless a row came back meanwhile. Its size if the rows went.
+pub(super) async fn remove_blob(
+    db: &Db,
+    objects: &Objects,
+    digest: &Digest,
+    keep: Keep,
+) -> Result<Option<u64>, ClusterGcError> {
+    let size = remove_rows_if_unreferenced(db, &digest.to_string(), keep).await?;
+    if size.is_some() {
+        // Rows first, then the object (unless a push or a fill brought the rows back).
+        delete_object_if_unrecorded(db, objects, digest).await?;
+    }
+    Ok(size)
+}
+
 /// Removes one blob's rows if, under its row lock, nothing references it; its size if so.
-async fn remove_if_unreferenced(
+async fn remove_rows_if_unreferenced(
     db: &Db,
     digest: &str,
-    grace_ms: i64,
-    push_window_ms: i64,
+    keep: Keep,
 ) -> Result<Option<u64>, ClusterGcError> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
@@ -242,19 +282,32 @@ async fn remove_if_unreferenced(
     };
     let size: i64 = row.get(0);
     // A new statement: its snapshot sees whatever the lock waited for.
-    let kept: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM manifest_blobs mb
+    const HELD: &str = "SELECT EXISTS (SELECT 1 FROM manifest_blobs mb
                               JOIN repo_manifests rm ON rm.digest = mb.manifest_digest
-                             WHERE mb.blob_digest = $1)
-                 OR EXISTS (SELECT 1 FROM repo_blobs rb
+                             WHERE mb.blob_digest = $1)";
+    let recent;
+    let (sql, params): (String, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) = match &keep {
+        Keep::Recent {
+            grace_ms,
+            push_window_ms,
+        } => {
+            recent = [*grace_ms, *push_window_ms];
+            (
+                format!(
+                    "{HELD} OR EXISTS (SELECT 1 FROM repo_blobs rb
                              WHERE rb.digest = $1
                                AND rb.linked_at >= now() - (CASE WHEN rb.pushed THEN $3::bigint ELSE $2::bigint END)
-                                                           * interval '1 millisecond')",
-            &[&digest, &grace_ms, &push_window_ms],
-        )
-        .await?
-        .get(0);
+                                                           * interval '1 millisecond')"
+                ),
+                vec![&digest, &recent[0], &recent[1]],
+            )
+        }
+        Keep::Linked => (
+            format!("{HELD} OR EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = $1)"),
+            vec![&digest],
+        ),
+    };
+    let kept: bool = tx.query_one(&sql, &params).await?.get(0);
     if kept {
         return Ok(None);
     }

@@ -22,6 +22,33 @@ macro_rules! upsert_link {
     };
 }
 
+/// `Db::link_blob` on `client` (a transaction, for a caller holding the digest's fence).
+pub(super) async fn link_on(
+    client: &impl GenericClient,
+    repo: &RepoName,
+    digest: &Digest,
+    size: u64,
+    pushed: bool,
+) -> Result<(), PgError> {
+    let repo_id = ensure_repo_id(client, repo).await?;
+    // One statement: the link's foreign key is checked at its end, so it sees the blob row the
+    // first part inserted.
+    let st = client
+        .prepare_cached(concat!(
+            "WITH blob AS (INSERT INTO blobs (digest, size) VALUES ($2, $4)
+                           ON CONFLICT (digest) DO NOTHING) ",
+            upsert_link!("VALUES ($1, $2, $3)")
+        ))
+        .await?;
+    client
+        .execute(
+            &st,
+            &[&repo_id, &digest.to_string(), &pushed, &sql_size(size)?],
+        )
+        .await?;
+    Ok(())
+}
+
 /// `bigint` to a size.
 pub(super) fn size_of(value: i64) -> Result<u64, PgError> {
     u64::try_from(value).map_err(|_| PgError::Corrupt(format!("negative blob size {value}")))
@@ -63,40 +90,7 @@ impl Db {
         size: u64,
         pushed: bool,
     ) -> Result<(), PgError> {
-        self.link_blob_recording(repo, digest, size, pushed, &[])
-            .await
-    }
-
-    /// `link_blob`, with the outbox records `events` inserted in the same transaction.
-    pub async fn link_blob_recording(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-        pushed: bool,
-        events: &[Vec<u8>],
-    ) -> Result<(), PgError> {
-        let mut client = self.client().await?;
-        let client = client.transaction().await?;
-        let repo_id = ensure_repo_id(&client, repo).await?;
-        // One statement: the link's foreign key is checked at its end, so it sees the blob row
-        // the first part inserted.
-        let st = client
-            .prepare_cached(concat!(
-                "WITH blob AS (INSERT INTO blobs (digest, size) VALUES ($2, $4)
-                               ON CONFLICT (digest) DO NOTHING) ",
-                upsert_link!("VALUES ($1, $2, $3)")
-            ))
-            .await?;
-        client
-            .execute(
-                &st,
-                &[&repo_id, &digest.to_string(), &pushed, &sql_size(size)?],
-            )
-            .await?;
-        super::events::insert_events(&client, events).await?;
-        client.commit().await?;
-        Ok(())
+        link_on(&self.client().await?, repo, digest, size, pushed).await
     }
 
     /// Links into `repo` a blob `from` links (a cross-repository mount, marked `pushed`); its

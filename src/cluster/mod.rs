@@ -5,9 +5,13 @@
 
 pub mod browse;
 pub mod cache;
+pub mod cache_evict;
+pub mod cache_list;
+pub mod cache_pins;
 pub mod console_sessions;
 pub mod events;
 pub mod fill_lease;
+pub mod filled;
 pub mod gc;
 pub mod hash_state;
 pub mod identity_records;

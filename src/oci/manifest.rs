@@ -35,6 +35,18 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
+impl Platform {
+    /// Whether `spec` names this platform: `os/arch` matches any variant, `os/arch/variant`
+    /// only that one.
+    pub fn matches(&self, spec: &str) -> bool {
+        let mut parts = spec.split('/');
+        let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
+        os == Some(self.os.as_str())
+            && arch == Some(self.architecture.as_str())
+            && variant.is_none_or(|v| self.variant.as_deref() == Some(v))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawManifest {

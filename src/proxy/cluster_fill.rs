@@ -412,17 +412,24 @@ async fn publish(
         .put_verified(digest, size, bytes)
         .await
         .map_err(|e| e.to_string())?;
-    match shared {
+    // Under the digest's fence: an eviction or GC that removed the object meanwhile leaves it
+    // unrecorded (the next miss fills again), never a row without bytes. With the cache's
+    // state shared, the cluster's one `cache.fill` event for the blob goes with the record.
+    let recorded = match shared {
         Some(shared) => shared
             .link_filled_blob(repo, digest, size)
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())?,
         None => cluster
             .db
-            .link_blob(repo, digest, size, false)
+            .record_filled_blob(&cluster.objects, repo, digest, size, &[])
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())?,
+    };
+    if !recorded {
+        tracing::debug!(%digest, "a filled blob was removed from the bucket before it was recorded");
     }
+    Ok(())
 }
 
 /// Streams the owner's bytes from `feed`'s position (or the start) into the fill.

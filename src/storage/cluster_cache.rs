@@ -96,21 +96,38 @@ impl ClusterStore {
     }
 
     /// Records a blob the cluster fetched from the upstream (once for all replicas) as the
-    /// cache repository's, with its `cache.fill` event in the same transaction.
+    /// cache repository's, with its `cache.fill` event in the same transaction, if its object
+    /// is still in the bucket (`Db::record_filled_blob`); whether it was recorded.
     pub async fn link_filled_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let events = self.encode_events(EventKind::CacheFill, || {
             outbox::blob_fill_events(repo, digest, size, None)
         });
-        self.db()
-            .link_blob_recording(repo, digest, size, false, &events)
-            .await?;
-        self.events_committed(&events);
-        Ok(())
+        let recorded = self
+            .db()
+            .record_filled_blob(self.objects(), repo, digest, size, &events)
+            .await
+            .map_err(|e| StoreError::Shared(e.to_string()))?;
+        if recorded {
+            self.events_committed(&events);
+        }
+        Ok(recorded)
+    }
+
+    /// What the cluster's eviction records for an image it removes: `cache.evict` naming its
+    /// root and a tag it had, as the local profile's eviction does.
+    pub fn evict_events(&self, repo: &str, root: &str, tag: Option<&str>) -> Vec<Vec<u8>> {
+        self.encode_events(EventKind::CacheEvict, || {
+            vec![EventRecord {
+                digest: Some(root.to_string()),
+                tag: tag.map(str::to_string),
+                ..EventRecord::new(EventKind::CacheEvict, repo)
+            }]
+        })
     }
 
     /// The size of a blob the cluster holds for the cache repository (filled by any replica).

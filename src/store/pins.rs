@@ -33,11 +33,7 @@ impl PinRecord {
 
 /// `os/arch` matches any variant; `os/arch/variant` only that one.
 pub fn platform_matches(spec: &str, p: &Platform) -> bool {
-    let mut parts = spec.split('/');
-    let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
-    os == Some(p.os.as_str())
-        && arch == Some(p.architecture.as_str())
-        && variant.is_none_or(|v| p.variant.as_deref() == Some(v))
+    p.matches(spec)
 }
 
 /// A pinned digest or tag, as listed.
