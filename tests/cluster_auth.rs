@@ -58,6 +58,7 @@ async fn replica(url: &str, config: &Config) -> Arc<Authorizer> {
         url: url.to_string(),
         password: None,
         pool_size: 2,
+        ca_roots: None,
     })
     .await
     .expect("open db");

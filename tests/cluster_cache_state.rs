@@ -8,7 +8,7 @@ mod common;
 
 use common::engines::Postgres;
 use transship::cluster::cache::{CachedManifest, PullRecord};
-use transship::cluster::pg::{Db, PgOptions};
+use transship::cluster::pg::Db;
 use transship::cluster::tags::TagMove;
 use transship::oci::{Digest, RepoName, Tag};
 
@@ -38,13 +38,7 @@ fn with_db<F: std::future::Future<Output = ()>>(name: &str, f: impl FnOnce(Db) -
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let url = pg.create_database(name).await;
-        let db = Db::open(&PgOptions {
-            url,
-            password: None,
-            pool_size: 4,
-        })
-        .await
-        .expect("open db");
+        let db = common::engines::open_db(&url, 4).await;
         f(db).await;
     });
 }

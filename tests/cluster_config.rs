@@ -204,3 +204,56 @@ fn serve_stops_when_the_database_cannot_be_reached() {
     // It stopped before opening anything: no local store was created in data_dir.
     assert!(!dir.path().join("data").exists());
 }
+
+/// `storage.postgres.ca_file` is checked by `check-config`: readable, PEM, CA certificates in
+/// it, and not set beside `sslmode=disable` (TLS the operator asked for would never be used).
+#[test]
+fn check_config_checks_the_databases_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s3 = s3_table(dir.path(), "transship-blobs");
+    let ca = common::tls::Ca::new("database CA");
+    let ca_file = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).expect("write the CA");
+    let not_pem = dir.path().join("not-pem.txt");
+    std::fs::write(&not_pem, "just text\n").expect("write");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let table = |url: &str, ca: &Path| {
+        format!(
+            "{s3}[storage.postgres]\nurl = {url:?}\nca_file = {:?}\n",
+            ca.display().to_string()
+        )
+    };
+    let url = "postgres://transship@db.example.test/transship?sslmode=require";
+
+    let file = config(dir.path(), &table(url, &ca_file));
+    let (code, out, err) = run(&["check-config", &file], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ca_file = "), "{out}");
+
+    let cases = [
+        (table(url, &dir.path().join("missing.pem")), "cannot read"),
+        (table(url, &not_pem), "holds no CERTIFICATE block"),
+        (table(url, &garbage), "not a usable PEM bundle"),
+        (
+            table(
+                "postgres://transship@db.example.test/transship?sslmode=disable",
+                &ca_file,
+            ),
+            "sslmode=disable",
+        ),
+    ];
+    for (storage, expected) in cases {
+        let file = config(dir.path(), &storage);
+        let (code, _, err) = run(&["check-config", &file], &[]);
+        assert_eq!(code, 2, "accepted:\n{storage}");
+        assert!(
+            err.contains("storage.postgres.ca_file") && err.contains(expected),
+            "{expected:?} not in {err}"
+        );
+    }
+}

@@ -255,6 +255,7 @@ async fn db(url: &str, pool_size: usize) -> Db {
         url: url.to_string(),
         password: None,
         pool_size,
+        ca_roots: None,
     })
     .await
     .expect("open db")
@@ -331,6 +332,7 @@ fn migrations_apply_once_even_when_replicas_start_together_and_a_newer_schema_is
             url: url.clone(),
             password: None,
             pool_size: 1,
+            ca_roots: None,
         })
         .await
         .err()

@@ -33,6 +33,7 @@ async fn open(pg: &Postgres, name: &str) -> Db {
         url,
         password: None,
         pool_size: 8,
+        ca_roots: None,
     })
     .await
     .expect("open db")

@@ -19,7 +19,7 @@ use transship::cluster::cache_evict::{
 use transship::cluster::cache_pins::{CachePinError, PinOf};
 use transship::cluster::manifests::NewManifest;
 use transship::cluster::objects::Objects;
-use transship::cluster::pg::{Db, PgOptions};
+use transship::cluster::pg::Db;
 use transship::oci::{Digest, RepoName, Tag};
 
 const IMAGE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -49,13 +49,7 @@ async fn env(s3: SeaweedFs, pg: Postgres, name: &str) -> Env {
 }
 
 async fn open(url: &str) -> Db {
-    Db::open(&PgOptions {
-        url: url.to_string(),
-        password: None,
-        pool_size: 4,
-    })
-    .await
-    .expect("open db")
+    common::engines::open_db(url, 4).await
 }
 
 fn engines() -> Option<(SeaweedFs, Postgres)> {

@@ -150,6 +150,7 @@ impl Cluster {
             url: self.pg_url.clone(),
             password: None,
             pool_size,
+            ca_roots: None,
         })
         .await
         .expect("open db")

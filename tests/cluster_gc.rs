@@ -83,6 +83,7 @@ fn gc_removes_what_nothing_references_and_keeps_the_rest() {
             url,
             password: None,
             pool_size: 4,
+            ca_roots: None,
         })
         .await
         .expect("open db");

@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod objects;
 pub mod parts;
 pub mod pg;
+pub mod pg_tls;
 pub mod repos;
 pub mod signing_key;
 pub mod tags;

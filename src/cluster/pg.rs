@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use super::migrate;
+use super::pg_tls::{self, Tls, TlsStream};
 
 /// How long a caller waits for a free connection before the request fails.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -23,6 +23,9 @@ pub struct PgOptions {
     pub password: Option<String>,
     /// Connections kept at most.
     pub pool_size: usize,
+    /// The CAs to trust for the server's certificate when the connection uses TLS, instead of
+    /// the web PKI's roots (`None`).
+    pub ca_roots: Option<rustls::RootCertStore>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -30,6 +33,7 @@ impl std::fmt::Debug for PgOptions {
         f.debug_struct("PgOptions")
             .field("url", &self.url)
             .field("pool_size", &self.pool_size)
+            .field("ca_roots", &self.ca_roots.as_ref().map(|r| r.len()))
             .finish_non_exhaustive()
     }
 }
@@ -42,6 +46,10 @@ pub enum PgError {
     Build(#[from] deadpool_postgres::BuildError),
     #[error("no PostgreSQL connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error(
+        "the PostgreSQL server's certificate failed verification ({0}): trust the CA that issued it with storage.postgres.ca_file, and connect by a host name (or address) the certificate names"
+    )]
+    Certificate(rustls::Error),
     #[error("PostgreSQL: {0}")]
     Query(#[from] tokio_postgres::Error),
     #[error(
@@ -65,6 +73,7 @@ pub struct Db {
     pool: Pool,
     /// How the pool connects, kept for connections outside it (`connect_dedicated`).
     config: tokio_postgres::Config,
+    tls: Tls,
 }
 
 impl Db {
@@ -85,9 +94,10 @@ impl Db {
             config.application_name("transship");
         }
         config.connect_timeout(CONNECT_TIMEOUT);
+        let tls = pg_tls::connector(options.ca_roots.as_ref());
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -98,7 +108,7 @@ impl Db {
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
-        Ok(Self { pool, config })
+        Ok(Self { pool, config, tls })
     }
 
     /// Connects to a database whose schema must already be exactly this binary's (for the
@@ -118,17 +128,35 @@ impl Db {
     ) -> Result<
         (
             tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+            tokio_postgres::Connection<tokio_postgres::Socket, TlsStream>,
         ),
         PgError,
     > {
         let mut config = self.config.clone();
         config.application_name(application_name);
-        Ok(config.connect(NoTls).await?)
+        config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| failed_connecting(e, PgError::Query))
     }
 
     /// A connection from the pool.
     pub async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        Ok(self.pool.get().await?)
+        self.pool
+            .get()
+            .await
+            .map_err(|e| failed_connecting(e, PgError::Pool))
+    }
+}
+
+/// Why a connection could not be made: the certificate failure hidden in `e` if there is one
+/// (it names what to fix), else `e` as `other` says.
+fn failed_connecting<E: std::error::Error + 'static>(
+    e: E,
+    other: impl FnOnce(E) -> PgError,
+) -> PgError {
+    match pg_tls::certificate_failure(&e) {
+        Some(cert) => PgError::Certificate(cert.clone()),
+        None => other(e),
     }
 }

@@ -56,6 +56,11 @@ pub struct PostgresConfig {
     /// Connections this replica keeps open at most.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// PEM bundle of the CAs to trust for the database's certificate, instead of the web PKI's
+    /// roots (a private CA should not share its trust with every public one). Whether TLS is
+    /// used is the URL's `sslmode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// S3 credentials as resolved from the table or the environment.
@@ -176,6 +181,38 @@ impl PostgresConfig {
             .map(|f| read_secret_file(f, "storage.postgres.password_file").map(Secret::from))
             .transpose()
     }
+
+    /// The CAs of `ca_file`, if one is configured: every certificate in it, at least one.
+    pub fn ca_roots(&self) -> Result<Option<rustls::RootCertStore>, String> {
+        self.ca_file.as_deref().map(read_ca_file).transpose()
+    }
+}
+
+/// The certificates of a PEM bundle as trust anchors; unreadable, not PEM, no certificate or
+/// one that is not a certificate is an error naming the file.
+fn read_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let bad = |e: &dyn std::fmt::Display| {
+        format!(
+            "storage.postgres.ca_file: {} is not a usable PEM bundle of CA certificates: {e}",
+            path.display()
+        )
+    };
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "storage.postgres.ca_file: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&text) {
+        let cert = cert.map_err(|e| bad(&e))?;
+        roots.add(cert).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"it holds no CERTIFICATE block"));
+    }
+    Ok(roots)
 }
 
 /// A secret file's content without its trailing newline; empty or unreadable is an error
@@ -246,6 +283,12 @@ fn validate_postgres(pg: &PostgresConfig) -> Result<(), String> {
     if pg.pool_size == 0 {
         return Err("storage.postgres.pool_size must be at least 1".into());
     }
+    if pg.ca_file.is_some() && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+        return Err(
+            "storage.postgres.ca_file is set but the url says sslmode=disable: the connections would not use TLS; use sslmode=require".into(),
+        );
+    }
+    pg.ca_roots()?;
     pg.password().map(drop)
 }
 

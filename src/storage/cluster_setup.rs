@@ -20,8 +20,23 @@ const PART_SIZE: usize = 8 << 20;
 /// mid-request blocks that session this long.
 const UPLOAD_LEASE: Duration = Duration::from_secs(30);
 
-fn failed(what: &str, e: impl std::fmt::Display) -> BuildError {
-    BuildError::Cluster(format!("{what}: {e}"))
+fn failed(what: &str, e: impl std::error::Error) -> BuildError {
+    BuildError::Cluster(format!("{what}: {}", with_causes(&e)))
+}
+
+/// `e`'s message and the causes it leaves out: tokio-postgres keeps why a connection failed
+/// (a server without TLS, a refused login) in its source only.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    message
 }
 
 /// Connects the cluster profile's shared storage for this replica.
@@ -98,6 +113,7 @@ fn pg_options(config: &Config) -> Result<PgOptions, BuildError> {
         url: pg.url.clone(),
         password: password.map(|p| p.expose().to_string()),
         pool_size: pg.pool_size,
+        ca_roots: pg.ca_roots().map_err(BuildError::Cluster)?,
     })
 }
 

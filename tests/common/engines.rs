@@ -255,6 +255,11 @@ impl Postgres {
     }
 
     pub fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// `start`, with `ssl=on` and `tls`'s (certificate PEM, key PEM) when given.
+    pub fn start_with_tls(tls: Option<(&str, &str)>) -> Self {
         let postgres = pg_bin("postgres").expect("postgres is installed");
         let initdb = pg_bin("initdb").expect("initdb is installed");
         let dir = tempfile::Builder::new()
@@ -293,6 +298,7 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let ssl = tls.map(|(cert, key)| server_certificate(cert, key, dir.path(), owner));
         let port = free_port_block(1);
         let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
         let mut cmd = Command::new(&postgres);
@@ -317,6 +323,7 @@ impl Postgres {
                 "-c",
                 "max_connections=200",
             ])
+            .args(ssl.iter().flatten())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -374,6 +381,18 @@ impl Postgres {
     }
 }
 
+/// The cluster's database at `url` (plain, no TLS), migrated, with a pool of `pool_size`.
+pub async fn open_db(url: &str, pool_size: usize) -> transship::cluster::pg::Db {
+    transship::cluster::pg::Db::open(&transship::cluster::pg::PgOptions {
+        url: url.to_string(),
+        password: None,
+        pool_size,
+        ca_roots: None,
+    })
+    .await
+    .expect("open the database")
+}
+
 impl Postgres {
     /// Stops the server (an outage): fast shutdown, SIGKILL if it takes too long.
     pub fn stop(&mut self) {
@@ -392,6 +411,31 @@ impl Drop for Postgres {
         // SIGINT is PostgreSQL's fast shutdown; SIGKILL if it takes too long.
         stop_child_with(&mut self.child, libc::SIGINT, Duration::from_secs(10));
     }
+}
+
+/// The server's certificate and key in `dir`, owned by the server's user with the key private
+/// (PostgreSQL refuses a key others can read); returns the settings that turn TLS on with them.
+fn server_certificate(cert: &str, key: &str, dir: &Path, owner: Option<(u32, u32)>) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let cert_file = dir.join("server-cert.pem");
+    let key_file = dir.join("server-key.pem");
+    std::fs::write(&cert_file, cert).expect("write the certificate");
+    std::fs::write(&key_file, key).expect("write the key");
+    for path in [&cert_file, &key_file] {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
+        }
+    }
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the key");
+    [
+        "ssl=on".to_string(),
+        format!("ssl_cert_file={}", cert_file.display()),
+        format!("ssl_key_file={}", key_file.display()),
+    ]
+    .into_iter()
+    .flat_map(|setting| ["-c".to_string(), setting])
+    .collect()
 }
 
 /// The path of a PostgreSQL server program: Debian keeps them in
