@@ -479,35 +479,31 @@ async fn prune_tag_history(app: Arc<App>) {
         _ => {}
     }
     if let crate::storage::Storage::Cluster(cluster) = &app.storage {
-        prune_cluster_tag_history(cluster.db(), &app.config.cache).await;
+        prune_cluster_tag_history(cluster, &app.config.cache).await;
     }
 }
 
-/// The database's tag history (the registry's and the cache's tags), within the same limits,
-/// in batches so no statement runs long. Every replica may run it: deleting what another
-/// already deleted is nothing.
-async fn prune_cluster_tag_history(db: &crate::cluster::pg::Db, c: &crate::config::CacheConfig) {
-    const BATCH: usize = 5000;
-    let mut removed = 0;
-    loop {
-        match db
-            .prune_tag_history(c.history_max_age.0, c.history_max_entries, BATCH)
-            .await
-        {
-            Ok(n) => {
-                removed += n;
-                if n < BATCH as u64 {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pruning the cluster's tag history failed");
-                break;
-            }
+/// The database's records kept within bounds, by one replica an hour
+/// (`cluster::cache::upkeep_records`): tag history (the registry's and the cache's tags)
+/// within the same limits, and pull records of digests no longer cached.
+async fn prune_cluster_tag_history(
+    cluster: &crate::storage::cluster::ClusterStore,
+    c: &crate::config::CacheConfig,
+) {
+    let run = crate::cluster::cache::upkeep_records(
+        cluster.db(),
+        cluster.replica(),
+        c.history_max_age.0,
+        c.history_max_entries,
+        // A little under the hourly period: this replica's next run finds it free.
+        HOURLY_PRUNE_PERIOD.mul_f64(0.9),
+    );
+    match run.await {
+        Ok(Some(removed)) if removed > 0 => {
+            tracing::info!(removed, "pruned the cluster's tag history and pull records")
         }
-    }
-    if removed > 0 {
-        tracing::info!(removed, "pruned the cluster's tag history");
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "pruning the cluster's records failed"),
     }
 }
 

@@ -179,6 +179,12 @@ fn a_cached_manifest_and_its_tag_are_one_transaction_and_a_move_never_goes_back(
         put(&db, 4, Some(&other), None).await;
         let (_, moved, _) = put(&db, 5, Some(&other), None).await;
         assert_eq!(moved, None);
+        // A tag deleted meanwhile (forgotten, evicted) is no newer answer: created again.
+        let repo: RepoName = REPO.parse().expect("repo");
+        let (d4, _, _) = put(&db, 4, None, None).await;
+        assert!(db.forget_cached_tag(&repo, &other).await.expect("forget"));
+        let (_, moved, _) = put(&db, 5, Some(&other), Some(&d4)).await;
+        assert_eq!(moved, Some(TagMove::Created));
     });
 }
 
@@ -269,7 +275,7 @@ fn pulls_from_several_replicas_add_up_for_cached_manifests_only() {
 }
 
 #[test]
-fn tag_history_is_pruned_by_age_and_by_count() {
+fn tag_history_is_pruned_by_age_and_by_count_and_the_upkeep_runs_once() {
     with_db("cache_history", |db| async move {
         let tag: Tag = "v1".parse().expect("tag");
         let mut seen = None;
@@ -277,37 +283,52 @@ fn tag_history_is_pruned_by_age_and_by_count() {
             let (d, _, _) = put(&db, n, Some(&tag), seen.as_ref()).await;
             seen = Some(d);
         }
-        // The two oldest moves happened long ago.
+        // The two oldest moves happened long ago; so did the only entry of another tag (the
+        // newest entry of a tag stays however old, as locally).
+        let quiet: Tag = "quiet".parse().expect("tag");
+        put(&db, 9, Some(&quiet), None).await;
         rows(
             &db,
             "UPDATE tag_history SET at = now() - interval '100 days' \
-             WHERE id IN (SELECT id FROM tag_history ORDER BY id LIMIT 2)",
+             WHERE id IN (SELECT id FROM tag_history ORDER BY id LIMIT 2) OR tag = 'quiet'",
         )
         .await;
         let day = std::time::Duration::from_secs(86_400);
-        // By age: the two old rows go (in batches of one: the caller loops).
-        assert_eq!(
-            db.prune_tag_history(90 * day, 100, 1).await.expect("prune"),
-            1
-        );
-        assert_eq!(
-            db.prune_tag_history(90 * day, 100, 10)
-                .await
-                .expect("prune"),
-            1
-        );
-        assert_eq!(rows(&db, "SELECT count(*) FROM tag_history").await, [["4"]]);
-        // By count: the newest two of the tag stay.
-        assert_eq!(
-            db.prune_tag_history(90 * day, 2, 10).await.expect("prune"),
-            2
-        );
+        let prune = |entries, limit| db.prune_tag_history(90 * day, entries, limit);
+        // By age: the two old rows of v1 go (in batches of one: the caller loops).
+        assert_eq!(prune(100, 1).await.expect("prune"), 1);
+        assert_eq!(prune(100, 10).await.expect("prune"), 1);
+        let count = "SELECT tag, count(*) FROM tag_history GROUP BY tag ORDER BY tag";
+        assert_eq!(rows(&db, count).await, [["quiet", "1"], ["v1", "4"]]);
+        // By count: the newest two of each tag stay.
+        assert_eq!(prune(2, 10).await.expect("prune"), 2);
         assert_eq!(
             rows(&db, "SELECT digest FROM tag_history ORDER BY id").await,
             [
                 [manifest(5).0.to_string()],
-                [seen.expect("last").to_string()]
+                [seen.expect("last").to_string()],
+                [manifest(9).0.to_string()],
             ]
+        );
+        // The hourly upkeep, on one replica an hour: pull records of digests no longer
+        // cached go too.
+        rows(
+            &db,
+            "DELETE FROM repo_manifests WHERE digest = (SELECT digest FROM tags WHERE tag = 'quiet')",
+        )
+        .await;
+        let hour = std::time::Duration::from_secs(3600);
+        let upkeep =
+            |owner| transship::cluster::cache::upkeep_records(&db, owner, 90 * day, 2, hour);
+        assert_eq!(upkeep("a").await.expect("upkeep"), Some(1));
+        assert_eq!(
+            upkeep("b").await.expect("upkeep"),
+            None,
+            "a holds the job for the hour"
+        );
+        assert_eq!(
+            rows(&db, "SELECT count(*) FROM cache_access").await,
+            [["6"]]
         );
     });
 }

@@ -206,7 +206,7 @@ fn serve_stops_when_the_database_cannot_be_reached() {
 }
 
 /// `storage.postgres.ca_file` is checked by `check-config`: readable, PEM, CA certificates in
-/// it, and not set beside `sslmode=disable` (TLS the operator asked for would never be used).
+/// it, and only beside `sslmode=require` (TLS the operator asked for must not be optional).
 #[test]
 fn check_config_checks_the_databases_ca_file() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -244,7 +244,18 @@ fn check_config_checks_the_databases_ca_file() {
                 "postgres://transship@db.example.test/transship?sslmode=disable",
                 &ca_file,
             ),
-            "sslmode=disable",
+            "sslmode=require",
+        ),
+        (
+            table("postgres://transship@db.example.test/transship", &ca_file),
+            "sslmode=require",
+        ),
+        (
+            table(
+                "postgres://transship@db.example.test/transship?sslmode=prefer",
+                &ca_file,
+            ),
+            "sslmode=require",
         ),
     ];
     for (storage, expected) in cases {

@@ -255,9 +255,10 @@ impl Db {
 }
 
 impl Db {
-    /// Drops tag history (the registry's and the cache's) older than `max_age`, and beyond
-    /// the newest `max_entries` of each tag: at most `limit` rows a call (call again while it
-    /// returns `limit`). Returns the rows dropped.
+    /// Drops tag history (the registry's and the cache's) older than `max_age` but the newest
+    /// entry of each tag (which stays however old, as locally), and beyond the newest
+    /// `max_entries` of each tag: at most `limit` rows a call (call again while it returns
+    /// `limit`). Returns the rows dropped.
     pub async fn prune_tag_history(
         &self,
         max_age: std::time::Duration,
@@ -272,7 +273,8 @@ impl Db {
                          SELECT id, at, row_number() OVER (
                                     PARTITION BY repo_id, tag ORDER BY id DESC) AS newer
                            FROM tag_history) h
-                      WHERE h.at < now() - make_interval(secs => $1) OR h.newer > $2
+                      WHERE (h.at < now() - make_interval(secs => $1) AND h.newer > 1)
+                         OR h.newer > $2
                       LIMIT $3)",
             )
             .await?;
@@ -281,6 +283,56 @@ impl Db {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         Ok(client.execute(&st, &[&age, &entries, &limit]).await?)
     }
+}
+
+/// The `job_leases` row of the shared records' upkeep.
+const UPKEEP_JOB: &str = "records-upkeep";
+/// Rows deleted per statement of the upkeep.
+const UPKEEP_BATCH: usize = 5000;
+
+/// The shared records' upkeep, on one replica per `every`: tag history within its limits
+/// (`Db::prune_tag_history`), and pull records of digests no longer cached (a pull reported
+/// while its image was evicted). Returns the rows dropped, or `None` if another replica ran it.
+pub async fn upkeep_records(
+    db: &Db,
+    owner: &str,
+    max_age: std::time::Duration,
+    max_entries: usize,
+    every: std::time::Duration,
+) -> Result<Option<u64>, PgError> {
+    let lease = std::time::Duration::from_secs(600);
+    super::gc::as_job(db, UPKEEP_JOB, owner, lease, every, async {
+        let mut removed = 0;
+        loop {
+            let n = db
+                .prune_tag_history(max_age, max_entries, UPKEEP_BATCH)
+                .await?;
+            removed += n;
+            if n < UPKEEP_BATCH as u64 {
+                break;
+            }
+        }
+        let client = db.client().await?;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM cache_access WHERE ctid IN (
+                         SELECT ca.ctid FROM cache_access ca
+                          WHERE NOT EXISTS (SELECT 1 FROM repo_manifests rm
+                                             WHERE rm.repo_id = ca.repo_id
+                                               AND rm.digest = ca.digest)
+                          LIMIT $1)",
+                    &[&(UPKEEP_BATCH as i64)],
+                )
+                .await?;
+            removed += n;
+            if n < UPKEEP_BATCH as u64 {
+                break;
+            }
+        }
+        Ok::<_, PgError>(removed)
+    })
+    .await
 }
 
 fn shared_tag(row: &Row) -> Result<SharedTag, PgError> {
@@ -318,7 +370,8 @@ async fn superseded(
         seen.map(Digest::to_string),
         digest.to_string(),
     );
-    Ok(now != seen.as_deref() && now != Some(new.as_str()))
+    // A tag deleted meanwhile (forgotten, evicted) is no newer answer: it is created again.
+    Ok(now.is_some() && now != seen.as_deref() && now != Some(new.as_str()))
 }
 
 fn unix_now() -> u64 {

@@ -12,14 +12,17 @@
 //! A pass plans from a census read in one snapshot, simulating reference counts so a blob
 //! shared with a kept image is never chosen. Each image then goes in a transaction of its own
 //! that locks its `repo_manifests` rows `FOR UPDATE` (children in byte order, then the root: a
-//! put of an index takes its children first, then its own row) and re-checks, in later
+//! push of an index takes its children `FOR KEY SHARE` first, then its own row; the cache's
+//! writer, `put_cached_manifest`, locks only its own row and then its tag, so neither can
+//! close a cycle with this order) and re-checks, in later
 //! statements that see what committed while it waited: a manifest re-put (`linked_at`), pulled
 //! (`cache_access`) or pinned since the census stays (and the whole image, if that is its
 //! root); a child another kept index of the repository lists stays. It removes the rows, the
 //! tags naming them (with a `tag_history` row, digest NULL), their `cache_access`, `referrers`
 //! and the repository's pull-through links of blobs no remaining manifest of the repository
 //! references. A pull re-putting the image waits for that transaction and then inserts it
-//! again (its blobs are fetched on demand), or commits first and the image stays. Then each
+//! again — the cache's writer the index alone, tagged: its children and blobs are fetched on
+//! demand — or commits first and the image stays. Then each
 //! blob the census expected to free goes through GC's per-blob removal (`gc::remove_blob`:
 //! row lock, reference re-check, rows, then the object under the digest's fence), kept while
 //! any manifest of any repository references it or any link is left, so a concurrent push or
@@ -648,7 +651,7 @@ async fn try_remove_image(
     let repo = image.repo_id;
     let mut digests: Vec<String> = image.members.iter().map(|(d, _, _)| d.clone()).collect();
     digests.sort();
-    // Children in byte order first, then the root: the order a put of the index takes them
+    // Children in byte order first, then the root: the order a push of the index takes them
     // (its children `FOR KEY SHARE`, then its own row), so the two cannot deadlock.
     let lock = concat!(
         r#"SELECT digest, pushed, "#,
@@ -745,18 +748,22 @@ async fn try_remove_image(
         )
         .await?;
     let tags = tags_gone.len() as u64;
-    // `cache.evict` for the image whose root goes, with a tag it had (as locally).
-    if gone.contains(&image.root) {
-        let name: String = tx
-            .query_one("SELECT name FROM repositories WHERE id = $1", &[&repo])
-            .await?
-            .get(0);
-        let tag = tags_gone
-            .iter()
-            .find(|r| r.get::<_, &str>(1) == image.root)
-            .map(|r| r.get::<_, &str>(0));
-        super::events::insert_events(&tx, &events(&name, &image.root, tag)).await?;
-    }
+    // `cache.evict` for the image whose root goes, with a tag it had (as locally); inserted
+    // last, just before the commit: the outbox lock must be the last lock taken.
+    let recorded = match gone.contains(&image.root) {
+        true => {
+            let name: String = tx
+                .query_one("SELECT name FROM repositories WHERE id = $1", &[&repo])
+                .await?
+                .get(0);
+            let tag = tags_gone
+                .iter()
+                .find(|r| r.get::<_, &str>(1) == image.root)
+                .map(|r| r.get::<_, &str>(0));
+            events(&name, &image.root, tag)
+        }
+        false => Vec::new(),
+    };
     for table in ["cache_access", "referrers"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE repo_id = $1 AND digest = ANY($2)"),
@@ -785,6 +792,7 @@ async fn try_remove_image(
         &[&repo, &blobs, &census.started_us],
     )
     .await?;
+    super::events::insert_events(&tx, &recorded).await?;
     tx.commit().await?;
     Ok(Some(Removed {
         root: gone.contains(&image.root),

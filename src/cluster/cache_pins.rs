@@ -8,7 +8,9 @@
 //!
 //! A pin locks the image's `repo_manifests` row `FOR KEY SHARE` while it writes: an eviction
 //! removing the image holds that row `FOR UPDATE` and re-reads the pins after taking it, so the
-//! pin either commits first and is seen, or waits and finds the image gone (`NotCached`).
+//! pin either commits first and is seen, or waits and finds the image gone (`NotCached`). A tag
+//! pin locks the tag's row only after the image's (the order a cached put and an eviction
+//! take them, so none of them can deadlock another), and reads the tag again if it moved.
 
 use super::pg::{Db, PgError};
 use super::repos::repo_id;
@@ -16,6 +18,8 @@ use crate::oci::{Digest, RepoName, Tag};
 
 /// The reason of a pin by digest.
 const BY_DIGEST: &str = "@";
+/// Reads of a tag to pin, at most, while it keeps moving.
+const TAG_ROUNDS: usize = 8;
 
 /// What to pin or unpin.
 #[derive(Debug, Clone)]
@@ -43,6 +47,9 @@ pub enum CachePinError {
     /// The image (or the tag) is not in the cache: only cached images can be pinned.
     #[error("{0} is not cached")]
     NotCached(String),
+    /// The tag moved every time it was about to be pinned.
+    #[error("the tags of {0} kept moving while being pinned; try again")]
+    KeptMoving(String),
     #[error(transparent)]
     Pg(#[from] PgError),
 }
@@ -67,26 +74,50 @@ impl Db {
         platforms: &[String],
     ) -> Result<Digest, CachePinError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let not_cached = || CachePinError::NotCached(format!("{repo}"));
-        let id = repo_id(&tx, repo).await?.ok_or_else(not_cached)?;
-        let (digest, tag) = match what {
+        let (mut digest, tag) = match what {
             PinOf::Digest(d) => (d.clone(), None),
-            PinOf::Tag(t) => {
-                // Locked: a move of the tag meanwhile waits (and then follows this pin).
-                let row = tx
+            PinOf::Tag(t) => (self.pinned_tag_target(repo, t).await?, Some(t)),
+        };
+        // Locks in the order a cached put and an eviction take them: the image's row (in
+        // `write_pin`), then the tag's. A tag that moved meanwhile is read again.
+        for _ in 0..TAG_ROUNDS {
+            let tx = client.transaction().await?;
+            let not_cached = || CachePinError::NotCached(format!("{repo}"));
+            let id = repo_id(&tx, repo).await?.ok_or_else(not_cached)?;
+            write_pin(&tx, id, repo, &digest, tag, platforms).await?;
+            if let Some(t) = tag {
+                // Locked: a move of the tag from here waits (and then follows this pin).
+                let now = tx
                     .query_opt(
                         "SELECT digest FROM tags WHERE repo_id = $1 AND tag = $2 FOR SHARE",
                         &[&id, &t.as_str()],
                     )
                     .await?
-                    .ok_or_else(|| CachePinError::NotCached(format!("{repo}:{t}")))?;
-                (super::tags::parse_digest(row.get(0))?, Some(t))
+                    .map(|r| r.get::<_, String>(0));
+                if now.as_deref() != Some(digest.to_string().as_str()) {
+                    drop(tx); // rolled back: the tag moved (or went) since it was read
+                    digest = self.pinned_tag_target(repo, t).await?;
+                    continue;
+                }
             }
-        };
-        write_pin(&tx, id, repo, &digest, tag, platforms).await?;
-        tx.commit().await?;
-        Ok(digest)
+            tx.commit().await?;
+            return Ok(digest);
+        }
+        Err(CachePinError::KeptMoving(format!("{repo}")))
+    }
+
+    /// The digest `repo:tag` names now (read without a lock), or `NotCached`.
+    async fn pinned_tag_target(&self, repo: &RepoName, tag: &Tag) -> Result<Digest, CachePinError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT t.digest FROM tags t JOIN repositories r ON r.id = t.repo_id
+                  WHERE r.name = $1 AND t.tag = $2",
+                &[&repo.as_str(), &tag.as_str()],
+            )
+            .await?
+            .ok_or_else(|| CachePinError::NotCached(format!("{repo}:{tag}")))?;
+        Ok(super::tags::parse_digest(row.get(0))?)
     }
 
     /// Pins exactly `digest` (with `tag` as its reason and a pin on the tag, if given), as an

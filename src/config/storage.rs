@@ -283,9 +283,11 @@ fn validate_postgres(pg: &PostgresConfig) -> Result<(), String> {
     if pg.pool_size == 0 {
         return Err("storage.postgres.pool_size must be at least 1".into());
     }
-    if pg.ca_file.is_some() && parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+    // A CA named means TLS is wanted: `prefer` (also the default) would take a plaintext
+    // answer that anyone on the path can give, and then send the password in the clear.
+    if pg.ca_file.is_some() && parsed.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
         return Err(
-            "storage.postgres.ca_file is set but the url says sslmode=disable: the connections would not use TLS; use sslmode=require".into(),
+            "storage.postgres.ca_file is set but the url does not say sslmode=require (sslmode=prefer, the default, accepts a plaintext answer and sslmode=disable never uses TLS): add sslmode=require".into(),
         );
     }
     pg.ca_roots()?;
