@@ -63,15 +63,18 @@ enum Command {
     #[command(subcommand)]
     Member(MemberCommand),
     /// The pull-through cache: list what is cached, evict, pin, and show tag history. Works
-    /// whether or not the server is running.
+    /// whether or not the server is running (in the cluster profile: through a running
+    /// replica, on the shared cache).
     #[command(subcommand)]
     Cache(cache_cli::CacheCommand),
     /// Write images from the store to a bundle: an OCI image layout in a tar (`.tar`, or
     /// zstd-compressed `.tar.zst`), plus FILE.state.json for later deltas. Works whether or not
-    /// the server is running.
+    /// the server is running (in the cluster profile: through a running replica, from its own
+    /// copy of the cache only).
     Export(ExportArgs),
     /// Import a bundle written by `transship export`: verified whole before anything is
-    /// committed. Works whether or not the server is running.
+    /// committed. Works whether or not the server is running (in the cluster profile: through
+    /// a running replica, into its own copy of the cache only).
     Import(ImportArgs),
     /// Fetch images into the cache through their upstreams, as a pull would (by tag or
     /// digest; for an index, the --platform children or all). Works through the running

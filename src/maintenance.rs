@@ -258,6 +258,7 @@ async fn share_pulls(app: &App) {
     let Some(shared) = app.proxy.shared_cache() else {
         return;
     };
+    let now = crate::store::unix_now();
     let pulls: Vec<_> = app
         .store
         .take_forwarded_pulls()
@@ -266,7 +267,7 @@ async fn share_pulls(app: &App) {
             |(repo, digest, last, pulls)| crate::cluster::cache::PullRecord {
                 repo,
                 digest,
-                last,
+                age: now.saturating_sub(last),
                 pulls,
             },
         )

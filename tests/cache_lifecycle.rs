@@ -126,19 +126,10 @@ fn upstream_gets(up: &Distribution, img: &Seeded) -> usize {
 
 /// `transship cache ARGS --json` against the running server (admin socket) or the stopped store.
 fn cache_cli(config: &Path, args: &[&str]) -> Value {
-    let out = Command::new(binary())
-        .arg("cache")
-        .args(args)
-        .args(["--json", "--config"])
-        .arg(config)
-        .output()
-        .expect("run transship cache");
-    assert!(
-        out.status.success(),
-        "transship cache {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON answer")
+    let (ok, json, stderr) = cache_cli_run(config, args);
+    assert!(ok, "transship cache {args:?}: {stderr}");
+    assert!(!json.is_null(), "transship cache {args:?}: no JSON answer");
+    json
 }
 
 fn cache_cmd(config: &Path, args: &[&str]) -> (bool, String) {

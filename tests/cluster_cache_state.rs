@@ -6,7 +6,6 @@
 
 mod common;
 
-use common::engines::Postgres;
 use transship::cluster::cache::{CachedManifest, PullRecord};
 use transship::cluster::pg::Db;
 use transship::cluster::tags::TagMove;
@@ -31,16 +30,7 @@ fn manifest(n: u8) -> (Digest, Vec<u8>, Digest) {
 }
 
 fn with_db<F: std::future::Future<Output = ()>>(name: &str, f: impl FnOnce(Db) -> F) {
-    if !Postgres::available() {
-        return;
-    }
-    let pg = Postgres::start();
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let url = pg.create_database(name).await;
-        let db = common::engines::open_db(&url, 4).await;
-        f(db).await;
-    });
+    common::engines::with_db(name, 4, f);
 }
 
 async fn rows(db: &Db, sql: &str) -> Vec<Vec<String>> {
@@ -235,14 +225,10 @@ fn pulls_from_several_replicas_add_up_for_cached_manifests_only() {
     with_db("cache_pulls", |db| async move {
         let (d, _, _) = put(&db, 1, None, None).await;
         let (_, _, layer) = manifest(1);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs();
-        let record = |digest: &Digest, ago: u64, pulls: u64| PullRecord {
+        let record = |digest: &Digest, age: u64, pulls: u64| PullRecord {
             repo: REPO.to_string(),
             digest: digest.to_string(),
-            last: now - ago,
+            age,
             pulls,
         };
         let unknown = PullRecord {

@@ -9,9 +9,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::engines::Postgres;
 use transship::cluster::manifests::{NewManifest, PutManifestError};
-use transship::cluster::pg::{Db, PgOptions};
+use transship::cluster::pg::Db;
 use transship::oci::{Digest, RepoName, Tag};
 
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -27,29 +26,9 @@ fn manifest_body(config: &Digest, n: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn open(pg: &Postgres, name: &str) -> Db {
-    let url = pg.create_database(name).await;
-    Db::open(&PgOptions {
-        url,
-        password: None,
-        pool_size: 8,
-        ca_roots: None,
-    })
-    .await
-    .expect("open db")
-}
-
 /// Runs `f` on a fresh database of a fresh PostgreSQL (skipped where none is installed).
 fn with_db<F: std::future::Future<Output = ()>>(name: &str, f: impl FnOnce(Db) -> F) {
-    if !Postgres::available() {
-        return;
-    }
-    let pg = Postgres::start();
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let db = open(&pg, name).await;
-        f(db).await;
-    });
+    common::engines::with_db(name, 8, f);
 }
 
 async fn outbox(db: &Db) -> Vec<(u64, String)> {

@@ -556,16 +556,7 @@ fn a_pass_waits_for_a_concurrent_push_or_re_put_and_keeps_what_it_references() {
 
 /// `transship cache ARGS --json --config CONFIG` (through the replica's admin socket).
 fn cache_cli(config: &std::path::Path, args: &[&str]) -> (bool, serde_json::Value, String) {
-    let out = std::process::Command::new(common::binary())
-        .arg("cache")
-        .args(args)
-        .args(["--json", "--config"])
-        .arg(config)
-        .output()
-        .expect("run transship cache");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.success(), json, stderr)
+    common::cache_cli_run(config, args)
 }
 
 /// Replicas answer `cache pin|pins|evict|unpin` from the shared database (pinned on one, seen

@@ -6,8 +6,6 @@
 //! cluster-wide eviction follows). Pins (`cache_pins`, `cache_tag_pins`) keep a tag from being
 //! forgotten and follow its moves.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use tokio_postgres::Row;
 
 use super::cache_pins::follow_tag_pin;
@@ -51,8 +49,8 @@ pub struct CachedPut {
 #[derive(Debug, Clone)]
 pub struct SharedTag {
     pub digest: Digest,
-    /// When the upstream last confirmed it, in unix seconds by this replica's clock (0: never).
-    pub checked: u64,
+    /// Seconds since the upstream last confirmed it, by the database's clock (None: never).
+    pub confirmed_ago: Option<u64>,
     /// The manifest's media type and bytes, if the repository holds it.
     pub manifest: Option<(String, Vec<u8>)>,
 }
@@ -62,8 +60,9 @@ pub struct SharedTag {
 pub struct PullRecord {
     pub repo: String,
     pub digest: String,
-    /// Unix seconds of the latest pull.
-    pub last: u64,
+    /// Seconds since the latest pull, applied to the database's clock (replicas' clocks need
+    /// not agree).
+    pub age: u64,
     pub pulls: u64,
 }
 
@@ -223,11 +222,9 @@ impl Db {
         pulls.sort_by(|a, b| (&a.repo, &a.digest).cmp(&(&b.repo, &b.digest)));
         let repos: Vec<&str> = pulls.iter().map(|p| p.repo.as_str()).collect();
         let digests: Vec<&str> = pulls.iter().map(|p| p.digest.as_str()).collect();
-        // Ages, applied to the database's clock: replicas' clocks need not agree.
-        let now = unix_now();
         let ages: Vec<i64> = pulls
             .iter()
-            .map(|p| i64::try_from(now.saturating_sub(p.last)).unwrap_or(i64::MAX))
+            .map(|p| i64::try_from(p.age).unwrap_or(i64::MAX))
             .collect();
         let counts: Vec<i64> = pulls
             .iter()
@@ -340,11 +337,9 @@ fn shared_tag(row: &Row) -> Result<SharedTag, PgError> {
     let body: Option<Vec<u8>> = row.get(3);
     Ok(SharedTag {
         digest: parse_digest(row.get(0))?,
-        // The age by the database's clock, as a time by this replica's: no skew between them.
-        checked: row
+        confirmed_ago: row
             .get::<_, Option<i64>>(1)
-            .and_then(|age| u64::try_from(age).ok())
-            .map_or(0, |age| unix_now().saturating_sub(age)),
+            .and_then(|age| u64::try_from(age).ok()),
         manifest: media_type.zip(body),
     })
 }
@@ -372,10 +367,4 @@ async fn superseded(
     );
     // A tag deleted meanwhile (forgotten, evicted) is no newer answer: it is created again.
     Ok(now.is_some() && now != seen.as_deref() && now != Some(new.as_str()))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

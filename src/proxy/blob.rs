@@ -45,19 +45,21 @@ pub async fn locate(
     // In the cluster, a blob another replica filled for this repository is the cache's: a
     // HEAD is answered from the shared record and a GET reads the bucket (see cluster_fill),
     // without the upstream — which an offline upstream may then be. A database that cannot
-    // answer: as if the cluster had nothing.
+    // answer: as if the cluster had nothing. A GET that may ask the upstream leaves the look
+    // to the fill, which makes it anyway.
+    let offline = cx.proxy.config(route.upstream).offline;
     let in_cluster = match cx.proxy.shared_cache() {
-        Some(shared) => shared
+        Some(shared) if head || offline => shared
             .cached_blob_size(&route.local, digest)
             .await
             .ok()
             .flatten(),
-        None => None,
+        _ => None,
     };
     if head && let Some(size) = in_cluster {
         return Ok(BlobSource::Upstream { size });
     }
-    if cx.proxy.config(route.upstream).offline && in_cluster.is_none() {
+    if offline && in_cluster.is_none() {
         return Err(RegistryError::blob_unknown(digest));
     }
     let in_flight = cx.proxy.fills.in_flight_for(digest);

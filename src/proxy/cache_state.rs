@@ -37,11 +37,6 @@ pub struct TagUpdate<'a> {
     pub seen: Option<&'a Digest>,
 }
 
-/// Whether tags are read from the shared database (the cluster profile).
-pub fn is_shared(cx: &Context) -> bool {
-    cx.proxy.shared_cache().is_some()
-}
-
 /// The cluster's answer, or `None` (logged) if the database failed: the caller then uses this
 /// replica's copy.
 fn or_local<T>(result: Result<T, StoreError>, what: &str) -> Option<T> {

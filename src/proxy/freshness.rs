@@ -78,10 +78,17 @@ fn cached_and_fresh(
 ) -> Result<Option<Served>, RegistryError> {
     match reference {
         Reference::Digest(d) => Ok(cx.store.manifest(&route.local, d)?.map(Served::hit)),
-        // Tags are the cluster's: read by the lookup, which may wait for the database.
-        Reference::Tag(_) if super::cache_state::is_shared(cx) => Ok(None),
+        // Tags are the cluster's: served here only as this replica last read one (within the
+        // second it is kept) with its manifest already copied here; otherwise the lookup
+        // reads the database.
         Reference::Tag(tag) => {
-            let Some((digest, checked)) = cx.store.cached_tag(&route.local, tag)? else {
+            let read = match cx.proxy.shared_cache() {
+                Some(shared) => shared
+                    .recently_read_tag(&route.local, tag)
+                    .map(|t| (t.digest, t.checked)),
+                None => cx.store.cached_tag(&route.local, tag)?,
+            };
+            let Some((digest, checked)) = read else {
                 return Ok(None);
             };
             if !tag_is_fresh(cx.proxy.config(route.upstream), checked) {

@@ -67,7 +67,7 @@ pub struct ClusterStore {
     pub(super) events: super::cluster_events::EventRecorder,
     /// The pull-through cache's tags as last read, for `LINK_TTL` (`cluster_cache`).
     pub(super) cache_tags: moka::sync::Cache<String, super::cluster_cache::SharedTag>,
-    /// Unix milliseconds until which the cache's lookups skip the database (0: reachable).
+    /// Unix seconds until which the cache's lookups skip the database (0: reachable).
     pub(super) cache_db_down_until: std::sync::atomic::AtomicU64,
 }
 

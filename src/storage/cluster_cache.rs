@@ -17,7 +17,7 @@ use crate::cluster::tags::TagMove;
 use crate::oci::manifest::ParsedManifest;
 use crate::oci::{Digest, RepoName, Tag};
 use crate::store::outbox::{self, EventKind, EventRecord};
-use crate::store::{StoreError, StoredManifest};
+use crate::store::{StoreError, StoredManifest, unix_now};
 
 /// A cache tag and when the upstream last confirmed it (unix seconds), with its manifest if
 /// the repository holds it.
@@ -155,6 +155,11 @@ impl ClusterStore {
             }))
     }
 
+    /// The cache tag as this replica read it within the last `LINK_TTL`, if it did: no I/O.
+    pub fn recently_read_tag(&self, repo: &RepoName, tag: &Tag) -> Option<SharedTag> {
+        self.cache_tags.get(&tag_key(repo, tag))
+    }
+
     /// The cache tag as every replica sees it, read at most once per `LINK_TTL` (1 s) on this
     /// replica while it stays the same: a hot tag costs the database one query a second, not
     /// one per pull, and another replica's move or confirmation is seen within that second
@@ -164,10 +169,10 @@ impl ClusterStore {
         repo: &RepoName,
         tag: &Tag,
     ) -> Result<Option<SharedTag>, StoreError> {
-        let key = tag_key(repo, tag);
-        if let Some(t) = self.cache_tags.get(&key) {
+        if let Some(t) = self.recently_read_tag(repo, tag) {
             return Ok(Some(t));
         }
+        let key = tag_key(repo, tag);
         let Some(t) = self.reach(self.db().cached_tag(repo, tag)).await? else {
             return Ok(None);
         };
@@ -180,7 +185,10 @@ impl ClusterStore {
         });
         let t = SharedTag {
             digest: t.digest,
-            checked: t.checked,
+            // The database's age as a time by this replica's clock: no skew between them.
+            checked: t
+                .confirmed_ago
+                .map_or(0, |ago| unix_now().saturating_sub(ago)),
             manifest,
         };
         self.cache_tags.insert(key, t.clone());
@@ -222,25 +230,18 @@ impl ClusterStore {
         &self,
         call: impl std::future::Future<Output = Result<T, PgError>>,
     ) -> Result<T, StoreError> {
-        let until = self.cache_db_down_until.load(Ordering::Relaxed);
-        if until != 0 && millis_now() < until {
+        if unix_now() < self.cache_db_down_until.load(Ordering::Relaxed) {
             return Err(StoreError::Shared(
                 "the database was unreachable moments ago".into(),
             ));
         }
         let result = call.await;
         if let Err(PgError::Pool(_)) = &result {
-            let until = millis_now() + UNREACHABLE_FOR.as_millis() as u64;
+            let until = unix_now() + UNREACHABLE_FOR.as_secs();
             self.cache_db_down_until.store(until, Ordering::Relaxed);
         }
         Ok(result?)
     }
-}
-
-fn millis_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn tag_key(repo: &RepoName, tag: &Tag) -> String {

@@ -393,6 +393,24 @@ pub async fn open_db(url: &str, pool_size: usize) -> transship::cluster::pg::Db 
     .expect("open the database")
 }
 
+/// Runs `f` on a fresh database (pool of `pool_size`) of a fresh PostgreSQL, on a runtime of
+/// its own (skipped where none is installed).
+pub fn with_db<F: std::future::Future<Output = ()>>(
+    name: &str,
+    pool_size: usize,
+    f: impl FnOnce(transship::cluster::pg::Db) -> F,
+) {
+    if !Postgres::available() {
+        return;
+    }
+    let pg = Postgres::start();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let url = pg.create_database(name).await;
+        f(open_db(&url, pool_size).await).await;
+    });
+}
+
 impl Postgres {
     /// Stops the server (an outage): fast shutdown, SIGKILL if it takes too long.
     pub fn stop(&mut self) {

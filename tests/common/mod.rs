@@ -147,6 +147,21 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_transship")
 }
 
+/// `transship cache ARGS --json --config CONFIG` (through the running server's admin socket,
+/// or on the stopped store): whether it succeeded, its JSON answer (`Null` if none), stderr.
+pub fn cache_cli_run(config: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = std::process::Command::new(binary())
+        .arg("cache")
+        .args(args)
+        .args(["--json", "--config"])
+        .arg(config)
+        .output()
+        .expect("run transship cache");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), json, stderr)
+}
+
 impl BinaryServer {
     /// Starts `transship serve` with `config_path`, on an ephemeral port; waits until ready.
     /// The child is reaped by `Drop`, `kill9` or `terminate`.
