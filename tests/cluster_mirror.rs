@@ -403,3 +403,51 @@ fn with_the_database_down_each_replica_carries_on_with_its_own_copy() {
         assert_blob(&b, MIRRORED, digest, bytes);
     }
 }
+
+/// `transship prefetch --pin` through one replica pins in the cluster: the other replica lists
+/// the pin, and the shared tables hold it.
+#[test]
+fn a_prefetch_pinned_through_one_replica_is_pinned_for_the_cluster() {
+    let Some((up, r)) = mirroring(2, "") else {
+        return;
+    };
+    let layout = Layout::single(81, &OCI, &LAYERS);
+    up.seed(REMOTE, TAG, &layout);
+    let config = |i: usize| {
+        r.data_dir(i)
+            .parent()
+            .expect("replica home")
+            .join("transship.toml")
+    };
+    let out = std::process::Command::new(common::binary())
+        .args([
+            "prefetch",
+            &format!("{MIRRORED}:{TAG}"),
+            "--pin",
+            "--config",
+        ])
+        .arg(config(0))
+        .output()
+        .expect("run transship prefetch");
+    assert!(
+        out.status.success(),
+        "prefetch: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, pins, stderr) = common::cache_cli_run(&config(1), &["pins"]);
+    assert!(ok, "cache pins on B: {stderr}");
+    let listed = pins.to_string();
+    assert!(
+        listed.contains(&layout.top.1) && listed.contains(TAG),
+        "the pin is not listed on B: {listed}"
+    );
+    assert_eq!(
+        cache_sql(&r, "SELECT tag FROM cache_tag_pins WHERE repo_id = $R"),
+        [[TAG]]
+    );
+    assert_eq!(
+        cache_sql(&r, "SELECT digest FROM cache_pins WHERE repo_id = $R"),
+        [[layout.top.1.clone()]]
+    );
+}

@@ -134,8 +134,17 @@ pub async fn run(app: Arc<App>, req: PrefetchRequest, out: UnboundedSender<Line>
     let _ = out.send(Line::Done);
 }
 
-/// `pin_prefetched` off the async workers (pinning writes to the index).
+/// `pin_prefetched` off the async workers (pinning writes to the index); in the cluster
+/// profile the pin is the cluster's (the database's), as `transship cache pin` makes it.
 async fn pin(app: &Arc<App>, report: &ImageReport) -> Result<(), String> {
+    if let crate::storage::Storage::Cluster(c) = &app.storage {
+        let tag = report.tag.as_deref().and_then(|t| t.parse::<Tag>().ok());
+        return c
+            .db()
+            .pin_exact(&report.repository, &report.digest, tag.as_ref())
+            .await
+            .map_err(|e| format!("pinning {}: {e}", report.repository));
+    }
     let (app, r) = (app.clone(), report.clone());
     tokio::task::spawn_blocking(move || {
         let tag = r.tag.as_deref().and_then(|t| t.parse::<Tag>().ok());
